@@ -1,0 +1,185 @@
+"""Static GPU compile report: ``python -m lookwhen_kernels.inspect``.
+
+No GPU is needed. Every kernel is compiled by Triton for sm_90 and sm_80 at the
+configurations it launches with (each op module lists them in
+``compile_specs()``); the cubin is read back with ``cuobjdump`` (registers,
+local memory = spills, shared memory) and ``nvdisasm`` (tensor-core
+instructions: HGMMA on sm_90, HMMA on sm_80). Exits non-zero when a kernel
+fails to compile, spills, or a GEMM-shaped kernel misses the tensor cores.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+from lookwhen_kernels.ops._common import CompileSpec
+
+OP_MODULES = (
+    "score_tokens",
+    "topk_tokens",
+    "gather_tokens",
+    "gather_patch_embed",
+    "nn_uniqueness",
+    "frame_normalize",
+    "varlen_attention",
+)
+
+TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: str
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    tensor_core_instructions: Optional[int] = None
+    tensor_cores_required: bool = False
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        if self.error is not None or self.spill_bytes:
+            return False
+        return not (self.tensor_cores_required and not self.tensor_core_instructions)
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def collect_specs(only: Optional[List[str]] = None) -> List[CompileSpec]:
+    specs: List[CompileSpec] = []
+    for module_name in OP_MODULES:
+        try:
+            module = importlib.import_module(f"lookwhen_kernels.ops.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"lookwhen_kernels.ops.{module_name}":
+                continue  # op not part of this build
+            raise
+        for spec in module.compile_specs():
+            if only is None or any(word in spec.name for word in only):
+                specs.append(spec)
+    return specs
+
+
+def _aligned_pointer_attrs(spec: CompileSpec) -> dict:
+    # torch allocations are 16-byte aligned; telling the compiler so matches
+    # how the launcher specialises real calls and lets loads vectorise.
+    names = list(spec.signature)
+    return {
+        (names.index(arg),): [["tt.divisibility", 16]]
+        for arg, ty in spec.signature.items()
+        if ty.startswith("*")
+    }
+
+
+def compile_one(spec: CompileSpec, arch: int) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = Row(kernel=spec.name, arch=f"sm_{arch}", tensor_cores_required=spec.tensor_cores)
+    fn = spec.fn
+    while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn  # unwrap @triton.autotune / @triton.heuristics
+    try:
+        source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), _aligned_pointer_attrs(spec))
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+    except Exception as exc:  # a failed compile is a row, not a crash of the report
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return row
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        usage = subprocess.run(
+            [_nvidia_tool("cuobjdump"), "--dump-resource-usage", handle.name],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        sass = subprocess.run(
+            [_nvidia_tool("nvdisasm"), handle.name], check=True, capture_output=True, text=True
+        ).stdout
+    row.registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    row.spill_bytes = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    row.shared_bytes = static_shared + int(compiled.metadata.shared)
+    opcode = TENSOR_CORE_OPCODE.get(arch)
+    row.tensor_core_instructions = len(re.findall(rf"\b{opcode}\b", sass)) if opcode else 0
+    return row
+
+
+def format_table(rows: List[Row]) -> str:
+    header = ("kernel", "arch", "regs", "spill B", "smem B", "TC instr", "status")
+    lines = []
+    for r in rows:
+        tc = "-" if r.tensor_core_instructions is None else str(r.tensor_core_instructions)
+        if r.tensor_cores_required:
+            tc += f" ({TENSOR_CORE_OPCODE[int(r.arch[3:])]})"
+        if r.error:
+            status = "FAIL " + r.error
+        elif r.spill_bytes:
+            status = "FAIL spills"
+        elif r.tensor_cores_required and not r.tensor_core_instructions:
+            status = "FAIL no tensor cores"
+        else:
+            status = "ok"
+        lines.append((r.kernel, r.arch, str(r.registers or "-"), str(r.spill_bytes if r.spill_bytes is not None else "-"),
+                      str(r.shared_bytes if r.shared_bytes is not None else "-"), tc, status))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def run(only: Optional[List[str]] = None) -> List[Row]:
+    rows = []
+    for spec in collect_specs(only):
+        for arch in spec.archs:
+            rows.append(compile_one(spec, arch))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lookwhen_kernels.inspect",
+        description="Compile every kernel for sm_90/sm_80 and report registers, spills, "
+        "shared memory and tensor-core instructions (no GPU needed).",
+    )
+    parser.add_argument("--only", nargs="*", help="keep kernels whose name contains one of these words")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("inspect: unset TRITON_INTERPRET (the interpreter cannot compile for a GPU)", file=sys.stderr)
+        return 2
+    rows = run(args.only)
+    if not rows:
+        print("inspect: no kernels matched", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(r) | {"ok": r.ok} for r in rows], handle, indent=2)
+    failed = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} kernel builds ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per op: kernels, launcher, torch.library registration, autograd."""

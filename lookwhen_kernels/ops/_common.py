@@ -1,0 +1,157 @@
+"""Dispatch and input validation shared by every op.
+
+Validation runs on the Python side before any launch so that a bad argument
+fails with a ``ValueError`` naming it, instead of an illegal memory access or a
+silently wrong result inside a kernel.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (tests on CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """CUDA tensors take the kernels; CPU tensors only under the interpreter.
+
+    While torch.compile traces (fake tensors), CPU stays on the reference: the
+    interpreter needs real data and Inductor cannot build Triton kernels for CPU.
+    """
+    if tensor.is_cuda:
+        return True
+    if tensor.device.type != "cpu" or not interpret_mode():
+        return False
+    return not (torch.compiler.is_compiling() or is_fake(tensor))
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    tensor,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    contiguous: bool = False,
+) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(
+            f"{name}: expected a {ndim}-d tensor, got shape {tuple(tensor.shape)}"
+        )
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (like the other inputs), got {tensor.device}"
+        )
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous() first)")
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[Union[int, None]]) -> None:
+    """``None`` in ``expected`` matches any size."""
+    shape = tuple(tensor.shape)
+    ok = len(shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, shape)
+    )
+    if not ok:
+        pretty = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name}: expected shape {pretty}, got {list(shape)}")
+
+
+def check_cu_seqlens(
+    name: str,
+    cu_seqlens: torch.Tensor,
+    *,
+    batch: Optional[int] = None,
+    total: Optional[int] = None,
+    max_len: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Validate a packed-layout offset vector and return its lengths (on CPU).
+
+    Reads the (small) tensor back to the host: callers that care about syncs
+    validate once at the model boundary, not per layer.
+    """
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected at least one element (B+1 offsets)")
+    if batch is not None and cu_seqlens.numel() != batch + 1:
+        raise ValueError(
+            f"{name}: expected {batch + 1} offsets for a batch of {batch}, got {cu_seqlens.numel()}"
+        )
+    host = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(host[0]) != 0:
+        raise ValueError(f"{name}: must start at 0, got {int(host[0])}")
+    lengths = host[1:] - host[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"{name}: must be non-decreasing, got {host.tolist()}")
+    if total is not None and int(host[-1]) != total:
+        raise ValueError(
+            f"{name}: last offset is {int(host[-1])} but the packed tensor has {total} rows"
+        )
+    if max_len is not None and lengths.numel() and int(lengths.max()) > max_len:
+        raise ValueError(
+            f"{name}: a sequence of length {int(lengths.max())} exceeds the limit {max_len}"
+        )
+    return lengths
+
+
+def check_indices(
+    name: str,
+    indices: torch.Tensor,
+    n_tokens: int,
+    *,
+    device: Optional[torch.device] = None,
+) -> None:
+    """Token ids must be int32 and inside ``[0, n_tokens)``."""
+    check_tensor(name, indices, dtypes=(torch.int32,), device=device, contiguous=True)
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n_tokens:
+            raise ValueError(
+                f"{name}: token ids must lie in [0, {n_tokens}), got values in [{lo}, {hi}]"
+            )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel at one configuration it really launches with, for the static
+    GPU report (``python -m lookwhen_kernels.inspect``).
+
+    ``signature`` maps every argument name to a Triton type string (``"*fp16"``,
+    ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of
+    the constexpr ones. ``tensor_cores`` marks the GEMM-shaped kernels that must
+    use HGMMA on sm_90 and HMMA on sm_80.
+    """
+
+    name: str
+    fn: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_cores: bool = False
+    archs: Tuple[int, ...] = (90, 80)
+
+
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

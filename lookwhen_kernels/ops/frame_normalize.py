@@ -1,0 +1,188 @@
+"""``frame_normalize``: per-frame, per-channel standardisation of teacher
+features (the DINOv3 image-teacher target).
+
+One program owns one frame and a block of channels. It streams the frame's
+tokens once to get mean and M2 (chunk statistics merged with Chan's parallel
+formula: exact, no E[x^2] - E[x]^2 cancellation) and once more to write, so a
+frame of any length runs with a fixed register budget. The backward kernel has
+the same shape: one pass for the two reductions it needs, one to write dx.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from lookwhen_kernels import reference
+from lookwhen_kernels.ops._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPE,
+    CompileSpec,
+    check_tensor,
+    use_triton,
+)
+
+BLOCK_N = 32
+BLOCK_D = 64
+
+
+@triton.jit
+def _frame_normalize_fwd(
+    x_ptr, out_ptr, mean_ptr, rstd_ptr,
+    n_tokens, channels, eps,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    frame = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < channels
+    base = frame.to(tl.int64) * n_tokens * channels
+    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_tokens, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n_tokens) & col_ok[None, :]
+        tile = tl.load(x_ptr + base + rows[:, None] * channels + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(n_tokens - start, BLOCK_N).to(tl.float32)
+        chunk_mean = tl.sum(tile, axis=0) / count
+        centred = tl.where(mask, tile - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(centred * centred, axis=0)
+        seen = start * 1.0
+        total = seen + count
+        delta = chunk_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + chunk_m2 + delta * delta * (seen * count / total)
+    rstd = 1.0 / tl.sqrt(m2 / n_tokens + eps)
+    tl.store(mean_ptr + frame * channels + cols, mean, mask=col_ok)
+    tl.store(rstd_ptr + frame * channels + cols, rstd, mask=col_ok)
+    for start in range(0, n_tokens, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n_tokens) & col_ok[None, :]
+        offsets = base + rows[:, None] * channels + cols[None, :]
+        tile = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = (tile - mean[None, :]) * rstd[None, :]
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _frame_normalize_bwd(
+    x_ptr, grad_ptr, mean_ptr, rstd_ptr, dx_ptr,
+    n_tokens, channels,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), means over the frame.
+    frame = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < channels
+    base = frame.to(tl.int64) * n_tokens * channels
+    mean = tl.load(mean_ptr + frame * channels + cols, mask=col_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + frame * channels + cols, mask=col_ok, other=0.0)
+    sum_g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_tokens, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n_tokens) & col_ok[None, :]
+        offsets = base + rows[:, None] * channels + cols[None, :]
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(tl.where(mask, g * xhat, 0.0), axis=0)
+    mean_g = sum_g / n_tokens
+    mean_gx = sum_gx / n_tokens
+    for start in range(0, n_tokens, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n_tokens) & col_ok[None, :]
+        offsets = base + rows[:, None] * channels + cols[None, :]
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dx = rstd[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(x: torch.Tensor):
+    batch, frames, _, channels = x.shape
+    return (batch * frames, triton.cdiv(channels, BLOCK_D))
+
+
+@triton_op("lookwhen::frame_normalize", mutates_args=())
+def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if not use_triton(x):
+        return reference.frame_normalize(x, eps)
+    out, _, _ = _frame_normalize_with_stats(x, eps)
+    return out
+
+
+def _frame_normalize_with_stats(x: torch.Tensor, eps: float):
+    batch, frames, n_tokens, channels = x.shape
+    out = torch.empty_like(x)
+    mean = torch.empty((batch, frames, channels), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel():
+        wrap_triton(_frame_normalize_fwd)[_grid(x)](
+            x, out, mean, rstd, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+        )
+    return out, mean, rstd
+
+
+@triton_op("lookwhen::frame_normalize_backward", mutates_args=())
+def _frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    if not use_triton(x):
+        return reference.frame_normalize_backward(grad, x, eps)
+    _, mean, rstd = _frame_normalize_with_stats(x, eps)
+    dx = torch.empty_like(x)
+    if x.numel():
+        _, _, n_tokens, channels = x.shape
+        wrap_triton(_frame_normalize_bwd)[_grid(x)](
+            x, grad.contiguous(), mean, rstd, dx, n_tokens, channels, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+        )
+    return dx
+
+
+def _setup_context(ctx, inputs, output):
+    x, eps = inputs
+    ctx.save_for_backward(x)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _frame_normalize_backward(grad, x, ctx.eps), None
+
+
+_frame_normalize.register_autograd(_backward, setup_context=_setup_context)
+
+
+def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Standardise teacher token features per frame and channel.
+
+    ``x [B, T, n, D]`` (fp16, bf16 or fp32): subtract the mean over the frame's
+    ``n`` tokens and divide by ``sqrt(var + eps)`` with the population variance.
+    Returns a tensor like ``x``. Differentiable.
+    """
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
+    if x.shape[2] == 0:
+        raise ValueError("x: a frame needs at least one token (dimension 2 is 0)")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps}")
+    return _frame_normalize(x, float(eps))
+
+
+def compile_specs():
+    specs = []
+    for dtype in FLOAT_DTYPES:
+        ty = TRITON_DTYPE[dtype]
+        common = {"n_tokens": "i32", "channels": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+        blocks = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D}
+        specs.append(CompileSpec(
+            f"frame_normalize_fwd[{ty}]", _frame_normalize_fwd,
+            {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+             **common, "eps": "fp32"} | {k: "constexpr" for k in blocks},
+            blocks,
+        ))
+        specs.append(CompileSpec(
+            f"frame_normalize_bwd[{ty}]", _frame_normalize_bwd,
+            {"x_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+             "dx_ptr": f"*{ty}", **common},
+            blocks,
+        ))
+    return specs
