@@ -76,13 +76,14 @@ def collect_specs(only: Optional[List[str]] = None) -> List[CompileSpec]:
 
 
 def _aligned_pointer_attrs(spec: CompileSpec) -> dict:
-    # torch allocations are 16-byte aligned; telling the compiler so matches
-    # how the launcher specialises real calls and lets loads vectorise.
+    # torch allocations are 16-byte aligned and the launcher marks integer
+    # arguments that are multiples of 16; telling the compiler so matches how
+    # real calls are specialised and lets loads vectorise.
     names = list(spec.signature)
     return {
         (names.index(arg),): [["tt.divisibility", 16]]
         for arg, ty in spec.signature.items()
-        if ty.startswith("*")
+        if ty.startswith("*") or arg in spec.divisible_by_16
     }
 
 
@@ -116,7 +117,8 @@ def compile_one(spec: CompileSpec, arch: int) -> Row:
             [_nvidia_tool("nvdisasm"), handle.name], check=True, capture_output=True, text=True
         ).stdout
     row.registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    row.spill_bytes = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    # ptxas spills into the stack frame (STACK), not LOCAL.
+    row.spill_bytes = sum(int(re.search(rf"{kind}:(\d+)", usage).group(1)) for kind in ("LOCAL", "STACK"))
     static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
     row.shared_bytes = static_shared + int(compiled.metadata.shared)
     opcode = TENSOR_CORE_OPCODE.get(arch)

@@ -1,0 +1,306 @@
+"""``topk_tokens``: per-clip top-K token selection, optionally on coarse
+scores bilinearly upsampled to the fine token grid.
+
+One program owns one clip and holds all of its (fine) scores in registers: it
+reads the coarse scores, upsamples them on the fly, selects and writes the
+position-sorted ids, so no score ever goes back to memory between the steps.
+
+Selection is exact and sort-free. A float maps to an int32 key with the same
+order (flip the magnitude bits of negatives; -0.0 is folded into +0.0 first so
+the two compare equal, as floats do). The K-th largest key is built bit by bit
+from the top, 32 counting passes over the block (``count(key >= candidate) >=
+K`` keeps the bit). Every key above it is taken, and of the keys equal to it
+the ones with the lowest token ids fill the rest (a prefix count over the tie
+mask). A prefix sum over the final selection mask then gives every chosen id
+its output slot, so the output comes out in ascending token order without a
+sort.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from lookwhen_kernels import reference
+from lookwhen_kernels.layout import cu_seqlens_from_lengths
+from lookwhen_kernels.ops._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPE,
+    CompileSpec,
+    check_shape,
+    check_tensor,
+    next_power_of_2,
+    use_triton,
+)
+
+# One clip's fine scores live in one program's registers; 8192 tokens is
+# 8 frames of a 32 x 32 patch grid (16 frames at 224 px are 3136). Larger
+# clips are refused, not truncated.
+MAX_TOKENS = 8192
+
+
+@triton.jit
+def _upsampled_scores(
+    coarse_ptr, ids, valid, h, w, out_h, out_w, scale_h, scale_w,
+):
+    # F.interpolate(mode="bilinear", align_corners=False) per frame, with
+    # PyTorch's source-index rule and its order of the weighted sums.
+    plane = out_h * out_w
+    frame = ids // plane
+    rest = ids - frame * plane
+    row = rest // out_w
+    col = rest - row * out_w
+    y = tl.maximum(scale_h * (row.to(tl.float32) + 0.5) - 0.5, 0.0)
+    x = tl.maximum(scale_w * (col.to(tl.float32) + 0.5) - 0.5, 0.0)
+    # y, x >= 0, so truncation is floor; the clamp keeps addresses in the frame.
+    y0 = tl.minimum(y.to(tl.int32), h - 1)
+    x0 = tl.minimum(x.to(tl.int32), w - 1)
+    ly = y - y0.to(tl.float32)
+    lx = x - x0.to(tl.float32)
+    y1 = y0 + (y0 < h - 1).to(tl.int32)
+    x1 = x0 + (x0 < w - 1).to(tl.int32)
+    base = coarse_ptr + frame * (h * w)
+    v00 = tl.load(base + y0 * w + x0, mask=valid, other=0.0).to(tl.float32)
+    v01 = tl.load(base + y0 * w + x1, mask=valid, other=0.0).to(tl.float32)
+    v10 = tl.load(base + y1 * w + x0, mask=valid, other=0.0).to(tl.float32)
+    v11 = tl.load(base + y1 * w + x1, mask=valid, other=0.0).to(tl.float32)
+    return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+
+
+@triton.jit
+def _order_key(score):
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _kth_largest_key(key, valid, k):
+    # The answer is built in the unsigned image of the key (sign bit flipped),
+    # where setting bits from the top is a bisection; each candidate is
+    # compared back in the signed image. With k == 0 every bit is kept and the
+    # result exceeds every finite key, so nothing is selected.
+    sign = tl.full([], 1, tl.int32) << 31
+    prefix = tl.zeros([], dtype=tl.int32)
+    for i in range(32):
+        candidate = prefix | (tl.full([], 1, tl.int32) << (31 - i))
+        count = tl.sum((valid & (key >= (candidate ^ sign))).to(tl.int32), axis=0)
+        prefix = tl.where(count >= k, candidate, prefix)
+    return prefix ^ sign
+
+
+@triton.jit
+def _topk_kernel(
+    scores_ptr, budgets_ptr, offsets_ptr, out_ptr,
+    n_in, n_out, k,
+    h, w, out_h, out_w, scale_h, scale_w,
+    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    clip = tl.program_id(0)
+    ids = tl.arange(0, BLOCK)
+    valid = ids < n_out
+    clip_scores = scores_ptr + clip.to(tl.int64) * n_in
+    if UPSAMPLE:
+        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
+    else:
+        score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
+    if PER_CLIP:
+        budget = tl.load(budgets_ptr + clip)
+        out_base = tl.load(offsets_ptr + clip).to(tl.int64)
+    else:
+        budget = k
+        out_base = clip.to(tl.int64) * k
+    key = _order_key(score)
+    kth = _kth_largest_key(key, valid, budget)
+    above = valid & (key > kth)
+    tied = valid & (key == kth)
+    free_slots = budget - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= free_slots))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + out_base + slot, ids, mask=take)
+
+
+def _launch_config(n_out: int) -> Tuple[int, int]:
+    """BLOCK and num_warps: 8 scores per thread up to 16 warps. Upsampling
+    holds about 10 registers per score, so MAX_TOKENS (16 per thread) just
+    fits the 128 registers a 512-thread program may use; 32 warps would cap
+    them at 64 and spill."""
+    block = next_power_of_2(n_out)
+    return block, max(4, min(16, block // 256))
+
+
+def _launch(
+    scores: torch.Tensor,
+    out: torch.Tensor,
+    grid: Sequence[int],
+    out_grid: Sequence[int],
+    k: int = 0,
+    budgets: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+) -> None:
+    """Write the selection of every clip into ``out`` (``[B, k]`` or packed)."""
+    batch, n_in = scores.shape
+    frames, h, w = grid
+    _, out_h, out_w = out_grid
+    n_out = frames * out_h * out_w
+    if batch == 0 or out.numel() == 0:
+        return
+    block, num_warps = _launch_config(n_out)
+    per_clip = budgets is not None
+    # With a fixed k the budget and offset pointers are never read; any int32
+    # tensor fills the slots.
+    wrap_triton(_topk_kernel)[(batch,)](
+        scores, budgets if per_clip else out, offsets if per_clip else out, out,
+        n_in, n_out, k,
+        h, w, out_h, out_w, h / out_h, w / out_w,
+        UPSAMPLE=tuple(grid) != tuple(out_grid), PER_CLIP=per_clip, BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+@triton_op("lookwhen::topk_tokens", mutates_args=())
+def _topk_tokens(scores: torch.Tensor, k: int, grid: List[int], out_grid: List[int]) -> torch.Tensor:
+    if not use_triton(scores):
+        return reference.topk_tokens(scores, k, grid=grid, out_grid=out_grid)
+    out = torch.empty((scores.shape[0], k), device=scores.device, dtype=torch.int32)
+    _launch(scores, out, grid, out_grid, k=k)
+    return out
+
+
+@triton_op("lookwhen::topk_tokens_budgets", mutates_args=())
+def _topk_tokens_budgets(
+    scores: torch.Tensor, budgets: torch.Tensor, cu_seqlens: torch.Tensor, total: int,
+    grid: List[int], out_grid: List[int],
+) -> torch.Tensor:
+    if not use_triton(scores):
+        return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
+    out = torch.empty((total,), device=scores.device, dtype=torch.int32)
+    _launch(scores, out, grid, out_grid, budgets=budgets, offsets=cu_seqlens)
+    return out
+
+
+def _check_grid(name: str, grid) -> Tuple[int, int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 3
+        or not all(isinstance(g, Integral) and not isinstance(g, bool) and g >= 1 for g in grid)
+    ):
+        raise ValueError(f"{name}: expected three positive ints (T, h, w), got {grid!r}")
+    return tuple(int(g) for g in grid)
+
+
+def _resolve_grids(n: int, grid, out_grid) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+    if grid is None:
+        if out_grid is not None:
+            raise ValueError("out_grid: needs grid (the coarse (T, h, w) of the scores) as well")
+        return (1, 1, n), (1, 1, n)
+    grid = _check_grid("grid", grid)
+    if math.prod(grid) != n:
+        raise ValueError(f"grid: T*h*w = {math.prod(grid)} does not match the {n} scores per clip")
+    if out_grid is None:
+        return grid, grid
+    out_grid = _check_grid("out_grid", out_grid)
+    if out_grid[0] != grid[0]:
+        raise ValueError(f"out_grid: must keep the {grid[0]} frames of grid, got T={out_grid[0]}")
+    return grid, out_grid
+
+
+def keep_ratio_to_k(keep_ratio: float, n_tokens: int) -> int:
+    """``max(1, round(keep_ratio * n_tokens))`` (Python's round: half to even)."""
+    return max(1, round(keep_ratio * n_tokens))
+
+
+def topk_tokens(
+    scores: torch.Tensor,
+    k: Optional[int] = None,
+    *,
+    keep_ratio: Optional[float] = None,
+    grid: Optional[Sequence[int]] = None,
+    out_grid: Optional[Sequence[int]] = None,
+    budgets: Optional[torch.Tensor] = None,
+):
+    """Ids of the highest-scoring tokens of every clip, in ascending order.
+
+    ``scores [B, N]`` (fp16, bf16 or fp32). With ``grid=(T, h, w)`` and
+    ``out_grid=(T, H, W)`` the scores are first upsampled per frame to the
+    fine grid exactly as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does (in fp32), and ids refer to the fine grid
+    (``N_out = T*H*W``, at most ``MAX_TOKENS``). Give exactly one of ``k``
+    (tokens per clip), ``keep_ratio`` (in (0, 1]; ``K = max(1,
+    round(keep_ratio * N_out))``) or ``budgets`` (int32 ``[B]``, one K per
+    clip in ``[0, N_out]``).
+
+    Returns int32 ``[B, K]`` for ``k``/``keep_ratio``, and ``(indices
+    [sum(budgets)], cu_seqlens [B+1])`` for ``budgets``. Equal scores are
+    ranked by token id (the lower id wins; -0.0 equals +0.0). NaN scores are
+    refused, and so are infinite ones when upsampling (a zero interpolation
+    weight times inf is NaN). The NaN check (and the budgets) are read back
+    to the host. Not differentiable: the result is indices.
+    """
+    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    batch, n = scores.shape
+    if n == 0:
+        raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
+    grid, out_grid = _resolve_grids(n, grid, out_grid)
+    n_out = math.prod(out_grid)
+    if n_out > MAX_TOKENS:
+        raise ValueError(f"out_grid: {n_out} tokens per clip exceed the limit of {MAX_TOKENS}")
+    given = [name for name, v in (("k", k), ("keep_ratio", keep_ratio), ("budgets", budgets)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"k, keep_ratio, budgets: give exactly one, got {given or 'none'}")
+    upsample = grid != out_grid
+    if bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
+        kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
+        raise ValueError(f"scores: contain {kind}")
+    if budgets is not None:
+        check_tensor("budgets", budgets, ndim=1, dtypes=(torch.int32,), device=scores.device, contiguous=True)
+        check_shape("budgets", budgets, [batch])
+        host = budgets.detach().to("cpu", torch.int64)
+        if host.numel() and (int(host.min()) < 0 or int(host.max()) > n_out):
+            raise ValueError(
+                f"budgets: every budget must lie in [0, {n_out}], got values in "
+                f"[{int(host.min())}, {int(host.max())}]"
+            )
+        cu_seqlens = cu_seqlens_from_lengths(budgets)
+        indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, int(host.sum()), list(grid), list(out_grid))
+        return indices, cu_seqlens
+    if keep_ratio is not None:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio: expected a float in (0, 1], got {keep_ratio!r}")
+        k = keep_ratio_to_k(float(keep_ratio), n_out)
+    if isinstance(k, bool) or not isinstance(k, Integral) or not 0 <= k <= n_out:
+        raise ValueError(f"k: expected an int in [0, {n_out}] (tokens per clip), got {k!r}")
+    return _topk_tokens(scores, int(k), list(grid), list(out_grid))
+
+
+def compile_specs():
+    # ViT-B/16 at 224 over 16 frames: 784 coarse selector tokens (the 2x
+    # scaled-down clip) upsampled to 3136 fine tokens, K = 314 (keep 10%);
+    # plus the largest clip the op accepts.
+    fp32 = (torch.float32,)
+    configs = (
+        ("upsample", 3136, True, False, FLOAT_DTYPES),
+        ("direct", 3136, False, False, FLOAT_DTYPES),
+        ("upsample_budgets", 3136, True, True, fp32),
+        ("upsample_budgets", MAX_TOKENS, True, True, fp32),
+    )
+    specs = []
+    for mode, n_out, upsample, per_clip, dtypes in configs:
+        block, num_warps = _launch_config(n_out)
+        for dtype in dtypes:
+            ty = TRITON_DTYPE[dtype]
+            specs.append(CompileSpec(
+                f"topk_tokens[{ty},{mode},N={n_out}]", _topk_kernel,
+                {"scores_ptr": f"*{ty}", "budgets_ptr": "*i32", "offsets_ptr": "*i32", "out_ptr": "*i32",
+                 "n_in": "i32", "n_out": "i32", "k": "i32", "h": "i32", "w": "i32", "out_h": "i32",
+                 "out_w": "i32", "scale_h": "fp32", "scale_w": "fp32",
+                 "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr", "BLOCK": "constexpr"},
+                {"UPSAMPLE": upsample, "PER_CLIP": per_clip, "BLOCK": block},
+                num_warps=num_warps, divisible_by_16=("n_in", "n_out"),
+            ))
+    return specs
