@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lookwhen_kernels.layout import cu_seqlens_from_lengths
+
 
 def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x [B, T, n, D]``: standardise each channel over the frame's n tokens
@@ -28,3 +30,325 @@ def frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float = 1
     xhat = (work - mean) * rstd
     dx = rstd * (g - g.mean(dim=2, keepdim=True) - xhat * (g * xhat).mean(dim=2, keepdim=True))
     return dx.to(x.dtype)
+
+
+def patch_rows(indices, cu_seqlens, batch: int, n_tokens: int, device=None):
+    """``(clip index, token id)`` of every packed output row of
+    :func:`gather_patch_embed`, as int64 ``[total]`` tensors. ``indices`` is
+    ``[B, K]``, packed ``[total]`` (with ``cu_seqlens``) or ``None`` (every
+    token of every clip, in order)."""
+    if indices is None:
+        tokens = torch.arange(n_tokens, device=device).repeat(batch)
+        clips = torch.arange(batch, device=device).repeat_interleave(n_tokens)
+        return clips, tokens
+    tokens = indices.reshape(-1).long()
+    if indices.dim() == 2:
+        clips = torch.arange(batch, device=indices.device).repeat_interleave(indices.shape[1])
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        clips = torch.arange(batch, device=indices.device).repeat_interleave(
+            lengths, output_size=tokens.numel()
+        )
+    return clips, tokens
+
+
+def gather_patches(clip, indices, *, patch_size, mean, std, cu_seqlens=None, downsample=1, dtype=torch.float32):
+    """Normalised patches ``[total, 3*p*p]`` (channel, row, column order, as
+    ``weight.reshape(D, -1)``) of the selected tokens, in ``dtype``.
+
+    The clip is cut into ``(downsample*p)``-pixel windows (a view, no copy),
+    the selected windows are gathered, converted to float, average-pooled by
+    ``downsample`` and normalised with timm's ``(x / 255 - mean) / std``."""
+    batch, frames, height, width, _ = clip.shape
+    window = downsample * patch_size
+    grid_h, grid_w = height // window, width // window
+    clips, tokens = patch_rows(indices, cu_seqlens, batch, frames * grid_h * grid_w, clip.device)
+    # [B, T, Hp, Wp, 3, window, window]
+    windows = clip.unfold(2, window, window).unfold(3, window, window)
+    t, rest = tokens // (grid_h * grid_w), tokens % (grid_h * grid_w)
+    x = windows[clips, t, rest // grid_w, rest % grid_w].to(dtype)
+    if downsample > 1:
+        x = torch.nn.functional.avg_pool2d(x, downsample)
+    mean = torch.as_tensor(mean, dtype=dtype, device=clip.device).reshape(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=dtype, device=clip.device).reshape(1, 3, 1, 1)
+    return ((x / 255 - mean) / std).reshape(x.shape[0], -1)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_patch_embed(
+    clip, indices, weight, bias, pos_embed, *, patch_size, mean, std, cu_seqlens=None, downsample=1
+):
+    """Patch embedding of the selected tokens, packed ``[total, D]`` in the
+    weight's dtype: ``linear(patches, weight.reshape(D, -1), bias) +
+    pos_embed[token id]``. As on tensor cores, the patches are rounded to the
+    weight's dtype and the products are accumulated in float32 (float64 for
+    float64 weights)."""
+    work = _work_dtype(weight.dtype)
+    patches = gather_patches(
+        clip, indices, patch_size=patch_size, mean=mean, std=std,
+        cu_seqlens=cu_seqlens, downsample=downsample, dtype=work,
+    ).to(weight.dtype).to(work)
+    _, tokens = patch_rows(indices, cu_seqlens, clip.shape[0], pos_embed.shape[0], clip.device)
+    out = torch.nn.functional.linear(patches, weight.reshape(weight.shape[0], -1).to(work), bias.to(work))
+    return (out + pos_embed.to(work)[tokens]).to(weight.dtype)
+
+
+def gather_patch_embed_backward(
+    grad, clip, indices, *, patch_size, mean, std, cu_seqlens=None, downsample=1
+):
+    """Gradients of :func:`gather_patch_embed` with respect to
+    ``(weight, bias, pos_embed)``, in ``grad``'s dtype: ``grad^T @ patches``,
+    the column sums of ``grad``, and ``grad``'s rows added into ``[N, D]`` at
+    their token ids."""
+    work = _work_dtype(grad.dtype)
+    patches = gather_patches(
+        clip, indices, patch_size=patch_size, mean=mean, std=std,
+        cu_seqlens=cu_seqlens, downsample=downsample, dtype=work,
+    ).to(grad.dtype).to(work)
+    batch, frames, height, width, _ = clip.shape
+    window = downsample * patch_size
+    n_tokens = frames * (height // window) * (width // window)
+    _, tokens = patch_rows(indices, cu_seqlens, batch, n_tokens, clip.device)
+    g = grad.to(work)
+    d_weight = (g.t() @ patches).reshape(grad.shape[1], 3, patch_size, patch_size)
+    d_pos = g.new_zeros(n_tokens, grad.shape[1]).index_add_(0, tokens, g)
+    return d_weight.to(grad.dtype), g.sum(0).to(grad.dtype), d_pos.to(grad.dtype)
+
+
+def upsample_scores(scores: torch.Tensor, grid, out_grid) -> torch.Tensor:
+    """``[B, T*h*w]`` -> ``[B, T*H*W]``: every frame bilinearly resized from
+    ``h x w`` to ``H x W`` (``align_corners=False``), in at least float32."""
+    work = scores.to(_work_dtype(scores.dtype))
+    if tuple(grid) == tuple(out_grid):
+        return work
+    frames, h, w = grid
+    _, out_h, out_w = out_grid
+    planes = work.reshape(scores.shape[0], frames, h, w)
+    fine = torch.nn.functional.interpolate(planes, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    return fine.reshape(scores.shape[0], frames * out_h * out_w)
+
+
+def topk_tokens(scores: torch.Tensor, k=None, *, budgets=None, grid=None, out_grid=None):
+    """Per clip, the ids of the ``k`` (or ``budgets[b]``) highest scores after
+    upsampling from ``grid`` to ``out_grid`` (when both are given), ties to the
+    lower id, returned in ascending order: int32 ``[B, k]``, or ``(indices
+    [total], cu_seqlens [B+1])`` with ``budgets``."""
+    fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
+    # A stable descending sort keeps equal scores in id order.
+    order = torch.sort(fine, dim=1, descending=True, stable=True).indices
+    if budgets is None:
+        return order[:, :k].sort(dim=1).values.to(torch.int32)
+    chosen = [order[b, :count].sort().values for b, count in enumerate(budgets.tolist())]
+    indices = torch.cat(chosen) if chosen else order.new_zeros(0)
+    return indices.to(torch.int32), cu_seqlens_from_lengths(budgets)
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """Rows ``x[b, indices]`` of every clip, packed ``[total, D]``."""
+    clips, tokens = patch_rows(indices, cu_seqlens, x.shape[0], x.shape[1], x.device)
+    return x[clips, tokens]
+
+
+def scatter_tokens(packed: torch.Tensor, indices: torch.Tensor, n_tokens: int, cu_seqlens=None) -> torch.Tensor:
+    """Adjoint of :func:`gather_tokens`: ``[B, n_tokens, D]``, packed row ``r``
+    at ``(b, indices[r])``, zeros elsewhere (ids unique within a clip)."""
+    batch = indices.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    clips, tokens = patch_rows(indices, cu_seqlens, batch, n_tokens, packed.device)
+    out = packed.new_zeros((batch, n_tokens) + tuple(packed.shape[1:]))
+    out[clips, tokens] = packed
+    return out
+
+
+def score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float = 1e-6) -> torch.Tensor:
+    """The selector's score head, ``x [B, n, D]`` -> float32 ``[B, n]``:
+    ``linear(gelu(linear(layer_norm(x), w1, b1)), w2, b2)`` with the exact
+    GELU, each step in x's dtype as the ``nn.Module`` stack computes it
+    (float64 in, float64 out: the oracle)."""
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(y, w1, b1))
+    return torch.nn.functional.linear(h, w2.reshape(1, -1), b2).squeeze(-1).to(_work_dtype(x.dtype))
+
+
+def score_tokens_backward(grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float = 1e-6):
+    """Closed-form gradients of :func:`score_tokens` (computed in at least
+    float32) with respect to ``(x, norm_weight, norm_bias, w1, b1, w2, b2)``,
+    each in its input's dtype and shape."""
+    work = _work_dtype(x.dtype)
+    xw = x.to(work).reshape(-1, x.shape[-1])
+    g = grad.to(work).reshape(-1, 1)
+    gamma, beta, w1w, b1w = (t.to(work) for t in (norm_weight, norm_bias, w1, b1))
+    w2w = w2.to(work).reshape(-1)
+    mean = xw.mean(dim=1, keepdim=True)
+    rstd = torch.rsqrt(xw.var(dim=1, unbiased=False, keepdim=True) + eps)
+    xhat = (xw - mean) * rstd
+    y = xhat * gamma + beta
+    a = y @ w1w.T + b1w
+    cdf = 0.5 * (1 + torch.erf(a * 0.5 ** 0.5))
+    pdf = torch.exp(-0.5 * a * a) * (2 * torch.pi) ** -0.5
+    d_a = g * w2w * (cdf + a * pdf)
+    d_y = d_a @ w1w
+    d_xhat = d_y * gamma
+    dx = rstd * (d_xhat - d_xhat.mean(dim=1, keepdim=True) - xhat * (d_xhat * xhat).mean(dim=1, keepdim=True))
+    grads = (
+        dx.reshape(x.shape),
+        (d_y * xhat).sum(dim=0),
+        d_y.sum(dim=0),
+        d_a.T @ y,
+        d_a.sum(dim=0),
+        (g * a * cdf).sum(dim=0).reshape(w2.shape),
+        g.sum().reshape(b2.shape),
+    )
+    inputs = (x, norm_weight, norm_bias, w1, b1, w2, b2)
+    return tuple(d.to(t.dtype) for d, t in zip(grads, inputs))
+
+
+def nn_uniqueness(x: torch.Tensor, metric: str = "l2", eps: float = 1e-12) -> torch.Tensor:
+    """``x [B, N, D]`` -> float32 (float64 for float64) ``[B, N]``: distance from every token to its
+    nearest other token of the clip, computed in at least float32; ``inf`` for
+    a clip of one token. "l2": Euclidean distance; "cosine": ``1 - max cosine
+    similarity`` with ``u = x / max(|x|, eps)`` as ``F.normalize`` (a zero
+    vector has cosine 0 with everything).
+
+    The ``[N, N]`` matrix only picks each token's neighbour: its expansion
+    cancels digits for close pairs, so the distance to the neighbour is then
+    measured directly (exact duplicates give exactly 0)."""
+    work = x.to(_work_dtype(x.dtype))
+    batch, n_tokens, _ = x.shape
+    if n_tokens <= 1:
+        return torch.full((batch, n_tokens), float("inf"), device=x.device, dtype=work.dtype)
+    sq = (work * work).sum(dim=-1)
+    if metric == "cosine":
+        feats = torch.nn.functional.normalize(work, dim=-1, eps=eps)
+        score = -(feats @ feats.transpose(1, 2))
+    else:
+        feats = work
+        score = sq[:, :, None] + sq[:, None, :] - 2 * work @ work.transpose(1, 2)
+    self_mask = torch.eye(n_tokens, dtype=torch.bool, device=x.device)
+    nearest = score.masked_fill(self_mask, float("inf")).argmin(dim=2)
+    neighbour = torch.gather(feats, 1, nearest[:, :, None].expand_as(feats))
+    d2 = (feats - neighbour).pow(2).sum(dim=-1)
+    if metric == "cosine":
+        # 1 - u.v = (|u - v|^2 + (1 - |u|^2) + (1 - |v|^2)) / 2; the last two
+        # terms are exactly 0 unless |x| < eps.
+        short = 1 - (sq / eps**2).clamp(max=1)
+        return 0.5 * (d2 + short + torch.gather(short, 1, nearest))
+    return d2.sqrt()
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q [..., H, Lq, Dh]``, ``k [..., H_kv, Lk, Dh]`` -> ``[..., H, Lq]``
+    natural-log sum-exp of the scaled scores, in at least float32."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kv_heads = k.shape[-3]
+    grouped = q.to(work).unflatten(-3, (kv_heads, q.shape[-3] // kv_heads))
+    scores = grouped @ k.to(work).unsqueeze(-3).transpose(-1, -2) * scale
+    return torch.logsumexp(scores, dim=-1).flatten(-3, -2)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None, return_lse=True):
+    """Softmax attention within each packed sequence (non-causal).
+
+    ``q [total_q, H, Dh]``, ``k, v [total_k, H_kv, Dh]`` (query head ``h``
+    reads kv head ``h // (H / H_kv)``), int32 offsets ``[B+1]``;
+    ``cu_seqlens_k=None`` means q's offsets. Returns ``(out, lse)``: ``out``
+    like ``q`` (zeros for a query whose key sequence is empty) and ``lse [H,
+    total_q]``, the natural-log sum-exp of the scaled scores (float32, float64
+    for float64 inputs, ``-inf`` without keys), or ``None`` unless
+    ``return_lse``.
+
+    One batched SDPA call when all sequences share their lengths, one call
+    per sequence otherwise; kv heads are shared through SDPA's ``enable_gqa``
+    (no copies). ``lse`` costs an extra ``QK^T``, so it is only computed on
+    request.
+    """
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    heads, head_dim = q.shape[1], q.shape[2]
+    gqa = heads != k.shape[1]
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lengths_q = [b - a for a, b in zip(starts_q[:-1], starts_q[1:])]
+    lengths_k = [b - a for a, b in zip(starts_k[:-1], starts_k[1:])]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    if len(set(lengths_q)) == 1 and len(set(lengths_k)) == 1 and lengths_q[0] and lengths_k[0]:
+        batch = len(lengths_q)
+        qb, kb, vb = (t.unflatten(0, (batch, -1)).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(q.shape)
+        lse = _attention_lse(qb, kb, scale).transpose(0, 1).reshape(heads, -1) if return_lse else None
+        return out, lse
+
+    outs, lses = [], []
+    for b, (len_q, len_k) in enumerate(zip(lengths_q, lengths_k)):
+        if len_q == 0:
+            continue
+        if len_k == 0:
+            outs.append(q.new_zeros((len_q, heads, head_dim)))
+            lses.append(torch.full((heads, len_q), float("-inf"), dtype=lse_dtype, device=q.device))
+            continue
+        qb = q[starts_q[b]:starts_q[b + 1]].transpose(0, 1)
+        kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)
+        vb = v[starts_k[b]:starts_k[b + 1]].transpose(0, 1)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=gqa).transpose(0, 1)
+        )
+        if return_lse:
+            lses.append(_attention_lse(qb, kb, scale))
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return out, None
+    lse = torch.cat(lses, dim=1) if lses else torch.empty((heads, 0), dtype=lse_dtype, device=q.device)
+    return out, lse
+
+
+def varlen_attention_backward(grad_out, grad_lse, q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None):
+    """Closed-form gradients of :func:`varlen_attention` for ``q, k, v``, with
+    ``grad_lse`` (``[H, total_q]`` or ``None``) the gradient reaching ``lse``.
+
+    Per sequence, in at least float32: ``P = softmax(scale * q k^T)``,
+    ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O) + grad_lse)``,
+    ``dQ = scale * dS K``, ``dK = scale * dS^T Q``; a kv head sums over its
+    group of query heads. Score matrices are built for a few kv heads at a
+    time so a long sequence stays within a few hundred MB.
+    """
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // kv_heads
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(starts_q) - 1):
+        rows_q = slice(starts_q[b], starts_q[b + 1])
+        rows_k = slice(starts_k[b], starts_k[b + 1])
+        len_q, len_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
+        if len_q == 0 or len_k == 0:
+            continue
+        # [H_kv, G, L, Dh] for the query side, [H_kv, 1, L, Dh] for keys and values.
+        qb = q[rows_q].to(work).transpose(0, 1).unflatten(0, (kv_heads, group))
+        gb = grad_out[rows_q].to(work).transpose(0, 1).unflatten(0, (kv_heads, group))
+        kb = k[rows_k].to(work).transpose(0, 1).unsqueeze(1)
+        vb = v[rows_k].to(work).transpose(0, 1).unsqueeze(1)
+        lse_grad = None
+        if grad_lse is not None:
+            lse_grad = grad_lse[:, rows_q].to(work).unflatten(0, (kv_heads, group)).unsqueeze(-1)
+        chunk = max(1, (1 << 24) // (group * len_q * len_k))
+        for h in range(0, kv_heads, chunk):
+            heads_kv = slice(h, h + chunk)
+            p = torch.softmax(qb[heads_kv] @ kb[heads_kv].transpose(-1, -2) * scale, dim=-1)
+            delta = (gb[heads_kv] * (p @ vb[heads_kv])).sum(-1, keepdim=True)
+            if lse_grad is not None:
+                delta = delta - lse_grad[heads_kv]
+            ds = p * (gb[heads_kv] @ vb[heads_kv].transpose(-1, -2) - delta)
+            dv[rows_k, heads_kv] = (p.transpose(-1, -2) @ gb[heads_kv]).sum(1).transpose(0, 1)
+            dk[rows_k, heads_kv] = (ds.transpose(-1, -2) @ qb[heads_kv]).sum(1).transpose(0, 1) * scale
+            dq[rows_q, heads_kv.start * group:heads_kv.stop * group] = \
+                (ds @ kb[heads_kv]).flatten(0, 1).transpose(0, 1) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

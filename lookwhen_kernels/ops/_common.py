@@ -141,7 +141,9 @@ class CompileSpec:
     ``signature`` maps every argument name to a Triton type string (``"*fp16"``,
     ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of
     the constexpr ones. ``tensor_cores`` marks the GEMM-shaped kernels that must
-    use HGMMA on sm_90 and HMMA on sm_80.
+    use HGMMA on sm_90 and HMMA on sm_80. ``divisible_by_16`` names the integer
+    arguments that are multiples of 16 at the real shapes (strides, D, H, W):
+    Triton's launcher specialises on that at run time, so the report must too.
     """
 
     name: str
@@ -152,6 +154,13 @@ class CompileSpec:
     num_stages: int = 3
     tensor_cores: bool = False
     archs: Tuple[int, ...] = (90, 80)
+    divisible_by_16: Tuple[str, ...] = ()
 
 
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for an input dtype: fp32 inputs promise
+    fp32 products (TF32 would cost ~1e-3 relative error); ignored for 16-bit."""
+    return "ieee" if dtype == torch.float32 else "tf32"

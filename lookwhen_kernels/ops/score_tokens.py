@@ -1,0 +1,222 @@
+"""``score_tokens``: the selector's score head, LayerNorm -> Linear -> GELU ->
+Linear(1), one float32 score per token.
+
+One program owns ``BLOCK_M`` token rows. It streams the rows once for the
+LayerNorm statistics (chunk statistics merged with Chan's formula, so any D
+runs with a fixed register budget), then walks the hidden layer in
+``BLOCK_H`` chunks: for each chunk it accumulates ``tl.dot(normalised rows,
+w1 chunk^T)`` over D chunks on the tensor cores, adds ``b1``, applies the
+exact GELU and folds the chunk straight into the score with ``w2``. The
+``[rows, hidden]`` activation never leaves registers. The program's rows come
+from HBM once; the re-reads per hidden chunk hit L1/L2 (a 64-row block of
+D=768 fp16 is 96 KiB).
+
+The backward is the closed form of :func:`lookwhen_kernels.reference.score_tokens`
+in PyTorch ops (``reference.score_tokens_backward``), on every device: the
+score head is small next to the extractor, so it has no Triton kernel yet.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
+
+from lookwhen_kernels import reference
+from lookwhen_kernels.ops._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPE,
+    CompileSpec,
+    check_shape,
+    check_tensor,
+    dot_precision,
+    use_triton,
+)
+
+NUM_STAGES = 3
+# 64 rows is the smallest M of a Hopper warpgroup MMA; 8 warps keep the
+# [64, BLOCK_H] fp32 accumulator and the prefetched tiles under ~128 registers
+# a thread, spill-free on sm_90 and sm_80 (odd D included).
+NUM_WARPS = 8
+
+
+def _blocks(dtype: torch.dtype) -> dict:
+    # fp32's FMA dot holds both operands in registers: a narrower hidden chunk.
+    return {"BLOCK_M": 64, "BLOCK_H": 64 if dtype == torch.float32 else 128, "BLOCK_D": 32}
+
+
+@triton.jit
+def _score_tokens_fwd(
+    x_ptr, norm_weight_ptr, norm_bias_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    n_rows, dim, hidden, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    row_ptrs = x_ptr + rows.to(tl.int64)[:, None] * dim
+
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < dim)[None, :]
+        tile = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        count = tl.minimum(dim - start, BLOCK_D).to(tl.float32)
+        chunk_mean = tl.sum(tile, axis=1) / count
+        centred = tl.where(mask, tile - chunk_mean[:, None], 0.0)
+        seen = start * 1.0
+        total = seen + count
+        delta = chunk_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / total)
+    rstd = 1.0 / tl.sqrt(m2 / dim + eps)
+
+    score = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for h_start in range(0, hidden, BLOCK_H):
+        hs = h_start + tl.arange(0, BLOCK_H)
+        h_ok = hs < hidden
+        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+        for start in range(0, dim, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            tile = tl.load(
+                row_ptrs + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            ).to(tl.float32)
+            gamma = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            beta = tl.load(norm_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            # Padded columns get gamma = beta = 0, so they add nothing to the dot.
+            y = (tile - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            w1_t = tl.load(
+                w1_ptr + hs[None, :] * dim + cols[:, None], mask=h_ok[None, :] & col_ok[:, None], other=0.0
+            )
+            acc = tl.dot(y.to(w1_t.dtype), w1_t, acc, input_precision=DOT_PRECISION)
+        a = acc + tl.load(b1_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        gelu = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        w2 = tl.load(w2_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+        score += tl.sum(gelu * w2[None, :], axis=1)
+    score += tl.load(b2_ptr).to(tl.float32)
+    tl.store(out_ptr + rows, score, mask=row_ok)
+
+
+def _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps):
+    """Launch into a preallocated float32 ``out [B, n]`` (tests poison it first)."""
+    n_rows = x.shape[0] * x.shape[1]
+    if n_rows:
+        blocks = _blocks(x.dtype)
+        wrap_triton(_score_tokens_fwd)[(triton.cdiv(n_rows, blocks["BLOCK_M"]),)](
+            x, norm_weight, norm_bias, w1, b1, w2, b2, out,
+            n_rows, x.shape[2], w1.shape[0], eps,
+            **blocks, DOT_PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+    return out
+
+
+@triton_op("lookwhen::score_tokens", mutates_args=())
+def _score_tokens(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    if not use_triton(x):
+        return reference.score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+    out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
+    return _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, eps = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad):
+    return (*reference.score_tokens_backward(grad, *ctx.saved_tensors, ctx.eps), None)
+
+
+_score_tokens.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.lookwhen.score_tokens)
+def _score_tokens_flops(x_shape, norm_weight_shape, norm_bias_shape, w1_shape, *args, **kwargs) -> int:
+    batch, n_tokens, dim = x_shape
+    hidden = w1_shape[0]
+    return 2 * batch * n_tokens * (dim * hidden + hidden)
+
+
+def score_tokens(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Score every selector token: ``Linear2(GELU(Linear1(LayerNorm(x))))``.
+
+    ``x [B, n, D]`` (fp16, bf16 or fp32); LayerNorm over D with
+    ``norm_weight, norm_bias [D]``; ``w1 [hidden, D], b1 [hidden]`` and
+    ``w2 [1, hidden]`` (or ``[hidden]``), ``b2 [1]`` in ``nn.Linear`` layout;
+    GELU is the exact (erf) one. All parameters share x's dtype and device and
+    are contiguous. Returns float32 ``[B, n]``.
+
+    Differentiable with respect to x and every parameter; the backward is the
+    closed-form reference gradient in PyTorch ops on every device (no Triton
+    kernel), see ``reference.score_tokens_backward``.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    dim = x.shape[2]
+    if dim == 0:
+        raise ValueError("x: tokens need at least one feature (dimension 2 is 0)")
+    check_tensor("w1", w1, ndim=2)
+    hidden = w1.shape[0]
+    if hidden == 0:
+        raise ValueError("w1: the hidden layer needs at least one unit (dimension 0 is 0)")
+    for name, tensor, shape in (
+        ("norm_weight", norm_weight, [dim]),
+        ("norm_bias", norm_bias, [dim]),
+        ("w1", w1, [hidden, dim]),
+        ("b1", b1, [hidden]),
+        ("w2", w2, None),
+        ("b2", b2, [1]),
+    ):
+        check_tensor(name, tensor, dtypes=(x.dtype,), device=x.device, contiguous=True)
+        if shape is not None:
+            check_shape(name, tensor, shape)
+    if tuple(w2.shape) not in ((1, hidden), (hidden,)):
+        raise ValueError(f"w2: expected shape [1, {hidden}] or [{hidden}], got {list(w2.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps}")
+    return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, float(eps))
+
+
+def _compile_spec(dtype: torch.dtype, aligned: bool) -> CompileSpec:
+    """``aligned``: the real shapes (D = 384 / 768, hidden 4x, B * 784 rows),
+    whose integer arguments are multiples of 16, which the launcher
+    specialises on; otherwise an odd D."""
+    ty = TRITON_DTYPE[dtype]
+    constexprs = _blocks(dtype) | {"DOT_PRECISION": dot_precision(dtype)}
+    signature = {
+        "x_ptr": f"*{ty}", "norm_weight_ptr": f"*{ty}", "norm_bias_ptr": f"*{ty}",
+        "w1_ptr": f"*{ty}", "b1_ptr": f"*{ty}", "w2_ptr": f"*{ty}", "b2_ptr": f"*{ty}",
+        "out_ptr": "*fp32", "n_rows": "i32", "dim": "i32", "hidden": "i32", "eps": "fp32",
+    } | {k: "constexpr" for k in constexprs}
+    return CompileSpec(
+        f"score_tokens_fwd[{ty}{'' if aligned else ',odd D'}]", _score_tokens_fwd, signature, constexprs,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, tensor_cores=dtype != torch.float32,
+        divisible_by_16=("n_rows", "dim", "hidden") if aligned else (),
+    )
+
+
+def compile_specs():
+    return [_compile_spec(dtype, aligned=True) for dtype in FLOAT_DTYPES] + [
+        _compile_spec(torch.float16, aligned=False)
+    ]

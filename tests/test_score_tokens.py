@@ -1,0 +1,174 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lookwhen_kernels import reference, score_tokens
+from lookwhen_kernels.ops.score_tokens import _score_tokens_into
+from lookwhen_kernels.testing import assert_fully_written, assert_within_reference_error, poison_
+
+# (B, n, D, hidden): several row blocks, D and hidden over several chunks with
+# ragged tails, odd D, a single token, a tiny layer.
+SHAPES = [(2, 70, 80, 130), (1, 49, 33, 64), (1, 1, 80, 40), (3, 5, 5, 17), (1, 65, 16, 200)]
+
+
+def _input(shape, dtype):
+    # A common offset is what breaks a naive E[x^2] - E[x]^2 variance.
+    return (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+
+
+def _head(dim, hidden, dtype, *, flat_w2=False):
+    """(norm_weight, norm_bias, w1, b1, w2, b2) at trained-network scales."""
+    params = (
+        1 + 0.3 * torch.randn(dim),
+        0.2 * torch.randn(dim),
+        torch.randn(hidden, dim) / dim**0.5,
+        0.2 * torch.randn(hidden),
+        torch.randn(hidden if flat_w2 else 1, *(() if flat_w2 else (hidden,))) / hidden**0.5,
+        0.2 * torch.randn(1),
+    )
+    return tuple(p.to(dtype) for p in params)
+
+
+def _double(tensors):
+    return tuple(t.double() for t in tensors)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_matches_float64_reference(shape, dtype):
+    batch, n_tokens, dim, hidden = shape
+    x = _input((batch, n_tokens, dim), dtype)
+    params = _head(dim, hidden, dtype)
+    out = score_tokens(x, *params)
+    assert out.dtype == torch.float32 and out.shape == (batch, n_tokens)
+    oracle = reference.score_tokens(x.double(), *_double(params))
+    assert_within_reference_error(out, reference.score_tokens(x, *params), oracle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_score_written(dtype):
+    x = _input((2, 67, 40), dtype)
+    params = _head(40, 150, dtype)
+    out = poison_(torch.empty(2, 67))
+    _score_tokens_into(out, x, *params, 1e-6)
+    assert_fully_written(out, "scores")
+    oracle = reference.score_tokens(x.double(), *_double(params))
+    assert_within_reference_error(out, reference.score_tokens(x, *params), oracle)
+
+
+def test_flat_w2_and_eps_are_honoured():
+    x = _input((1, 9, 24), torch.float32)
+    params = _head(24, 32, torch.float32, flat_w2=True)
+    assert params[4].shape == (32,)
+    out = score_tokens(x, *params, eps=0.5)
+    torch.testing.assert_close(out, reference.score_tokens(x, *params, 0.5), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, reference.score_tokens(x, *params, 1e-6), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("batch, n_tokens", [(0, 5), (2, 0)])
+def test_empty_batch_gives_empty_scores(batch, n_tokens):
+    out = score_tokens(torch.randn(batch, n_tokens, 8), *_head(8, 16, torch.float32))
+    assert out.shape == (batch, n_tokens) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_matches_reference_gradients(dtype):
+    x = _input((2, 37, 33), dtype)
+    params = _head(33, 70, dtype, flat_w2=dtype == torch.float32)
+    grad = torch.randn(2, 37)
+    names = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
+
+    def grads(fn, tensors, g):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        return torch.autograd.grad(fn(*leaves), leaves, g)
+
+    kernel = grads(score_tokens, (x, *params), grad)
+    oracle = grads(reference.score_tokens, _double((x, *params)), grad.double())
+    same_precision = grads(reference.score_tokens, (x, *params), grad)
+    for name, k, o, s in zip(names, kernel, oracle, same_precision):
+        assert k.dtype == dtype
+        assert_within_reference_error(k, s, o, name=f"d{name}")
+
+
+def test_reference_gradcheck_float64():
+    x = torch.randn(1, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.double().requires_grad_(True) for p in _head(5, 4, torch.float32))
+    assert torch.autograd.gradcheck(lambda *t: reference.score_tokens(*t, 1e-6), (x, *params))
+
+
+@pytest.mark.parametrize("flat_w2", [False, True])
+def test_reference_backward_formula_matches_autograd(flat_w2):
+    inputs = tuple(t.requires_grad_(True) for t in _double((_input((2, 4, 6), torch.float32),
+                                                             *_head(6, 5, torch.float32, flat_w2=flat_w2))))
+    grad = torch.randn(2, 4, dtype=torch.float64)
+    autograd = torch.autograd.grad(reference.score_tokens(*inputs), inputs, grad)
+    closed_form = reference.score_tokens_backward(grad, *(t.detach() for t in inputs))
+    for a, c in zip(autograd, closed_form):
+        assert a.shape == c.shape
+        torch.testing.assert_close(c, a)
+
+
+def test_registered_op_dispatches():
+    x = _input((1, 11, 20), torch.float32)
+    params = _head(20, 24, torch.float32)
+    out = torch.ops.lookwhen.score_tokens(x, *params, 1e-6)
+    torch.testing.assert_close(out, reference.score_tokens(x, *params), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_uses_registered_formula():
+    batch, n_tokens, dim, hidden = 2, 7, 12, 20
+    x = _input((batch, n_tokens, dim), torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        score_tokens(x, *_head(dim, hidden, torch.float32))
+    assert counter.get_total_flops() == 2 * batch * n_tokens * (dim * hidden + hidden)
+
+
+def test_torch_compile_matches_eager():
+    x = _input((2, 7, 20), torch.float32).requires_grad_(True)
+    params = tuple(p.requires_grad_(True) for p in _head(20, 24, torch.float32))
+    compiled = torch.compile(lambda *t: score_tokens(*t) * 2, fullgraph=True)
+    out = compiled(x, *params)
+    torch.testing.assert_close(out, reference.score_tokens(x.detach(), *params) * 2, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (x, *params))
+    expected = reference.score_tokens_backward(torch.full((2, 7), 2.0), x.detach(), *(p.detach() for p in params))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _good():
+    return (_input((1, 4, 8), torch.float32), *_head(8, 16, torch.float32))
+
+
+def _with(position, value):
+    args = list(_good())
+    args[position] = value
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        (_with(0, torch.zeros(4, 8)), {}, "x: expected a 3-d"),
+        (_with(0, torch.zeros(1, 4, 8, dtype=torch.int32)), {}, "x: expected dtype"),
+        (_with(0, torch.zeros(1, 4, 8, dtype=torch.float64)), {}, "x: expected dtype"),
+        (_with(0, torch.zeros(1, 8, 4).transpose(1, 2)), {}, "x: expected a contiguous"),
+        (_with(0, torch.zeros(1, 4, 0)), {}, "x: tokens need at least one feature"),
+        (_with(0, [[1.0]]), {}, "x: expected a torch.Tensor"),
+        (_with(1, torch.ones(9)), {}, r"norm_weight: expected shape \[8\]"),
+        (_with(2, torch.ones(8, dtype=torch.float16)), {}, "norm_bias: expected dtype float32"),
+        (_with(3, torch.ones(16, 9)), {}, r"w1: expected shape \[16, 8\]"),
+        (_with(3, torch.ones(16)), {}, "w1: expected a 2-d"),
+        (_with(3, torch.ones(0, 8)), {}, "w1: the hidden layer needs at least one unit"),
+        (_with(3, torch.ones(8, 16).T), {}, "w1: expected a contiguous"),
+        (_with(4, torch.ones(15)), {}, r"b1: expected shape \[16\]"),
+        (_with(5, torch.ones(2, 16)), {}, r"w2: expected shape \[1, 16\] or \[16\]"),
+        (_with(5, torch.ones(1, 15)), {}, r"w2: expected shape \[1, 16\] or \[16\]"),
+        (_with(6, torch.ones(())), {}, r"b2: expected shape \[1\]"),
+        (_with(6, torch.ones(1, device="meta")), {}, "b2: expected a tensor on cpu"),
+        (_with(6, 0.5), {}, "b2: expected a torch.Tensor"),
+        (list(_good()), {"eps": 0.0}, "eps: expected a positive float"),
+    ],
+)
+def test_bad_inputs_raise_value_error(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        score_tokens(*args, **kwargs)
