@@ -1,0 +1,35 @@
+"""lookwhen: the thin model layer over ``lookwhen_kernels``: the LookWhen
+selector-extractor model, the dense baseline it is measured against, video
+input, checkpoints and the ``lookwhen`` command."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from lookwhen.config import PRESETS, ModelConfig, get_config
+from lookwhen.baseline import DenseBaseline
+from lookwhen.flops import count_flops
+from lookwhen.model import LookWhen, LookWhenOutput
+
+__all__ = [
+    "PRESETS",
+    "ModelConfig",
+    "get_config",
+    "build_model",
+    "LookWhen",
+    "LookWhenOutput",
+    "DenseBaseline",
+    "count_flops",
+]
+
+
+def build_model(name_or_config: Union[str, ModelConfig] = "lookwhen-b16", **overrides) -> torch.nn.Module:
+    """A randomly initialised ``LookWhen`` or ``DenseBaseline``. The weights
+    depend only on the config (its ``seed``), not on the global RNG, which is
+    left untouched."""
+    config = get_config(name_or_config, **overrides)
+    cls = LookWhen if config.kind == "lookwhen" else DenseBaseline
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return cls(config)

@@ -5,8 +5,23 @@ or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1``.
 Every op is also registered as ``torch.ops.lookwhen.<name>``.
 """
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
+from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
+from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
+from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness
+from lookwhen_kernels.ops.score_tokens import score_tokens
+from lookwhen_kernels.ops.topk_tokens import topk_tokens
+from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
 
 __all__ = [
+    "block_diagonal_attention",
+    "dense_attention",
     "frame_normalize",
+    "gather_patch_embed",
+    "gather_tokens",
+    "nn_uniqueness",
+    "scatter_tokens",
+    "score_tokens",
+    "topk_tokens",
+    "varlen_attention",
 ]
 __version__ = "0.1.0"

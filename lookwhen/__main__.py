@@ -1,0 +1,5 @@
+import sys
+
+from lookwhen.cli import main
+
+sys.exit(main())

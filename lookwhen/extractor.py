@@ -1,0 +1,47 @@
+"""The extractor: a ViT-B/16 trunk that only sees the selected tokens.
+
+Tokens stay packed (``[total, D]`` plus ``cu_seqlens``) from the gather that
+embeds them to the last block, so clips with different budgets share one
+batch without padding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lookwhen_kernels as lk
+from lookwhen.config import ModelConfig
+from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, init_weights
+
+
+class Extractor(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dim = config.width
+        frames, grid_h, grid_w = config.grid
+        self.patch_embed = PatchEmbed(config.patch_size, dim)
+        self.pos_embed = SeparablePosEmbed(frames, grid_h * grid_w, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, config.heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.head = nn.Linear(dim, config.num_classes) if config.num_classes else None
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(init_weights)
+
+    def embed(self, clip, indices, cu_seqlens, dtype: torch.dtype) -> torch.Tensor:
+        """Patch embeddings of the selected tokens, packed ``[total, D]``."""
+        cfg = self.config
+        proj = self.patch_embed.proj
+        return lk.gather_patch_embed(
+            clip, indices, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
+            patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, cu_seqlens=cu_seqlens,
+        )
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Packed sequences ``[total, D]`` -> final-normed features, same layout."""
+        for block in self.blocks:
+            x = block(x, cu_seqlens, max_seqlen)
+        return self.norm(x)

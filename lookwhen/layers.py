@@ -1,0 +1,115 @@
+"""Transformer building blocks shared by the selector, the extractor and the
+dense baseline.
+
+Parameter names follow timm's ``VisionTransformer`` (``norm1``, ``attn.qkv``,
+``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``patch_embed.proj``) so a
+timm state dict maps onto them key for key (see :mod:`lookwhen.timm_weights`).
+A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
+``scaled_dot_product_attention``) or on packed tokens ``[total, D]`` with
+``cu_seqlens`` (attention through ``lookwhen_kernels.varlen_attention``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import Mlp, trunc_normal_
+
+import lookwhen_kernels as lk
+
+
+def compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype the ops should see: autocast's when it is on for the
+    tensor's device, the parameters' otherwise (custom ops are not autocast,
+    so the model casts their floating inputs itself)."""
+    device_type = reference.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return reference.dtype
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cu_seqlens=None, max_seqlen=None):
+        if cu_seqlens is None:
+            batch, length, dim = x.shape
+            qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+            return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        total, dim = x.shape
+        q, k, v = self.qkv(x).view(total, 3, self.heads, self.head_dim).unbind(1)
+        out = lk.varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+        return self.proj(out.reshape(total, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's ``Block`` without layer scale)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Holds the patch projection under timm's name. LookWhen passes its
+    weight to ``gather_patch_embed``; the dense baseline runs it as a conv."""
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+
+class SeparablePosEmbed(nn.Module):
+    """Learned temporal ``[T, D]`` plus spatial ``[h*w, D]`` embeddings; the
+    ``[T*h*w, D]`` table in token order (``n = t*h*w + i*w + j``) is built
+    per call so gradients reach both factors."""
+
+    def __init__(self, frames: int, spatial: int, dim: int):
+        super().__init__()
+        self.temporal = nn.Parameter(torch.zeros(frames, dim))
+        self.spatial = nn.Parameter(torch.zeros(spatial, dim))
+        trunc_normal_(self.temporal, std=0.02)
+        trunc_normal_(self.spatial, std=0.02)
+
+    def table(self) -> torch.Tensor:
+        return (self.temporal[:, None, :] + self.spatial[None, :, :]).flatten(0, 1)
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's ViT initialisation for linear layers (LayerNorms and convs keep
+    PyTorch's defaults, as in timm)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def check_clip(clip, config) -> None:
+    """The models' input boundary: a uint8 ``[B, T, H, W, 3]`` clip of the
+    configured size."""
+    if not isinstance(clip, torch.Tensor):
+        raise ValueError(f"clip: expected a torch.Tensor, got {type(clip).__name__}")
+    if clip.dtype != torch.uint8:
+        raise ValueError(f"clip: expected dtype uint8 (raw pixels), got {clip.dtype}")
+    expected = (config.frames, config.image_size, config.image_size, 3)
+    if clip.dim() != 5 or tuple(clip.shape[1:]) != expected:
+        raise ValueError(
+            f"clip: expected shape [B, {', '.join(map(str, expected))}] for {config.name}, "
+            f"got {list(clip.shape)}"
+        )
+    if clip.shape[0] == 0:
+        raise ValueError("clip: the batch is empty")

@@ -1,0 +1,195 @@
+"""LookWhen: selector -> score_tokens -> topk_tokens -> gather_patch_embed ->
+extractor over packed tokens -> CLS embedding, pooled token features and an
+optional classifier.
+
+Each extractor sequence is ``[CLS, selector CLS, selector registers,
+selected tokens...]``: the selector's summary tokens give the extractor
+context about the parts of the clip it does not see.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import lookwhen_kernels as lk
+from lookwhen.config import ModelConfig
+from lookwhen.extractor import Extractor
+from lookwhen.layers import check_clip, compute_dtype
+from lookwhen.selector import Selector
+
+
+@dataclass
+class LookWhenOutput:
+    """``embedding [B, width]``: the extractor's final-normed CLS token.
+    ``tokens [total, width]``: final features of the selected tokens, packed
+    clip after clip in the order of ``indices``. ``indices``: the selected
+    token ids, ``int32 [B, K]`` for a keep ratio or packed ``[total]`` for
+    per-clip budgets. ``cu_seqlens int32 [B+1]``: offsets of each clip's rows
+    in ``tokens`` (and in packed ``indices``). ``scores float32 [B, n]``: the
+    selector's scores on its coarse grid. ``pooled [B, width]``: the mean of
+    each clip's token features (zero for a clip with budget 0). ``logits``:
+    the classifier applied to ``embedding`` when the config has classes."""
+
+    embedding: torch.Tensor
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    scores: torch.Tensor
+    pooled: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+
+
+def _no_timer(name: str):
+    return contextlib.nullcontext()
+
+
+class LookWhen(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.kind != "lookwhen":
+            raise ValueError(f"config {config.name!r} is a {config.kind} config, not a LookWhen one")
+        self.config = config
+        self.selector = Selector(config)
+        self.extractor = Extractor(config)
+
+    def forward(
+        self,
+        clip: torch.Tensor,
+        keep_ratio: Optional[float] = None,
+        budgets=None,
+        *,
+        stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
+    ) -> LookWhenOutput:
+        """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
+        extractor's tokens in every clip (default: the config's), or
+        ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``). ``stage_timer(name)``
+        returns a context manager wrapped around the stages "selection",
+        "selector" and "extractor"."""
+        check_clip(clip, self.config)
+        if keep_ratio is not None and budgets is not None:
+            raise ValueError("keep_ratio and budgets: give one or the other, not both")
+        timer = stage_timer or _no_timer
+        cfg = self.config
+        batch = clip.shape[0]
+        dtype = compute_dtype(self.extractor.cls_token)
+
+        with timer("selection"):
+            coarse = self.selector.embed(clip, dtype)
+        with timer("selector"):
+            features, context = self.selector.encode(coarse.view(batch, cfg.n_selector_tokens, -1))
+        with timer("selection"):
+            scores = self.selector.score(features)
+            grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
+            if budgets is None:
+                ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
+                indices = lk.topk_tokens(scores, keep_ratio=ratio, **grids)
+                tokens_cu = None
+            else:
+                if not isinstance(budgets, torch.Tensor):
+                    budgets = torch.as_tensor(budgets, dtype=torch.int32)
+                indices, tokens_cu = lk.topk_tokens(scores, budgets=budgets.to(scores.device), **grids)
+            tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
+            prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
+            if tokens_cu is None:
+                layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
+            else:
+                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], budgets)
+            x = layout.pack(prefix, tokens)
+        with timer("extractor"):
+            x = self.extractor(x, layout.seq_cu, layout.max_seqlen)
+            embedding, selected, pooled = layout.split(x)
+            head = self.extractor.head
+            return LookWhenOutput(
+                embedding=embedding,
+                tokens=selected,
+                indices=indices,
+                cu_seqlens=layout.tokens_cu,
+                scores=scores,
+                pooled=pooled,
+                logits=None if head is None else head(embedding),
+            )
+
+
+@dataclass
+class _FixedLayout:
+    """Every clip keeps K tokens: the packed sequences are a plain
+    ``[B, P + K, D]`` concatenation, offsets are multiples of ``P + K``."""
+
+    batch: int
+    n_prefix: int
+    keep: int
+    device: torch.device
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.n_prefix + self.keep
+
+    @property
+    def seq_cu(self) -> torch.Tensor:
+        return torch.arange(self.batch + 1, device=self.device, dtype=torch.int32) * self.max_seqlen
+
+    @property
+    def tokens_cu(self) -> torch.Tensor:
+        return torch.arange(self.batch + 1, device=self.device, dtype=torch.int32) * self.keep
+
+    def pack(self, prefix, tokens):
+        dim = prefix.shape[-1]
+        x = torch.cat([prefix, tokens.view(self.batch, self.keep, dim)], dim=1)
+        return x.view(-1, dim)
+
+    def split(self, x):
+        x = x.view(self.batch, self.max_seqlen, -1)
+        selected = x[:, self.n_prefix:]
+        return x[:, 0], selected.reshape(self.batch * self.keep, -1), selected.mean(dim=1)
+
+
+@dataclass
+class _VarlenLayout:
+    """Per-clip budgets: each clip's ``P`` prefix rows go in front of its
+    tokens, so offsets shift by ``P`` per clip; all index arithmetic stays on
+    the device (only the longest budget is read on the host)."""
+
+    tokens_cu: torch.Tensor
+    seq_cu: torch.Tensor
+    starts: torch.Tensor
+    prefix_rows: torch.Tensor
+    token_rows: torch.Tensor
+    clip_of_row: torch.Tensor
+    lengths: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def build(cls, tokens_cu, n_prefix, total, budgets):
+        batch = tokens_cu.numel() - 1
+        device = tokens_cu.device
+        lengths = (tokens_cu[1:] - tokens_cu[:-1]).long()
+        clip_of_row = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
+        seq_cu = tokens_cu + n_prefix * torch.arange(batch + 1, device=device, dtype=torch.int32)
+        starts = seq_cu[:-1].long()
+        return cls(
+            tokens_cu=tokens_cu,
+            seq_cu=seq_cu,
+            starts=starts,
+            prefix_rows=(starts[:, None] + torch.arange(n_prefix, device=device)).flatten(),
+            token_rows=torch.arange(total, device=device) + n_prefix * (clip_of_row + 1),
+            clip_of_row=clip_of_row,
+            lengths=lengths,
+            max_seqlen=n_prefix + int(budgets.max()),
+        )
+
+    def pack(self, prefix, tokens):
+        dim = prefix.shape[-1]
+        x = tokens.new_empty(self.prefix_rows.numel() + tokens.shape[0], dim)
+        x[self.prefix_rows] = prefix.reshape(-1, dim)
+        x[self.token_rows] = tokens
+        return x
+
+    def split(self, x):
+        selected = x[self.token_rows]
+        sums = selected.new_zeros(self.lengths.numel(), x.shape[1]).index_add_(0, self.clip_of_row, selected)
+        pooled = sums / self.lengths.clamp(min=1)[:, None].to(sums.dtype)
+        return x[self.starts], selected, pooled

@@ -1,0 +1,190 @@
+"""Video input: decode with decord, sample T frames, crop and resize, into the
+uint8 ``[T, S, S, 3]`` clips the models take.
+
+Sampling rule (:func:`sample_indices`): the video (or the requested time
+window) is split into T equal segments and the frame under the centre of each
+segment is taken, ``index_i = first + floor((i + 0.5) * n / T)``. A video with
+fewer than T frames therefore repeats frames, in order and as evenly as
+possible (each frame about T / n times), instead of padding with black.
+
+Geometry: the centred square of side ``min(H, W)`` is cut out and resized to
+``S x S`` (bilinear with antialiasing), which is a short-side resize to S
+followed by a centre crop, done in one step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import decord
+from decord._ffi.base import DECORDError
+
+decord.logging.set_level(decord.logging.QUIET)
+
+
+class VideoError(ValueError):
+    """A file that cannot be read as a video. The message starts with the path."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def sample_indices(n_frames: int, frames: int, first: int = 0) -> List[int]:
+    """Indices of ``frames`` frames sampled uniformly from ``n_frames``
+    frames starting at ``first`` (see the module docstring for the rule)."""
+    if n_frames < 1 or frames < 1:
+        raise ValueError(f"need at least one frame to sample from and to take, got {n_frames} and {frames}")
+    return [first + min(n_frames - 1, math.floor((i + 0.5) * n_frames / frames)) for i in range(frames)]
+
+
+def _open(path) -> "decord.VideoReader":
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoError(path, "no such file")
+    if os.path.isdir(path):
+        raise VideoError(path, "is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(path, "the file is empty")
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    except (DECORDError, RuntimeError):
+        # decord's message is an internal check failure; the cause is the file.
+        raise VideoError(path, "not a readable video (unknown format, or the file is truncated or corrupt)") from None
+    if len(reader) == 0:
+        raise VideoError(path, "the video has no frames")
+    return reader
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """decord's C++ logger ignores its log level for open errors and FFmpeg
+    prints its own complaints: both write to file descriptor 2, which is
+    pointed at /dev/null while decord runs (the reason reaches the caller in
+    the :class:`VideoError`)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _frame_window(reader, path, start: Optional[float], end: Optional[float]) -> Tuple[int, int]:
+    """``[first, stop)`` frame range of the time window (seconds; frame i is
+    at ``i / fps``)."""
+    n = len(reader)
+    if start is None and end is None:
+        return 0, n
+    fps = reader.get_avg_fps()
+    if not fps or fps <= 0:
+        raise VideoError(path, "the video reports no frame rate, so a time window cannot be mapped to frames")
+    lo = 0 if start is None else max(0, math.ceil(start * fps - 1e-6))
+    hi = n if end is None else min(n, math.ceil(end * fps - 1e-6))
+    if hi <= lo:
+        raise VideoError(
+            path, f"the window [{start}, {end}) s holds no frames (the video has {n} frames at {fps:.3g} fps)"
+        )
+    return lo, hi
+
+
+def _decode(reader, path, indices: Sequence[int]) -> np.ndarray:
+    try:
+        return reader.get_batch(list(indices)).asnumpy()
+    except DECORDError:
+        pass
+    # decord2 returns frames of some widths (32, 48, 96, 144 px, ...) with the
+    # decoder's padded row stride, which breaks get_batch; per frame, the
+    # padding can be cut off each row.
+    frames = []
+    for index in indices:
+        try:
+            frame = reader[index].asnumpy()
+        except DECORDError:
+            raise VideoError(path, f"cannot decode frame {index} (the file is truncated or corrupt)") from None
+        if frame.shape[-1] != 3:
+            height, width = frame.shape[:2]
+            frame = frame.reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def resize_square(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> centre square resized to uint8 ``[T, size, size, 3]``."""
+    _, height, width, _ = frames.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = frames[:, top: top + side, left: left + side]
+    if side == size:
+        return square.contiguous()
+    x = square.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def read_clip(
+    path,
+    frames: int = 16,
+    size: int = 224,
+    *,
+    start: Optional[float] = None,
+    end: Optional[float] = None,
+) -> torch.Tensor:
+    """One clip, uint8 ``[frames, size, size, 3]``, sampled over the whole
+    video or over the window ``[start, end)`` in seconds. Raises
+    :class:`VideoError` (naming the file) when it cannot be read."""
+    with _native_stderr_silenced():
+        reader = _open(path)
+        first, stop = _frame_window(reader, path, start, end)
+        pixels = _decode(reader, path, sample_indices(stop - first, frames, first))
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or 0 in pixels.shape:
+        raise VideoError(path, f"decoded frames have an unexpected shape {list(pixels.shape)}")
+    return resize_square(torch.from_numpy(pixels), size)
+
+
+@dataclass
+class ClipBatch:
+    """The clips of the files that could be read, stacked ``[B, T, S, S, 3]``
+    (``None`` when none could), their paths in input order, and the
+    ``(path, message)`` of every file that could not."""
+
+    clips: Optional[torch.Tensor]
+    paths: List[str] = field(default_factory=list)
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def read_clips(paths: Sequence, frames: int = 16, size: int = 224, **window) -> ClipBatch:
+    """Read many files; a bad file is recorded in ``failures`` and the rest
+    are still read."""
+    clips, good, failures = [], [], []
+    for path in paths:
+        try:
+            clips.append(read_clip(path, frames, size, **window))
+            good.append(os.fspath(path))
+        except VideoError as error:
+            failures.append((error.path, str(error)))
+    return ClipBatch(torch.stack(clips) if clips else None, good, failures)
+
+
+def iter_clip_batches(
+    paths: Sequence, batch_size: int, frames: int = 16, size: int = 224, **window
+) -> Iterator[ClipBatch]:
+    """:func:`read_clips` over consecutive groups of ``batch_size`` files."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, len(paths), batch_size):
+        yield read_clips(paths[start: start + batch_size], frames, size, **window)

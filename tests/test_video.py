@@ -1,0 +1,164 @@
+"""Video input: exact frame sampling, geometry and bad files.
+
+Every test video is made here with PyAV. Each frame carries its index in its
+pixels: the top half is gray level ``16 * (i // 16) + 8`` and the bottom half
+``16 * (i % 16) + 8`` (flat areas survive lossy coding within a few levels),
+so the decoded clip says which frames were sampled.
+"""
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from lookwhen.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
+
+CODECS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
+
+
+def make_video(path, n_frames, width, height, codec="h264", fps=10):
+    """Write a video whose frame ``i`` encodes ``i`` (see the module docstring)."""
+    encoder, _ = CODECS[codec]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "h264":
+            stream.options = {"crf": "1", "preset": "ultrafast"}
+        else:
+            stream.options = {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        for i in range(n_frames):
+            image = np.empty((height, width, 3), np.uint8)
+            image[: height // 2] = 16 * (i // 16) + 8
+            image[height // 2:] = 16 * (i % 16) + 8
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def decode_indices(clip: torch.Tensor) -> list:
+    """Frame indices encoded in a clip ``[T, S, S, 3]``: the mean level of the
+    top and bottom quarters (away from the seam)."""
+    quarter = clip.shape[1] // 4
+    top = clip[:, :quarter].double().mean(dim=(1, 2, 3))
+    bottom = clip[:, -quarter:].double().mean(dim=(1, 2, 3))
+    return (16 * torch.round((top - 8) / 16) + torch.round((bottom - 8) / 16)).long().tolist()
+
+
+@pytest.mark.parametrize(
+    "codec, n_frames, width, height",
+    [
+        ("h264", 40, 96, 54),   # a width decord2 returns with padded rows
+        ("h264", 23, 70, 130),  # portrait
+        ("vp9", 37, 99, 71),    # odd width and height
+        ("vp9", 3, 45, 33),     # very short, odd sizes
+    ],
+)
+def test_sampling_returns_the_frames_asked_for(tmp_path, codec, n_frames, width, height):
+    path = make_video(tmp_path / f"v{CODECS[codec][1]}", n_frames, width, height, codec)
+    frames = 8
+    clip = read_clip(path, frames, 32)
+    assert clip.dtype == torch.uint8 and clip.shape == (frames, 32, 32, 3)
+    assert decode_indices(clip) == sample_indices(n_frames, frames)
+
+
+def test_sample_indices_rule():
+    # Centre of each of T equal segments.
+    assert sample_indices(100, 4) == [12, 37, 62, 87]
+    assert sample_indices(16, 16) == list(range(16))
+    # Shorter than T: every frame appears, in order, as evenly as possible.
+    short = sample_indices(3, 8)
+    assert short == sorted(short) and set(short) == {0, 1, 2}
+    counts = [short.count(i) for i in range(3)]
+    assert max(counts) - min(counts) <= 1
+    assert sample_indices(1, 5) == [0] * 5
+    assert sample_indices(10, 2, first=30) == [32, 37]
+    with pytest.raises(ValueError):
+        sample_indices(0, 4)
+
+
+def test_time_window(tmp_path):
+    path = make_video(tmp_path / "w.mp4", 50, 64, 48, fps=10)
+    clip = read_clip(path, 4, 32, start=1.0, end=3.0)  # frames 10 .. 29
+    assert decode_indices(clip) == sample_indices(20, 4, first=10)
+    clip = read_clip(path, 5, 32, start=4.0)  # frames 40 .. 49
+    assert decode_indices(clip) == sample_indices(10, 5, first=40)
+    with pytest.raises(VideoError, match="holds no frames"):
+        read_clip(path, 4, 32, start=7.0, end=9.0)
+
+
+def test_geometry_short_side_resize_and_centre_crop():
+    frames = torch.zeros(2, 60, 100, 3, dtype=torch.uint8)
+    frames[:, :, 20:80] = 200  # the centred 60 x 60 square
+    out = resize_square(frames, 30)
+    assert out.shape == (2, 30, 30, 3) and bool((out == 200).all())
+    # A frame already of the target size is cut, not resampled.
+    same = torch.randint(0, 256, (1, 32, 40, 3), dtype=torch.uint8)
+    assert torch.equal(resize_square(same, 32), same[:, :, 4:36])
+
+
+def _bad_files(tmp_path):
+    good = make_video(tmp_path / "good.mp4", 20, 64, 48)
+    data = open(good, "rb").read()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 20)
+    return {
+        "missing": (str(tmp_path / "missing.mp4"), "no such file"),
+        "empty": (str(empty), "empty"),
+        "truncated": (str(truncated), "truncated"),
+        "text": (str(text), "not a readable video"),
+        "directory": (str(tmp_path), "directory"),
+    }
+
+
+def test_bad_files_raise_errors_naming_the_file(tmp_path):
+    for path, reason in _bad_files(tmp_path).values():
+        with pytest.raises(VideoError, match=reason) as info:
+            read_clip(path, 4, 32)
+        assert str(info.value).startswith(path) and info.value.path == path
+        assert isinstance(info.value, ValueError)
+
+
+def test_truncated_stream_fails_on_decode(tmp_path):
+    """An MP4 with its index first (faststart) opens when cut, then fails
+    when a missing frame is decoded."""
+    path = tmp_path / "faststart.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(VideoError, match="truncated") as info:
+        read_clip(path, 8, 32)
+    assert str(path) in str(info.value)
+
+
+def test_batch_reports_bad_files_and_keeps_the_rest(tmp_path):
+    bad = _bad_files(tmp_path)
+    good = [make_video(tmp_path / f"g{i}.webm", 5 + i, 40, 30, "vp9") for i in range(3)]
+    paths = [good[0], bad["missing"][0], good[1], bad["text"][0], bad["truncated"][0], good[2]]
+    batch = read_clips(paths, 4, 32)
+    assert batch.paths == good
+    assert [p for p, _ in batch.failures] == [bad["missing"][0], bad["text"][0], bad["truncated"][0]]
+    assert all(message.startswith(p) for p, message in batch.failures)
+    assert batch.clips.shape == (3, 4, 32, 32, 3)
+    for clip, n in zip(batch.clips, (5, 6, 7)):
+        assert decode_indices(clip) == sample_indices(n, 4)
+    # Grouped, nothing is lost either.
+    groups = list(iter_clip_batches(paths, 4, 4, 32))
+    assert [len(g.paths) + len(g.failures) for g in groups] == [4, 2]
+    assert sum((g.paths for g in groups), []) == good
+    assert read_clips([bad["empty"][0]], 4, 32).clips is None
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter_clip_batches(paths, 0))
