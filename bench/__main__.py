@@ -1,0 +1,159 @@
+"""``python -m bench <subcommand>`` (installed as ``lookwhen-bench``).
+
+Subcommands: ``e2e`` (LookWhen against the dense baseline), ``ops`` (every
+fused op against the eager composition it replaces), ``roofline`` (floor
+times on named GPUs), ``inspect`` (static sm_90/sm_80 compile report). Each
+prints an aligned table and can write ``--json``, ``--csv`` and ``--plot``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from bench import BenchError
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage and exits; we want one line through ``main``."""
+
+    def error(self, message):
+        raise BenchError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--json", metavar="FILE", help="write every number, the device, versions and git commit")
+    parser.add_argument("--csv", metavar="FILE",
+                        help="long-format rows: kernel, provider, mode, metric, x, median, q20, q80, device, version")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a plot (png, pdf or svg)")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every model, e.g. --set frames=4 depth=2")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter timings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench import compile_report, e2e, ops, roofline
+
+    parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
+                     "aligned table and can write --json, --csv and --plot files.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect}")
+    for name, module, help_text in (
+        ("e2e", e2e, "LookWhen vs the dense baseline: clips/s, speedup, FLOPs ratio, efficiency, time split"),
+        ("ops", ops, "each fused op vs the eager PyTorch composition it replaces"),
+        ("roofline", roofline, "floor time of each op and both models on named GPUs"),
+        ("inspect", compile_report, "static compile report: registers, spills, shared memory, tensor cores"),
+    ):
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _common(command)
+        if name != "inspect":
+            _model_args(command)
+        module.add_arguments(command)
+        command.set_defaults(module=module)
+    return parser
+
+
+def _check_output(option: str, path: Optional[str]) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BenchError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BenchError(f"{option} {path}: folder {folder} is not writable")
+    if option == "--plot" and os.path.splitext(path)[1].lower() not in PLOT_FORMATS:
+        raise BenchError(f"--plot {path}: expected a file ending in {', '.join(PLOT_FORMATS)}")
+
+
+def _device(args):
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available")
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for option in ("json", "csv", "plot"):
+        _check_output(f"--{option}", getattr(args, option))
+    import torch
+
+    from bench import report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args)
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and args.command != "inspect" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise BenchError("unset TRITON_INTERPRET: under Triton's interpreter the timings mean nothing")
+    result = args.module.run(args, device)
+    print(result.table)
+    env = report.environment(device)
+    command = ["python -m bench", *(sys.argv[1:] if argv is None else argv)]
+    if args.json:
+        report.write_json(args.json, result, env, command)
+    if args.csv:
+        report.write_csv(args.csv, result, env)
+    if args.plot:
+        report.write_plot(args.plot, result, env)
+    return result.exit_code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return run(argv)
+    except BenchError as exc:
+        message = str(exc)
+        print(message if message.startswith("python -m bench") else f"python -m bench: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("python -m bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""``python -m bench ops``: every fused op against the eager PyTorch
+composition it replaces, at the shapes the models run it with.
+
+The op itself (on a GPU the Triton kernel, on a CPU without the interpreter
+its PyTorch reference path, as the model runs it) is the baseline of each
+case's speedups: ``other time / op time``. Differentiable ops are also timed backward-only and
+forward+backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lookwhen_kernels as lk
+from bench import BenchError, attention
+from bench.configs import DTYPES, parse_overrides, parse_shapes
+from bench.report import Record, Result, format_table
+from bench.timing import Stats, noise, peak_memory, rotating, sample
+from lookwhen.config import ModelConfig
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOAT_BYTES = 2  # the roofline assumes fp16/bf16 tensors on the GPU
+
+
+@dataclass
+class Case:
+    """One op at one shape. ``make_inputs(device, dtype)`` builds a fresh input
+    tuple; ``providers(device, dtype)`` maps each provider's name to
+    ``fn(*inputs) -> Tensor`` (which alternatives exist can depend on the
+    device), ``fused`` names the op itself; ``grad_inputs`` are the input
+    positions that receive gradients (empty: forward only). ``bytes_moved``:
+    the least memory traffic of the forward at 2-byte floats (every input read
+    once, every output written once)."""
+
+    kernel: str
+    label: str
+    make_inputs: Callable[[torch.device, torch.dtype], tuple]
+    providers: Callable[[torch.device, torch.dtype], Dict[str, Callable[..., torch.Tensor]]]
+    grad_inputs: Tuple[int, ...] = ()
+    bytes_moved: int = 0
+    fused: str = "fused"
+
+    @property
+    def modes(self) -> Tuple[str, ...]:
+        return MODES if self.grad_inputs else MODES[:1]
+
+
+def _fixed(providers: Dict[str, Callable[..., torch.Tensor]]):
+    """Providers that are the same on every device."""
+    return lambda device, dtype: providers
+
+
+def _params(device, dtype, *shapes, scale=0.02):
+    return tuple((torch.randn(s, device=device, dtype=torch.float32) * scale).to(dtype) for s in shapes)
+
+
+# score_tokens ----------------------------------------------------------------
+
+def _eager_score(x, norm_weight, norm_bias, w1, b1, w2, b2):
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps=1e-6)
+    return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2).squeeze(-1).float()
+
+
+def score_case(cfg: ModelConfig, batch: int) -> Case:
+    n, dim, hidden = cfg.n_selector_tokens, cfg.selector_width, cfg.score_hidden
+
+    def make(device, dtype):
+        x = torch.randn(batch, n, dim, device=device, dtype=dtype)
+        ones = torch.ones(dim, device=device, dtype=dtype)
+        return (x, ones, torch.zeros_like(ones), *_params(device, dtype, (hidden, dim), (hidden,), (1, hidden), (1,)))
+
+    traffic = batch * n * (dim * FLOAT_BYTES + 4) + (2 * dim + hidden * dim + 2 * hidden + 1) * FLOAT_BYTES
+    return Case("score_tokens", f"B{batch} n{n} D{dim} hidden{hidden}", make,
+                _fixed({"fused": lambda *a: lk.score_tokens(*a), "layernorm+linear+gelu+linear": _eager_score}),
+                grad_inputs=tuple(range(7)), bytes_moved=traffic)
+
+
+# topk_tokens -----------------------------------------------------------------
+
+def topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
+    grid, out_grid = cfg.selector_grid, cfg.grid
+    n, n_out = cfg.n_selector_tokens, cfg.n_tokens
+    k = keep_ratio_to_k(keep_ratio, n_out)
+
+    def eager(scores):
+        frames, h, w = grid
+        fine = F.interpolate(scores.view(batch, frames, h, w), size=out_grid[1:], mode="bilinear", align_corners=False)
+        return fine.reshape(batch, n_out).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
+
+    return Case("topk_tokens", f"B{batch} n{n}->{n_out} K{k}",
+                lambda device, dtype: (torch.randn(batch, n, device=device),),
+                _fixed({"fused": lambda s: lk.topk_tokens(s, k, grid=grid, out_grid=out_grid),
+                        "interpolate+topk+sort": eager}),
+                bytes_moved=batch * (n + k) * 4)
+
+
+# gather_patch_embed ----------------------------------------------------------
+
+def _eager_patch_embed(clip, indices, weight, bias, pos_embed, *, patch, mean, std, downsample):
+    """Normalise the whole clip in float, cut every patch, keep the selected
+    ones, project: what a model without the fused op does."""
+    batch, frames = clip.shape[:2]
+    x = clip.permute(0, 1, 4, 2, 3).to(weight.dtype).div(255)
+    x = (x - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    if downsample > 1:
+        x = F.avg_pool2d(x.flatten(0, 1), downsample).unflatten(0, (batch, frames))
+    patches = x.unfold(3, patch, patch).unfold(4, patch, patch)  # [B, T, 3, Hp, Wp, p, p]
+    patches = patches.permute(0, 1, 3, 4, 2, 5, 6).reshape(batch, -1, 3 * patch * patch)
+    if indices is None:
+        rows, pos = patches.flatten(0, 1), pos_embed.repeat(batch, 1)
+    else:
+        ids = indices.long()
+        rows = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1])).flatten(0, 1)
+        pos = pos_embed[ids.flatten()]
+    return F.linear(rows, weight.reshape(weight.shape[0], -1), bias) + pos
+
+
+def patch_embed_case(cfg: ModelConfig, batch: int, keep_ratio=None, *, selector: bool = False) -> Case:
+    """The selector's embedding of every coarse token (``selector=True``), the
+    extractor's of the selected tokens (``keep_ratio``), or the dense model's
+    of every token (``keep_ratio=None``)."""
+    frames, size, patch = cfg.frames, cfg.image_size, cfg.patch_size
+    downsample = cfg.selector_downsample if selector else 1
+    dim = cfg.selector_width if selector else cfg.width
+    n = cfg.n_selector_tokens if selector else cfg.n_tokens
+    k = keep_ratio_to_k(keep_ratio, n) if keep_ratio is not None else None
+    mean, std = cfg.mean, cfg.std
+
+    def make(device, dtype):
+        clip = torch.randint(0, 256, (batch, frames, size, size, 3), dtype=torch.uint8, device=device)
+        if k is None:
+            indices = None
+        else:
+            indices = torch.rand(batch, n, device=device).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int32)
+        return (clip, indices, *_params(device, dtype, (dim, 3, patch, patch), (dim,), (n, dim)))
+
+    def fused(clip, indices, weight, bias, pos):
+        return lk.gather_patch_embed(clip, indices, weight, bias, pos, patch_size=patch, mean=mean, std=std,
+                                     downsample=downsample)
+
+    def eager(clip, indices, weight, bias, pos):
+        stats = [torch.tensor(v, device=clip.device, dtype=weight.dtype) for v in (mean, std)]
+        return _eager_patch_embed(clip, indices, weight, bias, pos, patch=patch, mean=stats[0], std=stats[1],
+                                  downsample=downsample)
+
+    rows = batch * (n if k is None else k)
+    traffic = (rows * 3 * (downsample * patch) ** 2 + (dim * 3 * patch * patch + dim) * FLOAT_BYTES
+               + rows * dim * 2 * FLOAT_BYTES)  # pixels, weights, positional rows in, tokens out
+    what = "all" if k is None else f"K{k}"
+    label = f"B{batch} T{frames} {size}px p{patch}{f' /{downsample}' if downsample > 1 else ''} {what} D{dim}"
+    return Case("gather_patch_embed", label, make, _fixed({"fused": fused, "unfold+normalise+index+linear": eager}),
+                grad_inputs=(2, 3, 4), bytes_moved=traffic)
+
+
+# gather_tokens ---------------------------------------------------------------
+
+def gather_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
+    n, dim = cfg.n_tokens, cfg.width
+    k = keep_ratio_to_k(keep_ratio, n)
+
+    def make(device, dtype):
+        x = torch.randn(batch, n, dim, device=device, dtype=dtype)
+        return x, torch.rand(batch, n, device=device).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int32)
+
+    def eager(x, indices):
+        return torch.gather(x, 1, indices.long()[..., None].expand(-1, -1, dim)).reshape(-1, dim)
+
+    return Case("gather_tokens", f"B{batch} N{n} K{k} D{dim}", make,
+                _fixed({"fused": lambda x, i: lk.gather_tokens(x, i), "torch.gather": eager}),
+                grad_inputs=(0,), bytes_moved=batch * k * (2 * dim * FLOAT_BYTES + 4))
+
+
+# nn_uniqueness ---------------------------------------------------------------
+
+def _eager_uniqueness(x):
+    d = torch.cdist(x.float(), x.float())
+    d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    return d.amin(dim=2)
+
+
+def uniqueness_case(cfg: ModelConfig, batch: int) -> Case:
+    # A training target over the extractor's candidate tokens of a clip.
+    n, dim = cfg.n_tokens, cfg.width
+    return Case("nn_uniqueness", f"B{batch} N{n} D{dim}",
+                lambda device, dtype: (torch.randn(batch, n, dim, device=device, dtype=dtype),),
+                _fixed({"fused": lambda x: lk.nn_uniqueness(x), "cdist+min": _eager_uniqueness}),
+                bytes_moved=batch * n * (dim * FLOAT_BYTES + 4))
+
+
+# frame_normalize -------------------------------------------------------------
+
+def _eager_frame_normalize(x):
+    return (x - x.mean(dim=2, keepdim=True)) * torch.rsqrt(x.var(dim=2, unbiased=False, keepdim=True) + 1e-6)
+
+
+def frame_normalize_case(cfg: ModelConfig, batch: int) -> Case:
+    # Teacher features: one frame's tokens of the extractor's grid.
+    frames, h, w = cfg.grid
+    dim = cfg.width
+    return Case("frame_normalize", f"B{batch} T{frames} n{h * w} D{dim}",
+                lambda device, dtype: (torch.randn(batch, frames, h * w, dim, device=device, dtype=dtype),),
+                _fixed({"fused": lambda x: lk.frame_normalize(x), "mean+var+normalise": _eager_frame_normalize}),
+                grad_inputs=(0,), bytes_moved=2 * batch * frames * h * w * dim * FLOAT_BYTES)
+
+
+# varlen_attention ------------------------------------------------------------
+
+def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str) -> Case:
+    """Self-attention over packed sequences of ``lengths`` against its
+    alternatives (padded SDPA, an SDPA loop, and xformers and flash-attn where
+    importable): the providers of :mod:`bench.attention`."""
+
+    def make(device, dtype):
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        return attention.make_inputs(lengths, heads, heads, head_dim, device=device, dtype=dtype, seed=seed)
+
+    def bind(device, dtype):
+        return attention.build_providers(lengths, heads, heads, device=device, dtype=dtype)
+
+    if len(set(lengths)) == 1:
+        shown = f"L{lengths[0]} x{len(lengths)}"
+    elif len(lengths) <= 4:
+        shown = "L" + ",".join(map(str, lengths))
+    else:
+        shown = f"{len(lengths)} seqs L{min(lengths)}..{max(lengths)} total {sum(lengths)}"
+    return Case("varlen_attention", f"{what} {shown} H{heads} Dh{head_dim}", make, bind, grad_inputs=(0, 1, 2),
+                bytes_moved=4 * sum(lengths) * heads * head_dim * FLOAT_BYTES, fused="varlen_attention")
+
+
+def attention_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
+    """The attention shapes of a model: the dense model's full sequences; the
+    LookWhen extractor's selected tokens plus context, its selector's coarse
+    tokens, and clips with different budgets (the varlen case proper)."""
+    head_dim = cfg.width // cfg.heads
+    if cfg.kind == "dense":
+        return [_attention_case([1 + cfg.n_tokens] * batch, cfg.heads, head_dim, "dense")]
+    k = keep_ratio_to_k(keep_ratio, cfg.n_tokens)
+    budgets = [cfg.n_context + keep_ratio_to_k(r, cfg.n_tokens) for r in (0.05, 0.1, 0.2, 0.3)] * batch
+    return [
+        _attention_case([cfg.n_context + k] * batch, cfg.heads, head_dim, "extractor"),
+        _attention_case([1 + cfg.registers + cfg.n_selector_tokens] * batch, cfg.selector_heads,
+                        cfg.selector_width // cfg.selector_heads, "selector"),
+        _attention_case(budgets, cfg.heads, head_dim, "budgets"),
+    ]
+
+
+# The sweep -------------------------------------------------------------------
+
+def cases_for(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
+    """The ops a model runs, at its shapes (plus the training-only ones for
+    LookWhen)."""
+    if cfg.kind == "dense":
+        return [patch_embed_case(cfg, batch), *attention_cases(cfg, batch, keep_ratio)]
+    return [
+        patch_embed_case(cfg, batch, selector=True),
+        score_case(cfg, batch),
+        topk_case(cfg, batch, keep_ratio),
+        patch_embed_case(cfg, batch, keep_ratio),
+        *attention_cases(cfg, batch, keep_ratio),
+        gather_case(cfg, batch, keep_ratio),
+        uniqueness_case(cfg, batch),
+        frame_normalize_case(cfg, batch),
+    ]
+
+
+@dataclass
+class Timed:
+    """One provider in one mode of one case, timed twice (two sample lists)."""
+
+    model: str
+    case: Case
+    provider: str
+    mode: str
+    samples: List[List[float]] = field(default_factory=list)
+    peak_bytes: int = 0
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype: torch.dtype, rotate: int):
+    """A zero-argument callable running one call, cycling over ``rotate``
+    input sets so no call finds its data already in cache."""
+    fn = case.providers(device, dtype)[provider]
+    sets = [case.make_inputs(device, dtype) for _ in range(rotate)]
+    if mode == "fwd":
+        def forward(inputs):
+            with torch.no_grad():
+                fn(*inputs)
+        return rotating(forward, [(inputs,) for inputs in sets])
+    sets = [tuple(t.detach().requires_grad_() if j in case.grad_inputs else t for j, t in enumerate(inputs))
+            for inputs in sets]
+    leaves = [[inputs[j] for j in case.grad_inputs] for inputs in sets]
+    if mode == "bwd":
+        # The graph is recorded once per input set, outside the timed region.
+        outs = [_first_tensor(fn(*inputs)) for inputs in sets]
+
+        def backward(out, grad, params):
+            for leaf in params:
+                leaf.grad = None
+            out.backward(grad, retain_graph=True)
+        return rotating(backward, [(out, torch.randn_like(out), ls) for out, ls in zip(outs, leaves)])
+    grads = [torch.randn_like(_first_tensor(fn(*inputs))) for inputs in sets]
+
+    def forward_backward(inputs, grad, params):
+        for leaf in params:
+            leaf.grad = None
+        _first_tensor(fn(*inputs)).backward(grad)
+    return rotating(forward_backward, list(zip(sets, grads, leaves)))
+
+
+def add_arguments(parser) -> None:
+    from bench.__main__ import keep_ratio, positive_float, positive_int
+
+    parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
+                        help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA)")
+    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, help="keep ratios (default: each config's)")
+    parser.add_argument("--kernels", nargs="+", default=[], metavar="WORD", help="only kernels containing a word")
+    parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="L",
+                        help="also time varlen_attention over sequences of these lengths "
+                             "(heads and head dim of the first --shapes model)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--min-run-time", type=positive_float, help="seconds per timing (default: 0.3, --quick 0.05)")
+    parser.add_argument("--rotate", type=positive_int, default=3, help="input sets cycled through (default: 3)")
+
+
+def _time_all(timed: List[Timed], device, dtype, *, min_run_time: float, rotate: int, progress) -> None:
+    """Two passes over everything: the second pass repeats the first at a
+    later time, so their difference is the noise band of each number."""
+    for _ in range(2):
+        for t in timed:
+            step = make_step(t.case, t.provider, t.mode, device, dtype, rotate)
+            expected = Stats.from_samples(t.samples[0]).median if t.samples else None
+            t.samples.append(sample(step, device, min_run_time=min_run_time, expected=expected))
+            if len(t.samples) == 1:
+                t.peak_bytes = peak_memory(step, device)
+            progress.update()
+
+
+def run(args, device: torch.device) -> Result:
+    dtype = DTYPES[args.dtype]
+    configs = parse_shapes(args.shapes, parse_overrides(args.set))
+    batches = args.batch or ([1, 8, 32] if device.type == "cuda" else [1])
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
+    cases = [(cfg.name, case) for cfg in configs for batch in batches
+             for ratio in (args.keep_ratio or [cfg.keep_ratio]) for case in cases_for(cfg, batch, ratio)]
+    if args.lengths:
+        cfg = configs[0]
+        cases.append((cfg.name, _attention_case(args.lengths, cfg.heads, cfg.width // cfg.heads, "--lengths")))
+    cases = [(m, c) for m, c in cases if not args.kernels or any(word in c.kernel for word in args.kernels)]
+    # A LookWhen case that does not depend on the keep ratio is run once.
+    unique = {}
+    for model, case in cases:
+        unique.setdefault((model, case.kernel, case.label), (model, case))
+    cases = list(unique.values())
+    if not cases:
+        raise BenchError("ops: no kernel matched --kernels " + " ".join(args.kernels))
+    timed = [Timed(model, case, provider, mode) for model, case in cases for mode in case.modes
+             if mode in args.modes for provider in case.providers(device, dtype)]
+    if not timed:
+        raise BenchError(f"ops: the chosen kernels have none of the modes {' '.join(args.modes)} (index ops are forward only)")
+    with tqdm(total=2 * len(timed), desc="ops", unit="timing", leave=False) as progress:
+        _time_all(timed, device, dtype, min_run_time=min_run_time, rotate=args.rotate, progress=progress)
+    return _result(timed)
+
+
+def _result(timed: List[Timed]) -> Result:
+    fused = {(id(t.case), t.mode): Stats.from_samples(t.samples[0] + t.samples[1])
+             for t in timed if t.provider == t.case.fused}
+    rows, payload, records = [], [], []
+    for t in timed:
+        stats = Stats.from_samples(t.samples[0] + t.samples[1])
+        band = noise(Stats.from_samples(t.samples[0]), Stats.from_samples(t.samples[1]))
+        ref = fused[(id(t.case), t.mode)]
+        speedup = None if t.provider == t.case.fused else stats.median / ref.median
+        x = f"{t.model} {t.case.label}"
+        rows.append((t.case.kernel, x, t.mode, t.provider, f"{stats.median * 1e3:.3f}",
+                     f"{stats.q20 * 1e3:.3f}-{stats.q80 * 1e3:.3f}", f"{band * 100:.1f}%",
+                     f"{t.peak_bytes / 2**20:.1f}", "-" if speedup is None else f"{speedup:.2f}x"))
+        payload.append({"kernel": t.case.kernel, "model": t.model, "shape": t.case.label,
+                        "mode": t.mode, "provider": t.provider, **stats.as_dict(), "noise": band,
+                        "peak_bytes": t.peak_bytes, "fused_speedup": speedup})
+        records.append(Record(t.case.kernel, t.provider, t.mode, "time_s", x, stats.median, stats.q20, stats.q80))
+        records.append(Record(t.case.kernel, t.provider, t.mode, "peak_bytes", x, t.peak_bytes))
+        records.append(Record(t.case.kernel, t.provider, t.mode, "noise", x, band))
+        if speedup is not None:
+            records.append(Record(t.case.kernel, t.provider, t.mode, "fused_speedup", x, speedup))
+    table = format_table(
+        ("kernel", "shape", "mode", "provider", "median ms", "q20-q80 ms", "noise", "peak MiB", "fused speedup"), rows,
+        title="Fused op vs the eager composition it replaces (speedup = provider time / fused time)")
+    return Result("ops", table, payload, records, plot=lambda fig: _plot(fig, payload))
+
+
+def _plot(figure, payload) -> None:
+    bars = [(f"{p['kernel']} [{p['mode']}] vs {p['provider']}\n{p['model']} {p['shape']}", p["fused_speedup"])
+            for p in payload if p["fused_speedup"] is not None]
+    ax = figure.add_subplot()
+    labels = [b[0] for b in bars]
+    values = [b[1] for b in bars]
+    ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_yticks(range(len(bars)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup of the fused op (other time / fused time)")
+    figure.set_size_inches(9, max(3.0, 0.32 * len(bars) + 1.5))

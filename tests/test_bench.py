@@ -1,0 +1,186 @@
+"""The benchmark CLI end to end: every subcommand runs for real (in a
+subprocess, without Triton's interpreter, so the ops take their CPU paths) at
+tiny shapes and writes its table, JSON, CSV and plot; bad arguments give one
+line on stderr and a non-zero exit. No timing is asserted."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import torch
+
+from bench.__main__ import main
+from bench.ops import cases_for
+from bench.report import CSV_FIELDS
+from bench.roofline import GPUS, find_gpu, floor_seconds
+from lookwhen.config import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "selector_heads=2",
+        "selector_depth=1", "score_hidden=32"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_with_outputs(tmp_path, *args):
+    paths = {ext: str(tmp_path / f"out.{ext}") for ext in ("json", "csv", "png")}
+    proc = run_cli(*args, "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    with open(paths["json"]) as handle:
+        document = json.load(handle)
+    with open(paths["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(paths["png"], "rb") as handle:
+        assert handle.read(8) == PNG_MAGIC
+    assert os.path.getsize(paths["png"]) > 5000  # a drawn figure, not an empty canvas
+    for key in ("device", "versions", "git_commit", "date", "command"):
+        assert key in document
+    assert document["device"].startswith("cpu")
+    assert rows and set(rows[0]) == set(CSV_FIELDS)
+    assert all(r["device"] == document["device"] for r in rows)
+    return proc.stdout, document, rows
+
+
+def test_e2e_cli(tmp_path):
+    stdout, document, rows = run_with_outputs(
+        tmp_path, "e2e", "--quick", "--keep-ratio", "0.1", "0.5", "--min-run-time", "0.01", "--set", *TINY)
+    assert "speedup" in stdout and "efficiency" in stdout
+    entries = document["e2e"]
+    assert [e["keep_ratio"] for e in entries] == [0.1, 0.5]
+    for e in entries:
+        for key in ("speedup", "flops_ratio", "efficiency", "selection_fraction", "lookwhen_clips_per_s",
+                    "baseline_clips_per_s"):
+            assert math.isfinite(e[key]) and e[key] > 0, key
+        assert e["speedup"] == pytest.approx(e["lookwhen_clips_per_s"] / e["baseline_clips_per_s"])
+        assert e["efficiency"] == pytest.approx(e["speedup"] / e["flops_ratio"])
+        assert e["flops_ratio"] == pytest.approx(e["baseline_gflops_per_clip"] / e["lookwhen_gflops_per_clip"])
+        split = e["selection_fraction"] + e["selector_fraction"] + e["extractor_fraction"]
+        assert 0 < split <= 1.0 + 1e-9
+    # Keeping more tokens costs more FLOPs.
+    assert entries[0]["lookwhen_gflops_per_clip"] < entries[1]["lookwhen_gflops_per_clip"]
+    metrics = {(r["metric"], r["x"]) for r in rows}
+    assert ("efficiency", "0.1") in metrics and ("clips_per_s", "0.5") in metrics
+
+
+def test_ops_cli(tmp_path):
+    stdout, document, rows = run_with_outputs(
+        tmp_path, "ops", "--quick", "--shapes", "lookwhen-b16", "--min-run-time", "0.001", "--rotate", "1",
+        "--set", *TINY)
+    entries = document["ops"]
+    kernels = {e["kernel"] for e in entries}
+    assert {"score_tokens", "topk_tokens", "gather_patch_embed", "gather_tokens", "varlen_attention",
+            "nn_uniqueness", "frame_normalize"} <= kernels
+    for e in entries:
+        assert e["q20_s"] <= e["median_s"] <= e["q80_s"]
+        assert e["peak_bytes"] >= 0
+        assert (e["fused_speedup"] is None) == (e["provider"] in ("fused", "varlen_attention"))
+    modes = {(e["kernel"], e["mode"]) for e in entries}
+    assert {("varlen_attention", m) for m in ("fwd", "bwd", "fwd+bwd")} <= modes
+    assert ("topk_tokens", "fwd") in modes and ("topk_tokens", "bwd") not in modes
+    assert {e["model"] for e in entries} == {"lookwhen-b16"}
+    assert {r["metric"] for r in rows} >= {"time_s", "peak_bytes", "noise", "fused_speedup"}
+    assert "fused speedup" in stdout
+
+
+def test_roofline_cli(tmp_path):
+    stdout, document, rows = run_with_outputs(tmp_path, "roofline", "--gpu", "H100", "L40S", "--set", *TINY)
+    assert "Sources:" in stdout and "datasheet" in stdout
+    gpus = {g["key"]: g for g in document["gpus"]}
+    assert set(gpus) == {"H100-SXM", "L40S"}
+    items = {e["item"] for e in document["roofline"]}
+    assert {"lookwhen-b16", "internvideo2-b14", "varlen_attention", "gather_patch_embed"} <= items
+    for e in document["roofline"]:
+        gpu = gpus[e["gpu"]]
+        assert e["floor_s"] == pytest.approx(max(e["flops"] / gpu["tensor_flops"], e["bytes"] / gpu["bandwidth"]))
+        assert e["measured_s"] is None  # no GPU here: predictions only
+    models = {e["item"]: e for e in document["roofline"] if e["gpu"] == "H100-SXM" and e["item"].endswith(("b16", "b14"))}
+    assert models["internvideo2-b14"]["flops"] > models["lookwhen-b16"]["flops"] > 0
+    assert {r["metric"] for r in rows} == {"floor_s"}
+
+
+def test_inspect_cli(tmp_path):
+    stdout, document, rows = run_with_outputs(tmp_path, "inspect", "--only", "frame_normalize_fwd[fp32]")
+    assert [(r["kernel"], r["arch"]) for r in document["inspect"]] == [
+        ("frame_normalize_fwd[fp32]", "sm_90"), ("frame_normalize_fwd[fp32]", "sm_80")]
+    assert all(r["ok"] and r["registers"] > 0 for r in document["inspect"])
+    assert "kernel builds ok" in stdout
+    assert {r["metric"] for r in rows} >= {"registers", "spill_bytes", "shared_bytes"}
+
+
+def _tiny_cases():
+    overrides = dict(item.split("=") for item in TINY)
+    overrides = {k: int(v) for k, v in overrides.items()}
+    return [case for name in ("lookwhen-b16", "internvideo2-b14")
+            for case in cases_for(get_config(name, **overrides), batch=2, keep_ratio=0.1)]
+
+
+def test_alternatives_compute_what_the_op_computes(monkeypatch):
+    # The ops' CPU path (no interpreter) is the reference: every eager
+    # composition the bench times against must give the op's result.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    for case in _tiny_cases():
+        inputs = case.make_inputs(cpu, torch.float32)
+        providers = case.providers(cpu, torch.float32)
+        expected = providers[case.fused](*inputs)
+        assert len(providers) >= 2, case.kernel
+        for name, fn in providers.items():
+            torch.testing.assert_close(fn(*inputs), expected, rtol=1e-4, atol=1e-4, msg=f"{case.kernel} {name}")
+
+
+def test_gpu_table_and_floor():
+    assert find_gpu("h100").key == "H100-SXM"
+    assert find_gpu("A100 80GB").key == "A100-80GB"
+    assert all(g.source and "datasheet" in g.source for g in GPUS.values())
+    h100 = GPUS["H100-SXM"]
+    assert floor_seconds(h100.tensor_flops, 0, h100) == (1.0, "compute")
+    assert floor_seconds(0, h100.bandwidth * 2, h100) == (2.0, "memory")
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["e2e", "--keep-ratio", "0"], "keep ratio"),
+    (["e2e", "--keep-ratio", "half"], "keep ratio"),
+    (["e2e", "--batch", "-2"], "positive integer"),
+    (["ops", "--modes", "sideways"], "invalid choice"),
+    (["e2e", "--set", "depth"], "KEY=VALUE"),
+    (["e2e", "--set", "colour=3"], "not a config field"),
+    (["e2e", "--set", "depth=two"], "expected an integer"),
+    (["e2e", "--set", "width=100"], "not divisible"),
+    (["e2e", "--lookwhen", "internvideo2-b14"], "not a LookWhen preset"),
+    (["ops", "--shapes", "resnet-50"], "unknown preset"),
+    (["ops", "--kernels", "no_such_op"], "no kernel matched"),
+    (["roofline", "--gpu", "X100"], "unknown GPU"),
+    (["e2e", "--json", "/no/such/folder/out.json"], "does not exist"),
+    (["e2e", "--plot", "out.txt"], "png"),
+])
+def test_bad_arguments_one_line(argv, words, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_argument_real_process():
+    proc = run_cli("e2e", "--keep-ratio", "1.5")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "keep ratio" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_refuses_interpreter(capsys):
+    # The test suite runs with TRITON_INTERPRET=1: timings would be meaningless.
+    assert main(["ops", "--quick"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
