@@ -399,6 +399,8 @@ def _result(timed: List[Timed]) -> Result:
 
 
 def _plot(figure, payload) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     bars = [(f"{p['kernel']} [{p['mode']}] vs {p['provider']}\n{p['model']} {p['shape']}", p["fused_speedup"])
             for p in payload if p["fused_speedup"] is not None]
     ax = figure.add_subplot()
@@ -409,5 +411,8 @@ def _plot(figure, payload) -> None:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("speedup of the fused op (other time / fused time)")
     figure.set_size_inches(9, max(3.0, 0.32 * len(bars) + 1.5))
