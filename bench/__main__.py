@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from bench import BenchError
+from lookwhen.cli import positive_int_arg as positive_int
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
@@ -24,16 +25,6 @@ class _Parser(argparse.ArgumentParser):
         raise BenchError(f"{self.prog}: {message}")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -41,16 +32,6 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def keep_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}")
     return value
 
 

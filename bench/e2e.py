@@ -29,7 +29,8 @@ STAGES = ("selector", "selection", "extractor")
 
 
 def add_arguments(parser) -> None:
-    from bench.__main__ import keep_ratio, positive_float, positive_int
+    from bench.__main__ import positive_float
+    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, default=[0.05, 0.1, 0.2, 0.3],
                         help="keep ratios to sweep (default: 0.05 0.1 0.2 0.3)")

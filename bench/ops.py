@@ -316,7 +316,8 @@ def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype:
 
 
 def add_arguments(parser) -> None:
-    from bench.__main__ import keep_ratio, positive_float, positive_int
+    from bench.__main__ import positive_float
+    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
                         help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")

@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _keep_ratio(text: str) -> float:
+def keep_ratio_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -47,7 +47,7 @@ def _keep_ratio(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -272,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
         group.add_argument("--preset", default=DEFAULT_PRESET, choices=presets, help="model preset (random weights)")
         group.add_argument("--checkpoint", help="a safetensors checkpoint saved by lookwhen.checkpoint")
-        p.add_argument("--keep-ratio", type=_keep_ratio, default=None,
+        p.add_argument("--keep-ratio", type=keep_ratio_arg, default=None,
                        help="fraction of tokens the extractor keeps (default: the model's)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
     embed = sub.add_parser("embed", help="write video embeddings (.npy, or .safetensors with the selection)")
     embed.add_argument("videos", nargs="+", metavar="VIDEO")
     model_options(embed)
-    embed.add_argument("--batch-size", type=_positive_int, default=4)
+    embed.add_argument("--batch-size", type=positive_int_arg, default=4)
     embed.add_argument("--out", required=True, help="FILE.npy (embeddings) or FILE.safetensors (+ indices, scores)")
     embed.set_defaults(func=cmd_embed)
 
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameters, tokens and GFLOPs per clip, against the dense baseline")
     info.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS))
-    info.add_argument("--keep-ratio", type=_keep_ratio, default=None)
+    info.add_argument("--keep-ratio", type=keep_ratio_arg, default=None)
     info.set_defaults(func=cmd_info)
     return parser
 

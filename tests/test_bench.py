@@ -150,9 +150,9 @@ def test_gpu_table_and_floor():
 @pytest.mark.parametrize("argv, words", [
     ([], "required"),
     (["frobnicate"], "invalid choice"),
-    (["e2e", "--keep-ratio", "0"], "keep ratio"),
-    (["e2e", "--keep-ratio", "half"], "keep ratio"),
-    (["e2e", "--batch", "-2"], "positive integer"),
+    (["e2e", "--keep-ratio", "0"], "--keep-ratio: must lie in (0, 1]"),
+    (["e2e", "--keep-ratio", "half"], "--keep-ratio: not a number"),
+    (["e2e", "--batch", "-2"], "--batch: must be at least 1"),
     (["ops", "--modes", "sideways"], "invalid choice"),
     (["e2e", "--set", "depth"], "KEY=VALUE"),
     (["e2e", "--set", "colour=3"], "not a config field"),
@@ -176,7 +176,7 @@ def test_bad_arguments_one_line(argv, words, capsys, monkeypatch):
 def test_bad_argument_real_process():
     proc = run_cli("e2e", "--keep-ratio", "1.5")
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "keep ratio" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--keep-ratio: must lie in (0, 1]" in proc.stderr
     assert proc.stdout == ""
 
 
