@@ -14,10 +14,14 @@ import torch
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x [B, T, n, D]``: standardise each channel over the frame's n tokens
     (population variance), computed in at least float32."""
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    work = x.to(_work_dtype(x.dtype))
     mean = work.mean(dim=2, keepdim=True)
     var = work.var(dim=2, unbiased=False, keepdim=True)
     return ((work - mean) * torch.rsqrt(var + eps)).to(x.dtype)
@@ -26,7 +30,7 @@ def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Closed-form gradient of :func:`frame_normalize` with respect to ``x``:
     ``rstd * (g - mean(g) - xhat * mean(g * xhat))``, means over the frame."""
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    work = x.to(_work_dtype(x.dtype))
     g = grad.to(work.dtype)
     mean = work.mean(dim=2, keepdim=True)
     rstd = torch.rsqrt(work.var(dim=2, unbiased=False, keepdim=True) + eps)
@@ -82,10 +86,6 @@ def gather_patches(clip, indices, *, patch_size, mean, std, cu_seqlens=None, dow
     std = torch.as_tensor(std, dtype=dtype, device=clip.device).reshape(3, 1, 1)
     # One multiply-add per value instead of three passes.
     return torch.addcmul(-mean / std, x, 1 / (255 * downsample**2 * std)).reshape(x.shape[0], -1)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def gather_patch_embed(

@@ -4,8 +4,9 @@ features (the DINOv3 image-teacher target).
 One program owns one frame and a block of channels. It streams the frame's
 tokens once to get mean and M2 (chunk statistics merged with Chan's parallel
 formula: exact, no E[x^2] - E[x]^2 cancellation) and once more to write, so a
-frame of any length runs with a fixed register budget. The backward kernel has
-the same shape: one pass for the two reductions it needs, one to write dx.
+frame of any length runs with a fixed register budget. The backward kernel
+recomputes the same statistics, then makes one pass for the two reductions it
+needs and one to write dx.
 """
 from __future__ import annotations
 
@@ -28,17 +29,10 @@ BLOCK_D = 64
 
 
 @triton.jit
-def _frame_normalize_fwd(
-    x_ptr, out_ptr, mean_ptr, rstd_ptr,
-    n_tokens, channels, eps,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    frame = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < channels
-    base = frame.to(tl.int64) * n_tokens * channels
-    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+def _frame_stats(x_ptr, base, cols, col_ok, n_tokens, channels, eps, BLOCK_N: tl.constexpr):
+    """Mean and 1/sqrt(var + eps) of one frame's block of channels."""
+    mean = tl.zeros(cols.shape, dtype=tl.float32)
+    m2 = tl.zeros(cols.shape, dtype=tl.float32)
     for start in range(0, n_tokens, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < n_tokens) & col_ok[None, :]
@@ -52,9 +46,20 @@ def _frame_normalize_fwd(
         delta = chunk_mean - mean
         mean = mean + delta * (count / total)
         m2 = m2 + chunk_m2 + delta * delta * (seen * count / total)
-    rstd = 1.0 / tl.sqrt(m2 / n_tokens + eps)
-    tl.store(mean_ptr + frame * channels + cols, mean, mask=col_ok)
-    tl.store(rstd_ptr + frame * channels + cols, rstd, mask=col_ok)
+    return mean, 1.0 / tl.sqrt(m2 / n_tokens + eps)
+
+
+@triton.jit
+def _frame_normalize_fwd(
+    x_ptr, out_ptr,
+    n_tokens, channels, eps,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    frame = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < channels
+    base = frame.to(tl.int64) * n_tokens * channels
+    mean, rstd = _frame_stats(x_ptr, base, cols, col_ok, n_tokens, channels, eps, BLOCK_N)
     for start in range(0, n_tokens, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < n_tokens) & col_ok[None, :]
@@ -66,17 +71,18 @@ def _frame_normalize_fwd(
 
 @triton.jit
 def _frame_normalize_bwd(
-    x_ptr, grad_ptr, mean_ptr, rstd_ptr, dx_ptr,
-    n_tokens, channels,
+    x_ptr, grad_ptr, dx_ptr,
+    n_tokens, channels, eps,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), means over the frame.
+    # The statistics are recomputed (one more read of a cache-resident frame)
+    # rather than saved, so the forward writes nothing but its output.
     frame = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < channels
     base = frame.to(tl.int64) * n_tokens * channels
-    mean = tl.load(mean_ptr + frame * channels + cols, mask=col_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + frame * channels + cols, mask=col_ok, other=0.0)
+    mean, rstd = _frame_stats(x_ptr, base, cols, col_ok, n_tokens, channels, eps, BLOCK_N)
     sum_g = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, n_tokens, BLOCK_N):
@@ -108,32 +114,24 @@ def _grid(x: torch.Tensor):
 def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
         return reference.frame_normalize(x, eps)
-    out, _, _ = _frame_normalize_with_stats(x, eps)
-    return out
-
-
-def _frame_normalize_with_stats(x: torch.Tensor, eps: float):
-    batch, frames, n_tokens, channels = x.shape
     out = torch.empty_like(x)
-    mean = torch.empty((batch, frames, channels), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
     if x.numel():
+        _, _, n_tokens, channels = x.shape
         wrap_triton(_frame_normalize_fwd)[_grid(x)](
-            x, out, mean, rstd, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+            x, out, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
         )
-    return out, mean, rstd
+    return out
 
 
 @triton_op("lookwhen::frame_normalize_backward", mutates_args=())
 def _frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
         return reference.frame_normalize_backward(grad, x, eps)
-    _, mean, rstd = _frame_normalize_with_stats(x, eps)
     dx = torch.empty_like(x)
     if x.numel():
         _, _, n_tokens, channels = x.shape
         wrap_triton(_frame_normalize_bwd)[_grid(x)](
-            x, grad.contiguous(), mean, rstd, dx, n_tokens, channels, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+            x, grad.contiguous(), dx, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
         )
     return dx
 
@@ -169,20 +167,16 @@ def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def compile_specs():
     specs = []
+    blocks = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D}
+    scalars = {"n_tokens": "i32", "channels": "i32", "eps": "fp32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
     for dtype in FLOAT_DTYPES:
         ty = TRITON_DTYPE[dtype]
-        common = {"n_tokens": "i32", "channels": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
-        blocks = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D}
         specs.append(CompileSpec(
             f"frame_normalize_fwd[{ty}]", _frame_normalize_fwd,
-            {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-             **common, "eps": "fp32"} | {k: "constexpr" for k in blocks},
-            blocks,
+            {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", **scalars}, blocks,
         ))
         specs.append(CompileSpec(
             f"frame_normalize_bwd[{ty}]", _frame_normalize_bwd,
-            {"x_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-             "dx_ptr": f"*{ty}", **common},
-            blocks,
+            {"x_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "dx_ptr": f"*{ty}", **scalars}, blocks,
         ))
     return specs
