@@ -12,20 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (bf16 and real-kernel timing)")
-    config.addinivalue_line("markers", "slow: long-running, still part of the default suite")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random inputs every run, but a printed seed reproduces a failure."""
