@@ -45,6 +45,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="write a plot (png, pdf or svg)")
 
 
+def _timing_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--malloc", choices=("retain", "system"), default="retain",
+                        help="CPU: retain (default) keeps freed memory in the process (glibc mallopt), as jemalloc "
+                             "or tcmalloc would, instead of page-faulting large temporaries back in on every call; "
+                             "system keeps the C library's defaults")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                         help="default: fp32 on CPU, bf16 on CUDA")
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(command)
         if name != "inspect":
             _model_args(command)
+            _timing_args(command)
         module.add_arguments(command)
         command.set_defaults(module=module)
     return parser
@@ -111,9 +119,17 @@ def run(argv: Optional[List[str]] = None) -> int:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cpu" and args.command != "inspect" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise BenchError("unset TRITON_INTERPRET: under Triton's interpreter the timings mean nothing")
+    malloc = None
+    if device.type == "cpu" and args.command != "inspect":
+        from bench.timing import retain_freed_memory
+
+        malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
+        args.malloc = malloc
     result = args.module.run(args, device)
     print(result.table)
     env = report.environment(device)
+    if malloc:
+        env["malloc"] = malloc
     command = ["python -m bench", *(sys.argv[1:] if argv is None else argv)]
     if args.json:
         report.write_json(args.json, result, env, command)

@@ -23,6 +23,7 @@ from bench import BenchError
 from bench.configs import DTYPES, autocast, parse_overrides, resolve
 from bench.report import Record, Result, format_table
 from bench.timing import StageTimer, Stats, rotating, sample, synchronize
+from lookwhen.cpu_inference import onednn_available, prepack_linears
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
@@ -43,6 +44,9 @@ def add_arguments(parser) -> None:
                         help="times every model is measured, interleaved (default: 4, --quick 2); "
                              "the median pass counts, their spread is the noise band")
     parser.add_argument("--rotate", type=positive_int, default=3, help="input clips cycled through (default: 3)")
+    parser.add_argument("--cpu-linear", choices=("onednn", "aten"), default="onednn",
+                        help="linear layers of both models on CPU: oneDNN with prepacked weights "
+                             "(lookwhen.cpu_inference, the default where PyTorch has it) or plain ATen")
 
 
 @dataclass
@@ -86,6 +90,14 @@ def _stage_split(model, clip, keep, device) -> Dict[str, float]:
     return {name: timer.seconds.get(name, 0.0) / total for name in STAGES}
 
 
+def _linear_backend(args, device: torch.device) -> str:
+    """What runs the linear layers: ``onednn`` (prepacked, CPU float32),
+    ``aten`` (``--cpu-linear aten``, or where oneDNN does not apply)."""
+    if args.cpu_linear == "onednn" and device.type == "cpu" and args.dtype == "fp32" and onednn_available():
+        return "onednn"
+    return "aten"
+
+
 def run(args, device: torch.device) -> Result:
     overrides = parse_overrides(args.set)
     cfg_lw, cfg_base = resolve(args.lookwhen, overrides), resolve(args.baseline, overrides)
@@ -107,6 +119,12 @@ def run(args, device: torch.device) -> Result:
 
     lw = lookwhen.build_model(cfg_lw).to(device).eval()
     base = lookwhen.build_model(cfg_base).to(device).eval()
+    linear = _linear_backend(args, device)
+    if linear == "onednn":
+        # Both models alike: the comparison is between architectures, not
+        # between matrix-product libraries.
+        prepack_linears(lw)
+        prepack_linears(base)
     lw_clips, base_clips = clips(cfg_lw), clips(cfg_base)
     baseline = Timing(cfg_base.name, rotating(base, base_clips))
     ours = {r: Timing(f"{cfg_lw.name} keep {r:g}",
@@ -181,12 +199,13 @@ def run(args, device: torch.device) -> Result:
         records.append(Record(cfg_base.name, "dense", "inference", "clips_per_s", r, base_rate,
                               entry["baseline_clips_per_s_q20"], entry["baseline_clips_per_s_q80"]))
     records.append(Record(cfg_base.name, "dense", "inference", "gflops_per_clip", "", flops_base / 1e9))
+    cpu_setup = f", linear layers: {linear}, malloc: {args.malloc}" if device.type == "cpu" else ""
     title = (f"{cfg_lw.name} vs {cfg_base.name}: batch {batch}, {args.dtype}, {torch.get_num_threads()} threads, "
-             f"{device.type}; clips/s medians; efficiency = speedup / FLOPs ratio; time split of LookWhen")
+             f"{device.type}{cpu_setup}; clips/s medians; efficiency = speedup / FLOPs ratio; time split of LookWhen")
     table = format_table(
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",
          "FLOPs ratio", "efficiency", "selector", "selection", "extractor", "noise LW / dense"), rows, title=title)
-    extra = {"batch": batch, "dtype": args.dtype, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
+    extra = {"batch": batch, "dtype": args.dtype, "linear": linear, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
     return Result("e2e", table, payload, records, plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name),
                   extra=extra)
 

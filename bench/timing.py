@@ -9,6 +9,8 @@ previous run's data already in cache.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import os
@@ -85,6 +87,29 @@ def sample(step: Callable[[], object], device: torch.device, *, min_run_time: fl
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=max(min_run_time, min_samples * expected))
     return list(measurement.times)
+
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory in the process (as jemalloc
+    and tcmalloc do, and as ``torch.backends.xeon.run_cpu`` arranges by
+    preloading one of them). By default it hands large blocks back to the
+    OS on free, and the next forward page-faults them in again: on this
+    2-core VM that cost the dense baseline ~10 % and LookWhen ~20 % of their
+    CPU time, as a sparse model allocates more temporaries per FLOP. False
+    where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # Older glibc caps the mmap threshold at 32 MiB; larger blocks then
+    # still come from mmap.
+    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, limit) for limit in (1 << 30, 32 << 20))
+    return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and mmap_ok
 
 
 def noise(a: Stats, b: Stats) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.layers import Mlp, trunc_normal_
 
 import lookwhen_kernels as lk
@@ -76,7 +77,9 @@ class PatchEmbed(nn.Module):
 class SeparablePosEmbed(nn.Module):
     """Learned temporal ``[T, D]`` plus spatial ``[h*w, D]`` embeddings; the
     ``[T*h*w, D]`` table in token order (``n = t*h*w + i*w + j``) is built
-    per call so gradients reach both factors."""
+    per call while gradients flow to the factors, and kept between calls in
+    inference (building it is a full-size write per forward, several per cent
+    of a sparse model's CPU time)."""
 
     def __init__(self, frames: int, spatial: int, dim: int):
         super().__init__()
@@ -84,9 +87,41 @@ class SeparablePosEmbed(nn.Module):
         self.spatial = nn.Parameter(torch.zeros(spatial, dim))
         trunc_normal_(self.temporal, std=0.02)
         trunc_normal_(self.spatial, std=0.02)
+        self._table = None
+
+    def _build(self) -> torch.Tensor:
+        return (self.temporal[:, None, :] + self.spatial[None, :, :]).flatten(0, 1)
 
     def table(self) -> torch.Tensor:
-        return (self.temporal[:, None, :] + self.spatial[None, :, :]).flatten(0, 1)
+        if not untracked_eager(self.temporal, self.spatial):
+            return self._build()
+        key = tuple(tensor_state(p) for p in (self.temporal, self.spatial))
+        if self._table is None or self._table[0] != key:
+            # A normal tensor even under inference_mode, so that later
+            # autograd-recorded calls may use it.
+            with torch.inference_mode(False), torch.no_grad():
+                self._table = (key, self._build())
+        return self._table[1]
+
+    def _apply(self, fn, recurse=True):
+        self._table = None
+        return super()._apply(fn, recurse)
+
+
+def tensor_state(tensor: torch.Tensor):
+    """What identifies a tensor's current values for a cache: its storage,
+    its version counter (bumped by in-place writes; inference tensors have
+    none, and cannot be written outside inference mode) and its dtype."""
+    version = -1 if tensor.is_inference() else tensor._version
+    return (id(tensor), tensor.data_ptr(), version, tensor.dtype, tensor.device)
+
+
+def untracked_eager(*tensors: torch.Tensor) -> bool:
+    """True when autograd records nothing about ``tensors`` and the call runs
+    eagerly on real data (not under ``torch.compile``, a FLOP counter or fake
+    tensors): where a cached or differently computed value is safe to use."""
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not tracked and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
 def init_weights(module: nn.Module) -> None:

@@ -18,6 +18,7 @@ from bench.ops import cases_for
 from bench.report import CSV_FIELDS
 from bench.roofline import GPUS, find_gpu, floor_seconds
 from lookwhen.config import get_config
+from lookwhen.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "selector_heads=2",
@@ -70,6 +71,21 @@ def test_e2e_cli(tmp_path):
     assert entries[0]["lookwhen_gflops_per_clip"] < entries[1]["lookwhen_gflops_per_clip"]
     metrics = {(r["metric"], r["x"]) for r in rows}
     assert ("efficiency", "0.1") in metrics and ("clips_per_s", "0.5") in metrics
+    # Both models ran with the same CPU set-up, and the table says which.
+    assert document["linear"] == ("onednn" if onednn_available() else "aten")
+    assert document["malloc"] in ("retain", "system")
+    assert f"linear layers: {document['linear']}, malloc: {document['malloc']}" in stdout
+
+
+def test_e2e_plain_cpu_setup(tmp_path):
+    path = str(tmp_path / "out.json")
+    proc = run_cli("e2e", "--quick", "--keep-ratio", "0.5", "--min-run-time", "0.01", "--passes", "2",
+                   "--cpu-linear", "aten", "--malloc", "system", "--set", *TINY, "--json", path)
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as handle:
+        document = json.load(handle)
+    assert (document["linear"], document["malloc"]) == ("aten", "system")
+    assert "linear layers: aten, malloc: system" in proc.stdout
 
 
 def test_ops_cli(tmp_path):
@@ -164,6 +180,8 @@ def test_gpu_table_and_floor():
     (["roofline", "--gpu", "X100"], "unknown GPU"),
     (["e2e", "--json", "/no/such/folder/out.json"], "does not exist"),
     (["e2e", "--plot", "out.txt"], "png"),
+    (["e2e", "--cpu-linear", "mkl"], "invalid choice"),
+    (["ops", "--malloc", "jemalloc"], "invalid choice"),
 ])
 def test_bad_arguments_one_line(argv, words, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -452,6 +452,32 @@ def test_timm_mapping_resamples_position_grid_and_refuses_misfits():
         timm_state_dict(model.extractor)
 
 
+def test_position_table_is_kept_in_inference_and_rebuilt_for_training():
+    from lookwhen.layers import SeparablePosEmbed
+
+    pos = SeparablePosEmbed(3, 5, 4)
+    expected = lambda: (pos.temporal[:, None] + pos.spatial[None]).flatten(0, 1).detach()  # noqa: E731
+    with torch.inference_mode():
+        first = pos.table()
+        assert pos.table() is first and torch.equal(first, expected())
+    # Built under inference_mode, usable where autograd records (frozen factors).
+    assert not first.is_inference()
+    x = torch.randn(15, 4, requires_grad=True)
+    (x * pos.requires_grad_(False).table()).sum().backward()
+    torch.testing.assert_close(x.grad, expected())
+    pos.requires_grad_(True)
+    with torch.no_grad():
+        pos.temporal.add_(1.0)
+        assert torch.equal(pos.table(), expected())
+    trained = pos.table()
+    assert trained.grad_fn is not None
+    trained.sum().backward()
+    torch.testing.assert_close(pos.temporal.grad, torch.full_like(pos.temporal, 5.0))
+    pos.double()
+    with torch.no_grad():
+        assert pos.table().dtype == torch.float64 and torch.equal(pos.table(), expected())
+
+
 # Checkpoints ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["lookwhen-b16", "internvideo2-b14"])
 def test_checkpoint_round_trip(tmp_path, preset):
