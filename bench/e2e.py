@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, default=[0.05, 0.1, 0.2, 0.3],
                         help="keep ratios to sweep (default: 0.05 0.1 0.2 0.3)")
-    parser.add_argument("--batch", type=positive_int, help="clips per forward (default: 1 on CPU, 16 on CUDA)")
+    parser.add_argument("--batch", type=positive_int, help="clips per forward (default: 2 on CPU, 16 on CUDA)")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET", help="default: lookwhen-b16")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET", help="default: internvideo2-b14")
     parser.add_argument("--min-run-time", type=positive_float,
@@ -106,7 +106,11 @@ def run(args, device: torch.device) -> Result:
     if cfg_base.kind != "dense":
         raise BenchError(f"--baseline {args.baseline}: not a dense preset")
     dtype = DTYPES[args.dtype]
-    batch = args.batch or (16 if device.type == "cuda" else 1)
+    # Throughput is measured on batches, as in the paper. On CPU one clip per
+    # call leaves LookWhen's extractor with ~160-row matrix products that run
+    # 5-10 % below the baseline's 2049-row ones per FLOP; two clips per call
+    # (what packing varlen sequences is for) fit the 3-minute budget.
+    batch = args.batch or (16 if device.type == "cuda" else 2)
     min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
     passes = args.passes or (2 if args.quick else 4)
     ratios = list(dict.fromkeys(args.keep_ratio))
@@ -143,11 +147,12 @@ def run(args, device: torch.device) -> Result:
             for r in ratios:
                 splits[r].append(_stage_split(lw, lw_clips[i % len(lw_clips)][0], r, device))
         split = {r: {name: statistics.median(s[name] for s in splits[r]) for name in STAGES} for r in ratios}
-        flops_base = lookwhen.count_flops(base, base_clips[0][0]) / batch
+        # FLOPs per clip do not depend on the batch: count one clip.
+        flops_base = lookwhen.count_flops(base, base_clips[0][0][:1])
         progress.update()
         flops_lw = {}
         for r in ratios:
-            flops_lw[r] = lookwhen.count_flops(lw, lw_clips[0][0], keep_ratio=r) / batch
+            flops_lw[r] = lookwhen.count_flops(lw, lw_clips[0][0][:1], keep_ratio=r)
             progress.update()
 
     base_stats = baseline.stats

@@ -9,6 +9,7 @@ import torch
 
 from lookwhen.config import PRESETS, ModelConfig, get_config
 from lookwhen.baseline import DenseBaseline
+from lookwhen.cpu_inference import prepack_linears
 from lookwhen.flops import count_flops
 from lookwhen.model import LookWhen, LookWhenOutput
 
@@ -21,6 +22,7 @@ __all__ = [
     "LookWhenOutput",
     "DenseBaseline",
     "count_flops",
+    "prepack_linears",
 ]
 
 

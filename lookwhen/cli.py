@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lookwhen.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
+from lookwhen.cpu_inference import prepack_linears
 
 PROG = "lookwhen"
 EXIT_USAGE = 2
@@ -91,6 +92,9 @@ def _load_model(args, device: torch.device) -> torch.nn.Module:
         model = build_model(args.preset).to(device)
         print(f"{PROG}: no --checkpoint: {args.preset} weights are randomly initialised "
               f"(seed {model.config.seed})", file=sys.stderr)
+    if device.type == "cpu":
+        # Inference only: the linear layers may take oneDNN's prepacked path.
+        prepack_linears(model)
     return model.eval()
 
 
