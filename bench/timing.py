@@ -1,7 +1,8 @@
 """Timing, peak memory and per-stage timing.
 
 CPU: ``torch.utils.benchmark`` (its block-size estimate doubles as the
-warm-up, it runs with the process's thread count, not its default of one).
+warm-up, it runs with the process's thread count, not its default of one);
+calls of 50 ms and more (model forwards) are timed one by one.
 CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs).
 Every measured callable cycles through several inputs, so a run never sees the
 previous run's data already in cache.
@@ -13,6 +14,7 @@ import ctypes
 import ctypes.util
 import itertools
 import logging
+import math
 import os
 import statistics
 import sys
@@ -60,6 +62,10 @@ def rotating(fn: Callable, inputs: Sequence[tuple]) -> Callable[[], object]:
     return lambda: fn(*next(cycle))
 
 
+# Calls at least this long (model forwards) are timed one by one on CPU.
+LONG_CALL_S = 0.05
+
+
 def sample(step: Callable[[], object], device: torch.device, *, min_run_time: float, min_samples: int = 3,
            expected: Optional[float] = None) -> List[float]:
     """Seconds per call of ``step``, one entry per measured block.
@@ -82,6 +88,15 @@ def sample(step: Callable[[], object], device: torch.device, *, min_run_time: fl
         start = time.perf_counter()
         step()
         expected = time.perf_counter() - start
+    if expected >= LONG_CALL_S:
+        # blocked_autorange would spend one more call on its block-size
+        # estimate and then time blocks of one call anyway.
+        times = []
+        for _ in range(max(min_samples, math.ceil(min_run_time / expected))):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
     # blocked_autorange's block-size estimate runs the step once more: the
     # warm-up of this measurement.
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
