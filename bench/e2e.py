@@ -6,7 +6,10 @@ inference mode. For each keep ratio: clips/s of each, the measured speedup,
 the FLOPs of each (``torch.utils.flop_counter``) and their ratio, and
 efficiency = speedup / FLOPs ratio (the FLOPs ratio is what selection could
 give if its own work were free). A separate run with the model's stage timer
-splits LookWhen's time into selector, selection path and extractor.
+splits LookWhen's time into selector, selection path and extractor. On
+CPU both models get the same set-up: oneDNN linear layers with prepacked
+weights (``--cpu-linear``) and freed memory kept in the process
+(``--malloc``, applied by ``bench.__main__``).
 """
 from __future__ import annotations
 
@@ -212,7 +215,8 @@ def run(args, device: torch.device) -> Result:
     table = format_table(
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",
          "FLOPs ratio", "efficiency", "selector", "selection", "extractor", "noise LW / dense"), rows, title=title)
-    extra = {"batch": batch, "dtype": args.dtype, "linear": linear, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
+    extra = {"batch": batch, "dtype": args.dtype, "linear": linear,
+             "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
     return Result("e2e", table, payload, records, plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name),
                   extra=extra)
 
@@ -222,6 +226,8 @@ def _plot(figure, payload, lw_name: str, base_name: str) -> None:
 
     ratios = [p["keep_ratio"] for p in payload]
     ax = figure.add_subplot()
+    # The median of the pass medians can lie just outside the pooled samples'
+    # quantiles; such a bar is drawn with zero length.
     ax.errorbar(ratios, [p["lookwhen_clips_per_s"] for p in payload], marker="o", label=f"{lw_name} (bars: q20-q80)",
                 yerr=[[max(p["lookwhen_clips_per_s"] - p["lookwhen_clips_per_s_q20"], 0.0) for p in payload],
                       [max(p["lookwhen_clips_per_s_q80"] - p["lookwhen_clips_per_s"], 0.0) for p in payload]])
