@@ -15,14 +15,14 @@ import ctypes.util
 import itertools
 import logging
 import math
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from lookwhen.video import native_stderr_silenced
 
 
 @dataclass(frozen=True)
@@ -132,21 +132,6 @@ def noise(a: Stats, b: Stats) -> float:
     return abs(a.median - b.median) / max(min(a.median, b.median), 1e-12)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ backend logs its start and stop (and the missing
-    GPU) straight to file descriptor 2; keep that out of the bench's output."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated by one call beyond what was allocated before it.
 
@@ -163,7 +148,8 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The profiler's backend logs its start and stop (and the missing GPU) to fd 2.
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # An op's net self usage is its own allocations less the frees inside it
     # (its children's temporaries, say): allocations count from its start,

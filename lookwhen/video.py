@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -65,11 +66,12 @@ def _open(path) -> "decord.VideoReader":
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
-    """decord's C++ logger ignores its log level for open errors and FFmpeg
-    prints its own complaints: both write to file descriptor 2, which is
-    pointed at /dev/null while decord runs (the reason reaches the caller in
-    the :class:`VideoError`)."""
+def native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the duration: native
+    libraries that log there regardless of any setting (decord's C++ logger
+    on open errors, FFmpeg, the profiler's backend) stay quiet. Python's own
+    buffered stderr is flushed first so nothing of ours is lost."""
+    sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:
@@ -147,7 +149,8 @@ def read_clip(
     """One clip, uint8 ``[frames, size, size, 3]``, sampled over the whole
     video or over the window ``[start, end)`` in seconds. Raises
     :class:`VideoError` (naming the file) when it cannot be read."""
-    with _native_stderr_silenced():
+    # decord's reason reaches the caller in the VideoError.
+    with native_stderr_silenced():
         reader = _open(path)
         first, stop = _frame_window(reader, path, start, end)
         pixels = _decode(reader, path, sample_indices(stop - first, frames, first))
