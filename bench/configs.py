@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Dict, List, Sequence
 
 import torch
 
 from bench import BenchError
-from lookwhen.config import PRESETS, ModelConfig, get_config
+from lookwhen import config
+from lookwhen.config import ModelConfig, get_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -23,34 +23,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-_KIND = {bool: "true or false", int: "an integer", float: "a number", tuple: "numbers separated by /", str: "a string"}
-
-
-def _coerce(key: str, text: str, current):
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(current, tuple):
-            return tuple(float(v) for v in text.split("/"))
-        return type(current)(text)
-    except ValueError:
-        raise BenchError(f"{key}={text}: expected {_KIND[type(current)]}") from None
-
-
 def parse_overrides(items: Sequence[str]) -> Dict[str, object]:
     """``["depth=2", "frames=4"]`` -> typed config overrides."""
-    defaults = dataclasses.asdict(PRESETS["lookwhen-b16"])
-    out: Dict[str, object] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BenchError(f"{item!r}: expected KEY=VALUE")
-        if key not in defaults or key == "name":
-            raise BenchError(f"{key!r}: not a config field (choose from {', '.join(k for k in defaults if k != 'name')})")
-        out[key] = _coerce(key, value, defaults[key])
-    return out
+    try:
+        return config.parse_overrides(items)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def resolve(preset: str, overrides: Dict[str, object]) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""The ``lookwhen`` command: ``embed``, ``show`` and ``info``.
+"""The ``lookwhen`` command: ``embed``, ``show`` and ``info``; the training
+verbs ``pretrain`` and ``cache-targets`` live in :mod:`lookwhen.cli_train`.
 
 Every failure caused by the input (a bad argument, an unreadable video or
 checkpoint, an unwritable output) ends with one line on stderr and a non-zero
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS))
     info.add_argument("--keep-ratio", type=keep_ratio_arg, default=None)
     info.set_defaults(func=cmd_info)
+
+    from lookwhen import cli_train
+
+    cli_train.add_parsers(sub, positive_int_arg, keep_ratio_arg)
     return parser
 
 

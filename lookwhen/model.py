@@ -77,12 +77,8 @@ class LookWhen(nn.Module):
         batch = clip.shape[0]
         dtype = compute_dtype(self.extractor.cls_token)
 
+        scores, context = self._select_scores(clip, dtype, timer)
         with timer("selection"):
-            coarse = self.selector.embed(clip, dtype)
-        with timer("selector"):
-            features, context = self.selector.encode(coarse.view(batch, cfg.n_selector_tokens, -1))
-        with timer("selection"):
-            scores = self.selector.score(features)
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
             if budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
@@ -112,6 +108,21 @@ class LookWhen(nn.Module):
                 pooled=pooled,
                 logits=None if head is None else head(embedding),
             )
+
+    def _select_scores(self, clip, dtype, timer):
+        batch = clip.shape[0]
+        with timer("selection"):
+            coarse = self.selector.embed(clip, dtype)
+        with timer("selector"):
+            features, context = self.selector.encode(coarse.view(batch, self.config.n_selector_tokens, -1))
+        with timer("selection"):
+            return self.selector.score(features), context
+
+    def selector_scores(self, clip: torch.Tensor) -> torch.Tensor:
+        """The selector alone: float32 scores ``[B, n]`` on its coarse grid
+        (what selector pre-training needs, without running the extractor)."""
+        check_clip(clip, self.config)
+        return self._select_scores(clip, compute_dtype(self.selector.cls_token), _no_timer)[0]
 
 
 @dataclass

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,6 +138,24 @@ def resize_square(frames: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def _read(path, choose: Callable[["decord.VideoReader"], Sequence[int]]) -> torch.Tensor:
+    # decord's reason reaches the caller in the VideoError.
+    with native_stderr_silenced():
+        reader = _open(path)
+        pixels = _decode(reader, path, choose(reader))
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or 0 in pixels.shape:
+        raise VideoError(path, f"decoded frames have an unexpected shape {list(pixels.shape)}")
+    return torch.from_numpy(pixels)
+
+
+def decode_frames(path, choose_indices: Callable[[int], Sequence[int]]) -> torch.Tensor:
+    """Open ``path``, ask ``choose_indices(n_frames)`` which frames to take,
+    and decode them: uint8 ``[len(indices), H, W, 3]`` at the video's own
+    size. Raises :class:`VideoError` (naming the file) when it cannot be
+    read."""
+    return _read(path, lambda reader: choose_indices(len(reader)))
+
+
 def read_clip(
     path,
     frames: int = 16,
@@ -149,14 +167,12 @@ def read_clip(
     """One clip, uint8 ``[frames, size, size, 3]``, sampled over the whole
     video or over the window ``[start, end)`` in seconds. Raises
     :class:`VideoError` (naming the file) when it cannot be read."""
-    # decord's reason reaches the caller in the VideoError.
-    with native_stderr_silenced():
-        reader = _open(path)
+
+    def choose(reader):
         first, stop = _frame_window(reader, path, start, end)
-        pixels = _decode(reader, path, sample_indices(stop - first, frames, first))
-    if pixels.ndim != 4 or pixels.shape[-1] != 3 or 0 in pixels.shape:
-        raise VideoError(path, f"decoded frames have an unexpected shape {list(pixels.shape)}")
-    return resize_square(torch.from_numpy(pixels), size)
+        return sample_indices(stop - first, frames, first)
+
+    return resize_square(_read(path, choose), size)
 
 
 @dataclass

@@ -1,0 +1,228 @@
+"""``python -m bench train``: does pre-training learn, and what does a
+training step cost.
+
+1. **Learning.** Selector pre-training (uniqueness target, KL loss) on
+   synthetic clips with known moving objects (:mod:`lookwhen.synthetic`): the
+   selector's top-K recall of the objects' tokens on held-out clips, before
+   and after, against chance. The image teacher is a randomly initialised
+   timm ViT made in-process (nothing can be downloaded): on these clips a
+   background patch repeats exactly across frames whatever the weights, so
+   uniqueness singles out the objects all the same. Its targets are computed
+   once into a :class:`~lookwhen.teachers.TargetCache`, as a real run would.
+2. **Throughput.** Clips/s of one LookWhen pre-training step (forward with
+   per-clip budgets, every loss, backward, AdamW; teacher targets cached)
+   against a dense-baseline step (forward, a distillation MSE, backward,
+   AdamW), interleaved in one process, and the efficiency: speedup over the
+   ratio of the steps' FLOPs (``torch.utils.flop_counter``, forward and
+   backward).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+import lookwhen
+from bench import BenchError
+from bench.configs import parse_overrides, resolve
+from bench.report import Record, Result, format_table
+from bench.timing import Stats, sample
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+
+LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=32, depth=1, heads=2, selector_width=64,
+                      selector_depth=2, selector_heads=2, score_hidden=64, registers=2)
+LEARNING_CLIPS = dict(frames=8, size=96, object_size=16, n_objects=(1, 2))
+TEACHER = dict(name="vit_tiny_patch16_224", image_size=192, depth=4)
+
+
+def add_arguments(parser) -> None:
+    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
+
+    parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the learning run")
+    parser.add_argument("--train-clips", type=positive_int, default=256, help="synthetic training clips")
+    parser.add_argument("--val-clips", type=positive_int, default=64, help="held-out synthetic clips")
+    parser.add_argument("--keep-ratio", type=keep_ratio, default=0.1, help="budget of the timed LookWhen step")
+    parser.add_argument("--batch", type=positive_int, default=1, help="clips per timed training step")
+    parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET")
+    parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET")
+    parser.add_argument("--passes", type=positive_int, help="interleaved timing passes (default 3, --quick 2)")
+    parser.add_argument("--skip", choices=("learning", "throughput"), help="leave one part out")
+
+
+def _learning(args, device) -> Dict:
+    import timm
+    from safetensors.torch import save_file
+
+    from lookwhen.losses import LossWeights
+    from lookwhen.pretrain import PretrainTask
+    from lookwhen.synthetic import SyntheticDataset, selector_recall
+    from lookwhen.teachers import ImageTeacher, TeacherTargets, TargetCache, write_cache
+    from lookwhen.train import Trainer, TrainSettings
+
+    steps = args.steps or (60 if args.quick else 300)
+    model = lookwhen.build_model("lookwhen-b16", **LEARNING_MODEL).to(device)
+    train = SyntheticDataset(args.train_clips, seed=1, **LEARNING_CLIPS)
+    held_out = [SyntheticDataset(args.val_clips, seed=2, **LEARNING_CLIPS).sample(i) for i in range(args.val_clips)]
+    window = model.config.patch_size * model.config.selector_downsample
+    chance = statistics.mean(float(s.object_tokens(window).float().mean()) for s in held_out)
+    with tempfile.TemporaryDirectory() as folder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vit = timm.create_model(TEACHER["name"], pretrained=False, num_classes=0,
+                                    img_size=TEACHER["image_size"], depth=TEACHER["depth"])
+        weights = os.path.join(folder, "teacher.safetensors")
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, weights)
+        teacher = ImageTeacher(TEACHER["name"], weights, image_size=TEACHER["image_size"],
+                               depth=TEACHER["depth"]).to(device)
+        start = time.perf_counter()
+
+        def entries():
+            for index in range(len(train)):
+                patches, frames = teacher(train[index]["clip"][None].to(device), model.config.grid[1:])
+                yield index, 0, TeacherTargets(patches[0], frames[0])
+
+        fingerprint = {"synthetic": [args.train_clips, TEACHER["name"]]}
+        write_cache(os.path.join(folder, "cache"), entries(), fingerprint, 1)
+        cache_s = time.perf_counter() - start
+        before = selector_recall(model.eval(), held_out)
+        task = PretrainTask(model.train(), cache=TargetCache(os.path.join(folder, "cache"), fingerprint),
+                            train="selector", weights=LossWeights(selector=1.0))
+        settings = TrainSettings(out=os.path.join(folder, "run"), steps=steps, batch_size=16, lr=args.lr,
+                                 save_every=steps, device=str(device), progress=None)
+        start = time.perf_counter()
+        last = Trainer(task, train, settings, log=lambda line: None).fit()
+        train_s = time.perf_counter() - start
+    after = selector_recall(model.eval(), held_out)
+    return {"steps": steps, "batch": 16, "train_clips": args.train_clips, "val_clips": args.val_clips,
+            "recall_before": before, "recall_after": after, "chance": chance, "final_loss": last["loss"],
+            "cache_seconds": cache_s, "train_seconds": train_s}
+
+
+def _lookwhen_step(cfg, batch, keep, device):
+    from lookwhen.losses import LossWeights
+    from lookwhen.pretrain import PretrainModule, PretrainTask
+    from lookwhen.teachers import TeacherTargets
+    from lookwhen.train import make_optimizer, TrainSettings
+
+    model = lookwhen.build_model(cfg).to(device).train()
+    image_dim = video_dim = cfg.width
+    frames, h, w = cfg.grid
+    targets = TeacherTargets(torch.randn(batch, frames, h * w, image_dim, device=device),
+                             torch.randn(batch, frames, image_dim, device=device),
+                             torch.randn(batch, video_dim, device=device))
+
+    class _Fixed:  # cached targets, already on the device
+        def get(self, indices, views):
+            return targets
+
+        def first(self):
+            return targets
+
+    task = PretrainTask(model, cache=_Fixed(), weights=LossWeights())
+    module: PretrainModule = task.module.to(device)
+    optimizer = make_optimizer(module, TrainSettings(out="", steps=1))
+    budgets = torch.full((batch,), keep_ratio_to_k(keep, cfg.n_tokens), dtype=torch.int32)
+    clips = torch.randint(0, 256, (batch, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8,
+                          device=device)
+    batch_dict = {"clips": clips, "indices": torch.arange(batch), "views": torch.zeros(batch, dtype=torch.long)}
+
+    def step():
+        loss, _ = module(batch_dict, budgets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward():
+        module(batch_dict, budgets)[0].backward()
+
+    return step, forward_backward
+
+
+def _dense_step(cfg, batch, device):
+    from lookwhen.train import make_optimizer, TrainSettings
+
+    model = lookwhen.build_model(cfg).to(device).train()
+    head = torch.nn.Linear(cfg.width, cfg.width).to(device)
+    module = torch.nn.ModuleDict({"model": model, "head": head})
+    optimizer = make_optimizer(module, TrainSettings(out="", steps=1))
+    clips = torch.randint(0, 256, (batch, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8,
+                          device=device)
+    target = torch.randn(batch, cfg.width, device=device)
+
+    def forward_backward():
+        torch.nn.functional.mse_loss(head(model(clips)), target).backward()
+
+    def step():
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, forward_backward
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _throughput(args, device) -> Dict:
+    overrides = parse_overrides(args.set)
+    cfg_lw, cfg_base = resolve(args.lookwhen, overrides), resolve(args.baseline, overrides)
+    if cfg_lw.kind != "lookwhen" or cfg_base.kind != "dense":
+        raise BenchError("--lookwhen needs a LookWhen preset and --baseline a dense one")
+    passes = args.passes or (2 if args.quick else 3)
+    lw_step, lw_fb = _lookwhen_step(cfg_lw, args.batch, args.keep_ratio, device)
+    base_step, base_fb = _dense_step(cfg_base, args.batch, device)
+    flops = {"lookwhen": _flops(lw_fb), "dense": _flops(base_fb)}
+    seconds: Dict[str, List[float]] = {"lookwhen": [], "dense": []}
+    for name, step in (("lookwhen", lw_step), ("dense", base_step)):
+        step()  # warm-up: first-call allocations and optimiser state
+    for _ in range(passes):
+        for name, step in (("lookwhen", lw_step), ("dense", base_step)):
+            seconds[name].append(Stats.from_samples(sample(step, device, min_run_time=0.5, min_samples=1)).median)
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    speedup = median["dense"] / median["lookwhen"]
+    ratio = flops["dense"] / flops["lookwhen"]
+    return {"lookwhen": cfg_lw.name, "baseline": cfg_base.name, "keep_ratio": args.keep_ratio, "batch": args.batch,
+            "passes": passes, "clips_per_s": {k: args.batch / v for k, v in median.items()},
+            "pass_seconds": seconds, "train_gflops_per_clip": {k: v / 1e9 / args.batch for k, v in flops.items()},
+            "speedup": speedup, "flops_ratio": ratio, "efficiency": speedup / ratio}
+
+
+def run(args, device: torch.device) -> Result:
+    if args.dtype != "fp32" and device.type == "cpu":
+        raise BenchError("--dtype: training runs in fp32 on CPU (bf16 autocast is the GPU path)")
+    payload, records, tables = [], [], []
+    if args.skip != "learning":
+        learned = _learning(args, device)
+        payload.append({"part": "learning", **learned})
+        tables.append(format_table(
+            ("steps", "clips/step", "recall before", "recall after", "chance", "final loss", "train s"),
+            [(learned["steps"], learned["batch"], f"{learned['recall_before']:.3f}", f"{learned['recall_after']:.3f}",
+              f"{learned['chance']:.3f}", f"{learned['final_loss']:.4f}", f"{learned['train_seconds']:.0f}")],
+            title="selector pre-training on synthetic clips: top-K recall of the moving objects' tokens (held out)"))
+        records += [Record("train", "selector", "learning", m, learned["steps"], learned[m])
+                    for m in ("recall_before", "recall_after", "chance")]
+    if args.skip != "throughput":
+        timed = _throughput(args, device)
+        payload.append({"part": "throughput", **timed})
+        rate, gflops = timed["clips_per_s"], timed["train_gflops_per_clip"]
+        tables.append(format_table(
+            ("LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs", "FLOPs ratio",
+             "efficiency"),
+            [(f"{rate['lookwhen']:.3f}", f"{rate['dense']:.3f}", f"{timed['speedup']:.2f}x",
+              f"{gflops['lookwhen']:.1f}", f"{gflops['dense']:.1f}", f"{timed['flops_ratio']:.2f}x",
+              f"{timed['efficiency']:.2f}")],
+            title=f"training step (forward + backward + AdamW), {timed['lookwhen']} at keep ratio "
+                  f"{timed['keep_ratio']} vs {timed['baseline']}, batch {timed['batch']}, median of "
+                  f"{timed['passes']} interleaved passes"))
+        records += [Record("train", k, "step", "clips_per_s", timed["keep_ratio"], v) for k, v in rate.items()]
+    return Result("train", "\n\n".join(tables), payload, records)

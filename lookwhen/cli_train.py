@@ -1,0 +1,224 @@
+"""The training verbs of the ``lookwhen`` command: ``pretrain`` and
+``cache-targets``. Under ``torchrun`` every rank runs the same command; the
+engine (:mod:`lookwhen.train`) splits the work."""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from lookwhen.config import DEFAULT_PRESET, PRESETS, parse_overrides
+
+
+class _Usage(ValueError):
+    pass
+
+
+def _key_values(items) -> Dict[str, object]:
+    """``KEY=VALUE`` items with Python literals as values (``depth=4``,
+    ``dynamic_img_size=True``); anything else stays a string."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _Usage(f"{item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _device(name: str) -> torch.device:
+    from lookwhen.cli import _device as checked
+
+    device = checked(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _model(args):
+    from lookwhen import build_model
+    from lookwhen.checkpoint import load_checkpoint
+
+    if args.init:
+        if args.set:
+            raise _Usage("--set: the model comes from --init; its config cannot be changed")
+        return load_checkpoint(args.init)
+    try:
+        return build_model(args.preset, **parse_overrides(args.set))
+    except ValueError as error:
+        raise _Usage(f"--set: {error}") from None
+
+
+def _dataset(args, config, views: Optional[int] = None):
+    from lookwhen.data import Sampling, VideoDataset
+
+    sampling = Sampling(frames=config.frames, size=config.image_size, stride=args.stride)
+    return VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed, views=views)
+
+
+def _teachers(args, device):
+    from lookwhen.teachers import ImageTeacher, Teachers, VideoTeacher
+
+    if not args.image_teacher or not args.image_teacher_weights:
+        raise _Usage("--image-teacher and --image-teacher-weights are needed (or --targets with cached targets)")
+    image = ImageTeacher(args.image_teacher, args.image_teacher_weights, image_size=args.image_teacher_size,
+                         **_key_values(args.image_teacher_arg))
+    video = VideoTeacher.from_checkpoint(args.video_teacher) if args.video_teacher else None
+    return Teachers(image, video).to(device)
+
+
+def _teacher_names(args):
+    return [args.image_teacher, os.path.abspath(args.image_teacher_weights), args.image_teacher_size,
+            sorted(_key_values(args.image_teacher_arg).items()),
+            os.path.abspath(args.video_teacher) if args.video_teacher else None]
+
+
+def cmd_pretrain(args) -> int:
+    from lookwhen.losses import LossWeights
+    from lookwhen.pretrain import PretrainTask
+    from lookwhen.teachers import TargetCache
+    from lookwhen.train import Trainer, TrainSettings
+
+    device = _device(args.device)
+    model = _model(args)
+    config = model.config
+    if config.kind != "lookwhen":
+        raise _Usage(f"{config.name} is a dense model; pretrain trains LookWhen models")
+    weights = LossWeights(**{**_key_values(args.loss_weight), "temperature": args.temperature})
+    settings = TrainSettings(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
+        save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
+        resume=args.resume, plot=args.plot)
+    dataset = _dataset(args, config)
+    if args.targets:
+        cache = TargetCache.for_dataset(args.targets, dataset, config.grid)
+        dataset.views = cache.views
+        task = PretrainTask(model, cache=cache, weights=weights, keep_range=tuple(args.keep_range), train=args.train)
+    else:
+        task = PretrainTask(model, teachers=_teachers(args, device), weights=weights,
+                            keep_range=tuple(args.keep_range), train=args.train)
+    os.makedirs(args.out, exist_ok=True)
+    last = Trainer(task, dataset, settings).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = os.path.join(args.out, "model.safetensors")
+        print(f"trained {config.name} for {settings.steps} steps (final loss {last.get('loss', float('nan')):.4g}); "
+              f"model in {final}, log in {os.path.join(args.out, 'log.jsonl')}")
+    return 0
+
+
+def cmd_cache_targets(args) -> int:
+    from tqdm import tqdm
+
+    from lookwhen.data import SkipReport
+    from lookwhen.teachers import TeacherTargets, cache_fingerprint, cached_keys, write_cache
+    from lookwhen.video import VideoError
+
+    device = _device(args.device)
+    config = _model(args).config
+    dataset = _dataset(args, config, args.views)
+    teachers = _teachers(args, device)
+    fingerprint = cache_fingerprint(dataset, config.grid, _teacher_names(args))
+    done = cached_keys(args.out, fingerprint)
+    todo = [(i, v) for v in range(args.views) for i in range(len(dataset)) if f"{i}/{v}" not in done]
+    skips = SkipReport(lambda line: tqdm.write(line, file=sys.stderr))
+    bar = tqdm(total=len(todo), unit="clip", file=sys.stderr, disable=None)
+
+    def entries():
+        for start in range(0, len(todo), args.batch_size):
+            chunk, clips = [], []
+            for index, view in todo[start: start + args.batch_size]:
+                try:
+                    clips.append(dataset.clip(index, view))
+                    chunk.append((index, view))
+                except VideoError as error:
+                    skips.add([(error.path, error.reason)])
+                    bar.update(1)
+            if not clips:
+                continue
+            targets = teachers(torch.stack(clips).to(device), config.grid[1:])
+            for b, (index, view) in enumerate(chunk):
+                video = None if targets.video is None else targets.video[b]
+                yield index, view, TeacherTargets(targets.patches[b], targets.frames[b], video)
+
+    try:
+        count = write_cache(args.out, entries(), fingerprint, args.views, shard_size=args.shard_size,
+                            progress=bar.update)
+    finally:
+        bar.close()
+    print(f"cached teacher targets of {count} clips ({len(done)} already there) in {args.out}"
+          + (f"; {len(skips.seen)} unreadable videos skipped" if skips.seen else ""))
+    return 0
+
+
+def _data_options(p) -> None:
+    p.add_argument("--data", required=True, help="a folder root/<class>/<video> or a manifest of 'path,label' lines")
+    p.add_argument("--root", help="folder the manifest's paths are relative to (default: the manifest's)")
+    p.add_argument("--stride", type=int, default=4, help="frame stride of training clips (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", default=DEFAULT_PRESET, choices=[n for n, c in PRESETS.items()],
+                       help="model preset (random initialisation)")
+    group.add_argument("--init", help="start from this checkpoint's weights and config")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. depth=2 frames=8")
+
+
+def _teacher_options(p) -> None:
+    p.add_argument("--image-teacher", help="timm model name, e.g. vit_base_patch16_dinov3")
+    p.add_argument("--image-teacher-weights", help="its weights: a local safetensors or torch state-dict file")
+    p.add_argument("--image-teacher-size", type=int, help="resolution the image teacher runs at (default: its own)")
+    p.add_argument("--image-teacher-arg", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more timm.create_model arguments, e.g. depth=4")
+    p.add_argument("--video-teacher", help="a dense-model checkpoint (lookwhen.checkpoint) as the video teacher")
+
+
+def add_parsers(sub, positive_int, keep_ratio) -> None:
+    pre = sub.add_parser("pretrain", help="pre-train LookWhen: uniqueness for the selector, distillation for the "
+                                          "extractor")
+    _data_options(pre)
+    _teacher_options(pre)
+    pre.add_argument("--targets", help="a folder of cached teacher targets (lookwhen cache-targets) instead of teachers")
+    pre.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, run.json, model.safetensors")
+    pre.add_argument("--steps", type=positive_int, required=True, help="optimiser steps")
+    pre.add_argument("--batch-size", type=positive_int, default=8, help="clips per optimiser step, over all ranks")
+    pre.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimiser step")
+    pre.add_argument("--lr", type=float, default=3e-4)
+    pre.add_argument("--min-lr", type=float, default=1e-6)
+    pre.add_argument("--warmup-steps", type=int, help="default: 5%% of --steps")
+    pre.add_argument("--weight-decay", type=float, default=0.05)
+    pre.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    pre.add_argument("--keep-range", type=keep_ratio, nargs=2, default=[0.05, 0.3], metavar=("LOW", "HIGH"),
+                     help="per-clip keep ratio drawn uniformly from this range every step")
+    pre.add_argument("--train", choices=("all", "selector"), default="all",
+                     help="all: selector and extractor; selector: the score path alone")
+    pre.add_argument("--loss-weight", nargs="+", default=[], metavar="NAME=W",
+                     help="selector (0.1), video, image_video, frame, patch (1.0 each)")
+    pre.add_argument("--temperature", type=float, default=1.0, help="of the selector's target distribution")
+    pre.add_argument("--save-every", type=positive_int, default=100, help="checkpoint every N steps")
+    pre.add_argument("--workers", type=int, default=0, help="DataLoader decoding processes")
+    pre.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pre.add_argument("--plot", help="draw the loss curves to this PNG at the end")
+    pre.set_defaults(func=cmd_pretrain)
+
+    cache = sub.add_parser("cache-targets", help="run the teachers once and store their targets for pretrain --targets")
+    _data_options(cache)
+    _teacher_options(cache)
+    cache.add_argument("--out", required=True, help="cache folder (an interrupted run restarted fills in the rest)")
+    cache.add_argument("--views", type=positive_int, default=1, help="random samplings per video (epoch e uses "
+                                                                     "view e mod views)")
+    cache.add_argument("--batch-size", type=positive_int, default=8)
+    cache.add_argument("--shard-size", type=positive_int, default=256, help="clips per safetensors shard")
+    cache.set_defaults(func=cmd_cache_targets)
+
