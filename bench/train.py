@@ -225,4 +225,33 @@ def run(args, device: torch.device) -> Result:
                   f"{timed['keep_ratio']} vs {timed['baseline']}, batch {timed['batch']}, median of "
                   f"{timed['passes']} interleaved passes"))
         records += [Record("train", k, "step", "clips_per_s", timed["keep_ratio"], v) for k, v in rate.items()]
-    return Result("train", "\n\n".join(tables), payload, records)
+    return Result("train", "\n\n".join(tables), payload, records, plot=lambda figure: _plot(figure, payload))
+
+
+def _plot(figure, payload) -> None:
+    """Left: recall before and after pre-training against chance. Right:
+    training clips/s of both models, with the FLOPs-ratio limit."""
+    parts = {p["part"]: p for p in payload}
+    axes = figure.subplots(1, len(parts))
+    axes = list(axes) if len(parts) > 1 else [axes]
+    if "learning" in parts:
+        ax, learned = axes.pop(0), parts["learning"]
+        values = [learned["chance"], learned["recall_before"], learned["recall_after"]]
+        ax.bar(["chance", "before", f"after {learned['steps']} steps"], values,
+               color=["tab:gray", "tab:orange", "tab:green"])
+        for x, value in enumerate(values):
+            ax.text(x, value + 0.01, f"{value:.2f}", ha="center", va="bottom")
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("top-K recall of object tokens (held out)")
+        ax.set_title("selector pre-training on synthetic clips", fontsize=10)
+    if "throughput" in parts:
+        ax, timed = axes.pop(0), parts["throughput"]
+        rates = timed["clips_per_s"]
+        ax.bar([timed["lookwhen"], timed["baseline"]], [rates["lookwhen"], rates["dense"]],
+               color=["tab:blue", "tab:gray"])
+        ax.axhline(rates["dense"] * timed["flops_ratio"], color="tab:blue", linestyle="--",
+                   label=f"FLOPs-ratio limit ({timed['flops_ratio']:.1f}x)")
+        ax.set_ylabel("training clips/s")
+        ax.set_title(f"training step, keep ratio {timed['keep_ratio']}: {timed['speedup']:.2f}x, "
+                     f"efficiency {timed['efficiency']:.2f}", fontsize=10)
+        ax.legend(fontsize="small")

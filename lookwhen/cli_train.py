@@ -3,7 +3,6 @@
 engine (:mod:`lookwhen.train`) splits the work."""
 from __future__ import annotations
 
-import argparse
 import ast
 import os
 import sys

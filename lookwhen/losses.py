@@ -31,7 +31,7 @@ batch average to the loss of the whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +158,3 @@ def draw_budgets(generator: torch.Generator, batch: int, keep_range: Tuple[float
 
 def total_loss(parts: Dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
     return sum(getattr(weights, name) * value for name, value in parts.items())
-
-
-def required_parts(weights: LossWeights, train_extractor: bool) -> Sequence[str]:
-    names = ["selector"] if weights.selector else []
-    if train_extractor:
-        names += [n for n in ("video", "image_video", "frame", "patch") if getattr(weights, n)]
-    return names

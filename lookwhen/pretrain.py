@@ -20,6 +20,7 @@ from lookwhen.losses import (
     draw_budgets,
     extractor_losses,
     selector_loss,
+    total_loss,
     uniqueness_target,
 )
 from lookwhen.model import LookWhen
@@ -64,8 +65,7 @@ class PretrainModule(nn.Module):
             parts = extractor_losses(out, targets, self.heads, self.model.config)
             scores = out.scores
         parts["selector"] = selector_loss(scores, uniqueness, self.weights.temperature)
-        loss = sum(getattr(self.weights, name) * value for name, value in parts.items())
-        return loss, {name: value.detach() for name, value in parts.items()}
+        return total_loss(parts, self.weights), {name: value.detach() for name, value in parts.items()}
 
 
 class PretrainTask(Task):

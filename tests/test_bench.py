@@ -77,6 +77,20 @@ def test_e2e_cli(tmp_path):
     assert f"linear layers: {document['linear']}, malloc: {document['malloc']}" in stdout
 
 
+def test_train_cli(tmp_path):
+    stdout, document, rows = run_with_outputs(
+        tmp_path, "train", "--quick", "--steps", "2", "--train-clips", "16", "--val-clips", "4", "--batch", "1",
+        "--set", *TINY)
+    learning, timed = document["train"]
+    assert learning["steps"] == 2 and 0 <= learning["recall_before"] <= 1 and 0 <= learning["recall_after"] <= 1
+    assert 0 < learning["chance"] < 1
+    assert timed["speedup"] == pytest.approx(timed["clips_per_s"]["lookwhen"] / timed["clips_per_s"]["dense"])
+    assert timed["efficiency"] == pytest.approx(timed["speedup"] / timed["flops_ratio"])
+    assert timed["train_gflops_per_clip"]["lookwhen"] < timed["train_gflops_per_clip"]["dense"]
+    assert "recall after" in stdout and "efficiency" in stdout
+    assert {r["metric"] for r in rows} >= {"recall_after", "clips_per_s"}
+
+
 def test_e2e_plain_cpu_setup(tmp_path):
     path = str(tmp_path / "out.json")
     proc = run_cli("e2e", "--quick", "--keep-ratio", "0.5", "--min-run-time", "0.01", "--passes", "2",
