@@ -62,16 +62,24 @@ class LookWhen(nn.Module):
         keep_ratio: Optional[float] = None,
         budgets=None,
         *,
+        indices: Optional[torch.Tensor] = None,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
         extractor's tokens in every clip (default: the config's), or
-        ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``). ``stage_timer(name)``
-        returns a context manager wrapped around the stages "selection",
-        "selector" and "extractor"."""
+        ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``), or exactly the
+        token ids ``indices`` (int32 ``[B, K]``, ascending per clip: a
+        selection made by another strategy; the selector still supplies its
+        context tokens and scores). ``stage_timer(name)`` returns a context
+        manager wrapped around the stages "selection", "selector" and
+        "extractor"."""
         check_clip(clip, self.config)
-        if keep_ratio is not None and budgets is not None:
-            raise ValueError("keep_ratio and budgets: give one or the other, not both")
+        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"{', '.join(given)}: give at most one way of choosing tokens")
+        if indices is not None:
+            _check_selection(indices, clip.shape[0], self.config.n_tokens)
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
@@ -80,7 +88,9 @@ class LookWhen(nn.Module):
         scores, context = self._select_scores(clip, dtype, timer)
         with timer("selection"):
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
-            if budgets is None:
+            if indices is not None:
+                tokens_cu = None
+            elif budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
                 indices = lk.topk_tokens(scores, keep_ratio=ratio, **grids)
                 tokens_cu = None
@@ -123,6 +133,18 @@ class LookWhen(nn.Module):
         (what selector pre-training needs, without running the extractor)."""
         check_clip(clip, self.config)
         return self._select_scores(clip, compute_dtype(self.selector.cls_token), _no_timer)[0]
+
+
+def _check_selection(indices, batch: int, n_tokens: int) -> None:
+    """A selection from outside the model (reads its values back to check them)."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 2:
+        raise ValueError("indices: expected an int32 tensor [B, K] of token ids")
+    if indices.shape[0] != batch or indices.shape[1] < 1:
+        raise ValueError(f"indices: expected shape [{batch}, K >= 1], got {list(indices.shape)}")
+    if not indices.is_contiguous():
+        raise ValueError("indices: expected a contiguous tensor (call .contiguous() first)")
+    if int(indices.min()) < 0 or int(indices.max()) >= n_tokens:
+        raise ValueError(f"indices: token ids must lie in [0, {n_tokens})")
 
 
 @dataclass

@@ -120,6 +120,10 @@ class Task(abc.ABC):
     def model(self) -> nn.Module:
         """The inference model to save (no training-only parts)."""
 
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of ``module``'s parameter ``name``."""
+        return 1.0
+
     def run_info(self) -> Dict:
         return {}
 
@@ -154,15 +158,22 @@ def _no_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim < 2 or name.endswith(".bias") or "token" in name or "pos_embed" in name
 
 
-def make_optimizer(module: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    decay, plain = [], []
+def make_optimizer(module: nn.Module, settings: TrainSettings,
+                   lr_scale: Optional[Callable[[str], float]] = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: no weight decay on biases,
+    norms, tokens and position tables; ``lr_scale(name)`` multiplies a
+    parameter's learning rate (layer-wise decay), schedules included."""
+    groups: Dict[tuple, List[nn.Parameter]] = {}
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
-            (plain if _no_decay(name, parameter) else decay).append(parameter)
-    if not decay and not plain:
+            key = (not _no_decay(name, parameter), 1.0 if lr_scale is None else float(lr_scale(name)))
+            groups.setdefault(key, []).append(parameter)
+    if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": settings.weight_decay if decay else 0.0, "lr": settings.lr * scale}
+         for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0]))],
+        lr=settings.lr, betas=(0.9, 0.999))
 
 
 def autocast(device: torch.device):
@@ -223,7 +234,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"the dataset has {len(dataset)} videos, fewer than one batch of {settings.batch_size}")
         self.module = task.module.to(self.device)
-        self.optimizer = make_optimizer(self.module, settings)
+        self.optimizer = make_optimizer(self.module, settings, task.lr_scale)
         warmup, total, floor = settings.warmup_steps, settings.steps, settings.min_lr / settings.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total, floor))
@@ -345,9 +356,12 @@ class Trainer:
 
     def _share(self, drawn):
         """This rank's share of the draws for a global micro-batch (the
-        round-robin dealing of :class:`_Shard`)."""
+        round-robin dealing of :class:`_Shard`): a tensor, or a dict of them,
+        sliced along its first dimension."""
         if drawn is None or self.dist.world == 1:
             return drawn
+        if isinstance(drawn, dict):
+            return {key: self._share(value) for key, value in drawn.items()}
         return drawn[self.dist.rank:: self.dist.world].contiguous()
 
     def fit(self) -> Dict:
@@ -416,7 +430,7 @@ class Trainer:
             grad_norm = None
             if settings.clip_grad is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad))
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = max(group["lr"] for group in self.optimizer.param_groups)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
