@@ -51,7 +51,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET")
     parser.add_argument("--passes", type=positive_int, help="interleaved timing passes (default 3, --quick 2)")
-    parser.add_argument("--skip", choices=("learning", "throughput"), help="leave one part out")
+    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 300, --quick 40)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of fine-tuning")
+    parser.add_argument("--skip", nargs="+", choices=("learning", "finetune", "throughput"), default=[],
+                        help="leave parts out")
 
 
 def _learning(args, device) -> Dict:
@@ -98,9 +101,53 @@ def _learning(args, device) -> Dict:
         last = Trainer(task, train, settings, log=lambda line: None).fit()
         train_s = time.perf_counter() - start
     after = selector_recall(model.eval(), held_out)
+    args.pretrained_selector = model
     return {"steps": steps, "batch": 16, "train_clips": args.train_clips, "val_clips": args.val_clips,
             "recall_before": before, "recall_after": after, "chance": chance, "final_loss": last["loss"],
             "cache_seconds": cache_s, "train_seconds": train_s}
+
+
+@torch.no_grad()
+def accuracy(model, samples, keep_ratio: float, device, batch_size: int = 16) -> float:
+    from lookwhen.finetune import logits_of
+
+    model = model.eval()
+    correct = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start: start + batch_size]
+        clips = torch.stack([s.clip for s in chunk]).to(device)
+        predicted = logits_of(model, clips, keep_ratio=keep_ratio).argmax(-1).cpu()
+        correct += int((predicted == torch.tensor([s.label for s in chunk])).sum())
+    return correct / len(samples)
+
+
+def _finetuning(args, device) -> Dict:
+    """Fine-tune on the direction of motion (4 classes) at a keep ratio of
+    0.1, from the pre-trained selector, and the same with random tokens."""
+    from lookwhen.finetune import FinetuneTask
+    from lookwhen.synthetic import DIRECTIONS, SyntheticDataset
+    from lookwhen.train import Trainer, TrainSettings
+
+    steps = args.finetune_steps or (40 if args.quick else 300)
+    keep = 0.1
+    train = SyntheticDataset(args.train_clips, seed=3, **LEARNING_CLIPS)
+    held_out = [SyntheticDataset(args.val_clips, seed=4, **LEARNING_CLIPS).sample(i) for i in range(args.val_clips)]
+    pretrained = getattr(args, "pretrained_selector", None)
+    results = {"steps": steps, "keep_ratio": keep, "batch": 16, "classes": len(DIRECTIONS)}
+    for selection in ("selector", "random"):
+        model = lookwhen.build_model("lookwhen-b16", **LEARNING_MODEL, num_classes=len(DIRECTIONS)).to(device)
+        if pretrained is not None:
+            model.selector.load_state_dict(pretrained.selector.state_dict())
+        task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9)
+        with tempfile.TemporaryDirectory() as folder:
+            settings = TrainSettings(out=folder, steps=steps, batch_size=16, lr=args.finetune_lr, save_every=steps,
+                                     device=str(device), progress=None)
+            start = time.perf_counter()
+            Trainer(task, train, settings, log=lambda line: None).fit()
+            results[f"{selection}_seconds"] = time.perf_counter() - start
+        results[f"{selection}_accuracy"] = accuracy(model, held_out, keep, device)
+    results["pretrained_selector"] = pretrained is not None
+    return results
 
 
 def _lookwhen_step(cfg, batch, keep, device):
@@ -201,7 +248,7 @@ def run(args, device: torch.device) -> Result:
     if args.dtype != "fp32" and device.type == "cpu":
         raise BenchError("--dtype: training runs in fp32 on CPU (bf16 autocast is the GPU path)")
     payload, records, tables = [], [], []
-    if args.skip != "learning":
+    if "learning" not in args.skip:
         learned = _learning(args, device)
         payload.append({"part": "learning", **learned})
         tables.append(format_table(
@@ -211,7 +258,18 @@ def run(args, device: torch.device) -> Result:
             title="selector pre-training on synthetic clips: top-K recall of the moving objects' tokens (held out)"))
         records += [Record("train", "selector", "learning", m, learned["steps"], learned[m])
                     for m in ("recall_before", "recall_after", "chance")]
-    if args.skip != "throughput":
+    if "finetune" not in args.skip:
+        tuned = _finetuning(args, device)
+        payload.append({"part": "finetune", **tuned})
+        tables.append(format_table(
+            ("steps", "keep", "selection", "val accuracy", "train s"),
+            [(tuned["steps"], tuned["keep_ratio"], name, f"{100 * tuned[name + '_accuracy']:.1f}%",
+              f"{tuned[name + '_seconds']:.0f}") for name in ("selector", "random")],
+            title="fine-tuning on the direction of motion (4 classes, held out)"
+                  + (", from the pre-trained selector" if tuned["pretrained_selector"] else "")))
+        records += [Record("train", name, "finetune", "accuracy", tuned["keep_ratio"], tuned[name + "_accuracy"])
+                    for name in ("selector", "random")]
+    if "throughput" not in args.skip:
         timed = _throughput(args, device)
         payload.append({"part": "throughput", **timed})
         rate, gflops = timed["clips_per_s"], timed["train_gflops_per_clip"]
@@ -244,6 +302,15 @@ def _plot(figure, payload) -> None:
         ax.set_ylim(0, 1.08)
         ax.set_ylabel("top-K recall of object tokens (held out)")
         ax.set_title("selector pre-training on synthetic clips", fontsize=10)
+    if "finetune" in parts:
+        ax, tuned = axes.pop(0), parts["finetune"]
+        values = [tuned["selector_accuracy"], tuned["random_accuracy"], 1 / tuned["classes"]]
+        ax.bar(["selector's tokens", "random tokens", "chance"], values, color=["tab:green", "tab:orange", "tab:gray"])
+        for x, value in enumerate(values):
+            ax.text(x, value + 0.01, f"{100 * value:.0f}%", ha="center", va="bottom")
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(f"fine-tuning at keep ratio {tuned['keep_ratio']}", fontsize=10)
     if "throughput" in parts:
         ax, timed = axes.pop(0), parts["throughput"]
         rates = timed["clips_per_s"]

@@ -125,6 +125,10 @@ def cmd_embed(args) -> int:
 
     from lookwhen.video import iter_clip_batches
 
+    if args.manifest:
+        return _embed_manifest(args)
+    if not args.videos or not args.out:
+        raise CommandError("give VIDEO files and --out, or --manifest and --out-dir")
     suffix = _check_output(args.out, (".npy", ".safetensors"))
     device = _device(args.device)
     _model_config(args)
@@ -165,6 +169,39 @@ def cmd_embed(args) -> int:
     print(f"wrote {len(done)} embeddings of size {table.shape[1]} to {args.out}"
           + (f" ({len(failures)} videos skipped)" if failures else ""))
     return 1 if failures else 0
+
+
+def _embed_manifest(args) -> int:
+    """``embed --manifest``: shards under ``--out-dir`` (:mod:`lookwhen.embed`);
+    under torchrun each rank embeds its own shards."""
+    from tqdm import tqdm
+
+    from lookwhen.data import read_manifest
+    from lookwhen.embed import embed_shards
+
+    if args.videos or args.out:
+        raise CommandError("--manifest: give --out-dir, not VIDEO files or --out")
+    if not args.out_dir:
+        raise CommandError("--manifest needs --out-dir (the folder of shards)")
+    paths = [path for path, _ in read_manifest(args.manifest, args.root, labels=False)]
+    device = _device(args.device)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    _model_config(args)
+    model = _load_model(args, device)
+    share = sum(len(paths[k * args.shard_size:(k + 1) * args.shard_size])
+                for k in range(rank, -(-len(paths) // args.shard_size), world))
+    with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
+        summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
+                               workers=args.workers, keep_ratio=args.keep_ratio, with_selection=args.with_selection,
+                               device=device, rank=rank, world=world, progress=bar.update,
+                               log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
+    print(f"rank {rank}: {summary['shards']} shards ({summary['shards_skipped']} already done), embedded "
+          f"{summary['embedded']} videos in {summary['seconds']:.1f} s ({summary['videos_per_s']:.2f} videos/s)"
+          + (f", {summary['failed']} unreadable (see *.failed.tsv)" if summary["failed"] else "")
+          + f"; shards in {args.out_dir}")
+    return 1 if summary["failed"] else 0
 
 
 # show -----------------------------------------------------------------------
@@ -281,11 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of tokens the extractor keeps (default: the model's)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
-    embed = sub.add_parser("embed", help="write video embeddings (.npy, or .safetensors with the selection)")
-    embed.add_argument("videos", nargs="+", metavar="VIDEO")
+    embed = sub.add_parser("embed", help="write video embeddings (.npy, or .safetensors with the selection); "
+                                         "--manifest: a collection of any size, in resumable shards")
+    embed.add_argument("videos", nargs="*", metavar="VIDEO")
     model_options(embed)
     embed.add_argument("--batch-size", type=positive_int_arg, default=4)
-    embed.add_argument("--out", required=True, help="FILE.npy (embeddings) or FILE.safetensors (+ indices, scores)")
+    embed.add_argument("--out", help="FILE.npy (embeddings) or FILE.safetensors (+ indices, scores)")
+    embed.add_argument("--manifest", help="a file of video paths (one per line; 'path,label' lines too)")
+    embed.add_argument("--root", help="folder the manifest's paths are relative to (default: the manifest's)")
+    embed.add_argument("--out-dir", help="with --manifest: folder of shard-NNNNN.safetensors files")
+    embed.add_argument("--shard-size", type=positive_int_arg, default=1000, help="videos per shard")
+    embed.add_argument("--with-selection", action="store_true", help="store the selected ids and scores too")
+    embed.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     embed.set_defaults(func=cmd_embed)
 
     show = sub.add_parser("show", help="draw the selected patches and the score heat-map")

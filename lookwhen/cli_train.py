@@ -160,6 +160,93 @@ def cmd_cache_targets(args) -> int:
     return 0
 
 
+def _finetune_model(args, num_classes: int):
+    """The model to fine-tune: a preset (random), or a checkpoint's weights
+    with its config given ``num_classes`` (a new head when they differ)."""
+    from lookwhen import build_model
+    from lookwhen.checkpoint import load_checkpoint
+    from lookwhen.config import get_config
+
+    overrides = parse_overrides(args.set) if args.set else {}
+    overrides.setdefault("num_classes", num_classes)
+    if not args.init:
+        try:
+            return build_model(args.preset, **overrides)
+        except ValueError as error:
+            raise _Usage(f"--set: {error}") from None
+    source = load_checkpoint(args.init)
+    model = build_model(get_config(source.config, **overrides))
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith(("head.weight", "head.bias"))
+             or model.state_dict()[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if not k.endswith(("head.weight", "head.bias"))]
+    if new or unexpected:
+        raise _Usage(f"--init {args.init}: its weights do not fit the fine-tuning config "
+                     f"(missing {new[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def cmd_finetune(args) -> int:
+    from lookwhen.checkpoint import load_checkpoint
+    from lookwhen.data import Sampling, VideoDataset
+    from lookwhen.finetune import FinetuneTask
+    from lookwhen.train import Trainer, TrainSettings
+
+    device = _device(args.device)
+    probe = VideoDataset(args.data, root=args.root, check=False)
+    num_classes = args.num_classes or max(label for _, label in probe.items) + 1
+    model = _finetune_model(args, num_classes)
+    config = model.config
+    teacher = load_checkpoint(args.distill_from, device) if args.distill_from else None
+    size = max(config.image_size, teacher.config.image_size if teacher is not None else 0)
+    sampling = Sampling(frames=config.frames, size=size, stride=args.stride)
+    dataset = VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed)
+    task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
+                        else None, selection=args.selection, linear_probe=args.linear_probe,
+                        layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
+                        temperature=args.distill_temperature, alpha=args.distill_alpha)
+    settings = TrainSettings(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
+        save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
+        resume=args.resume, plot=args.plot)
+    os.makedirs(args.out, exist_ok=True)
+    last = Trainer(task, dataset, settings).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fine-tuned {config.name} ({num_classes} classes) for {settings.steps} steps (final loss "
+              f"{last.get('loss', float('nan')):.4g}); model in {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from lookwhen.checkpoint import load_checkpoint
+    from lookwhen.data import VideoDataset
+    from lookwhen.evaluate import evaluate, format_evaluation, parse_views
+
+    views = parse_views(args.views)
+    device = _device(args.device)
+    dataset = VideoDataset(args.data, root=args.root, check=False)
+    model = load_checkpoint(args.checkpoint, device)
+    if args.keep_ratio is not None and model.config.kind != "lookwhen":
+        raise _Usage(f"--keep-ratio: {model.config.name} is a dense model and keeps every token")
+    with tqdm(total=len(dataset), unit="video", file=sys.stderr, disable=None) as bar:
+        result = evaluate(model, dataset.items, views=views, keep_ratio=args.keep_ratio,
+                          batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update)
+    for path, message in result.failures:
+        print(f"lookwhen evaluate: skipped {' '.join(message.split())}", file=sys.stderr)
+    print(format_evaluation(model.config.name, result, views, args.keep_ratio))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"checkpoint": args.checkpoint, "data": args.data, "views": args.views,
+                       "keep_ratio": args.keep_ratio, **result.as_dict()}, handle, indent=2)
+    return 0
+
+
 def _data_options(p) -> None:
     p.add_argument("--data", required=True, help="a folder root/<class>/<video> or a manifest of 'path,label' lines")
     p.add_argument("--root", help="folder the manifest's paths are relative to (default: the manifest's)")
@@ -182,21 +269,30 @@ def _teacher_options(p) -> None:
     p.add_argument("--video-teacher", help="a dense-model checkpoint (lookwhen.checkpoint) as the video teacher")
 
 
+def _loop_options(p, positive_int) -> None:
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, run.json, model.safetensors")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="clips per optimiser step, over all ranks")
+    p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-steps", type=int, help="default: 5%% of --steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--save-every", type=positive_int, default=100, help="checkpoint every N steps")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader decoding processes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--plot", help="draw the loss curves to this PNG at the end")
+
+
 def add_parsers(sub, positive_int, keep_ratio) -> None:
     pre = sub.add_parser("pretrain", help="pre-train LookWhen: uniqueness for the selector, distillation for the "
                                           "extractor")
     _data_options(pre)
     _teacher_options(pre)
     pre.add_argument("--targets", help="a folder of cached teacher targets (lookwhen cache-targets) instead of teachers")
-    pre.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, run.json, model.safetensors")
-    pre.add_argument("--steps", type=positive_int, required=True, help="optimiser steps")
-    pre.add_argument("--batch-size", type=positive_int, default=8, help="clips per optimiser step, over all ranks")
-    pre.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimiser step")
-    pre.add_argument("--lr", type=float, default=3e-4)
-    pre.add_argument("--min-lr", type=float, default=1e-6)
-    pre.add_argument("--warmup-steps", type=int, help="default: 5%% of --steps")
-    pre.add_argument("--weight-decay", type=float, default=0.05)
-    pre.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    _loop_options(pre, positive_int)
     pre.add_argument("--keep-range", type=keep_ratio, nargs=2, default=[0.05, 0.3], metavar=("LOW", "HIGH"),
                      help="per-clip keep ratio drawn uniformly from this range every step")
     pre.add_argument("--train", choices=("all", "selector"), default="all",
@@ -204,12 +300,38 @@ def add_parsers(sub, positive_int, keep_ratio) -> None:
     pre.add_argument("--loss-weight", nargs="+", default=[], metavar="NAME=W",
                      help="selector (0.1), video, image_video, frame, patch (1.0 each)")
     pre.add_argument("--temperature", type=float, default=1.0, help="of the selector's target distribution")
-    pre.add_argument("--save-every", type=positive_int, default=100, help="checkpoint every N steps")
-    pre.add_argument("--workers", type=int, default=0, help="DataLoader decoding processes")
-    pre.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    pre.add_argument("--plot", help="draw the loss curves to this PNG at the end")
     pre.set_defaults(func=cmd_pretrain)
+
+    fine = sub.add_parser("finetune", help="fine-tune a classifier on the embedding (or a linear probe)")
+    _data_options(fine)
+    _loop_options(fine, positive_int)
+    fine.add_argument("--num-classes", type=positive_int, help="default: the dataset's (largest label + 1)")
+    choice = fine.add_mutually_exclusive_group()
+    choice.add_argument("--keep-ratio", type=keep_ratio, help="LookWhen: tokens kept (default: the model's)")
+    choice.add_argument("--keep-range", type=keep_ratio, nargs=2, metavar=("LOW", "HIGH"),
+                        help="LookWhen: a keep ratio drawn per clip from this range every step")
+    fine.add_argument("--selection", choices=("selector", "random"), default="selector",
+                      help="random: uniformly random tokens instead of the selector's (a control)")
+    fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")
+    fine.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
+    fine.add_argument("--label-smoothing", type=float, default=0.1)
+    fine.add_argument("--distill-from", metavar="CHECKPOINT",
+                      help="ResKD: a fine-tuned teacher that sees the clip at its own (higher) resolution")
+    fine.add_argument("--distill-temperature", type=float, default=4.0)
+    fine.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    fine.set_defaults(func=cmd_finetune)
+
+    evaluation = sub.add_parser("evaluate", help="top-1/top-5 accuracy with multi-view testing, and its cost")
+    evaluation.add_argument("--data", required=True, help="a folder root/<class>/<video> or a 'path,label' manifest")
+    evaluation.add_argument("--root", help="folder the manifest's paths are relative to")
+    evaluation.add_argument("--checkpoint", required=True, help="a fine-tuned model (lookwhen finetune's output)")
+    evaluation.add_argument("--views", default="1x1", help="TEMPORALxSPATIAL views per video, e.g. 4x3")
+    evaluation.add_argument("--keep-ratio", type=keep_ratio, help="LookWhen: tokens kept (default: the model's)")
+    evaluation.add_argument("--batch-size", type=positive_int, default=8, help="views per forward")
+    evaluation.add_argument("--workers", type=int, default=0, help="DataLoader decoding processes")
+    evaluation.add_argument("--device", default="cpu")
+    evaluation.add_argument("--json", help="write the figures to this file")
+    evaluation.set_defaults(func=cmd_evaluate)
 
     cache = sub.add_parser("cache-targets", help="run the teachers once and store their targets for pretrain --targets")
     _data_options(cache)

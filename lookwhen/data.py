@@ -37,6 +37,9 @@ from lookwhen.video import VideoError, decode_frames, resize_square, sample_indi
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 
 
+HEADERS = ("path,label", "pathlabel", "path")
+
+
 class DatasetError(ValueError):
     """A dataset that cannot be used at all (no videos, none readable, a bad manifest)."""
 
@@ -108,23 +111,29 @@ def _scan_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return items, classes
 
 
-def _read_manifest(path: str, root: Optional[str]) -> List[Tuple[str, int]]:
-    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+def read_manifest(path, root=None, *, labels: bool = True) -> List[Tuple[str, int]]:
+    """``(path, label)`` of every line of a manifest (``path,label`` or
+    ``path label``; blank lines, ``#`` comments and a header are skipped).
+    ``labels=False`` also takes lines that hold a path alone (label -1)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such manifest file")
+    base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, newline="", encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             line = line.strip()
-            if not line or line.startswith("#"):
+            if not line or line.startswith("#") or number == 1 and line.lower().replace(" ", "") in HEADERS:
                 continue
             fields = next(csv.reader([line])) if "," in line else line.rsplit(None, 1)
+            if not labels and (len(fields) == 1 or not fields[-1].strip().lstrip("-").isdigit()):
+                fields = [line, "-1"]
             if len(fields) != 2:
                 raise DatasetError(f"{path}:{number}: expected 'path,label', got {line!r}")
             video, label = fields[0].strip(), fields[1].strip()
             try:
                 label_id = int(label)
             except ValueError:
-                if number == 1:  # a header line such as "path,label"
-                    continue
                 raise DatasetError(f"{path}:{number}: label {label!r} is not an integer") from None
             items.append((video if os.path.isabs(video) else os.path.join(base, video), label_id))
     return items
@@ -144,7 +153,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if os.path.isdir(source):
             self.items, self.classes = _scan_folder(source)
         elif os.path.isfile(source):
-            self.items = _read_manifest(source, None if root is None else os.fspath(root))
+            self.items = read_manifest(source, root)
             self.classes = [str(c) for c in sorted({label for _, label in self.items})]
         else:
             raise DatasetError(f"{source}: no such folder or manifest file")

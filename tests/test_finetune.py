@@ -1,0 +1,205 @@
+"""Fine-tuning, ResKD distillation, evaluation and sharded embedding, on
+videos the tests make. The ops take their CPU path (``TRITON_INTERPRET=0``)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lookwhen import build_model
+from lookwhen.checkpoint import load_checkpoint, save_checkpoint
+from lookwhen.cli import main
+from lookwhen.embed import read_shards
+from lookwhen.evaluate import spatial_crops, view_indices
+from lookwhen.finetune import FinetuneTask, layer_id, random_selection
+from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
+from lookwhen.train import Trainer, TrainSettings
+
+SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=2, heads=2, selector_width=32,
+             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25)
+SET = [f"{k}={v}" for k, v in SMALL.items()]
+DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    data = root / "data"
+    write_dataset(data, 2, frames=10, size=72, object_size=16, seed=7)
+    (data / "left" / "broken.mp4").write_bytes(b"not a video at all")
+    pretrained = build_model("lookwhen-b16", **SMALL, seed=3)
+    save_checkpoint(pretrained, root / "pretrained.safetensors")
+    return {"root": root, "data": str(data), "pretrained": str(root / "pretrained.safetensors")}
+
+
+def test_layer_wise_decay_and_random_selection():
+    assert layer_id("patch_embed.proj.weight", 12) == 0 and layer_id("selector.blocks.1.norm1.weight", 12) == 0
+    assert layer_id("blocks.3.attn.qkv.weight", 12) == 4 and layer_id("head.weight", 12) == 13
+    model = build_model("lookwhen-b16", **SMALL, num_classes=3)
+    task = FinetuneTask(model, layer_decay=0.5)
+    assert task.lr_scale("model.extractor.head.weight") == 1.0
+    assert task.lr_scale("model.extractor.blocks.1.mlp.fc1.weight") == 0.5
+    assert task.lr_scale("model.selector.cls_token") == 0.125
+    trainer_lrs = {g["lr"] for g in Trainer(task, SyntheticDataset(4, frames=8, size=64), TrainSettings(
+        out="unused", steps=1, batch_size=2, lr=1.0)).optimizer.param_groups}
+    assert trainer_lrs == {1.0, 0.5, 0.25, 0.125}
+    ids = random_selection(torch.Generator().manual_seed(0), 3, 50, 7)
+    assert ids.shape == (3, 7) and ids.dtype == torch.int32
+    assert all(len(set(row.tolist())) == 7 and row.tolist() == sorted(row.tolist()) for row in ids)
+    with pytest.raises(ValueError, match="num_classes"):
+        FinetuneTask(build_model("lookwhen-b16", **SMALL))
+
+
+def test_external_selection_reaches_the_extractor():
+    model = build_model("lookwhen-b16", **SMALL, num_classes=4).eval()
+    clips = torch.randint(0, 256, (2, 8, 64, 64, 3), dtype=torch.uint8)
+    ids = torch.tensor([[0, 5, 9], [1, 2, 500]], dtype=torch.int32)
+    out = model(clips, indices=ids)
+    assert torch.equal(out.indices, ids) and out.tokens.shape == (6, 32) and out.logits.shape == (2, 4)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        model(clips, indices=torch.tensor([[0, 512], [1, 2]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="at most one"):
+        model(clips, keep_ratio=0.1, indices=ids)
+
+
+def test_finetune_learns_the_direction_of_motion(tmp_path):
+    """A small model fine-tuned from scratch at keep ratio 0.25 beats chance
+    by far on held-out clips."""
+    clip_args = dict(frames=8, size=64, object_size=16)
+    model = build_model("lookwhen-b16", **SMALL, num_classes=4)
+    task = FinetuneTask(model, keep_ratio=0.25, layer_decay=1.0, label_smoothing=0.0)
+    settings = TrainSettings(out=str(tmp_path), steps=120, batch_size=16, lr=2e-3, save_every=1000, progress=False)
+    Trainer(task, SyntheticDataset(192, seed=1, **clip_args), settings, log=lambda line: None).fit()
+    from bench.train import accuracy
+
+    held_out = [SyntheticDataset(48, seed=2, **clip_args).sample(i) for i in range(48)]
+    score = accuracy(model, held_out, 0.25, torch.device("cpu"))
+    print(f"held-out accuracy {score:.3f}")
+    assert score > 0.6, score
+
+
+def test_finetune_command_from_a_checkpoint_and_linear_probe(files, tmp_path, capsys):
+    common = ["finetune", "--data", files["data"], "--steps", "2", "--batch-size", "2", "--stride", "1"]
+    assert main([*common, "--init", files["pretrained"], "--out", str(tmp_path / "ft"), "--keep-range", "0.1", "0.3",
+                 "--plot", str(tmp_path / "ft.png")]) == 0
+    assert "fine-tuned lookwhen-b16 (4 classes)" in capsys.readouterr().out
+    tuned = load_checkpoint(tmp_path / "ft" / "model.safetensors")
+    assert tuned.config.num_classes == 4 and os.path.getsize(tmp_path / "ft.png") > 1000
+    source = load_checkpoint(files["pretrained"])
+    assert main([*common, "--init", files["pretrained"], "--out", str(tmp_path / "lp"), "--linear-probe"]) == 0
+    probe = load_checkpoint(tmp_path / "lp" / "model.safetensors")
+    for key, value in source.state_dict().items():
+        assert torch.equal(probe.state_dict()[key], value), key
+    assert main([*common, "--init", files["pretrained"], "--out", str(tmp_path / "rnd"), "--selection", "random",
+                 "--keep-ratio", "0.2"]) == 0
+    assert main([*common, "--init", files["pretrained"], "--out", str(tmp_path / "bad"), "--selection",
+                 "random", "--keep-range", "0.1", "0.2"]) == 1
+    assert "fixed number of tokens" in capsys.readouterr().err
+
+
+def test_reskd_distills_a_low_resolution_student(files, tmp_path, capsys):
+    teacher = build_model("internvideo2-b14", **{k.split("=")[0]: int(k.split("=")[1]) for k in DENSE},
+                          num_classes=4)
+    teacher = build_model(teacher.config.__class__(**{**teacher.config.to_dict(), "image_size": 64}))
+    save_checkpoint(teacher, tmp_path / "teacher.safetensors")
+    args = ["finetune", "--data", files["data"], "--steps", "2", "--batch-size", "2", "--stride", "1",
+            "--distill-from", str(tmp_path / "teacher.safetensors"), "--distill-temperature", "2"]
+    assert main([*args, "--preset", "internvideo2-b14", "--set", *DENSE, "--out", str(tmp_path / "dense")]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "dense" / "log.jsonl")]
+    assert set(rows[0]["losses"]) == {"task", "distill"} and rows[0]["losses"]["distill"] > 0
+    assert main([*args, "--set", *SET[:1], "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2",
+                 "selector_width=16", "selector_depth=1", "selector_heads=2", "score_hidden=16",
+                 "--out", str(tmp_path / "lw")]) == 0
+    assert main([*args, "--preset", "internvideo2-b14", "--set", *DENSE, "num_classes=3",
+                 "--out", str(tmp_path / "wrong")]) == 1
+    assert "classes" in capsys.readouterr().err
+
+
+def test_views_cover_the_video():
+    assert view_indices(40, 4, 2) == [2, 7, 12, 17, 22, 27, 32, 37]
+    frames = torch.arange(2 * 20 * 60 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 20, 60, 3)
+    crops = spatial_crops(frames, 20, 3)
+    assert crops.shape == (3, 2, 20, 20, 3)
+    assert torch.equal(crops[0], frames[:, :, :20]) and torch.equal(crops[2], frames[:, :, 40:])
+    assert torch.equal(crops[1], frames[:, :, 20:40])
+
+
+def test_evaluate_command_is_reproducible(files, tmp_path, capsys):
+    model = build_model("lookwhen-b16", **SMALL, num_classes=4, seed=1)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    args = ["evaluate", "--data", files["data"], "--checkpoint", str(tmp_path / "m.safetensors"),
+            "--views", "2x3", "--keep-ratio", "0.2", "--batch-size", "5"]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr()
+    assert "top-1" in out.out and "GMACs/view" in out.out and "broken.mp4" in out.err
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
+    first, second = json.load(open(tmp_path / "a.json")), json.load(open(tmp_path / "b.json"))
+    assert first["top1"] == second["top1"] and first["top5"] == second["top5"]
+    assert first["videos"] == 8 and first["views_per_video"] == 6 and len(first["failures"]) == 1
+    assert 0 <= first["top1"] <= first["top5"] == 1.0  # 4 classes: the top five hold every class
+    assert first["gmacs_per_view"] == pytest.approx(first["gflops_per_view"] / 2)
+
+
+def _manifest(files, tmp_path):
+    videos = sorted(os.path.join(d, f) for d, _, fs in os.walk(files["data"]) for f in fs)
+    manifest = tmp_path / "videos.txt"
+    manifest.write_text("".join(f"{v}\n" for v in videos))
+    return manifest, videos
+
+
+def test_embed_manifest_killed_and_restarted_equals_an_uninterrupted_run(files, tmp_path):
+    manifest, videos = _manifest(files, tmp_path)
+    model = build_model("lookwhen-b16", frames=16, image_size=224, depth=4, seed=2)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    command = [sys.executable, "-m", "lookwhen", "embed", "--manifest", str(manifest), "--checkpoint",
+               str(tmp_path / "m.safetensors"), "--shard-size", "2", "--batch-size", "1", "--workers", "0",
+               "--with-selection"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    whole = subprocess.run([*command, "--out-dir", str(tmp_path / "whole")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 1, whole.stderr  # one unreadable video
+    assert "embedded 8 videos" in whole.stdout and "1 unreadable" in whole.stdout
+
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([*command, "--out-dir", str(cut)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "shard-00000.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    shards = sorted(p for p in os.listdir(cut) if p.endswith(".safetensors"))
+    assert 1 <= len(shards) < 5, shards
+    again = subprocess.run([*command, "--out-dir", str(cut)], env=env, capture_output=True, text=True, timeout=600)
+    assert f"({len(shards)} already done)" in again.stdout, again.stdout + again.stderr
+    expected, got = read_shards(str(tmp_path / "whole")), read_shards(str(cut))
+    assert got["videos"] == expected["videos"] and len(got["videos"]) == 8
+    for key in ("embeddings", "indices", "scores"):
+        assert torch.equal(got[key], expected[key]), key
+    failed = [p for p in os.listdir(cut) if p.endswith(".failed.tsv")]
+    assert len(failed) == 1 and "broken.mp4" in open(cut / failed[0]).read()
+    with safe_open(str(cut / "shard-00000.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["videos"]) == videos[:2]
+
+
+def test_embed_manifest_refuses_another_run_in_the_same_folder(files, tmp_path, capsys):
+    manifest, _ = _manifest(files, tmp_path)
+    model = build_model("lookwhen-b16", **SMALL, seed=2)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    args = ["embed", "--manifest", str(manifest), "--checkpoint", str(tmp_path / "m.safetensors"), "--out-dir",
+            str(tmp_path / "out"), "--shard-size", "4", "--workers", "1"]
+    assert main(args) == 1
+    assert main([*args[:-4], "--shard-size", "3", "--workers", "1"]) == 1
+    assert "another run" in capsys.readouterr().err
+    assert main(["embed", "--manifest", str(manifest), "--out", "x.npy"]) == 1
