@@ -20,6 +20,7 @@ from lookwhen.config import ModelConfig
 from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
 from lookwhen.selector import Selector
+from lookwhen_kernels.ops.topk_tokens import check_budgets
 
 
 @dataclass
@@ -68,7 +69,12 @@ class LookWhen(nn.Module):
         extractor's tokens in every clip (default: the config's), or
         ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``). ``stage_timer(name)``
         returns a context manager wrapped around the stages "selection",
-        "selector" and "extractor"."""
+        "selector" and "extractor".
+
+        Host syncs: at a keep ratio the forward reads nothing back from the
+        device. With budgets it reads them once (none when they are given
+        as a list or host tensor; their copy to the device is then the one
+        transfer), checks them here and sizes every buffer from that copy."""
         check_clip(clip, self.config)
         if keep_ratio is not None and budgets is not None:
             raise ValueError("keep_ratio and budgets: give one or the other, not both")
@@ -84,20 +90,23 @@ class LookWhen(nn.Module):
         with timer("selection"):
             scores = self.selector.score(features)
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
+            # The selection is the model's own (scores from the score head,
+            # ids from topk): the ops' value checks, host reads, stay off.
             if budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
-                indices = lk.topk_tokens(scores, keep_ratio=ratio, **grids)
+                indices = lk.topk_tokens(scores, keep_ratio=ratio, validate=False, **grids)
                 tokens_cu = None
             else:
-                if not isinstance(budgets, torch.Tensor):
-                    budgets = torch.as_tensor(budgets, dtype=torch.int32)
-                indices, tokens_cu = lk.topk_tokens(scores, budgets=budgets.to(scores.device), **grids)
+                budgets, total, longest = _checked_budgets(budgets, batch, cfg.n_tokens, scores.device)
+                indices, tokens_cu = lk.topk_tokens(
+                    scores, budgets=budgets, total=total, validate=False, **grids
+                )
             tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
             prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
             if tokens_cu is None:
                 layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
             else:
-                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], budgets)
+                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], longest)
             x = layout.pack(prefix, tokens)
         with timer("extractor"):
             x = self.extractor(x, layout.seq_cu, layout.max_seqlen)
@@ -112,6 +121,22 @@ class LookWhen(nn.Module):
                 pooled=pooled,
                 logits=None if head is None else head(embedding),
             )
+
+
+def _checked_budgets(budgets, batch: int, n_tokens: int, device: torch.device):
+    """The model's boundary for per-clip budgets: one host copy, validated
+    here so that the ops below need not read them. Returns the budgets on
+    ``device``, their sum and their largest value."""
+    if isinstance(budgets, torch.Tensor):
+        host = budgets.detach().to("cpu", torch.int64)
+        on_device = budgets.to(device)
+    else:
+        host = torch.as_tensor(budgets, dtype=torch.int64)
+        on_device = host.to(device, torch.int32)
+    if host.shape != (batch,):
+        raise ValueError(f"budgets: expected one budget per clip, shape [{batch}], got {list(host.shape)}")
+    check_budgets("budgets", host, n_tokens)
+    return on_device, int(host.sum()), int(host.max())
 
 
 @dataclass
@@ -163,7 +188,7 @@ class _VarlenLayout:
     max_seqlen: int
 
     @classmethod
-    def build(cls, tokens_cu, n_prefix, total, budgets):
+    def build(cls, tokens_cu, n_prefix, total, longest_budget):
         batch = tokens_cu.numel() - 1
         device = tokens_cu.device
         lengths = (tokens_cu[1:] - tokens_cu[:-1]).long()
@@ -178,7 +203,7 @@ class _VarlenLayout:
             token_rows=torch.arange(total, device=device) + n_prefix * (clip_of_row + 1),
             clip_of_row=clip_of_row,
             lengths=lengths,
-            max_seqlen=n_prefix + int(budgets.max()),
+            max_seqlen=n_prefix + longest_budget,
         )
 
     def pack(self, prefix, tokens):

@@ -21,17 +21,8 @@ PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 HEADS = {32: (4, 1), 64: (6, 2), 80: (3, 3), 96: (4, 2), 128: (2, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_allocations():
-    """``torch.empty`` hands out NaN-filled memory in deterministic mode, so an
-    output element a kernel never writes shows up as NaN."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-    torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+# Unwritten output elements show as NaN (see conftest).
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def _choice(values):
@@ -465,3 +456,35 @@ def test_bench_providers_agree():
     assert {"varlen_attention", "sdpa_padded", "sdpa_loop"} <= set(providers)
     for name, fn in providers.items():
         torch.testing.assert_close(fn(q, k, v).double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_lse_sum_backward_takes_an_expanded_gradient():
+    """Issue 11's first reproduction: ``lse.sum().backward()`` hands the
+    backward a stride-0 gradient of lse, which it once read as contiguous."""
+    lengths = [5, 0, 9, 3]
+    q, k, v, cu, _ = _inputs(lengths, lengths, 4, 2, 32, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = varlen_attention(*leaves, cu, return_lse=True)
+    lse.sum().backward()
+    oracle = [t.double().requires_grad_(True) for t in (q, k, v)]
+    _logsumexp(oracle[0], oracle[1], cu, cu, 32 ** -0.5).sum().backward()
+    same = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    _logsumexp(same[0], same[1], cu, cu, 32 ** -0.5).sum().backward()
+    for name, a, o, s in zip(("dq", "dk"), leaves, oracle, same):
+        assert_within_reference_error(a.grad, s.grad, o.grad, factor=3.0, name=name)
+    # lse does not depend on v.
+    assert torch.equal(leaves[2].grad, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("argument", ["cu_seqlens_q", "cu_seqlens_k"])
+def test_non_contiguous_offsets_are_refused(argument):
+    """Issue 11's second reproduction: ``offsets[::2]`` passed validation and
+    the kernel read past its end."""
+    lengths = [3, 4]
+    q, k, v, cu, _ = _inputs(lengths, lengths, 2, 1, 16, torch.float32)
+    strided = torch.stack([cu, torch.full_like(cu, -1)], 1).flatten()[::2]
+    assert torch.equal(strided, cu) and not strided.is_contiguous()
+    offsets = {"cu_seqlens_q": cu, "cu_seqlens_k": cu, argument: strided}
+    for max_seqlens in ({}, {"max_seqlen_q": 4, "max_seqlen_k": 4}):
+        with pytest.raises(ValueError, match=f"^{argument}: expected a contiguous"):
+            varlen_attention(q, k, v, **offsets, **max_seqlens)

@@ -3,6 +3,14 @@
 Validation runs on the Python side before any launch so that a bad argument
 fails with a ``ValueError`` naming it, instead of an illegal memory access or a
 silently wrong result inside a kernel.
+
+Two kinds of check (the host-sync policy): *structural* checks (type, dtype,
+device, shape, strides) read only metadata and always run. *Value* checks
+(index ranges, offsets, NaN scans) read tensor data back to the host, a
+device sync on CUDA: they run when the op's ``validate`` argument is true (the
+default) and never while torch.compile traces, where tensors have no data.
+Hot paths (the LookWhen model) validate once at their boundary and pass
+``validate=False``.
 """
 from __future__ import annotations
 
@@ -32,6 +40,12 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.device.type != "cpu" or not interpret_mode():
         return False
     return not (torch.compiler.is_compiling() or is_fake(tensor))
+
+
+def checks_values(validate: bool, tensor: torch.Tensor) -> bool:
+    """Whether an op runs its value checks: when asked to and the data is real
+    (not while torch.compile traces, not on fake tensors)."""
+    return bool(validate) and not (torch.compiler.is_compiling() or is_fake(tensor))
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -86,15 +100,10 @@ def check_cu_seqlens(
     """Validate a packed-layout offset vector and return its lengths (on CPU).
 
     Reads the (small) tensor back to the host: callers that care about syncs
-    validate once at the model boundary, not per layer.
+    validate once at the model boundary, not per layer (the structural part
+    alone is :func:`check_offsets`).
     """
-    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu_seqlens.numel() < 1:
-        raise ValueError(f"{name}: expected at least one element (B+1 offsets)")
-    if batch is not None and cu_seqlens.numel() != batch + 1:
-        raise ValueError(
-            f"{name}: expected {batch + 1} offsets for a batch of {batch}, got {cu_seqlens.numel()}"
-        )
+    check_offsets(name, cu_seqlens, batch=batch, device=device)
     host = cu_seqlens.detach().to("cpu", torch.int64)
     if int(host[0]) != 0:
         raise ValueError(f"{name}: must start at 0, got {int(host[0])}")
@@ -110,6 +119,20 @@ def check_cu_seqlens(
             f"{name}: a sequence of length {int(lengths.max())} exceeds the limit {max_len}"
         )
     return lengths
+
+
+def check_offsets(
+    name: str, cu_seqlens: torch.Tensor, *, batch: Optional[int] = None, device: Optional[torch.device] = None,
+) -> None:
+    """The checks of an offset vector that read no data. Contiguity matters:
+    kernels index ``cu_seqlens[b]`` as ``ptr + b``."""
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device, contiguous=True)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected at least one element (B+1 offsets)")
+    if batch is not None and cu_seqlens.numel() != batch + 1:
+        raise ValueError(
+            f"{name}: expected {batch + 1} offsets for a batch of {batch}, got {cu_seqlens.numel()}"
+        )
 
 
 def check_indices(

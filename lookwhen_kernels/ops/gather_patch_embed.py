@@ -59,8 +59,10 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_offsets,
     check_shape,
     check_tensor,
+    checks_values,
     dot_precision,
     use_triton,
 )
@@ -185,10 +187,15 @@ def _gather_patch_embed_bwd_weight(
 def _folding(mean: Sequence[float], std: Sequence[float], device):
     """Per channel: the weight scale ``s`` and offset ``o`` with
     ``(x / 255 - mean) / std = (x - 128) * PIXEL_SCALE * s + o``."""
-    std_t = torch.tensor(std, dtype=torch.float32)
-    scale = 1.0 / (255.0 * PIXEL_SCALE.value * std_t)
-    offset = (128.0 / 255.0 - torch.tensor(mean, dtype=torch.float32)) / std_t
-    return scale.to(device), offset.to(device)
+    scale = [1.0 / (255.0 * PIXEL_SCALE.value * sd) for sd in std]
+    offset = [(128.0 / 255.0 - m) / sd for m, sd in zip(mean, std)]
+    return _device_vector(scale, device), _device_vector(offset, device)
+
+
+def _device_vector(values: Sequence[float], device) -> torch.Tensor:
+    """float32 ``[len(values)]`` written on the device by fill kernels: a
+    host-built tensor's copy to a GPU would block the host on every call."""
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 def _window_weight(weight: torch.Tensor, scale: torch.Tensor, downsample: int) -> torch.Tensor:
@@ -400,6 +407,7 @@ def gather_patch_embed(
     std: Union[Sequence[float], torch.Tensor],
     cu_seqlens: Optional[torch.Tensor] = None,
     downsample: int = 1,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Embed the selected patches of a uint8 clip into packed tokens.
 
@@ -418,9 +426,11 @@ def gather_patch_embed(
     packed ``[total, D]`` in the weight's dtype (fp16, bf16 or fp32; ``bias``
     and ``pos_embed`` share it). Differentiable with respect to ``weight``,
     ``bias`` and ``pos_embed``; the backward recomputes the patches blockwise
-    inside a Triton kernel. Validation reads ``indices`` and ``cu_seqlens``
-    back to the host (skipped while torch.compile traces; pass ``mean`` and
-    ``std`` as floats there).
+    inside a Triton kernel. With ``validate=True`` (the default) the value
+    checks read ``indices`` and ``cu_seqlens`` back to the host (a device
+    sync; never while torch.compile traces); ``validate=False`` reads nothing.
+    ``mean`` and ``std`` given as tensors are read back too: hot paths (and
+    torch.compile) pass floats.
     """
     check_tensor("clip", clip, ndim=5, dtypes=(torch.uint8,), contiguous=True)
     batch, frames, height, width, channels = clip.shape
@@ -456,13 +466,12 @@ def gather_patch_embed(
         elif indices.dim() == 1:
             if cu_seqlens is None:
                 raise ValueError("cu_seqlens: required with packed 1-d indices (per-clip budgets)")
+            check_offsets("cu_seqlens", cu_seqlens, batch=batch, device=device)
         else:
             raise ValueError(
                 f"indices: expected [B, K] or packed [total] (with cu_seqlens), got shape {list(indices.shape)}"
             )
-        # The value checks read indices back to the host, which torch.compile
-        # cannot trace: compiled callers validate at their own boundary.
-        if not torch.compiler.is_compiling():
+        if checks_values(validate, indices):
             check_indices("indices", indices, n_tokens, device=device)
             if cu_seqlens is not None:
                 check_cu_seqlens("cu_seqlens", cu_seqlens, batch=batch, total=indices.numel(), device=device)

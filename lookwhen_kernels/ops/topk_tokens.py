@@ -34,6 +34,7 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_shape,
     check_tensor,
+    checks_values,
     next_power_of_2,
     use_triton,
 )
@@ -210,6 +211,16 @@ def _resolve_grids(n: int, grid, out_grid) -> Tuple[Tuple[int, int, int], Tuple[
     return grid, out_grid
 
 
+def check_budgets(name: str, host_budgets: torch.Tensor, n_tokens: int) -> None:
+    """Every budget of a host copy lies in ``[0, n_tokens]``: the check a
+    caller that passes ``validate=False`` makes at its own boundary."""
+    if host_budgets.numel() and (int(host_budgets.min()) < 0 or int(host_budgets.max()) > n_tokens):
+        raise ValueError(
+            f"{name}: every budget must lie in [0, {n_tokens}], got values in "
+            f"[{int(host_budgets.min())}, {int(host_budgets.max())}]"
+        )
+
+
 def keep_ratio_to_k(keep_ratio: float, n_tokens: int) -> int:
     """``max(1, round(keep_ratio * n_tokens))`` (Python's round: half to even)."""
     return max(1, round(keep_ratio * n_tokens))
@@ -223,6 +234,8 @@ def topk_tokens(
     grid: Optional[Sequence[int]] = None,
     out_grid: Optional[Sequence[int]] = None,
     budgets: Optional[torch.Tensor] = None,
+    total: Optional[int] = None,
+    validate: bool = True,
 ):
     """Ids of the highest-scoring tokens of every clip, in ascending order.
 
@@ -239,8 +252,15 @@ def topk_tokens(
     [sum(budgets)], cu_seqlens [B+1])`` for ``budgets``. Equal scores are
     ranked by token id (the lower id wins; -0.0 equals +0.0). NaN scores are
     refused, and so are infinite ones when upsampling (a zero interpolation
-    weight times inf is NaN). The NaN check (and the budgets) are read back
-    to the host. Not differentiable: the result is indices.
+    weight times inf is NaN). Not differentiable: the result is indices.
+
+    Host reads: with ``validate=True`` (the default) the scan for NaN (and
+    inf) scores and the range check of ``budgets`` read data back to the
+    host; ``validate=False`` skips them (the caller vouches for its scores
+    and budgets), and so does torch.compile while it traces. With
+    ``budgets``, sizing the output needs ``sum(budgets)``: pass it as
+    ``total`` to avoid that read (one device sync otherwise). A fixed ``k``
+    or ``keep_ratio`` with ``validate=False`` reads nothing.
     """
     check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
     batch, n = scores.shape
@@ -253,21 +273,26 @@ def topk_tokens(
     given = [name for name, v in (("k", k), ("keep_ratio", keep_ratio), ("budgets", budgets)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"k, keep_ratio, budgets: give exactly one, got {given or 'none'}")
+    if total is not None and budgets is None:
+        raise ValueError("total: only meaningful with budgets")
     upsample = grid != out_grid
-    if bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
+    reads = checks_values(validate, scores)
+    if reads and bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
         kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
         raise ValueError(f"scores: contain {kind}")
     if budgets is not None:
         check_tensor("budgets", budgets, ndim=1, dtypes=(torch.int32,), device=scores.device, contiguous=True)
         check_shape("budgets", budgets, [batch])
-        host = budgets.detach().to("cpu", torch.int64)
-        if host.numel() and (int(host.min()) < 0 or int(host.max()) > n_out):
-            raise ValueError(
-                f"budgets: every budget must lie in [0, {n_out}], got values in "
-                f"[{int(host.min())}, {int(host.max())}]"
-            )
+        if total is not None and (isinstance(total, bool) or not isinstance(total, Integral) or total < 0):
+            raise ValueError(f"total: expected a non-negative int (the sum of budgets), got {total!r}")
+        if reads or total is None:
+            host = budgets.detach().to("cpu", torch.int64)
+            check_budgets("budgets", host, n_out)
+            if total is not None and total != int(host.sum()):
+                raise ValueError(f"total: {total} is not the sum of budgets ({int(host.sum())})")
+            total = int(host.sum())
         cu_seqlens = cu_seqlens_from_lengths(budgets)
-        indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, int(host.sum()), list(grid), list(out_grid))
+        indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, total, list(grid), list(out_grid))
         return indices, cu_seqlens
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real) or not 0 < keep_ratio <= 1:

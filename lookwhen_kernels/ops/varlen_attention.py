@@ -50,7 +50,9 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_cu_seqlens,
+    check_offsets,
     check_tensor,
+    checks_values,
     interpret_mode,
     next_power_of_2,
     use_triton,
@@ -204,9 +206,12 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    out_ptr, dout_ptr, glse_ptr, delta_ptr, out_units, dout_units, total_q,
+    out_ptr, dout_ptr, glse_ptr, delta_ptr, out_units, dout_units, glse_head_stride, glse_row_stride, total_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_GLSE: tl.constexpr,
 ):
+    # The incoming gradient of lse keeps its own strides: autograd hands an
+    # expanded (stride 0) tensor for ``lse.sum()``, and copying it would cost a
+    # full [H, total_q] write.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -216,7 +221,8 @@ def _attn_bwd_preprocess(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stats = head.to(tl.int64) * total_q + rows
     if HAS_GLSE:
-        delta -= tl.load(glse_ptr + stats, mask=rows < total_q, other=0.0)
+        glse = glse_ptr + head.to(tl.int64) * glse_head_stride + rows64 * glse_row_stride
+        delta -= tl.load(glse, mask=rows < total_q, other=0.0)
     tl.store(delta_ptr + stats, delta, mask=rows < total_q)
 
 
@@ -413,8 +419,9 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         return dq, dk.zero_(), dv.zero_()
     block_d, group = _tile_width_and_group(q, k)
     delta = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
+    glse = grad_lse if grad_lse is not None else lse
     wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(total_q, PREPROCESS_BLOCK_M), heads)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta, _row_units(out), _row_units(grad_out),
+        out, grad_out, glse, delta, _row_units(out), _row_units(grad_out), glse.stride(0), glse.stride(1),
         total_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, HAS_GLSE=grad_lse is not None,
     )
     qk_scale = softmax_scale * LOG2E.value
@@ -573,6 +580,7 @@ def varlen_attention(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     return_lse: bool = False,
+    validate: Optional[bool] = None,
 ):
     """Softmax attention within each of B packed sequences (non-causal).
 
@@ -588,10 +596,15 @@ def varlen_attention(
     - ``max_seqlen_q``, ``max_seqlen_k``: the longest sequence of each side
       (a larger value is fine, a smaller one is an error). When omitted they
       are computed from ``cu_seqlens``, which reads them back to the host: a
-      device sync. On CUDA, passing both skips that read entirely, and with it
-      the value checks of ``cu_seqlens`` (monotonic, last offset = rows, max
-      lengths): validate once at the model boundary with
-      ``lookwhen_kernels.ops._common.check_cu_seqlens``.
+      device sync.
+    - ``validate``: run the value checks of ``cu_seqlens`` (monotonic, last
+      offset = rows, max lengths), which read it back to the host. The
+      default, ``None``, is FlashAttention's contract: a caller that passes
+      both max lengths vouches for the offsets, and no data is read (validate
+      once at the model boundary with
+      ``lookwhen_kernels.ops._common.check_cu_seqlens``). Never run while
+      torch.compile traces. Structural checks (dtype, device, shape,
+      contiguity of ``cu_seqlens``) always run.
     - ``softmax_scale``: defaults to ``Dh ** -0.5``.
     - ``dropout_p`` and ``causal`` exist so that calls written for
       FlashAttention keep working; only their defaults (0 and ``False``) are
@@ -624,9 +637,9 @@ def varlen_attention(
     self_attention = cu_seqlens_k is None
     if self_attention:
         cu_seqlens_k = cu_seqlens_q
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=device)
-    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu_seqlens_q.numel() < 1 or cu_seqlens_k.numel() != cu_seqlens_q.numel():
+    check_offsets("cu_seqlens_q", cu_seqlens_q, device=device)
+    check_offsets("cu_seqlens_k", cu_seqlens_k, device=device)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(
             f"cu_seqlens_k: expected B+1 = {cu_seqlens_q.numel()} offsets like cu_seqlens_q, "
             f"got {cu_seqlens_k.numel()}"
@@ -644,9 +657,11 @@ def varlen_attention(
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
 
-    trusted = max_seqlen_q is not None and max_seqlen_k is not None and (q.is_cuda or torch.compiler.is_compiling())
+    lengths_missing = max_seqlen_q is None or max_seqlen_k is None
+    if validate is None:
+        validate = lengths_missing
     lengths_q = lengths_k = None
-    if not trusted:
+    if lengths_missing or checks_values(validate, q):
         lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=total_q)
         lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=total_k)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
@@ -752,7 +767,8 @@ def compile_specs():
             specs.append(CompileSpec(
                 f"varlen_attention_bwd_preprocess[{ty},d{head_dim}]", _attn_bwd_preprocess,
                 {"out_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "glse_ptr": "*fp32", "delta_ptr": "*fp32",
-                 "out_units": "i32", "dout_units": "i32", "total_q": "i32"} | {n: "constexpr" for n in constexprs},
+                 "out_units": "i32", "dout_units": "i32", "glse_head_stride": "i32", "glse_row_stride": "i32",
+                 "total_q": "i32"} | {n: "constexpr" for n in constexprs},
                 constexprs,
             ))
     return specs
