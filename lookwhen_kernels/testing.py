@@ -43,9 +43,10 @@ def assert_within_reference_error(
     floor: Optional[float] = None,
     name: str = "output",
 ) -> None:
-    """``|actual - oracle| <= factor * |reference - oracle| + floor``, in max norm."""
+    """``|actual - oracle| <= factor * |reference - oracle| + floor``, in max
+    norm; the default floor is the dtype's, times the oracle's magnitude."""
     if floor is None:
-        floor = DEFAULT_FLOOR.get(reference_same_precision.dtype, 1e-5)
+        floor = magnitude_floor(oracle, DEFAULT_FLOOR.get(reference_same_precision.dtype, 1e-5))
     kernel_err = max_abs_error(actual, oracle)
     reference_err = max_abs_error(reference_same_precision, oracle)
     bound = factor * reference_err + floor
@@ -54,6 +55,14 @@ def assert_within_reference_error(
             f"{name}: kernel error {kernel_err:.3e} exceeds {factor} x reference error "
             f"{reference_err:.3e} + {floor:.1e} = {bound:.3e}"
         )
+
+
+def magnitude_floor(expected: torch.Tensor, floor: float) -> float:
+    """An absolute floor scaled to the size of the values compared: a fixed
+    1e-5 is below one ulp of fp32 values past 100, and loose for values near 0."""
+    finite = expected[torch.isfinite(expected)] if expected.numel() else expected
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return floor * max(1.0, scale)
 
 
 def poison_(tensor: torch.Tensor) -> torch.Tensor:

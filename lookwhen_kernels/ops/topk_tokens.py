@@ -173,13 +173,27 @@ def _topk_tokens(scores: torch.Tensor, k: int, grid: List[int], out_grid: List[i
     return out
 
 
+@torch.library.custom_op("lookwhen::topk_tokens_budgets_cpu", mutates_args=())
+def _topk_tokens_budgets_cpu(
+    scores: torch.Tensor, budgets: torch.Tensor, total: int, grid: List[int], out_grid: List[int],
+) -> torch.Tensor:
+    """The reference, opaque to torch.compile: its per-clip loop reads the
+    budgets, which tracing must not see (the output size is ``total``)."""
+    return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
+
+
+@_topk_tokens_budgets_cpu.register_fake
+def _topk_tokens_budgets_cpu_fake(scores, budgets, total, grid, out_grid):
+    return scores.new_empty((total,), dtype=torch.int32)
+
+
 @triton_op("lookwhen::topk_tokens_budgets", mutates_args=())
 def _topk_tokens_budgets(
     scores: torch.Tensor, budgets: torch.Tensor, cu_seqlens: torch.Tensor, total: int,
     grid: List[int], out_grid: List[int],
 ) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
+        return torch.ops.lookwhen.topk_tokens_budgets_cpu(scores, budgets, total, grid, out_grid)
     out = torch.empty((total,), device=scores.device, dtype=torch.int32)
     _launch(scores, out, grid, out_grid, budgets=budgets, offsets=cu_seqlens)
     return out

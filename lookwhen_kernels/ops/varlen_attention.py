@@ -455,7 +455,9 @@ def _cpu_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
+    out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
+    # The reference builds lse transposed; the fake (and the kernel) promise contiguous.
+    return out.contiguous(), lse.contiguous()
 
 
 @_cpu_forward.register_fake
