@@ -14,7 +14,11 @@ import torch
 
 def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:
     """Offsets ``[B+1]`` (int32) from per-sequence lengths (list or tensor)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    if isinstance(lengths, torch.Tensor):
+        # Cast in place of residence (as_tensor spells every call as a copy to a device).
+        lengths = lengths.to(torch.int64) if device is None else lengths.to(device, torch.int64)
+    else:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
     if lengths.numel():
         out[1:] = torch.cumsum(lengths, 0).to(torch.int32)

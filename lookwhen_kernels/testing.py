@@ -145,9 +145,11 @@ class _HostReads(TorchDispatchMode):
         inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         on_host = bool(inputs) and all(self.is_host(t) for t in inputs)
         to_host = name.startswith("aten._to_copy") and kwargs.get("device") == torch.device("cpu")
-        if name.startswith("aten.lift_fresh") or (on_host and not to_host):
+        # A copy of host data stays host data here (on a GPU it could be
+        # the copy to the device, which is then not read back by this code).
+        if name.startswith("aten.lift_fresh") or on_host:
             self.mark_host(out)
-        elif to_host and not on_host:
+        elif to_host:
             self.reads.append(f"{name} (to the host)")
             self.mark_host(out)
         elif name.startswith(_READ_OPS) and not on_host:
