@@ -97,11 +97,13 @@ def random_lengths(
 
 
 def layout_variants(tensor: torch.Tensor, *, expand: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
-    """``(name, view)`` for the layouts PyTorch hands an op, each holding the
-    values of ``tensor`` except ``"expanded"`` (its first slice broadcast
-    along dimension 0, stride 0): a storage offset, every other element of a
-    wider buffer, transposed storage (2-d and up) and the expansion. Compare
-    an op on a view with the op on ``view.contiguous()``."""
+    """``(name, view)`` for the layouts PyTorch hands an op: a storage offset,
+    every other element of a wider buffer, transposed storage (2-d and up),
+    and with ``expand`` two stride-0 views, ``"expanded"`` (the first slice
+    along dimension 0 broadcast, as autograd hands the gradient of a sum) and
+    ``"broadcast"`` (the same along the last dimension). The expansions change
+    the values; the others keep them. Compare an op on a view with the op on
+    ``view.contiguous()``."""
     flat = torch.empty(tensor.numel() + 3, dtype=tensor.dtype)
     yield "offset", flat[3:].view(tensor.shape).copy_(tensor)
     if tensor.dim() and tensor.shape[-1] > 0:
@@ -112,6 +114,8 @@ def layout_variants(tensor: torch.Tensor, *, expand: bool = True) -> Iterator[Tu
         yield "transposed", tensor.transpose(0, -1).contiguous().transpose(0, -1)
     if expand and tensor.dim() and tensor.shape[0] > 1:
         yield "expanded", tensor[:1].expand(tensor.shape)
+    if expand and tensor.dim() > 1 and tensor.shape[-1] > 1:
+        yield "broadcast", tensor[..., :1].expand(tensor.shape)
 
 
 # Ops that read a tensor's values on the host (output sizes that depend on data included).
