@@ -20,6 +20,7 @@ from lookwhen.config import ModelConfig
 from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
 from lookwhen.selector import Selector
+from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops.topk_tokens import check_budgets
 
 
@@ -215,6 +216,7 @@ class _VarlenLayout:
 
     def split(self, x):
         selected = x[self.token_rows]
-        sums = selected.new_zeros(self.lengths.numel(), x.shape[1]).index_add_(0, self.clip_of_row, selected)
-        pooled = sums / self.lengths.clamp(min=1)[:, None].to(sums.dtype)
+        # A GEMM, not index_add_: the same sums on every run (B is small).
+        sums = segment_sum(selected, self.clip_of_row, self.lengths.numel())
+        pooled = (sums / self.lengths.clamp(min=1)[:, None]).to(selected.dtype)
         return x[self.starts], selected, pooled

@@ -24,6 +24,27 @@ from torch._subclasses.fake_tensor import is_fake
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_DETERMINISTIC = os.environ.get("LOOKWHEN_DETERMINISTIC", "0") not in ("", "0")
+
+
+def set_deterministic(enabled: bool) -> bool:
+    """Deterministic mode: two runs on the same inputs give bitwise-equal
+    outputs and gradients, across processes. Kernel configs are pinned
+    (the first of each list, no autotuning, whose pick can differ between
+    processes) and sums that would use atomic adds (the positional-embedding
+    gradient of ``gather_patch_embed``) run as fixed-order GEMMs instead. Also
+    on when ``LOOKWHEN_DETERMINISTIC=1`` at import or while
+    ``torch.use_deterministic_algorithms(True)`` is in force. Returns the
+    previous setting."""
+    global _DETERMINISTIC
+    previous, _DETERMINISTIC = _DETERMINISTIC, bool(enabled)
+    return previous
+
+
+def deterministic() -> bool:
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+
+
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its numpy interpreter (tests on CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -40,7 +40,8 @@ host folds it back: ``d_weight = 256 s * G + o * colsum(grad)``, with ``G``
 summed over the clip columns a downsampled pixel averages and divided by
 ``downsample^2``. ``d_bias`` is the
 column sum of ``grad``; ``d_pos_embed`` adds every row of ``grad`` into
-``[N, D]`` at its token id (``index_add``).
+``[N, D]`` at its token id (``index_add``; a one-hot GEMM in deterministic
+mode, where the atomic adds' order must not vary).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from torch.library import triton_op, wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from lookwhen_kernels import reference
+from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
@@ -63,6 +65,7 @@ from lookwhen_kernels.ops._common import (
     check_shape,
     check_tensor,
     checks_values,
+    deterministic,
     dot_precision,
     use_triton,
 )
@@ -343,9 +346,16 @@ def _gather_patch_embed_backward(
     if indices is None:
         d_pos = grad.float().reshape(clip.shape[0], n_tokens, dim).sum(0)
     else:
-        d_pos = torch.zeros((n_tokens, dim), device=clip.device, dtype=torch.float32)
-        d_pos.index_add_(0, indices.reshape(-1), grad.float())
+        d_pos = _token_sum(grad.float(), indices.reshape(-1), n_tokens)
     return [d_weight.to(grad.dtype), grad_sum.to(grad.dtype), d_pos.to(grad.dtype)]
+
+
+def _token_sum(rows: torch.Tensor, tokens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Rows added up per token id: atomic ``index_add_`` (fast; the order of
+    the adds varies), or in deterministic mode a fixed-order GEMM."""
+    if deterministic():
+        return segment_sum(rows, tokens, n_tokens)
+    return rows.new_zeros((n_tokens, rows.shape[1])).index_add_(0, tokens, rows)
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,6 +53,7 @@ from lookwhen_kernels.ops._common import (
     check_offsets,
     check_tensor,
     checks_values,
+    deterministic,
     interpret_mode,
     next_power_of_2,
     use_triton,
@@ -355,8 +356,9 @@ _AUTOTUNED = {}
 
 def _launch(kernel, configs: Sequence[triton.Config], grid, *args, **constexprs) -> None:
     """Autotune over ``configs`` on a GPU (once per head dim and dtype); the
-    interpreter runs the first, preferred config."""
-    if interpret_mode():
+    interpreter and deterministic mode run the first, preferred config (the
+    autotuner's pick, and with it the rounding, can differ between runs)."""
+    if interpret_mode() or deterministic():
         config = configs[0]
         wrap_triton(kernel)[grid](*args, **constexprs, **config.kwargs,
                                   num_warps=config.num_warps, num_stages=config.num_stages)
