@@ -488,3 +488,51 @@ def test_non_contiguous_offsets_are_refused(argument):
     for max_seqlens in ({}, {"max_seqlen_q": 4, "max_seqlen_k": 4}):
         with pytest.raises(ValueError, match=f"^{argument}: expected a contiguous"):
             varlen_attention(q, k, v, **offsets, **max_seqlens)
+
+
+@pytest.mark.parametrize("head_dim, heads", [(256, (2, 1)), (8, (8, 1)), (3, (16, 2)), (40, (24, 3))])
+def test_extreme_head_dims_and_wide_groups(head_dim, heads):
+    """The widest tile (head dim 256), dims below an MMA's K of 16 (masked in
+    a 16-wide tile) and grouped-query groups of 8 and more."""
+    inputs = _inputs(_lengths(3, 20), _lengths(3, 20), *heads, head_dim, torch.float32)
+    _check_forward(*inputs)
+    _check_backward(*inputs, with_lse=True)
+
+
+def test_backward_past_1024_keys():
+    """Past 1024 keys and queries: many key and query blocks in the backward."""
+    lengths = _shuffled([1, int(torch.randint(1030, 1100, ())), 7])
+    _check_backward(*_inputs(lengths, lengths, 1, 1, 16, torch.float32), with_lse=True)
+
+
+def _alternate_configs():
+    """(kernel, tile width, config index) of every config the interpreter's
+    first-config rule would never run."""
+    from lookwhen_kernels.ops.varlen_attention import _FP32_CONFIGS, _HALF_CONFIGS
+
+    cases = []
+    for dtype, table in ((torch.float16, _HALF_CONFIGS), (torch.float32, _FP32_CONFIGS)):
+        for kernel, by_width in table.items():
+            for width, configs in by_width.items():
+                cases += [(dtype, kernel, width, i) for i in range(1, len(configs))]
+    return cases
+
+
+@pytest.mark.parametrize("dtype, kernel, width, index", _alternate_configs())
+def test_every_alternate_autotune_config(monkeypatch, dtype, kernel, width, index):
+    """On a GPU the autotuner may pick any config of a list; each one is run
+    once here so that none is numerically unchecked."""
+    from lookwhen_kernels.ops import varlen_attention as module
+
+    original = module.configs_for
+
+    def forced(name, head_dim, dt):
+        configs = original(name, head_dim, dt)
+        return configs[index:index + 1] if name == kernel else configs
+
+    monkeypatch.setattr(module, "configs_for", forced)
+    inputs = _inputs(_lengths(3, 40), _lengths(3, 40), 4, 2, width, dtype)
+    if kernel == "fwd":
+        _check_forward(*inputs)
+    else:
+        _check_backward(*inputs, with_lse=True)

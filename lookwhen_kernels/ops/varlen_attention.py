@@ -101,16 +101,19 @@ _HALF_CONFIGS = {
     "dq": {
         64: (_config(128, 64, 8, 2), _config(64, 64, 4, 2)),
         128: (_config(128, 32, 8, 2), _config(64, 64, 4, 2)),
-        256: (_config(64, 32, 8, 2), _config(32, 32, 4, 2)),
+        # A 32-row alternative misses Hopper's 64-row warpgroup MMA (no HGMMA).
+        256: (_config(64, 32, 8, 2),),
     },
 }
 # fp32 products run as three TF32 MMAs each (see _dot_precision), which
 # triples the operand registers: small tiles, one config each. Spill-free up
-# to head dim 128; the 256-wide backward spills (fp32 is not the GPU fast path).
+# to head dim 128 (the 128-wide dq tile at 16 x 16: 32 x 16 spills for the
+# masked head dims 80 and 96); the 256-wide backward spills (fp32 is not the
+# GPU fast path, so the static report leaves it out).
 _FP32_CONFIGS = {
     "fwd": {64: (_config(128, 32, 8, 2),), 128: (_config(32, 32, 8, 2),), 256: (_config(16, 32, 4, 2),)},
     "dkdv": {64: (_config(16, 32, 4, 2),), 128: (_config(16, 16, 4, 2),), 256: (_config(16, 16, 8, 2),)},
-    "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(32, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
+    "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(16, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
 }
 PREPROCESS_BLOCK_M = 64
 
@@ -751,6 +754,8 @@ def compile_specs():
     for dtype in FLOAT_DTYPES:
         ty = TRITON_DTYPE[dtype]
         for head_dim in REPORT_HEAD_DIMS:
+            if dtype == torch.float32 and head_dim > 128:
+                continue
             base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)}
             for kernel, fn, signature in (
                 ("fwd", _attn_fwd, _fwd_signature(ty)),
