@@ -135,3 +135,39 @@ def test_frame_normalize():
     args = dict(x=torch.randn(2, 2, 5, 3))
     _check_arguments(lk.frame_normalize, args)
     _check_gradients(lk.frame_normalize, args, ["x"])
+
+
+def _launch_grids(monkeypatch, run):
+    """The grid of every kernel launch ``run()`` makes, as 3-tuples."""
+    from triton.runtime import interpreter
+
+    grids = []
+    original = interpreter.GridExecutor.__call__
+
+    def recording(self, *args, **kwargs):
+        grid = self.grid(dict(zip(self.arg_names, args)) | kwargs) if callable(self.grid) else self.grid
+        grids.append((self.fn.__name__, tuple(grid) + (1,) * (3 - len(grid))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", recording)
+    run()
+    monkeypatch.undo()
+    return grids
+
+
+@pytest.mark.parametrize("op", ["varlen_attention", "nn_uniqueness"])
+def test_no_grid_axis_but_the_first_grows_with_the_batch(monkeypatch, op):
+    """CUDA caps grid axes 1 and 2 at 65,535 programs: a batch on them fails
+    past 65,535 sequences, so launches flatten it onto axis 0."""
+    def run(batch):
+        if op == "nn_uniqueness":
+            return lambda: lk.nn_uniqueness(torch.randn(batch, 3, 4))
+        lengths = [3] * batch
+        q = torch.randn(3 * batch, 2, 16, requires_grad=True)
+        cu = cu_seqlens_from_lengths(lengths)
+        return lambda: lk.varlen_attention(q, q, q, cu).sum().backward()
+
+    small, large = _launch_grids(monkeypatch, run(2)), _launch_grids(monkeypatch, run(5))
+    assert [name for name, _ in small] == [name for name, _ in large] and small
+    for (name, a), (_, b) in zip(small, large):
+        assert a[1:] == b[1:], f"{name}: grid {a} -> {b}"

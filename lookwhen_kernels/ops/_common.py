@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
+import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -171,6 +173,16 @@ def check_indices(
             raise ValueError(
                 f"{name}: token ids must lie in [0, {n_tokens}), got values in [{lo}, {hi}]"
             )
+
+
+@triton.jit
+def split_program_id(n_blocks):
+    """``(block, rest)`` of a flat 1-d launch over ``n_blocks`` blocks per
+    item: grid axes 1 and 2 hold at most 65,535 programs, so a batch (or
+    batch x heads) of more items cannot sit on them. Blocks vary fastest, so
+    the programs of one item still run side by side (sharing its data in L2)."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 def next_power_of_2(n: int) -> int:

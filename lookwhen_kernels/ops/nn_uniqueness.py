@@ -30,6 +30,7 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_tensor,
     dot_precision,
+    split_program_id,
     use_triton,
 )
 
@@ -66,8 +67,8 @@ def _nn_uniqueness_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    clip = tl.program_id(1)
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, clip = split_program_id(tl.cdiv(n_tokens, BLOCK_M))
+    queries = block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = queries < n_tokens
     clip_rows = clip.to(tl.int64) * n_tokens
     clip_ptr = x_ptr + clip_rows * dim
@@ -142,7 +143,8 @@ def _nn_uniqueness_into(out, x, metric):
     wrap_triton(_sq_norms)[(triton.cdiv(batch * n_tokens, NORM_BLOCKS["BLOCK_R"]),)](
         x, sq, batch * n_tokens, dim, **NORM_BLOCKS
     )
-    wrap_triton(_nn_uniqueness_fwd)[(triton.cdiv(n_tokens, BLOCKS["BLOCK_M"]), batch)](
+    # A flat grid: axis 1 would stop at 65,535 clips.
+    wrap_triton(_nn_uniqueness_fwd)[(triton.cdiv(n_tokens, BLOCKS["BLOCK_M"]) * batch,)](
         x, sq, out, n_tokens, dim,
         COSINE=metric == "cosine", **BLOCKS, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,

@@ -3,9 +3,10 @@
 Layout and arguments are FlashAttention's ``flash_attn_varlen_func``: ``q
 [total_q, H, Dh]``, ``k, v [total_k, H_kv, Dh]``, ``cu_seqlens int32 [B+1]``.
 
-Forward: one program per (query block, sequence, head); programs past their
-sequence's end return at once, so the grid ``(cdiv(max_seqlen_q, BLOCK_M), B,
-H)`` costs nothing for short sequences. The program streams the sequence's
+Forward: one program per (query block, sequence, head), on a flat 1-d grid
+of ``cdiv(max_seqlen_q, BLOCK_M) * B * H`` programs (grid axes 1 and 2 stop
+at 65,535 sequences); programs past their sequence's end return at once, so
+the grid costs nothing for short sequences. The program streams the sequence's
 key blocks with the online softmax (running max and sum in fp32, ``exp2``
 with the scale folded into ``log2(e)``), so the ``Lq x Lk`` matrix never
 exists. Every key block applies the column mask (one select per score):
@@ -56,6 +57,7 @@ from lookwhen_kernels.ops._common import (
     deterministic,
     interpret_mode,
     next_power_of_2,
+    split_program_id,
     use_triton,
 )
 
@@ -149,16 +151,16 @@ def _load_rows(base, rows, n_rows, row_stride, offs_d, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, out_units, total_q, group, qk_scale,
+    q_units, k_units, v_units, out_units, total_q, group, qk_scale, n_seqs, max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Row strides come in units of HEAD_DIM so the compiler sees them as
     # multiples of it (vectorised loads without relying on launch-time
     # specialisation).
-    block_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
+    seq = rest % n_seqs
+    head = rest // n_seqs
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -233,13 +235,14 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale,
+    q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale, n_seqs,
+    max_seqlen_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    block_n, rest = split_program_id(tl.cdiv(max_seqlen_k, BLOCK_N))
+    seq = rest % n_seqs
+    kv_head = rest // n_seqs
     k_start = tl.load(cu_k_ptr + seq)
     k_len = tl.load(cu_k_ptr + seq + 1) - k_start
     if block_n * BLOCK_N >= k_len:
@@ -297,13 +300,14 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale,
+    q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale, n_seqs,
+    max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
+    seq = rest % n_seqs
+    head = rest // n_seqs
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -404,9 +408,10 @@ def _forward(q, k, v, cu_q, cu_k, max_q: int, softmax_scale: float):
     block_d, group = _tile_width_and_group(q, k)
     _launch(
         _attn_fwd, configs_for("fwd", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads),
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, out, lse, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(out), total_q, group, softmax_scale * LOG2E.value,
+        batch, max_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
@@ -433,18 +438,18 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
     if k.shape[0]:
         _launch(
             _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype),
-            lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch, k.shape[1]),
+            lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]) * batch * k.shape[1],),
             q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dk), _row_units(dv),
-            total_q, group, qk_scale, softmax_scale,
+            total_q, group, qk_scale, softmax_scale, batch, max_k,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
         )
     _launch(
         _attn_bwd_dq, configs_for("dq", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads),
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dq),
-        total_q, group, qk_scale, softmax_scale,
+        total_q, group, qk_scale, softmax_scale, batch, max_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return dq, dk, dv
@@ -788,7 +793,8 @@ def _fwd_signature(ty: str) -> dict:
     return {
         "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_units": "i32", "k_units": "i32", "v_units": "i32",
-        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32",
+        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "n_seqs": "i32",
+        "max_seqlen_q": "i32",
     }
 
 
@@ -798,6 +804,7 @@ def _dkdv_signature(ty: str) -> dict:
         "delta_ptr": "*fp32", "dk_ptr": f"*{ty}", "dv_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
         "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dk_units": "i32",
         "dv_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
+        "n_seqs": "i32", "max_seqlen_k": "i32",
     }
 
 
@@ -806,5 +813,6 @@ def _dq_signature(ty: str) -> dict:
         "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
         "delta_ptr": "*fp32", "dq_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
         "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dq_units": "i32",
-        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
+        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32", "n_seqs": "i32",
+        "max_seqlen_q": "i32",
     }
