@@ -171,3 +171,25 @@ def test_no_grid_axis_but_the_first_grows_with_the_batch(monkeypatch, op):
     assert [name for name, _ in small] == [name for name, _ in large] and small
     for (name, a), (_, b) in zip(small, large):
         assert a[1:] == b[1:], f"{name}: grid {a} -> {b}"
+
+
+def test_counts_past_int32_offsets_are_refused():
+    """Kernels index with int32 where a count fits it; meta tensors have the
+    sizes without the memory."""
+    big = 2**31
+    with pytest.raises(ValueError, match="^x: the element count of one clip"):
+        lk.nn_uniqueness(torch.empty(1, 2**20, 2**11, device="meta"))
+    with pytest.raises(ValueError, match="^x: the element count of one frame"):
+        lk.frame_normalize(torch.empty(1, 1, 2**21, 2**10, device="meta"))
+    indices = torch.empty(big, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="^indices: the number of selected rows"):
+        lk.gather_tokens(torch.empty(1, 4, 2, device="meta"), indices,
+                         torch.zeros(2, dtype=torch.int32, device="meta"), validate=False)
+    meta = dict(device="meta")
+    with pytest.raises(ValueError, match="^indices: the number of output rows"):
+        lk.gather_patch_embed(torch.empty(1, 1, 4, 4, 3, dtype=torch.uint8, **meta), indices.view(1, big),
+                              torch.empty(2, 3, 4, 4, **meta), torch.empty(2, **meta), torch.empty(1, 2, **meta),
+                              patch_size=4, mean=MEAN, std=STD, validate=False)
+    budgets = torch.empty(1, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="^budgets: the sum of the budgets"):
+        lk.topk_tokens(torch.empty(1, 8, device="meta"), budgets=budgets, total=big, validate=False)

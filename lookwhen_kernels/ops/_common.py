@@ -144,6 +144,16 @@ def check_cu_seqlens(
     return lengths
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_int32(name: str, value: int, what: str) -> None:
+    """Kernels index with int32 where a count fits it; past that they would
+    wrap around silently, so the count is refused instead."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name}: {what} is {value}, past the int32 offsets the kernels use ({INT32_MAX})")
+
+
 def check_offsets(
     name: str, cu_seqlens: torch.Tensor, *, batch: Optional[int] = None, device: Optional[torch.device] = None,
 ) -> None:

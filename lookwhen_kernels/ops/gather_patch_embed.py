@@ -61,6 +61,7 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_int32,
     check_offsets,
     check_shape,
     check_tensor,
@@ -485,6 +486,8 @@ def gather_patch_embed(
             check_indices("indices", indices, n_tokens, device=device)
             if cu_seqlens is not None:
                 check_cu_seqlens("cu_seqlens", cu_seqlens, batch=batch, total=indices.numel(), device=device)
+    check_int32("indices" if indices is not None else "clip", _rows(clip, indices, patch_size, downsample),
+                "the number of output rows")
     mean = _channel_stats("mean", mean)
     std = _channel_stats("std", std)
     if not all(s > 0 for s in std):

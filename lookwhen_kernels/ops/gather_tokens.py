@@ -32,6 +32,7 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_int32,
     check_offsets,
     check_shape,
     check_tensor,
@@ -161,6 +162,7 @@ def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device, v
     they run only with ``validate`` and never while torch.compile traces.
     """
     check_tensor("indices", indices, dtypes=(torch.int32,), device=device, contiguous=True)
+    check_int32("indices", indices.numel(), "the number of selected rows")
     if cu_seqlens is None:
         if indices.dim() != 2:
             raise ValueError(

@@ -28,6 +28,7 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int32,
     check_tensor,
     dot_precision,
     split_program_id,
@@ -176,6 +177,7 @@ def nn_uniqueness(x: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
     0. A training target: the result carries no gradient.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_int32("x", x.shape[1] * x.shape[2], "the element count of one clip")
     if x.shape[2] == 0:
         raise ValueError("x: tokens need at least one feature (dimension 2 is 0)")
     if metric not in METRICS:

@@ -32,6 +32,7 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int32,
     check_shape,
     check_tensor,
     checks_values,
@@ -305,6 +306,7 @@ def topk_tokens(
             if total is not None and total != int(host.sum()):
                 raise ValueError(f"total: {total} is not the sum of budgets ({int(host.sum())})")
             total = int(host.sum())
+        check_int32("budgets", total, "the sum of the budgets (int32 cu_seqlens)")
         cu_seqlens = cu_seqlens_from_lengths(budgets)
         indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, total, list(grid), list(out_grid))
         return indices, cu_seqlens
