@@ -99,6 +99,14 @@ def _kth_largest_key(key, valid, k):
 
 
 @triton.jit
+def _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP: tl.constexpr):
+    """The clip's K and the offset of its first output slot."""
+    if PER_CLIP:
+        return tl.load(budgets_ptr + clip), tl.load(offsets_ptr + clip).to(tl.int64)
+    return k, clip.to(tl.int64) * k
+
+
+@triton.jit
 def _topk_kernel(
     scores_ptr, budgets_ptr, offsets_ptr, out_ptr,
     n_in, n_out, k,
@@ -113,12 +121,7 @@ def _topk_kernel(
         score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
-    if PER_CLIP:
-        budget = tl.load(budgets_ptr + clip)
-        out_base = tl.load(offsets_ptr + clip).to(tl.int64)
-    else:
-        budget = k
-        out_base = clip.to(tl.int64) * k
+    budget, out_base = _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP)
     key = _order_key(score)
     kth = _kth_largest_key(key, valid, budget)
     above = valid & (key > kth)
@@ -161,12 +164,7 @@ def _topk_looped_kernel(
         else:
             score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
         tl.store(clip_keys + ids, _order_key(score), mask=valid)
-    if PER_CLIP:
-        budget = tl.load(budgets_ptr + clip)
-        out_base = tl.load(offsets_ptr + clip).to(tl.int64)
-    else:
-        budget = k
-        out_base = clip.to(tl.int64) * k
+    budget, out_base = _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP)
     # As _kth_largest_key, with each count summed over the chunks.
     sign = tl.full([], 1, tl.int32) << 31
     prefix = tl.zeros([], dtype=tl.int32)
