@@ -44,6 +44,7 @@ def set_deterministic(enabled: bool) -> bool:
 
 
 def deterministic() -> bool:
+    """Whether deterministic mode is on (see :func:`set_deterministic`)."""
     return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
