@@ -60,6 +60,7 @@ def assert_within_reference_error(
 def magnitude_floor(expected: torch.Tensor, floor: float) -> float:
     """An absolute floor scaled to the size of the values compared: a fixed
     1e-5 is below one ulp of fp32 values past 100, and loose for values near 0."""
+    expected = expected.detach()
     finite = expected[torch.isfinite(expected)] if expected.numel() else expected
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     return floor * max(1.0, scale)
