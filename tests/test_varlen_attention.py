@@ -418,6 +418,8 @@ def _cu(values):
         (_bad_case(cu_seqlens_q=torch.tensor([0, 3, 7])), "int32"),
         (_bad_case(cu_seqlens_q=_cu([0, 5, 3, 7])), "non-decreasing"),
         (_bad_case(cu_seqlens_q=_cu([1, 3, 7])), "start at 0"),
+        # Given both max lengths the caller vouches for the offsets, unless it asks for the checks.
+        (_bad_case(cu_seqlens_q=_cu([0, 5, 3, 7]), max_seqlen_q=5, max_seqlen_k=5, validate=True), "non-decreasing"),
         (_bad_case(cu_seqlens_q=_cu([0, 3, 9])), "last offset"),
         (_bad_case(cu_seqlens_q=_cu([0, 3, 6])), "last offset"),
         (_bad_case(cu_seqlens_k=_cu([0, 7])), "offsets like cu_seqlens_q"),

@@ -760,7 +760,7 @@ def compile_specs():
         ty = TRITON_DTYPE[dtype]
         for head_dim in REPORT_HEAD_DIMS:
             if dtype == torch.float32 and head_dim > 128:
-                continue
+                continue  # spills, as _FP32_CONFIGS says: not a GPU fast path
             base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)}
             for kernel, fn, signature in (
                 ("fwd", _attn_fwd, _fwd_signature(ty)),
