@@ -20,6 +20,8 @@ from lookwhen.config import ModelConfig
 from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
 from lookwhen.selector import Selector
+from lookwhen_kernels.layout import segment_sum
+from lookwhen_kernels.ops.topk_tokens import check_budgets
 
 
 @dataclass
@@ -72,7 +74,13 @@ class LookWhen(nn.Module):
         selection made by another strategy; the selector still supplies its
         context tokens and scores). ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
-        "extractor"."""
+        "extractor".
+
+        Host syncs: at a keep ratio the forward reads nothing back from the
+        device. With budgets it reads them once (none when they are given
+        as a list or host tensor; their copy to the device is then the one
+        transfer), checks them here and sizes every buffer from that copy.
+        An external ``indices`` is checked here too (one read of its range)."""
         check_clip(clip, self.config)
         given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices))
                  if value is not None]
@@ -88,22 +96,25 @@ class LookWhen(nn.Module):
         scores, context = self._select_scores(clip, dtype, timer)
         with timer("selection"):
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
+            # The selection is the model's own (scores from the score head,
+            # ids from topk): the ops' value checks, host reads, stay off.
             if indices is not None:
                 tokens_cu = None
             elif budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
-                indices = lk.topk_tokens(scores, keep_ratio=ratio, **grids)
+                indices = lk.topk_tokens(scores, keep_ratio=ratio, validate=False, **grids)
                 tokens_cu = None
             else:
-                if not isinstance(budgets, torch.Tensor):
-                    budgets = torch.as_tensor(budgets, dtype=torch.int32)
-                indices, tokens_cu = lk.topk_tokens(scores, budgets=budgets.to(scores.device), **grids)
+                budgets, total, longest = _checked_budgets(budgets, batch, cfg.n_tokens, scores.device)
+                indices, tokens_cu = lk.topk_tokens(
+                    scores, budgets=budgets, total=total, validate=False, **grids
+                )
             tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
             prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
             if tokens_cu is None:
                 layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
             else:
-                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], budgets)
+                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], longest)
             x = layout.pack(prefix, tokens)
         with timer("extractor"):
             x = self.extractor(x, layout.seq_cu, layout.max_seqlen)
@@ -145,6 +156,22 @@ def _check_selection(indices, batch: int, n_tokens: int) -> None:
         raise ValueError("indices: expected a contiguous tensor (call .contiguous() first)")
     if int(indices.min()) < 0 or int(indices.max()) >= n_tokens:
         raise ValueError(f"indices: token ids must lie in [0, {n_tokens})")
+
+
+def _checked_budgets(budgets, batch: int, n_tokens: int, device: torch.device):
+    """The model's boundary for per-clip budgets: one host copy, validated
+    here so that the ops below need not read them. Returns the budgets on
+    ``device``, their sum and their largest value."""
+    if isinstance(budgets, torch.Tensor):
+        host = budgets.detach().to("cpu", torch.int64)
+        on_device = budgets.to(device)
+    else:
+        host = torch.as_tensor(budgets, dtype=torch.int64)
+        on_device = host.to(device, torch.int32)
+    if host.shape != (batch,):
+        raise ValueError(f"budgets: expected one budget per clip, shape [{batch}], got {list(host.shape)}")
+    check_budgets("budgets", host, n_tokens)
+    return on_device, int(host.sum()), int(host.max())
 
 
 @dataclass
@@ -196,7 +223,7 @@ class _VarlenLayout:
     max_seqlen: int
 
     @classmethod
-    def build(cls, tokens_cu, n_prefix, total, budgets):
+    def build(cls, tokens_cu, n_prefix, total, longest_budget):
         batch = tokens_cu.numel() - 1
         device = tokens_cu.device
         lengths = (tokens_cu[1:] - tokens_cu[:-1]).long()
@@ -211,7 +238,7 @@ class _VarlenLayout:
             token_rows=torch.arange(total, device=device) + n_prefix * (clip_of_row + 1),
             clip_of_row=clip_of_row,
             lengths=lengths,
-            max_seqlen=n_prefix + int(budgets.max()),
+            max_seqlen=n_prefix + longest_budget,
         )
 
     def pack(self, prefix, tokens):
@@ -223,6 +250,7 @@ class _VarlenLayout:
 
     def split(self, x):
         selected = x[self.token_rows]
-        sums = selected.new_zeros(self.lengths.numel(), x.shape[1]).index_add_(0, self.clip_of_row, selected)
-        pooled = sums / self.lengths.clamp(min=1)[:, None].to(sums.dtype)
+        # A GEMM, not index_add_: the same sums on every run (B is small).
+        sums = segment_sum(selected, self.clip_of_row, self.lengths.numel())
+        pooled = (sums / self.lengths.clamp(min=1)[:, None]).to(selected.dtype)
         return x[self.starts], selected, pooled

@@ -4,6 +4,7 @@ CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference,
 or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1``.
 Every op is also registered as ``torch.ops.lookwhen.<name>``.
 """
+from lookwhen_kernels.ops._common import deterministic, set_deterministic
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
 from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
@@ -15,12 +16,14 @@ from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dens
 __all__ = [
     "block_diagonal_attention",
     "dense_attention",
+    "deterministic",
     "frame_normalize",
     "gather_patch_embed",
     "gather_tokens",
     "nn_uniqueness",
     "scatter_tokens",
     "score_tokens",
+    "set_deterministic",
     "topk_tokens",
     "varlen_attention",
 ]

@@ -5,7 +5,9 @@ configurations it launches with (each op module lists them in
 ``compile_specs()``); the cubin is read back with ``cuobjdump`` (registers,
 local memory = spills, shared memory) and ``nvdisasm`` (tensor-core
 instructions: HGMMA on sm_90, HMMA on sm_80). Exits non-zero when a kernel
-fails to compile, spills, or a GEMM-shaped kernel misses the tensor cores.
+fails to compile, spills, needs more shared memory than a block may have
+(227 KB on sm_90, 163 KB on sm_80: such a launch fails at run time), or a
+GEMM-shaped kernel misses the tensor cores.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ OP_MODULES = (
 )
 
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}
+# The most dynamic shared memory one block may opt in to, per architecture.
+SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 @dataclass
@@ -47,10 +51,22 @@ class Row:
     error: Optional[str] = None
 
     @property
+    def failure(self) -> Optional[str]:
+        """Why the build fails the report, or None."""
+        if self.error is not None:
+            return self.error
+        if self.spill_bytes:
+            return "spills"
+        limit = SHARED_MEMORY_LIMIT.get(int(self.arch[3:]))
+        if limit is not None and self.shared_bytes is not None and self.shared_bytes > limit:
+            return f"shared memory over {limit // 1024} KB"
+        if self.tensor_cores_required and not self.tensor_core_instructions:
+            return "no tensor cores"
+        return None
+
+    @property
     def ok(self) -> bool:
-        if self.error is not None or self.spill_bytes:
-            return False
-        return not (self.tensor_cores_required and not self.tensor_core_instructions)
+        return self.failure is None
 
 
 def _nvidia_tool(name: str) -> str:
@@ -128,14 +144,7 @@ def format_table(rows: List[Row]) -> str:
         tc = "-" if r.tensor_core_instructions is None else str(r.tensor_core_instructions)
         if r.tensor_cores_required:
             tc += f" ({TENSOR_CORE_OPCODE[int(r.arch[3:])]})"
-        if r.error:
-            status = "FAIL " + r.error
-        elif r.spill_bytes:
-            status = "FAIL spills"
-        elif r.tensor_cores_required and not r.tensor_core_instructions:
-            status = "FAIL no tensor cores"
-        else:
-            status = "ok"
+        status = "ok" if r.ok else "FAIL " + r.failure
         lines.append((r.kernel, r.arch, str(r.registers or "-"), str(r.spill_bytes if r.spill_bytes is not None else "-"),
                       str(r.shared_bytes if r.shared_bytes is not None else "-"), tc, status))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]

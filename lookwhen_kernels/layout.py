@@ -7,6 +7,7 @@ These helpers convert between that layout and padded ``[B, L, D]`` tensors
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
 import torch
@@ -14,7 +15,11 @@ import torch
 
 def cu_seqlens_from_lengths(lengths, device=None) -> torch.Tensor:
     """Offsets ``[B+1]`` (int32) from per-sequence lengths (list or tensor)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    if isinstance(lengths, torch.Tensor):
+        # Cast in place of residence (as_tensor spells every call as a copy to a device).
+        lengths = lengths.to(torch.int64) if device is None else lengths.to(device, torch.int64)
+    else:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
     if lengths.numel():
         out[1:] = torch.cumsum(lengths, 0).to(torch.int32)
@@ -37,6 +42,18 @@ def packed_batch_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(
         torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total
     )
+
+
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """``out[s] = sum of values[r] with segment_ids[r] == s``, ``[n_segments,
+    ...]`` in float32 or wider, as a one-hot GEMM: a fixed summation order,
+    so bitwise reproducible, where ``index_add_`` on a GPU adds atomically in
+    whatever order threads arrive."""
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:])).to(dtype)
+    segments = torch.arange(n_segments, device=values.device, dtype=segment_ids.dtype)
+    one_hot = (segments[:, None] == segment_ids[None, :]).to(dtype)
+    return (one_hot @ flat).reshape(n_segments, *values.shape[1:])
 
 
 def unpad(padded: torch.Tensor, lengths: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -64,3 +64,11 @@ def test_refuses_to_run_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "lookwhen_kernels.inspect"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
+
+
+def test_a_build_over_the_shared_memory_limit_fails_the_report():
+    over_ampere = 170 * 1024  # fits sm_90's 227 KB, not sm_80's 163 KB
+    assert not Row("k", "sm_80", 100, 0, over_ampere, tensor_core_instructions=0).ok
+    assert Row("k", "sm_90", 100, 0, over_ampere, tensor_core_instructions=0).ok
+    assert not Row("k", "sm_90", 100, 0, 228 * 1024, tensor_core_instructions=0).ok
+    assert "shared memory" in Row("k", "sm_80", 100, 0, over_ampere, tensor_core_instructions=0).failure

@@ -6,6 +6,9 @@ from lookwhen_kernels import reference, score_tokens
 from lookwhen_kernels.ops.score_tokens import _score_tokens_into
 from lookwhen_kernels.testing import DEFAULT_FLOOR, assert_fully_written, assert_within_reference_error, poison_
 
+# Unwritten output elements show as NaN (see conftest).
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
 # (B, n, D, hidden): several row blocks, D and hidden over several chunks with
 # ragged tails, odd D, a single token, a tiny layer.
 SHAPES = [(2, 70, 80, 130), (1, 49, 33, 64), (1, 1, 80, 40), (3, 5, 5, 17), (1, 65, 16, 200)]

@@ -21,17 +21,8 @@ PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 HEADS = {32: (4, 1), 64: (6, 2), 80: (3, 3), 96: (4, 2), 128: (2, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_allocations():
-    """``torch.empty`` hands out NaN-filled memory in deterministic mode, so an
-    output element a kernel never writes shows up as NaN."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-    torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+# Unwritten output elements show as NaN (see conftest).
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def _choice(values):
@@ -427,6 +418,8 @@ def _cu(values):
         (_bad_case(cu_seqlens_q=torch.tensor([0, 3, 7])), "int32"),
         (_bad_case(cu_seqlens_q=_cu([0, 5, 3, 7])), "non-decreasing"),
         (_bad_case(cu_seqlens_q=_cu([1, 3, 7])), "start at 0"),
+        # Given both max lengths the caller vouches for the offsets, unless it asks for the checks.
+        (_bad_case(cu_seqlens_q=_cu([0, 5, 3, 7]), max_seqlen_q=5, max_seqlen_k=5, validate=True), "non-decreasing"),
         (_bad_case(cu_seqlens_q=_cu([0, 3, 9])), "last offset"),
         (_bad_case(cu_seqlens_q=_cu([0, 3, 6])), "last offset"),
         (_bad_case(cu_seqlens_k=_cu([0, 7])), "offsets like cu_seqlens_q"),
@@ -465,3 +458,83 @@ def test_bench_providers_agree():
     assert {"varlen_attention", "sdpa_padded", "sdpa_loop"} <= set(providers)
     for name, fn in providers.items():
         torch.testing.assert_close(fn(q, k, v).double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_lse_sum_backward_takes_an_expanded_gradient():
+    """Issue 11's first reproduction: ``lse.sum().backward()`` hands the
+    backward a stride-0 gradient of lse, which it once read as contiguous."""
+    lengths = [5, 0, 9, 3]
+    q, k, v, cu, _ = _inputs(lengths, lengths, 4, 2, 32, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = varlen_attention(*leaves, cu, return_lse=True)
+    lse.sum().backward()
+    oracle = [t.double().requires_grad_(True) for t in (q, k, v)]
+    _logsumexp(oracle[0], oracle[1], cu, cu, 32 ** -0.5).sum().backward()
+    same = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    _logsumexp(same[0], same[1], cu, cu, 32 ** -0.5).sum().backward()
+    for name, a, o, s in zip(("dq", "dk"), leaves, oracle, same):
+        assert_within_reference_error(a.grad, s.grad, o.grad, factor=3.0, name=name)
+    # lse does not depend on v.
+    assert torch.equal(leaves[2].grad, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("argument", ["cu_seqlens_q", "cu_seqlens_k"])
+def test_non_contiguous_offsets_are_refused(argument):
+    """Issue 11's second reproduction: ``offsets[::2]`` passed validation and
+    the kernel read past its end."""
+    lengths = [3, 4]
+    q, k, v, cu, _ = _inputs(lengths, lengths, 2, 1, 16, torch.float32)
+    strided = torch.stack([cu, torch.full_like(cu, -1)], 1).flatten()[::2]
+    assert torch.equal(strided, cu) and not strided.is_contiguous()
+    offsets = {"cu_seqlens_q": cu, "cu_seqlens_k": cu, argument: strided}
+    for max_seqlens in ({}, {"max_seqlen_q": 4, "max_seqlen_k": 4}):
+        with pytest.raises(ValueError, match=f"^{argument}: expected a contiguous"):
+            varlen_attention(q, k, v, **offsets, **max_seqlens)
+
+
+@pytest.mark.parametrize("head_dim, heads", [(256, (2, 1)), (8, (8, 1)), (3, (16, 2)), (40, (24, 3))])
+def test_extreme_head_dims_and_wide_groups(head_dim, heads):
+    """The widest tile (head dim 256), dims below an MMA's K of 16 (masked in
+    a 16-wide tile) and grouped-query groups of 8 and more."""
+    inputs = _inputs(_lengths(3, 20), _lengths(3, 20), *heads, head_dim, torch.float32)
+    _check_forward(*inputs)
+    _check_backward(*inputs, with_lse=True)
+
+
+def test_backward_past_1024_keys():
+    """Past 1024 keys and queries: many key and query blocks in the backward."""
+    lengths = _shuffled([1, int(torch.randint(1030, 1100, ())), 7])
+    _check_backward(*_inputs(lengths, lengths, 1, 1, 16, torch.float32), with_lse=True)
+
+
+def _alternate_configs():
+    """(kernel, tile width, config index) of every config the interpreter's
+    first-config rule would never run."""
+    from lookwhen_kernels.ops.varlen_attention import _FP32_CONFIGS, _HALF_CONFIGS
+
+    cases = []
+    for dtype, table in ((torch.float16, _HALF_CONFIGS), (torch.float32, _FP32_CONFIGS)):
+        for kernel, by_width in table.items():
+            for width, configs in by_width.items():
+                cases += [(dtype, kernel, width, i) for i in range(1, len(configs))]
+    return cases
+
+
+@pytest.mark.parametrize("dtype, kernel, width, index", _alternate_configs())
+def test_every_alternate_autotune_config(monkeypatch, dtype, kernel, width, index):
+    """On a GPU the autotuner may pick any config of a list; each one is run
+    once here so that none is numerically unchecked."""
+    from lookwhen_kernels.ops import varlen_attention as module
+
+    original = module.configs_for
+
+    def forced(name, head_dim, dt):
+        configs = original(name, head_dim, dt)
+        return configs[index:index + 1] if name == kernel else configs
+
+    monkeypatch.setattr(module, "configs_for", forced)
+    inputs = _inputs(_lengths(3, 40), _lengths(3, 40), 4, 2, width, dtype)
+    if kernel == "fwd":
+        _check_forward(*inputs)
+    else:
+        _check_backward(*inputs, with_lse=True)

@@ -3,6 +3,14 @@
 Validation runs on the Python side before any launch so that a bad argument
 fails with a ``ValueError`` naming it, instead of an illegal memory access or a
 silently wrong result inside a kernel.
+
+Two kinds of check (the host-sync policy): *structural* checks (type, dtype,
+device, shape, strides) read only metadata and always run. *Value* checks
+(index ranges, offsets, NaN scans) read tensor data back to the host, a
+device sync on CUDA: they run when the op's ``validate`` argument is true (the
+default) and never while torch.compile traces, where tensors have no data.
+Hot paths (the LookWhen model) validate once at their boundary and pass
+``validate=False``.
 """
 from __future__ import annotations
 
@@ -11,9 +19,33 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
+import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_DETERMINISTIC = os.environ.get("LOOKWHEN_DETERMINISTIC", "0") not in ("", "0")
+
+
+def set_deterministic(enabled: bool) -> bool:
+    """Deterministic mode: two runs on the same inputs give bitwise-equal
+    outputs and gradients, across processes. Kernel configs are pinned
+    (the first of each list, no autotuning, whose pick can differ between
+    processes) and sums that would use atomic adds (the positional-embedding
+    gradient of ``gather_patch_embed``) run as fixed-order GEMMs instead. Also
+    on when ``LOOKWHEN_DETERMINISTIC=1`` at import or while
+    ``torch.use_deterministic_algorithms(True)`` is in force. Returns the
+    previous setting."""
+    global _DETERMINISTIC
+    previous, _DETERMINISTIC = _DETERMINISTIC, bool(enabled)
+    return previous
+
+
+def deterministic() -> bool:
+    """Whether deterministic mode is on (see :func:`set_deterministic`)."""
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def interpret_mode() -> bool:
@@ -32,6 +64,12 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.device.type != "cpu" or not interpret_mode():
         return False
     return not (torch.compiler.is_compiling() or is_fake(tensor))
+
+
+def checks_values(validate: bool, tensor: torch.Tensor) -> bool:
+    """Whether an op runs its value checks: when asked to and the data is real
+    (not while torch.compile traces, not on fake tensors)."""
+    return bool(validate) and not (torch.compiler.is_compiling() or is_fake(tensor))
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -86,15 +124,10 @@ def check_cu_seqlens(
     """Validate a packed-layout offset vector and return its lengths (on CPU).
 
     Reads the (small) tensor back to the host: callers that care about syncs
-    validate once at the model boundary, not per layer.
+    validate once at the model boundary, not per layer (the structural part
+    alone is :func:`check_offsets`).
     """
-    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu_seqlens.numel() < 1:
-        raise ValueError(f"{name}: expected at least one element (B+1 offsets)")
-    if batch is not None and cu_seqlens.numel() != batch + 1:
-        raise ValueError(
-            f"{name}: expected {batch + 1} offsets for a batch of {batch}, got {cu_seqlens.numel()}"
-        )
+    check_offsets(name, cu_seqlens, batch=batch, device=device)
     host = cu_seqlens.detach().to("cpu", torch.int64)
     if int(host[0]) != 0:
         raise ValueError(f"{name}: must start at 0, got {int(host[0])}")
@@ -112,6 +145,30 @@ def check_cu_seqlens(
     return lengths
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_int32(name: str, value: int, what: str) -> None:
+    """Kernels index with int32 where a count fits it; past that they would
+    wrap around silently, so the count is refused instead."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name}: {what} is {value}, past the int32 offsets the kernels use ({INT32_MAX})")
+
+
+def check_offsets(
+    name: str, cu_seqlens: torch.Tensor, *, batch: Optional[int] = None, device: Optional[torch.device] = None,
+) -> None:
+    """The checks of an offset vector that read no data. Contiguity matters:
+    kernels index ``cu_seqlens[b]`` as ``ptr + b``."""
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device, contiguous=True)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected at least one element (B+1 offsets)")
+    if batch is not None and cu_seqlens.numel() != batch + 1:
+        raise ValueError(
+            f"{name}: expected {batch + 1} offsets for a batch of {batch}, got {cu_seqlens.numel()}"
+        )
+
+
 def check_indices(
     name: str,
     indices: torch.Tensor,
@@ -127,6 +184,16 @@ def check_indices(
             raise ValueError(
                 f"{name}: token ids must lie in [0, {n_tokens}), got values in [{lo}, {hi}]"
             )
+
+
+@triton.jit
+def split_program_id(n_blocks):
+    """``(block, rest)`` of a flat 1-d launch over ``n_blocks`` blocks per
+    item: grid axes 1 and 2 hold at most 65,535 programs, so a batch (or
+    batch x heads) of more items cannot sit on them. Blocks vary fastest, so
+    the programs of one item still run side by side (sharing its data in L2)."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 def next_power_of_2(n: int) -> int:

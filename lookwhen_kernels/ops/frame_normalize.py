@@ -20,6 +20,7 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int32,
     check_tensor,
     use_triton,
 )
@@ -158,6 +159,7 @@ def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     Returns a tensor like ``x``. Differentiable.
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_int32("x", x.shape[2] * x.shape[3], "the element count of one frame")
     if x.shape[2] == 0:
         raise ValueError("x: a frame needs at least one token (dimension 2 is 0)")
     if not eps > 0:

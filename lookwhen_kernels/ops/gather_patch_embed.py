@@ -40,7 +40,8 @@ host folds it back: ``d_weight = 256 s * G + o * colsum(grad)``, with ``G``
 summed over the clip columns a downsampled pixel averages and divided by
 ``downsample^2``. ``d_bias`` is the
 column sum of ``grad``; ``d_pos_embed`` adds every row of ``grad`` into
-``[N, D]`` at its token id (``index_add``).
+``[N, D]`` at its token id (``index_add``; a one-hot GEMM in deterministic
+mode, where the atomic adds' order must not vary).
 """
 from __future__ import annotations
 
@@ -53,14 +54,19 @@ from torch.library import triton_op, wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from lookwhen_kernels import reference
+from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_int32,
+    check_offsets,
     check_shape,
     check_tensor,
+    checks_values,
+    deterministic,
     dot_precision,
     use_triton,
 )
@@ -185,10 +191,15 @@ def _gather_patch_embed_bwd_weight(
 def _folding(mean: Sequence[float], std: Sequence[float], device):
     """Per channel: the weight scale ``s`` and offset ``o`` with
     ``(x / 255 - mean) / std = (x - 128) * PIXEL_SCALE * s + o``."""
-    std_t = torch.tensor(std, dtype=torch.float32)
-    scale = 1.0 / (255.0 * PIXEL_SCALE.value * std_t)
-    offset = (128.0 / 255.0 - torch.tensor(mean, dtype=torch.float32)) / std_t
-    return scale.to(device), offset.to(device)
+    scale = [1.0 / (255.0 * PIXEL_SCALE.value * sd) for sd in std]
+    offset = [(128.0 / 255.0 - m) / sd for m, sd in zip(mean, std)]
+    return _device_vector(scale, device), _device_vector(offset, device)
+
+
+def _device_vector(values: Sequence[float], device) -> torch.Tensor:
+    """float32 ``[len(values)]`` written on the device by fill kernels: a
+    host-built tensor's copy to a GPU would block the host on every call."""
+    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
 
 
 def _window_weight(weight: torch.Tensor, scale: torch.Tensor, downsample: int) -> torch.Tensor:
@@ -336,9 +347,16 @@ def _gather_patch_embed_backward(
     if indices is None:
         d_pos = grad.float().reshape(clip.shape[0], n_tokens, dim).sum(0)
     else:
-        d_pos = torch.zeros((n_tokens, dim), device=clip.device, dtype=torch.float32)
-        d_pos.index_add_(0, indices.reshape(-1), grad.float())
+        d_pos = _token_sum(grad.float(), indices.reshape(-1), n_tokens)
     return [d_weight.to(grad.dtype), grad_sum.to(grad.dtype), d_pos.to(grad.dtype)]
+
+
+def _token_sum(rows: torch.Tensor, tokens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Rows added up per token id: atomic ``index_add_`` (fast; the order of
+    the adds varies), or in deterministic mode a fixed-order GEMM."""
+    if deterministic():
+        return segment_sum(rows, tokens, n_tokens)
+    return rows.new_zeros((n_tokens, rows.shape[1])).index_add_(0, tokens, rows)
 
 
 def _setup_context(ctx, inputs, output):
@@ -400,6 +418,7 @@ def gather_patch_embed(
     std: Union[Sequence[float], torch.Tensor],
     cu_seqlens: Optional[torch.Tensor] = None,
     downsample: int = 1,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Embed the selected patches of a uint8 clip into packed tokens.
 
@@ -418,9 +437,11 @@ def gather_patch_embed(
     packed ``[total, D]`` in the weight's dtype (fp16, bf16 or fp32; ``bias``
     and ``pos_embed`` share it). Differentiable with respect to ``weight``,
     ``bias`` and ``pos_embed``; the backward recomputes the patches blockwise
-    inside a Triton kernel. Validation reads ``indices`` and ``cu_seqlens``
-    back to the host (skipped while torch.compile traces; pass ``mean`` and
-    ``std`` as floats there).
+    inside a Triton kernel. With ``validate=True`` (the default) the value
+    checks read ``indices`` and ``cu_seqlens`` back to the host (a device
+    sync; never while torch.compile traces); ``validate=False`` reads nothing.
+    ``mean`` and ``std`` given as tensors are read back too: hot paths (and
+    torch.compile) pass floats.
     """
     check_tensor("clip", clip, ndim=5, dtypes=(torch.uint8,), contiguous=True)
     batch, frames, height, width, channels = clip.shape
@@ -456,16 +477,17 @@ def gather_patch_embed(
         elif indices.dim() == 1:
             if cu_seqlens is None:
                 raise ValueError("cu_seqlens: required with packed 1-d indices (per-clip budgets)")
+            check_offsets("cu_seqlens", cu_seqlens, batch=batch, device=device)
         else:
             raise ValueError(
                 f"indices: expected [B, K] or packed [total] (with cu_seqlens), got shape {list(indices.shape)}"
             )
-        # The value checks read indices back to the host, which torch.compile
-        # cannot trace: compiled callers validate at their own boundary.
-        if not torch.compiler.is_compiling():
+        if checks_values(validate, indices):
             check_indices("indices", indices, n_tokens, device=device)
             if cu_seqlens is not None:
                 check_cu_seqlens("cu_seqlens", cu_seqlens, batch=batch, total=indices.numel(), device=device)
+    check_int32("indices" if indices is not None else "clip", _rows(clip, indices, patch_size, downsample),
+                "the number of output rows")
     mean = _channel_stats("mean", mean)
     std = _channel_stats("std", std)
     if not all(s > 0 for s in std):

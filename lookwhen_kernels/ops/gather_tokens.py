@@ -32,8 +32,11 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_int32,
+    check_offsets,
     check_shape,
     check_tensor,
+    checks_values,
     next_power_of_2,
     use_triton,
 )
@@ -151,14 +154,15 @@ _gather_tokens.register_autograd(_gather_backward, setup_context=_gather_setup_c
 _scatter_tokens.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
 
 
-def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device) -> int:
+def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device, validate: bool) -> int:
     """Validate a selection and return its batch size.
 
-    Shape, dtype and device checks always run. The value checks (offsets,
-    id range, ids unique within a clip) read back to the host, so they are
-    skipped while torch.compile traces, where they would break the graph.
+    Shape, dtype, device and contiguity checks always run. The value checks
+    (offsets, id range, ids unique within a clip) read back to the host, so
+    they run only with ``validate`` and never while torch.compile traces.
     """
     check_tensor("indices", indices, dtypes=(torch.int32,), device=device, contiguous=True)
+    check_int32("indices", indices.numel(), "the number of selected rows")
     if cu_seqlens is None:
         if indices.dim() != 2:
             raise ValueError(
@@ -166,13 +170,11 @@ def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device) -
             )
         batch = indices.shape[0]
     else:
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device, contiguous=True)
+        check_offsets("cu_seqlens", cu_seqlens, device=device)
         if indices.dim() != 1:
             raise ValueError(f"indices: expected packed [total] with cu_seqlens, got shape {list(indices.shape)}")
-        if cu_seqlens.numel() < 1:
-            raise ValueError("cu_seqlens: expected at least one element (B+1 offsets)")
         batch = cu_seqlens.numel() - 1
-    if torch.compiler.is_compiling():
+    if not checks_values(validate, indices):
         return batch
     if cu_seqlens is not None:
         check_cu_seqlens("cu_seqlens", cu_seqlens, total=indices.numel(), device=device)
@@ -184,7 +186,9 @@ def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device) -
     return batch
 
 
-def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gather_tokens(
+    x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, *, validate: bool = True,
+) -> torch.Tensor:
     """The selected tokens of every clip, packed.
 
     ``x [B, N, D]`` (fp16, bf16 or fp32, contiguous). ``indices`` is int32
@@ -192,11 +196,13 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[t
     ``cu_seqlens int32 [B+1]``; ids lie in ``[0, N)`` and are unique within a
     clip (any order). Returns ``[total, D]`` (``total = B*K`` for the fixed
     form), clip after clip in the order of ``indices``. Differentiable in
-    ``x``: the backward is :func:`scatter_tokens`. Reads the indices back to
-    the host for validation (skipped under torch.compile).
+    ``x``: the backward is :func:`scatter_tokens`. With ``validate=True``
+    (the default) reads the indices and offsets back to the host to check
+    them (a device sync; never while torch.compile traces); ``validate=False``
+    reads nothing.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
-    batch = _check_selection(indices, cu_seqlens, x.shape[1], x.device)
+    batch = _check_selection(indices, cu_seqlens, x.shape[1], x.device, validate)
     if batch != x.shape[0]:
         name = "indices" if cu_seqlens is None else "cu_seqlens"
         raise ValueError(f"{name}: describes {batch} clips but x has {x.shape[0]}")
@@ -204,19 +210,21 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[t
 
 
 def scatter_tokens(
-    packed: torch.Tensor, indices: torch.Tensor, n_tokens: int, cu_seqlens: Optional[torch.Tensor] = None
+    packed: torch.Tensor, indices: torch.Tensor, n_tokens: int, cu_seqlens: Optional[torch.Tensor] = None, *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Adjoint of :func:`gather_tokens`: ``packed [total, D]`` back to
     ``[B, n_tokens, D]``, row ``r`` at ``(clip of r, indices[r])`` and zeros
     at every token no row names. ``indices``/``cu_seqlens`` as in
     :func:`gather_tokens` (ids unique within a clip, so no two rows collide).
     Differentiable in ``packed``: the backward is :func:`gather_tokens`.
+    ``validate`` as in :func:`gather_tokens`.
     """
     check_tensor("packed", packed, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, Integral) or n_tokens < 0:
         raise ValueError(f"n_tokens: expected a non-negative int, got {n_tokens!r}")
     n_tokens = int(n_tokens)
-    _check_selection(indices, cu_seqlens, n_tokens, packed.device)
+    _check_selection(indices, cu_seqlens, n_tokens, packed.device, validate)
     check_shape("packed", packed, [indices.numel(), None])
     return _scatter_tokens(packed, indices, n_tokens, cu_seqlens)
 

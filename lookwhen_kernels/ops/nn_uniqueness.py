@@ -28,6 +28,7 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int32,
     check_tensor,
     dot_precision,
     use_triton,
@@ -40,6 +41,8 @@ NORM_BLOCKS = {"BLOCK_R": 32, "BLOCK_D": 32}
 # spill-free for every dtype on sm_90 and sm_80, odd D included.
 BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}
 NUM_WARPS = 8
+# CUDA's limit on grid axis 1, which holds the query blocks of a clip.
+MAX_GRID_Y = 65535
 # F.normalize's default, as in reference.nn_uniqueness.
 COSINE_EPS = tl.constexpr(1e-12)
 
@@ -66,8 +69,8 @@ def _nn_uniqueness_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    clip = tl.program_id(1)
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    clip = tl.program_id(0)
+    queries = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = queries < n_tokens
     clip_rows = clip.to(tl.int64) * n_tokens
     clip_ptr = x_ptr + clip_rows * dim
@@ -142,7 +145,9 @@ def _nn_uniqueness_into(out, x, metric):
     wrap_triton(_sq_norms)[(triton.cdiv(batch * n_tokens, NORM_BLOCKS["BLOCK_R"]),)](
         x, sq, batch * n_tokens, dim, **NORM_BLOCKS
     )
-    wrap_triton(_nn_uniqueness_fwd)[(triton.cdiv(n_tokens, BLOCKS["BLOCK_M"]), batch)](
+    # Clips on axis 0: axis 1 stops at 65,535 programs. (A flat grid's
+    # div/mod costs the odd-D fp16 build a spill on sm_80.)
+    wrap_triton(_nn_uniqueness_fwd)[(batch, triton.cdiv(n_tokens, BLOCKS["BLOCK_M"]))](
         x, sq, out, n_tokens, dim,
         COSINE=metric == "cosine", **BLOCKS, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -174,6 +179,9 @@ def nn_uniqueness(x: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
     0. A training target: the result carries no gradient.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_int32("x", x.shape[1] * x.shape[2], "the element count of one clip")
+    if triton.cdiv(x.shape[1], BLOCKS["BLOCK_M"]) > MAX_GRID_Y:
+        raise ValueError(f"x: {x.shape[1]} tokens per clip need more than {MAX_GRID_Y} query blocks")
     if x.shape[2] == 0:
         raise ValueError("x: tokens need at least one feature (dimension 2 is 0)")
     if metric not in METRICS:

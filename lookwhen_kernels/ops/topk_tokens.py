@@ -32,16 +32,20 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int32,
     check_shape,
     check_tensor,
+    checks_values,
     next_power_of_2,
     use_triton,
 )
 
-# One clip's fine scores live in one program's registers; 8192 tokens is
-# 8 frames of a 32 x 32 patch grid (16 frames at 224 px are 3136). Larger
-# clips are refused, not truncated.
+# One clip's fine scores live in one program's registers up to 8192 tokens
+# (8 frames of a 32 x 32 patch grid; 16 frames at 224 px are 3136). Larger
+# clips run the looped kernel, which streams the clip in CHUNK-token pieces
+# through an int32 key buffer instead.
 MAX_TOKENS = 8192
+CHUNK = 4096
 
 
 @triton.jit
@@ -95,6 +99,14 @@ def _kth_largest_key(key, valid, k):
 
 
 @triton.jit
+def _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP: tl.constexpr):
+    """The clip's K and the offset of its first output slot."""
+    if PER_CLIP:
+        return tl.load(budgets_ptr + clip), tl.load(offsets_ptr + clip).to(tl.int64)
+    return k, clip.to(tl.int64) * k
+
+
+@triton.jit
 def _topk_kernel(
     scores_ptr, budgets_ptr, offsets_ptr, out_ptr,
     n_in, n_out, k,
@@ -109,20 +121,79 @@ def _topk_kernel(
         score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
-    if PER_CLIP:
-        budget = tl.load(budgets_ptr + clip)
-        out_base = tl.load(offsets_ptr + clip).to(tl.int64)
-    else:
-        budget = k
-        out_base = clip.to(tl.int64) * k
+    budget, out_base = _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP)
     key = _order_key(score)
     kth = _kth_largest_key(key, valid, budget)
     above = valid & (key > kth)
-    tied = valid & (key == kth)
     free_slots = budget - tl.sum(above.to(tl.int32), axis=0)
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= free_slots))
-    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + out_base + slot, ids, mask=take)
+    _store_selection(out_ptr + out_base, ids, key, valid, kth, free_slots, 0, 0)
+
+
+@triton.jit
+def _store_selection(out_ptr, ids, key, valid, kth, free_slots, tied_before, written_before):
+    """Write the chosen ids of one block: every key above the K-th, and of the
+    keys equal to it the first ``free_slots`` (in id order, counting the
+    ``tied_before`` ties of earlier blocks), at the slots after
+    ``written_before``. Returns the block's (ties, ids written)."""
+    above = valid & (key > kth)
+    tied = valid & (key == kth)
+    take = above | (tied & (tied_before + tl.cumsum(tied.to(tl.int32), axis=0) <= free_slots))
+    slot = written_before + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + slot, ids, mask=take)
+    return tl.sum(tied.to(tl.int32), axis=0), tl.sum(take.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _topk_looped_kernel(
+    scores_ptr, budgets_ptr, offsets_ptr, out_ptr, keys_ptr,
+    n_in, n_out, k,
+    h, w, out_h, out_w, scale_h, scale_w,
+    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # The same selection as _topk_kernel, for clips past the register limit:
+    # one pass writes the clip's order keys to ``keys_ptr [B, n_out]``, the
+    # 32 counting passes and the selection stream them back chunk by chunk.
+    clip = tl.program_id(0)
+    clip_scores = scores_ptr + clip.to(tl.int64) * n_in
+    clip_keys = keys_ptr + clip.to(tl.int64) * n_out
+    for start in range(0, n_out, CHUNK):
+        ids = start + tl.arange(0, CHUNK)
+        valid = ids < n_out
+        if UPSAMPLE:
+            score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
+        else:
+            score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
+        tl.store(clip_keys + ids, _order_key(score), mask=valid)
+    budget, out_base = _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP)
+    # As _kth_largest_key, with each count summed over the chunks.
+    sign = tl.full([], 1, tl.int32) << 31
+    prefix = tl.zeros([], dtype=tl.int32)
+    for i in range(32):
+        candidate = prefix | (tl.full([], 1, tl.int32) << (31 - i))
+        count = tl.zeros([], dtype=tl.int32)
+        for start in range(0, n_out, CHUNK):
+            ids = start + tl.arange(0, CHUNK)
+            valid = ids < n_out
+            key = tl.load(clip_keys + ids, mask=valid, other=0)
+            count += tl.sum((valid & (key >= (candidate ^ sign))).to(tl.int32), axis=0)
+        prefix = tl.where(count >= budget, candidate, prefix)
+    kth = prefix ^ sign
+    n_above = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n_out, CHUNK):
+        ids = start + tl.arange(0, CHUNK)
+        valid = ids < n_out
+        key = tl.load(clip_keys + ids, mask=valid, other=0)
+        n_above += tl.sum((valid & (key > kth)).to(tl.int32), axis=0)
+    free_slots = budget - n_above
+    tied_before = tl.zeros([], dtype=tl.int32)
+    written = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n_out, CHUNK):
+        ids = start + tl.arange(0, CHUNK)
+        valid = ids < n_out
+        key = tl.load(clip_keys + ids, mask=valid, other=0)
+        ties, taken = _store_selection(out_ptr + out_base, ids, key, valid, kth, free_slots, tied_before, written)
+        tied_before += ties
+        written += taken
 
 
 def _launch_config(n_out: int) -> Tuple[int, int]:
@@ -132,6 +203,11 @@ def _launch_config(n_out: int) -> Tuple[int, int]:
     them at 64 and spill."""
     block = next_power_of_2(n_out)
     return block, max(4, min(16, block // 256))
+
+
+# 4096 keys a chunk over 16 warps: 8 per thread, as the register kernel's
+# smaller blocks.
+LOOPED_WARPS = 16
 
 
 def _launch(
@@ -150,17 +226,19 @@ def _launch(
     n_out = frames * out_h * out_w
     if batch == 0 or out.numel() == 0:
         return
-    block, num_warps = _launch_config(n_out)
     per_clip = budgets is not None
     # With a fixed k the budget and offset pointers are never read; any int32
     # tensor fills the slots.
-    wrap_triton(_topk_kernel)[(batch,)](
-        scores, budgets if per_clip else out, offsets if per_clip else out, out,
-        n_in, n_out, k,
-        h, w, out_h, out_w, h / out_h, w / out_w,
-        UPSAMPLE=tuple(grid) != tuple(out_grid), PER_CLIP=per_clip, BLOCK=block,
-        num_warps=num_warps,
-    )
+    args = (scores, budgets if per_clip else out, offsets if per_clip else out, out)
+    sizes = (n_in, n_out, k, h, w, out_h, out_w, h / out_h, w / out_w)
+    flags = {"UPSAMPLE": tuple(grid) != tuple(out_grid), "PER_CLIP": per_clip}
+    if n_out > MAX_TOKENS:
+        keys = torch.empty((batch, n_out), device=scores.device, dtype=torch.int32)
+        wrap_triton(_topk_looped_kernel)[(batch,)](*args, keys, *sizes, **flags, CHUNK=CHUNK,
+                                                   num_warps=LOOPED_WARPS)
+        return
+    block, num_warps = _launch_config(n_out)
+    wrap_triton(_topk_kernel)[(batch,)](*args, *sizes, **flags, BLOCK=block, num_warps=num_warps)
 
 
 @triton_op("lookwhen::topk_tokens", mutates_args=())
@@ -172,13 +250,27 @@ def _topk_tokens(scores: torch.Tensor, k: int, grid: List[int], out_grid: List[i
     return out
 
 
+@torch.library.custom_op("lookwhen::topk_tokens_budgets_cpu", mutates_args=())
+def _topk_tokens_budgets_cpu(
+    scores: torch.Tensor, budgets: torch.Tensor, total: int, grid: List[int], out_grid: List[int],
+) -> torch.Tensor:
+    """The reference, opaque to torch.compile: its per-clip loop reads the
+    budgets, which tracing must not see (the output size is ``total``)."""
+    return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
+
+
+@_topk_tokens_budgets_cpu.register_fake
+def _topk_tokens_budgets_cpu_fake(scores, budgets, total, grid, out_grid):
+    return scores.new_empty((total,), dtype=torch.int32)
+
+
 @triton_op("lookwhen::topk_tokens_budgets", mutates_args=())
 def _topk_tokens_budgets(
     scores: torch.Tensor, budgets: torch.Tensor, cu_seqlens: torch.Tensor, total: int,
     grid: List[int], out_grid: List[int],
 ) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
+        return torch.ops.lookwhen.topk_tokens_budgets_cpu(scores, budgets, total, grid, out_grid)
     out = torch.empty((total,), device=scores.device, dtype=torch.int32)
     _launch(scores, out, grid, out_grid, budgets=budgets, offsets=cu_seqlens)
     return out
@@ -210,6 +302,16 @@ def _resolve_grids(n: int, grid, out_grid) -> Tuple[Tuple[int, int, int], Tuple[
     return grid, out_grid
 
 
+def check_budgets(name: str, host_budgets: torch.Tensor, n_tokens: int) -> None:
+    """Every budget of a host copy lies in ``[0, n_tokens]``: the check a
+    caller that passes ``validate=False`` makes at its own boundary."""
+    if host_budgets.numel() and (int(host_budgets.min()) < 0 or int(host_budgets.max()) > n_tokens):
+        raise ValueError(
+            f"{name}: every budget must lie in [0, {n_tokens}], got values in "
+            f"[{int(host_budgets.min())}, {int(host_budgets.max())}]"
+        )
+
+
 def keep_ratio_to_k(keep_ratio: float, n_tokens: int) -> int:
     """``max(1, round(keep_ratio * n_tokens))`` (Python's round: half to even)."""
     return max(1, round(keep_ratio * n_tokens))
@@ -223,6 +325,8 @@ def topk_tokens(
     grid: Optional[Sequence[int]] = None,
     out_grid: Optional[Sequence[int]] = None,
     budgets: Optional[torch.Tensor] = None,
+    total: Optional[int] = None,
+    validate: bool = True,
 ):
     """Ids of the highest-scoring tokens of every clip, in ascending order.
 
@@ -230,7 +334,8 @@ def topk_tokens(
     ``out_grid=(T, H, W)`` the scores are first upsampled per frame to the
     fine grid exactly as ``F.interpolate(mode="bilinear",
     align_corners=False)`` does (in fp32), and ids refer to the fine grid
-    (``N_out = T*H*W``, at most ``MAX_TOKENS``). Give exactly one of ``k``
+    (``N_out = T*H*W``; past ``MAX_TOKENS`` a looped kernel streams the clip
+    through a key buffer of ``B*N_out`` int32). Give exactly one of ``k``
     (tokens per clip), ``keep_ratio`` (in (0, 1]; ``K = max(1,
     round(keep_ratio * N_out))``) or ``budgets`` (int32 ``[B]``, one K per
     clip in ``[0, N_out]``).
@@ -239,8 +344,15 @@ def topk_tokens(
     [sum(budgets)], cu_seqlens [B+1])`` for ``budgets``. Equal scores are
     ranked by token id (the lower id wins; -0.0 equals +0.0). NaN scores are
     refused, and so are infinite ones when upsampling (a zero interpolation
-    weight times inf is NaN). The NaN check (and the budgets) are read back
-    to the host. Not differentiable: the result is indices.
+    weight times inf is NaN). Not differentiable: the result is indices.
+
+    Host reads: with ``validate=True`` (the default) the scan for NaN (and
+    inf) scores and the range check of ``budgets`` read data back to the
+    host; ``validate=False`` skips them (the caller vouches for its scores
+    and budgets), and so does torch.compile while it traces. With
+    ``budgets``, sizing the output needs ``sum(budgets)``: pass it as
+    ``total`` to avoid that read (one device sync otherwise). A fixed ``k``
+    or ``keep_ratio`` with ``validate=False`` reads nothing.
     """
     check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
     batch, n = scores.shape
@@ -248,26 +360,30 @@ def topk_tokens(
         raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
     grid, out_grid = _resolve_grids(n, grid, out_grid)
     n_out = math.prod(out_grid)
-    if n_out > MAX_TOKENS:
-        raise ValueError(f"out_grid: {n_out} tokens per clip exceed the limit of {MAX_TOKENS}")
     given = [name for name, v in (("k", k), ("keep_ratio", keep_ratio), ("budgets", budgets)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"k, keep_ratio, budgets: give exactly one, got {given or 'none'}")
+    if total is not None and budgets is None:
+        raise ValueError("total: only meaningful with budgets")
     upsample = grid != out_grid
-    if bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
+    reads = checks_values(validate, scores)
+    if reads and bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
         kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
         raise ValueError(f"scores: contain {kind}")
     if budgets is not None:
         check_tensor("budgets", budgets, ndim=1, dtypes=(torch.int32,), device=scores.device, contiguous=True)
         check_shape("budgets", budgets, [batch])
-        host = budgets.detach().to("cpu", torch.int64)
-        if host.numel() and (int(host.min()) < 0 or int(host.max()) > n_out):
-            raise ValueError(
-                f"budgets: every budget must lie in [0, {n_out}], got values in "
-                f"[{int(host.min())}, {int(host.max())}]"
-            )
+        if total is not None and (isinstance(total, bool) or not isinstance(total, Integral) or total < 0):
+            raise ValueError(f"total: expected a non-negative int (the sum of budgets), got {total!r}")
+        if reads or total is None:
+            host = budgets.detach().to("cpu", torch.int64)
+            check_budgets("budgets", host, n_out)
+            if total is not None and total != int(host.sum()):
+                raise ValueError(f"total: {total} is not the sum of budgets ({int(host.sum())})")
+            total = int(host.sum())
+        check_int32("budgets", total, "the sum of the budgets (int32 cu_seqlens)")
         cu_seqlens = cu_seqlens_from_lengths(budgets)
-        indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, int(host.sum()), list(grid), list(out_grid))
+        indices = _topk_tokens_budgets(scores, budgets, cu_seqlens, total, list(grid), list(out_grid))
         return indices, cu_seqlens
     if keep_ratio is not None:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real) or not 0 < keep_ratio <= 1:
@@ -281,26 +397,34 @@ def topk_tokens(
 def compile_specs():
     # ViT-B/16 at 224 over 16 frames: 784 coarse selector tokens (the 2x
     # scaled-down clip) upsampled to 3136 fine tokens, K = 314 (keep 10%);
-    # plus the largest clip the op accepts.
+    # plus the largest clip held in registers, and one past it (the looped
+    # kernel: 16 frames of a 32 x 32 grid).
     fp32 = (torch.float32,)
     configs = (
         ("upsample", 3136, True, False, FLOAT_DTYPES),
         ("direct", 3136, False, False, FLOAT_DTYPES),
         ("upsample_budgets", 3136, True, True, fp32),
         ("upsample_budgets", MAX_TOKENS, True, True, fp32),
+        ("upsample_budgets", 16384, True, True, fp32),
+        ("direct", 16384, False, False, (torch.float16,)),
     )
+    scalars = {"n_in": "i32", "n_out": "i32", "k": "i32", "h": "i32", "w": "i32", "out_h": "i32", "out_w": "i32",
+               "scale_h": "fp32", "scale_w": "fp32", "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr"}
     specs = []
     for mode, n_out, upsample, per_clip, dtypes in configs:
-        block, num_warps = _launch_config(n_out)
+        flags = {"UPSAMPLE": upsample, "PER_CLIP": per_clip}
+        pointers = {"budgets_ptr": "*i32", "offsets_ptr": "*i32", "out_ptr": "*i32"}
+        if n_out > MAX_TOKENS:
+            fn, num_warps, flags = _topk_looped_kernel, LOOPED_WARPS, flags | {"CHUNK": CHUNK}
+            pointers["keys_ptr"] = "*i32"
+        else:
+            block, num_warps = _launch_config(n_out)
+            fn, flags = _topk_kernel, flags | {"BLOCK": block}
         for dtype in dtypes:
             ty = TRITON_DTYPE[dtype]
             specs.append(CompileSpec(
-                f"topk_tokens[{ty},{mode},N={n_out}]", _topk_kernel,
-                {"scores_ptr": f"*{ty}", "budgets_ptr": "*i32", "offsets_ptr": "*i32", "out_ptr": "*i32",
-                 "n_in": "i32", "n_out": "i32", "k": "i32", "h": "i32", "w": "i32", "out_h": "i32",
-                 "out_w": "i32", "scale_h": "fp32", "scale_w": "fp32",
-                 "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr", "BLOCK": "constexpr"},
-                {"UPSAMPLE": upsample, "PER_CLIP": per_clip, "BLOCK": block},
-                num_warps=num_warps, divisible_by_16=("n_in", "n_out"),
+                f"topk_tokens[{ty},{mode},N={n_out}]", fn,
+                {"scores_ptr": f"*{ty}"} | pointers | scalars | {name: "constexpr" for name in flags},
+                flags, num_warps=num_warps, divisible_by_16=("n_in", "n_out"),
             ))
     return specs

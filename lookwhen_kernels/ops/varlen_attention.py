@@ -3,9 +3,10 @@
 Layout and arguments are FlashAttention's ``flash_attn_varlen_func``: ``q
 [total_q, H, Dh]``, ``k, v [total_k, H_kv, Dh]``, ``cu_seqlens int32 [B+1]``.
 
-Forward: one program per (query block, sequence, head); programs past their
-sequence's end return at once, so the grid ``(cdiv(max_seqlen_q, BLOCK_M), B,
-H)`` costs nothing for short sequences. The program streams the sequence's
+Forward: one program per (query block, sequence, head), on a flat 1-d grid
+of ``cdiv(max_seqlen_q, BLOCK_M) * B * H`` programs (grid axes 1 and 2 stop
+at 65,535 sequences); programs past their sequence's end return at once, so
+the grid costs nothing for short sequences. The program streams the sequence's
 key blocks with the online softmax (running max and sum in fp32, ``exp2``
 with the scale folded into ``log2(e)``), so the ``Lq x Lk`` matrix never
 exists. Every key block applies the column mask (one select per score):
@@ -50,9 +51,13 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_cu_seqlens,
+    check_offsets,
     check_tensor,
+    checks_values,
+    deterministic,
     interpret_mode,
     next_power_of_2,
+    split_program_id,
     use_triton,
 )
 
@@ -98,16 +103,19 @@ _HALF_CONFIGS = {
     "dq": {
         64: (_config(128, 64, 8, 2), _config(64, 64, 4, 2)),
         128: (_config(128, 32, 8, 2), _config(64, 64, 4, 2)),
-        256: (_config(64, 32, 8, 2), _config(32, 32, 4, 2)),
+        # A 32-row alternative misses Hopper's 64-row warpgroup MMA (no HGMMA).
+        256: (_config(64, 32, 8, 2),),
     },
 }
 # fp32 products run as three TF32 MMAs each (see _dot_precision), which
 # triples the operand registers: small tiles, one config each. Spill-free up
-# to head dim 128; the 256-wide backward spills (fp32 is not the GPU fast path).
+# to head dim 128 (the 128-wide dq tile at 16 x 16: 32 x 16 spills for the
+# masked head dims 80 and 96); the 256-wide backward spills (fp32 is not the
+# GPU fast path, so the static report leaves it out).
 _FP32_CONFIGS = {
     "fwd": {64: (_config(128, 32, 8, 2),), 128: (_config(32, 32, 8, 2),), 256: (_config(16, 32, 4, 2),)},
     "dkdv": {64: (_config(16, 32, 4, 2),), 128: (_config(16, 16, 4, 2),), 256: (_config(16, 16, 8, 2),)},
-    "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(32, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
+    "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(16, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
 }
 PREPROCESS_BLOCK_M = 64
 
@@ -143,16 +151,16 @@ def _load_rows(base, rows, n_rows, row_stride, offs_d, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, out_units, total_q, group, qk_scale,
+    q_units, k_units, v_units, out_units, total_q, group, qk_scale, n_seqs, max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Row strides come in units of HEAD_DIM so the compiler sees them as
     # multiples of it (vectorised loads without relying on launch-time
     # specialisation).
-    block_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
+    seq = rest % n_seqs
+    head = rest // n_seqs
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -204,9 +212,12 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    out_ptr, dout_ptr, glse_ptr, delta_ptr, out_units, dout_units, total_q,
+    out_ptr, dout_ptr, glse_ptr, delta_ptr, out_units, dout_units, glse_head_stride, glse_row_stride, total_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_GLSE: tl.constexpr,
 ):
+    # The incoming gradient of lse keeps its own strides: autograd hands an
+    # expanded (stride 0) tensor for ``lse.sum()``, and copying it would cost a
+    # full [H, total_q] write.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -216,20 +227,22 @@ def _attn_bwd_preprocess(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stats = head.to(tl.int64) * total_q + rows
     if HAS_GLSE:
-        delta -= tl.load(glse_ptr + stats, mask=rows < total_q, other=0.0)
+        glse = glse_ptr + head.to(tl.int64) * glse_head_stride + rows64 * glse_row_stride
+        delta -= tl.load(glse, mask=rows < total_q, other=0.0)
     tl.store(delta_ptr + stats, delta, mask=rows < total_q)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale,
+    q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale, n_seqs,
+    max_seqlen_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    block_n, rest = split_program_id(tl.cdiv(max_seqlen_k, BLOCK_N))
+    seq = rest % n_seqs
+    kv_head = rest // n_seqs
     k_start = tl.load(cu_k_ptr + seq)
     k_len = tl.load(cu_k_ptr + seq + 1) - k_start
     if block_n * BLOCK_N >= k_len:
@@ -287,13 +300,14 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale,
+    q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale, n_seqs,
+    max_seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
+    seq = rest % n_seqs
+    head = rest // n_seqs
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -349,8 +363,9 @@ _AUTOTUNED = {}
 
 def _launch(kernel, configs: Sequence[triton.Config], grid, *args, **constexprs) -> None:
     """Autotune over ``configs`` on a GPU (once per head dim and dtype); the
-    interpreter runs the first, preferred config."""
-    if interpret_mode():
+    interpreter and deterministic mode run the first, preferred config (the
+    autotuner's pick, and with it the rounding, can differ between runs)."""
+    if interpret_mode() or deterministic():
         config = configs[0]
         wrap_triton(kernel)[grid](*args, **constexprs, **config.kwargs,
                                   num_warps=config.num_warps, num_stages=config.num_stages)
@@ -393,9 +408,10 @@ def _forward(q, k, v, cu_q, cu_k, max_q: int, softmax_scale: float):
     block_d, group = _tile_width_and_group(q, k)
     _launch(
         _attn_fwd, configs_for("fwd", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads),
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, out, lse, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(out), total_q, group, softmax_scale * LOG2E.value,
+        batch, max_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
@@ -413,26 +429,27 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         return dq, dk.zero_(), dv.zero_()
     block_d, group = _tile_width_and_group(q, k)
     delta = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
+    glse = grad_lse if grad_lse is not None else lse
     wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(total_q, PREPROCESS_BLOCK_M), heads)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta, _row_units(out), _row_units(grad_out),
+        out, grad_out, glse, delta, _row_units(out), _row_units(grad_out), glse.stride(0), glse.stride(1),
         total_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, HAS_GLSE=grad_lse is not None,
     )
     qk_scale = softmax_scale * LOG2E.value
     if k.shape[0]:
         _launch(
             _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype),
-            lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), batch, k.shape[1]),
+            lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]) * batch * k.shape[1],),
             q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dk), _row_units(dv),
-            total_q, group, qk_scale, softmax_scale,
+            total_q, group, qk_scale, softmax_scale, batch, max_k,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
         )
     _launch(
         _attn_bwd_dq, configs_for("dq", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, heads),
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dq),
-        total_q, group, qk_scale, softmax_scale,
+        total_q, group, qk_scale, softmax_scale, batch, max_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return dq, dk, dv
@@ -448,7 +465,9 @@ def _cpu_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
+    out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
+    # The reference builds lse transposed; the fake (and the kernel) promise contiguous.
+    return out.contiguous(), lse.contiguous()
 
 
 @_cpu_forward.register_fake
@@ -573,6 +592,7 @@ def varlen_attention(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     return_lse: bool = False,
+    validate: Optional[bool] = None,
 ):
     """Softmax attention within each of B packed sequences (non-causal).
 
@@ -588,10 +608,15 @@ def varlen_attention(
     - ``max_seqlen_q``, ``max_seqlen_k``: the longest sequence of each side
       (a larger value is fine, a smaller one is an error). When omitted they
       are computed from ``cu_seqlens``, which reads them back to the host: a
-      device sync. On CUDA, passing both skips that read entirely, and with it
-      the value checks of ``cu_seqlens`` (monotonic, last offset = rows, max
-      lengths): validate once at the model boundary with
-      ``lookwhen_kernels.ops._common.check_cu_seqlens``.
+      device sync.
+    - ``validate``: run the value checks of ``cu_seqlens`` (monotonic, last
+      offset = rows, max lengths), which read it back to the host. The
+      default, ``None``, is FlashAttention's contract: a caller that passes
+      both max lengths vouches for the offsets, and no data is read (validate
+      once at the model boundary with
+      ``lookwhen_kernels.ops._common.check_cu_seqlens``). Never run while
+      torch.compile traces. Structural checks (dtype, device, shape,
+      contiguity of ``cu_seqlens``) always run.
     - ``softmax_scale``: defaults to ``Dh ** -0.5``.
     - ``dropout_p`` and ``causal`` exist so that calls written for
       FlashAttention keep working; only their defaults (0 and ``False``) are
@@ -624,9 +649,9 @@ def varlen_attention(
     self_attention = cu_seqlens_k is None
     if self_attention:
         cu_seqlens_k = cu_seqlens_q
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=device)
-    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu_seqlens_q.numel() < 1 or cu_seqlens_k.numel() != cu_seqlens_q.numel():
+    check_offsets("cu_seqlens_q", cu_seqlens_q, device=device)
+    check_offsets("cu_seqlens_k", cu_seqlens_k, device=device)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(
             f"cu_seqlens_k: expected B+1 = {cu_seqlens_q.numel()} offsets like cu_seqlens_q, "
             f"got {cu_seqlens_k.numel()}"
@@ -644,9 +669,11 @@ def varlen_attention(
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
 
-    trusted = max_seqlen_q is not None and max_seqlen_k is not None and (q.is_cuda or torch.compiler.is_compiling())
+    lengths_missing = max_seqlen_q is None or max_seqlen_k is None
+    if validate is None:
+        validate = lengths_missing
     lengths_q = lengths_k = None
-    if not trusted:
+    if lengths_missing or checks_values(validate, q):
         lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=total_q)
         lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=total_k)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
@@ -723,7 +750,8 @@ def block_diagonal_attention(query, key, value, attn_bias, p: float = 0.0, scale
 # Static GPU report
 # ---------------------------------------------------------------------------
 
-REPORT_HEAD_DIMS = (64, 128)
+# 80 and 96 run masked in the 128-wide tile, 256 in its own.
+REPORT_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
 def compile_specs():
@@ -731,6 +759,8 @@ def compile_specs():
     for dtype in FLOAT_DTYPES:
         ty = TRITON_DTYPE[dtype]
         for head_dim in REPORT_HEAD_DIMS:
+            if dtype == torch.float32 and head_dim > 128:
+                continue  # spills, as _FP32_CONFIGS says: not a GPU fast path
             base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)}
             for kernel, fn, signature in (
                 ("fwd", _attn_fwd, _fwd_signature(ty)),
@@ -752,7 +782,8 @@ def compile_specs():
             specs.append(CompileSpec(
                 f"varlen_attention_bwd_preprocess[{ty},d{head_dim}]", _attn_bwd_preprocess,
                 {"out_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "glse_ptr": "*fp32", "delta_ptr": "*fp32",
-                 "out_units": "i32", "dout_units": "i32", "total_q": "i32"} | {n: "constexpr" for n in constexprs},
+                 "out_units": "i32", "dout_units": "i32", "glse_head_stride": "i32", "glse_row_stride": "i32",
+                 "total_q": "i32"} | {n: "constexpr" for n in constexprs},
                 constexprs,
             ))
     return specs
@@ -762,7 +793,8 @@ def _fwd_signature(ty: str) -> dict:
     return {
         "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_units": "i32", "k_units": "i32", "v_units": "i32",
-        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32",
+        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "n_seqs": "i32",
+        "max_seqlen_q": "i32",
     }
 
 
@@ -772,6 +804,7 @@ def _dkdv_signature(ty: str) -> dict:
         "delta_ptr": "*fp32", "dk_ptr": f"*{ty}", "dv_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
         "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dk_units": "i32",
         "dv_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
+        "n_seqs": "i32", "max_seqlen_k": "i32",
     }
 
 
@@ -780,5 +813,6 @@ def _dq_signature(ty: str) -> dict:
         "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
         "delta_ptr": "*fp32", "dq_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
         "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dq_units": "i32",
-        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
+        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32", "n_seqs": "i32",
+        "max_seqlen_q": "i32",
     }
