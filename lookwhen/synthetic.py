@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 DIRECTIONS = ("right", "left", "down", "up")
+# The strongest channel of the moving objects' colour.
+COLOURS = ("red", "green", "blue")
+TASKS = ("direction", "colour")
 # (dy, dx) per frame, in units of the speed.
 _STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 
@@ -28,11 +31,19 @@ _STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 @dataclass
 class SyntheticClip:
     """``clip uint8 [T, S, S, 3]``; ``label``: index into :data:`DIRECTIONS`;
-    ``object_mask bool [T, S, S]``: the pixels the objects cover."""
+    ``object_mask bool [T, S, S]``: the pixels the moving objects cover;
+    ``colour``: index into :data:`COLOURS` of the moving objects."""
 
     clip: torch.Tensor
     label: int
     object_mask: torch.Tensor
+    colour: int = 0
+
+    def target(self, task: str) -> int:
+        """The class of the clip for ``task``: "direction" or "colour"."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        return self.label if task == "direction" else self.colour
 
     def object_tokens(self, patch_size: int, min_cover: float = 0.0) -> torch.Tensor:
         """bool ``[T * (S/p) * (S/p)]`` in token order: the patches more than
@@ -55,14 +66,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image + rng.integers(-24, 25, (size, size, 1)), 0, 255).astype(np.uint8)
 
 
-def _object_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour: one channel high, one low, one anywhere."""
-    channels = rng.permutation(3)
-    colour = np.empty(3, dtype=np.int64)
-    colour[channels[0]] = rng.integers(200, 256)
-    colour[channels[1]] = rng.integers(0, 56)
-    colour[channels[2]] = rng.integers(0, 256)
+def _object_colour(rng: np.random.Generator, dominant: int) -> np.ndarray:
+    """A saturated colour whose strongest channel is ``dominant`` (R, G, B)."""
+    colour = rng.integers(0, 120, 3)
+    colour[dominant] = rng.integers(210, 256)
     return colour
+
+
+def _sprite(rng: np.random.Generator, side: int, dominant: int) -> np.ndarray:
+    # Textured: shifted by the motion, no object patch repeats another.
+    texture = rng.integers(-40, 41, (side, side, 1))
+    return np.clip(_object_colour(rng, dominant) + texture, 0, 255).astype(np.uint8)
 
 
 def synthetic_clip(
@@ -74,13 +88,17 @@ def synthetic_clip(
     object_size: Optional[int] = None,
     speed: Optional[float] = None,
     label: Optional[int] = None,
+    colour: Optional[int] = None,
+    visible: Optional[int] = None,
 ) -> SyntheticClip:
-    """One clip. Every object moves in the clip's direction (``label``, drawn
-    when ``None``) at ``speed`` pixels per frame (default: across about half
-    the frame over the clip), from a random start that keeps it inside the
-    frame. Objects are ``object_size`` pixels square (default ``size / 7``),
-    each a saturated colour under its own texture, unlike the greyish
-    background."""
+    """One clip. Every moving object goes in the clip's direction (``label``,
+    drawn when ``None``) at ``speed`` pixels per frame (default: across about
+    half the frame over the clip), from a random start that keeps it inside
+    the frame. Objects are ``object_size`` pixels square (default ``size /
+    7``), textured, in a saturated colour (unlike the greyish background)
+    whose strongest channel is ``colour`` (drawn when ``None``). ``visible`` limits the moving objects to that many
+    consecutive frames (from a random first one): an event that a fixed
+    budget of random tokens easily misses."""
     if frames < 1 or size < 8:
         raise ValueError(f"frames must be >= 1 and size >= 8, got {frames} and {size}")
     if n_objects < 0:
@@ -92,6 +110,13 @@ def synthetic_clip(
         label = int(generator.integers(len(DIRECTIONS)))
     if not 0 <= label < len(DIRECTIONS):
         raise ValueError(f"label must lie in [0, {len(DIRECTIONS)}), got {label}")
+    if colour is None:
+        colour = int(generator.integers(len(COLOURS)))
+    if not 0 <= colour < len(COLOURS):
+        raise ValueError(f"colour must lie in [0, {len(COLOURS)}), got {colour}")
+    visible = frames if visible is None else visible
+    if not 1 <= visible <= frames:
+        raise ValueError(f"visible must lie in [1, {frames}] (frames), got {visible}")
     travel_room = size - side
     if speed is None:
         speed = travel_room / (2 * max(frames - 1, 1))
@@ -103,11 +128,9 @@ def synthetic_clip(
     background = _background(generator, size)
     video = np.repeat(background[None], frames, 0)
     mask = np.zeros((frames, size, size), dtype=bool)
+    first = int(generator.integers(0, frames - visible + 1))
     for _ in range(n_objects):
-        # Textured: shifted by the motion, no object patch repeats any other
-        # patch of the clip.
-        texture = generator.integers(-48, 49, (side, side, 1))
-        sprite = np.clip(_object_colour(generator) + texture, 0, 255).astype(np.uint8)
+        sprite = _sprite(generator, side, colour)
 
         def start(step):
             # Leave room for the whole path along the direction of motion.
@@ -116,11 +139,11 @@ def synthetic_clip(
             return generator.uniform(low, high)
 
         y0, x0 = start(dy), start(dx)
-        for t in range(frames):
+        for t in range(first, first + visible):
             y, x = int(round(y0 + dy * speed * t)), int(round(x0 + dx * speed * t))
             video[t, y: y + side, x: x + side] = sprite
             mask[t, y: y + side, x: x + side] = True
-    return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask))
+    return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask), colour)
 
 
 def synthetic_batch(generator: np.random.Generator, batch: int, **kwargs) -> List[SyntheticClip]:
@@ -145,16 +168,19 @@ def write_video(path, clip: torch.Tensor, fps: int = 10) -> str:
     return os.fspath(path)
 
 
-def write_dataset(root, per_class: int, *, seed: int = 0, **clip_kwargs) -> List[str]:
-    """A folder tree ``root/<direction>/<i>.mp4`` of synthetic clips, the
-    layout :class:`lookwhen.data.VideoDataset` reads. Returns the paths."""
+def write_dataset(root, per_class: int, *, seed: int = 0, task: str = "direction", **clip_kwargs) -> List[str]:
+    """A folder tree ``root/<class>/<i>.mp4`` of synthetic clips (classes:
+    :data:`DIRECTIONS` or :data:`COLOURS`, per ``task``), the layout
+    :class:`lookwhen.data.VideoDataset` reads. Returns the paths."""
     generator = np.random.default_rng(seed)
+    names = DIRECTIONS if task == "direction" else COLOURS
     paths = []
-    for label, name in enumerate(DIRECTIONS):
+    for label, name in enumerate(names):
         folder = os.path.join(os.fspath(root), name)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            sample = synthetic_clip(generator, label=label, **clip_kwargs)
+            sample = synthetic_clip(generator, **{"label" if task == "direction" else "colour": label},
+                                    **clip_kwargs)
             paths.append(write_video(os.path.join(folder, f"{i:04d}.mp4"), sample.clip))
     return paths
 
@@ -162,13 +188,20 @@ def write_dataset(root, per_class: int, *, seed: int = 0, **clip_kwargs) -> List
 class SyntheticDataset(torch.utils.data.Dataset):
     """``n`` synthetic clips, each made on demand from ``(seed, index)``, in
     the sample format of :class:`lookwhen.data.VideoDataset` (``view`` is
-    always 0: a synthetic clip has one sampling). ``n_objects`` may be a
-    ``(low, high)`` range drawn per clip."""
+    always 0: a synthetic clip has one sampling), labelled for ``task``
+    ("direction" or "colour"). ``n_objects`` may be a ``(low, high)`` range
+    drawn per clip."""
 
-    def __init__(self, n: int, *, seed: int = 0, n_objects=1, **clip_kwargs):
+    def __init__(self, n: int, *, seed: int = 0, task: str = "direction", n_objects=1, **clip_kwargs):
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        self.n, self.seed, self.n_objects, self.clip_kwargs = n, seed, n_objects, clip_kwargs
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.n, self.seed, self.task, self.n_objects, self.clip_kwargs = n, seed, task, n_objects, clip_kwargs
+
+    @property
+    def classes(self) -> Sequence[str]:
+        return DIRECTIONS if self.task == "direction" else COLOURS
 
     def __len__(self) -> int:
         return self.n
@@ -185,7 +218,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         sample = self.sample(index)
-        return {"clip": sample.clip, "label": sample.label, "index": index, "view": 0, "skipped": []}
+        return {"clip": sample.clip, "label": sample.target(self.task), "index": index, "view": 0, "skipped": []}
 
 
 @torch.no_grad()
