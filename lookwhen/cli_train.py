@@ -199,7 +199,8 @@ def cmd_finetune(args) -> int:
     config = model.config
     teacher = load_checkpoint(args.distill_from, device) if args.distill_from else None
     size = max(config.image_size, teacher.config.image_size if teacher is not None else 0)
-    sampling = Sampling(frames=config.frames, size=size, stride=args.stride)
+    frames = max(config.frames, teacher.config.frames if teacher is not None else 0)
+    sampling = Sampling(frames=frames, size=size, stride=args.stride)
     dataset = VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed)
     task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
                         else None, selection=args.selection, linear_probe=args.linear_probe,

@@ -88,9 +88,10 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     if not lookwhen and (keep_ratio is not None or with_selection):
         raise ValueError(f"{cfg.name} is a dense model: it keeps every token and selects nothing")
     os.makedirs(folder, exist_ok=True)
-    info = {"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(), "count": len(paths),
-            "shard_size": shard_size, "config": cfg.to_dict(), "keep_ratio": keep_ratio,
-            "with_selection": with_selection}
+    # Through JSON, so that it compares equal to the file a first run wrote.
+    info = json.loads(json.dumps({"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+                                  "count": len(paths), "shard_size": shard_size, "config": cfg.to_dict(),
+                                  "keep_ratio": keep_ratio, "with_selection": with_selection}))
     if rank == 0:
         _check_run(folder, info)
     shards = [k for k in range(rank, -(-len(paths) // shard_size), world)]

@@ -30,18 +30,9 @@ import lookwhen_kernels as lk
 from lookwhen.losses import draw_budgets
 from lookwhen.model import LookWhen
 from lookwhen.train import Task
+from lookwhen.video import fit_clips
 
 SELECTIONS = ("selector", "random")
-
-
-def resize_clips(clips: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``[B, T, H, W, 3]`` -> ``[B, T, size, size, 3]`` (antialiased)."""
-    if tuple(clips.shape[2:4]) == (size, size):
-        return clips
-    batch, frames = clips.shape[:2]
-    x = clips.reshape(batch * frames, *clips.shape[2:]).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, frames, size, size, 3)
 
 
 def random_selection(generator: torch.Generator, batch: int, n_tokens: int, k: int) -> torch.Tensor:
@@ -91,13 +82,13 @@ class FinetuneModule(nn.Module):
             selection = {k: v.to(device) for k, v in draws.items()}
         else:
             selection = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
-        student_clips = resize_clips(clips, self.model.config.image_size)
+        student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()
         parts = {"task": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
         if self.teacher is None:
             return parts["task"], {k: v.detach() for k, v in parts.items()}
         with torch.no_grad():
-            target = logits_of(self.teacher, resize_clips(clips, self.teacher.config.image_size)).float()
+            target = logits_of(self.teacher, fit_clips(clips, self.teacher.config.frames, self.teacher.config.image_size)).float()
         t = self.temperature
         parts["distill"] = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1),
                                     log_target=True, reduction="batchmean") * t * t

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lookwhen.video import sample_indices
+from lookwhen.video import fit_clips
 
 
 @dataclass
@@ -182,14 +182,7 @@ class VideoTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        if self.frames is not None and clip.shape[1] != self.frames:
-            clip = clip[:, sample_indices(clip.shape[1], self.frames)]
-        size = self.image_size
-        if size is not None and tuple(clip.shape[2:4]) != (size, size):
-            batch, frames = clip.shape[:2]
-            x = clip.reshape(batch * frames, *clip.shape[2:]).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            clip = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, frames, size, size, 3)
+        clip = fit_clips(clip, self.frames, self.image_size)
         with _autocast(clip.device):
             out = self.module(clip.contiguous())
         embedding = getattr(out, "embedding", out)

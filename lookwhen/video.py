@@ -207,3 +207,17 @@ def iter_clip_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(paths), batch_size):
         yield read_clips(paths[start: start + batch_size], frames, size, **window)
+
+
+def fit_clips(clips: torch.Tensor, frames: Optional[int], size: Optional[int]) -> torch.Tensor:
+    """uint8 clips ``[B, T, H, W, 3]`` resampled to ``frames`` frames (the
+    uniform rule) and resized to ``size x size`` (antialiased); ``None``
+    keeps that dimension."""
+    if frames is not None and clips.shape[1] != frames:
+        clips = clips[:, sample_indices(clips.shape[1], frames)]
+    if size is None or tuple(clips.shape[2:4]) == (size, size):
+        return clips
+    batch, count = clips.shape[:2]
+    x = clips.reshape(batch * count, *clips.shape[2:]).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, count, size, size, 3)

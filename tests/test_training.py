@@ -78,6 +78,12 @@ def _params(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+# The selector loss is a softmax over scores, blind to a shift of all of
+# them: the score head's output bias gets a gradient of rounding noise only,
+# which Adam scales up to full steps, so two equivalent runs differ there.
+SHIFT_ONLY = "score_head.fc2.bias"
+
+
 # Data -------------------------------------------------------------------------------
 def test_folder_dataset_samples_clips_deterministically(files):
     sampling = Sampling(frames=8, size=64, stride=1)
@@ -280,7 +286,8 @@ def test_accumulation_matches_one_big_batch(files, tmp_path):
     _, split, trainer = _synthetic_run(tmp_path / "b", files, steps=2, batch_size=4, accumulate=2)
     trainer.fit()
     for key, value in _params(split.module).items():
-        torch.testing.assert_close(value, _params(whole.module)[key], rtol=1e-4, atol=1e-5)
+        if not key.endswith(SHIFT_ONLY):
+            torch.testing.assert_close(value, _params(whole.module)[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):
@@ -298,7 +305,8 @@ def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):
     two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert set(two) == set(one)
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+        if not key.endswith(SHIFT_ONLY):
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert json.load(open(tmp_path / "ddp" / "run.json"))["world_size"] == 2
 
 
