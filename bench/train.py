@@ -48,14 +48,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the learning run")
     parser.add_argument("--train-clips", type=positive_int, default=256, help="synthetic training clips")
-    parser.add_argument("--val-clips", type=positive_int, default=64, help="held-out synthetic clips")
+    parser.add_argument("--val-clips", type=positive_int, default=128, help="held-out synthetic clips")
     parser.add_argument("--keep-ratio", type=keep_ratio, default=0.1, help="budget of the timed LookWhen step")
     parser.add_argument("--batch", type=positive_int, default=1, help="clips per timed training step")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET")
     parser.add_argument("--passes", type=positive_int, help="interleaved timing passes (default 3, --quick 2)")
     parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 500, --quick 40)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of fine-tuning")
+    parser.add_argument("--finetune-lr", type=float, default=5e-4, help="peak learning rate of fine-tuning")
     parser.add_argument("--skip", nargs="+", choices=("learning", "finetune", "throughput"), default=[],
                         help="leave parts out")
 
