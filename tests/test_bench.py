@@ -79,9 +79,11 @@ def test_e2e_cli(tmp_path):
 
 def test_train_cli(tmp_path):
     stdout, document, rows = run_with_outputs(
-        tmp_path, "train", "--quick", "--steps", "2", "--train-clips", "16", "--val-clips", "4", "--batch", "1",
-        "--set", *TINY)
-    learning, timed = document["train"]
+        tmp_path, "train", "--quick", "--steps", "2", "--finetune-steps", "2", "--train-clips", "16", "--val-clips",
+        "4", "--batch", "1", "--set", *TINY)
+    learning, tuned, timed = document["train"]
+    assert tuned["steps"] == 2 and {"selector_accuracy", "random_accuracy"} <= set(tuned)
+    assert all(0 <= tuned[k] <= 1 for k in ("selector_accuracy", "random_accuracy"))
     assert learning["steps"] == 2 and 0 <= learning["recall_before"] <= 1 and 0 <= learning["recall_after"] <= 1
     assert 0 < learning["chance"] < 1
     assert timed["speedup"] == pytest.approx(timed["clips_per_s"]["lookwhen"] / timed["clips_per_s"]["dense"])
