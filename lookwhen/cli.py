@@ -127,8 +127,8 @@ def cmd_embed(args) -> int:
 
     if args.manifest:
         return _embed_manifest(args)
-    if not args.videos or not args.out:
-        raise CommandError("give VIDEO files and --out, or --manifest and --out-dir")
+    if not args.out:
+        raise CommandError("--out: needed with VIDEO files (or use --manifest and --out-dir)")
     suffix = _check_output(args.out, (".npy", ".safetensors"))
     device = _device(args.device)
     _model_config(args)
@@ -350,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "embed" and not args.videos and not args.manifest:
+        # VIDEO is optional for argparse only because --manifest can replace it.
+        parser.exit(EXIT_USAGE, f"{PROG} embed: error: the following arguments are required: VIDEO "
+                                "(or --manifest FILE)\n")
     try:
         return args.func(args)
     except (CommandError, ValueError, OSError) as error:

@@ -75,6 +75,18 @@ def _teachers(args, device):
     return Teachers(image, video).to(device)
 
 
+def _settings(args, device):
+    """The loop's settings from the options :func:`_loop_options` adds."""
+    from lookwhen.train import TrainSettings
+
+    return TrainSettings(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
+        save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
+        resume=args.resume, plot=args.plot)
+
+
 def _teacher_names(args):
     return [args.image_teacher, os.path.abspath(args.image_teacher_weights), args.image_teacher_size,
             sorted(_key_values(args.image_teacher_arg).items()),
@@ -85,7 +97,7 @@ def cmd_pretrain(args) -> int:
     from lookwhen.losses import LossWeights
     from lookwhen.pretrain import PretrainTask
     from lookwhen.teachers import TargetCache
-    from lookwhen.train import Trainer, TrainSettings
+    from lookwhen.train import Trainer
 
     device = _device(args.device)
     model = _model(args)
@@ -93,12 +105,7 @@ def cmd_pretrain(args) -> int:
     if config.kind != "lookwhen":
         raise _Usage(f"{config.name} is a dense model; pretrain trains LookWhen models")
     weights = LossWeights(**{**_key_values(args.loss_weight), "temperature": args.temperature})
-    settings = TrainSettings(
-        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
-        save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
-        resume=args.resume, plot=args.plot)
+    settings = _settings(args, device)
     dataset = _dataset(args, config)
     if args.targets:
         cache = TargetCache.for_dataset(args.targets, dataset, config.grid)
@@ -190,7 +197,7 @@ def cmd_finetune(args) -> int:
     from lookwhen.checkpoint import load_checkpoint
     from lookwhen.data import Sampling, VideoDataset
     from lookwhen.finetune import FinetuneTask
-    from lookwhen.train import Trainer, TrainSettings
+    from lookwhen.train import Trainer
 
     device = _device(args.device)
     probe = VideoDataset(args.data, root=args.root, check=False)
@@ -206,12 +213,7 @@ def cmd_finetune(args) -> int:
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
                         temperature=args.distill_temperature, alpha=args.distill_alpha)
-    settings = TrainSettings(
-        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
-        save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
-        resume=args.resume, plot=args.plot)
+    settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
     if int(os.environ.get("RANK", "0")) == 0:

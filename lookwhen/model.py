@@ -85,7 +85,8 @@ class LookWhen(nn.Module):
         given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices))
                  if value is not None]
         if len(given) > 1:
-            raise ValueError(f"{', '.join(given)}: give at most one way of choosing tokens")
+            names = ", ".join(given[:-1]) + " and " + given[-1]
+            raise ValueError(f"{names}: give one way of choosing tokens, not both")
         if indices is not None:
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
         timer = stage_timer or _no_timer
@@ -93,8 +94,9 @@ class LookWhen(nn.Module):
         batch = clip.shape[0]
         dtype = compute_dtype(self.extractor.cls_token)
 
-        scores, context = self._select_scores(clip, dtype, timer)
+        features, context = self._encode(clip, dtype, timer)
         with timer("selection"):
+            scores = self.selector.score(features)
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
             # The selection is the model's own (scores from the score head,
             # ids from topk): the ops' value checks, host reads, stay off.
@@ -130,20 +132,20 @@ class LookWhen(nn.Module):
                 logits=None if head is None else head(embedding),
             )
 
-    def _select_scores(self, clip, dtype, timer):
+    def _encode(self, clip, dtype, timer):
+        """The selector's token features and context tokens."""
         batch = clip.shape[0]
         with timer("selection"):
             coarse = self.selector.embed(clip, dtype)
         with timer("selector"):
-            features, context = self.selector.encode(coarse.view(batch, self.config.n_selector_tokens, -1))
-        with timer("selection"):
-            return self.selector.score(features), context
+            return self.selector.encode(coarse.view(batch, self.config.n_selector_tokens, -1))
 
     def selector_scores(self, clip: torch.Tensor) -> torch.Tensor:
         """The selector alone: float32 scores ``[B, n]`` on its coarse grid
         (what selector pre-training needs, without running the extractor)."""
         check_clip(clip, self.config)
-        return self._select_scores(clip, compute_dtype(self.selector.cls_token), _no_timer)[0]
+        features, _ = self._encode(clip, compute_dtype(self.selector.cls_token), _no_timer)
+        return self.selector.score(features)
 
 
 def _check_selection(indices, batch: int, n_tokens: int) -> None:

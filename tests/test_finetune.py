@@ -69,7 +69,7 @@ def test_external_selection_reaches_the_extractor():
     assert torch.equal(out.indices, ids) and out.tokens.shape == (6, 32) and out.logits.shape == (2, 4)
     with pytest.raises(ValueError, match="token ids must lie"):
         model(clips, indices=torch.tensor([[0, 512], [1, 2]], dtype=torch.int32))
-    with pytest.raises(ValueError, match="at most one"):
+    with pytest.raises(ValueError, match="keep_ratio and indices: give one way of choosing tokens, not both"):
         model(clips, keep_ratio=0.1, indices=ids)
 
 
