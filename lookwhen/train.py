@@ -376,10 +376,10 @@ class Trainer:
                 find_unused_parameters=True)
         if settings.compile:
             forward = torch.compile(forward)
-        show = settings.progress if settings.progress is not None else None
+        # tqdm's disable=None: a bar only on a terminal.
+        disable = True if not self.dist.main else None if settings.progress is None else not settings.progress
         bar = tqdm(total=settings.steps, initial=self.position.step, unit="step", file=sys.stderr,
-                   disable=(not self.dist.main) or (show is False) or (None if show is None else False),
-                   dynamic_ncols=True)
+                   disable=disable, dynamic_ncols=True)
         last = {}
         try:
             while self.position.step < settings.steps:
