@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -149,11 +149,60 @@ def _load_rows(base, rows, n_rows, row_stride, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    # tanh through one exp of a non-positive argument (no overflow); the
+    # interpreter has no libdevice.
+    e = tl.exp(tl.abs(x) * -2.0)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, rows, cols, q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
+            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Raw products ``q.k`` -> scores in log2 units, ``-inf`` where a key is
+    padding or outside the window; and ``tanh`` of the soft cap (for its
+    derivative in the backward; unused without one). ``rows`` and ``cols``
+    broadcast to ``qk``'s shape in either orientation. The order is
+    FlashAttention's: scale, soft cap, ALiBi bias, mask."""
+    if SOFTCAP:
+        t = _tanh(qk * (qk_scale / LOG2E / softcap))
+        s = t * (softcap * LOG2E)
+    else:
+        t = qk
+        s = qk * qk_scale
+    # Key position minus the query's position, queries aligned bottom-right.
+    rel = cols - rows - (k_len - q_len)
+    if ALIBI:
+        s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
+    keep = cols < k_len
+    if WINDOW:
+        keep = keep & (rel >= -window_left) & (rel <= window_right)
+    return tl.where(keep, s, float("-inf")), t
+
+
+@triton.jit
+def _key_range(first_row, n_rows, q_len, k_len, window_left, window_right, BLOCK_N: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """The key blocks ``[lo, hi)`` that query rows ``first_row .. + n_rows``
+    can see: tiles outside the window are skipped, not computed."""
+    if WINDOW:
+        shift = k_len - q_len
+        lo = tl.maximum(first_row + shift - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(first_row + n_rows - 1 + shift + window_right + 1, k_len)
+    else:
+        lo = 0
+        hi = k_len
+    return lo, hi
+
+
+@triton.jit
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
     q_units, k_units, v_units, out_units, total_q, group, qk_scale, n_seqs, max_seqlen_q,
+    window_left, window_right, softcap, alibi_ptr, alibi_seq_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # Row strides come in units of HEAD_DIM so the compiler sees them as
     # multiples of it (vectorised loads without relying on launch-time
@@ -181,18 +230,25 @@ def _attn_fwd(
     k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
     v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
 
+    slope = tl.load(alibi_ptr + seq * alibi_seq_stride + head) if ALIBI else 0.0
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(block_m * BLOCK_M, BLOCK_M, q_len, k_len, window_left, window_right, BLOCK_N, WINDOW)
     # One loop with the column mask in every block: peeling the partial last
     # block keeps a second, register-resident copy of q live across the loop.
-    for start_n in range(0, k_len, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(cols[None, :] < k_len, s, float("-inf"))
-        # Every block holds at least one real key, so m_new is finite.
+        s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
+                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if WINDOW:
+            # A row can see no key of this block (nor of the earlier ones):
+            # subtract 0 instead of -inf, whose difference would be NaN.
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # Without a window every block holds a real key, so m_new is finite.
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -236,9 +292,9 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
     q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale, n_seqs,
-    max_seqlen_k,
+    max_seqlen_k, window_left, window_right, softcap, alibi_ptr, alibi_seq_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     block_n, rest = split_program_id(tl.cdiv(max_seqlen_k, BLOCK_N))
     seq = rest % n_seqs
@@ -263,27 +319,41 @@ def _attn_bwd_dkdv(
                    HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # The query blocks that can see this key block (the window's transpose).
+    if WINDOW:
+        shift = k_len - q_len
+        lo = tl.maximum(block_n * BLOCK_N - shift - window_right, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(block_n * BLOCK_N + BLOCK_N - 1 - shift + window_left + 1, q_len)
+    else:
+        lo = 0
+        hi = q_len
     # The query heads sharing this kv head, summed in a fixed order.
     for g in range(0, group):
         head = kv_head * group + g
+        slope = tl.load(alibi_ptr + seq * alibi_seq_stride + head) if ALIBI else 0.0
         q_base = q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM
         do_base = dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM
         stats = head.to(tl.int64) * total_q + q_start
-        for start_m in range(0, q_len, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             # Transposed orientation (keys x queries): the resident key tile is
             # the M side of every MMA. Rows of padded keys pick up garbage but
-            # are never stored; padded queries get lse = +inf, so their column
-            # of P^T is 0.
+            # are never stored; padded queries, and queries that see no key
+            # (lse = -inf), get lse = +inf, so their column of P^T is 0.
             rows = start_m + offs_m
             q = _load_rows(q_base, rows, q_len, q_stride, offs_d, HEAD_DIM)
             do = _load_rows(do_base, rows, q_len, do_stride, offs_d, HEAD_DIM)
             lse = tl.load(lse_ptr + stats + rows, mask=rows < q_len, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(delta_ptr + stats + rows, mask=rows < q_len, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :],
+                               offs_n[:, None], q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
+                               WINDOW, SOFTCAP, ALIBI)
             p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t *= 1.0 - t_t * t_t
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
@@ -301,9 +371,9 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
     q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale, n_seqs,
-    max_seqlen_q,
+    max_seqlen_q, window_left, window_right, softcap, alibi_ptr, alibi_seq_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
     seq = rest % n_seqs
@@ -329,22 +399,30 @@ def _attn_bwd_dq(
     do = _load_rows(dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM, offs_m, q_len, do_stride, offs_d,
                     HEAD_DIM)
     stats = head.to(tl.int64) * total_q + q_start + offs_m
-    lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.load(lse_ptr + stats, mask=row_ok, other=0.0)
+    # A query that sees no key (lse = -inf) gets P = 0 instead of exp2(-inf + inf).
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
     v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
+    slope = tl.load(alibi_ptr + seq * alibi_seq_stride + head) if ALIBI else 0.0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, k_len, BLOCK_N):
+    lo, hi = _key_range(block_m * BLOCK_M, BLOCK_M, q_len, k_len, window_left, window_right, BLOCK_N, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
         v = _load_rows(v_base, cols, k_len, v_stride, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # Padded keys are zero rows of k, so their column would be exp2(-lse):
-        # not zero, and it would reach dq through ds @ k (0 * huge = NaN).
-        p = tl.where(cols[None, :] < k_len, tl.exp2(s - lse2[:, None]), 0.0)
+        # not zero, and it would reach dq through ds @ k (0 * huge = NaN);
+        # _scores masks them to -inf.
+        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
+                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI)
+        p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds *= 1.0 - t * t
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq_stride = dq_units * HEAD_DIM
@@ -361,11 +439,12 @@ def _attn_bwd_dq(
 _AUTOTUNED = {}
 
 
-def _launch(kernel, configs: Sequence[triton.Config], grid, *args, **constexprs) -> None:
+def _launch(kernel, configs: Sequence[triton.Config], grid, *args, pin_config: bool = False, **constexprs) -> None:
     """Autotune over ``configs`` on a GPU (once per head dim and dtype); the
-    interpreter and deterministic mode run the first, preferred config (the
-    autotuner's pick, and with it the rounding, can differ between runs)."""
-    if interpret_mode() or deterministic():
+    interpreter, deterministic mode and ``pin_config`` run the first,
+    preferred config (the autotuner's pick, and with it the rounding, can
+    differ between runs)."""
+    if pin_config or interpret_mode() or deterministic():
         config = configs[0]
         wrap_triton(kernel)[grid](*args, **constexprs, **config.kwargs,
                                   num_warps=config.num_warps, num_stages=config.num_stages)
@@ -374,6 +453,35 @@ def _launch(kernel, configs: Sequence[triton.Config], grid, *args, **constexprs)
     if key not in _AUTOTUNED:
         _AUTOTUNED[key] = triton.autotune(configs=list(configs), key=["HEAD_DIM"])(kernel)
     wrap_triton(_AUTOTUNED[key])[grid](*args, **constexprs)
+
+
+class _ScoreMods(NamedTuple):
+    """What changes the scores besides the scale (FlashAttention's
+    arguments): window bounds (-1 unbounded; causal is ``(-1, 0)``),
+    ``softcap`` (0: none) and ALiBi slopes (float32 ``[H]`` or ``[B, H]``)."""
+
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+
+    def kernel_args(self, max_q: int, max_k: int, dummy: torch.Tensor):
+        """The kernels' trailing runtime arguments and their constexpr flags.
+        An unbounded side becomes ``max_q + max_k``, wider than any offset
+        between a query and a key, so the bound is always a plain compare."""
+        unbounded = max_q + max_k
+        alibi = self.alibi_slopes
+        args = (
+            self.window_left if self.window_left >= 0 else unbounded,
+            self.window_right if self.window_right >= 0 else unbounded,
+            self.softcap if self.softcap > 0 else 1.0,
+            dummy if alibi is None else alibi,
+            0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+        )
+        flags = {"WINDOW": (self.window_left, self.window_right) != (-1, -1), "SOFTCAP": self.softcap > 0,
+                 "ALIBI": alibi is not None}
+        return args, flags
+
 
 
 def _row_units(t: torch.Tensor) -> int:
@@ -397,7 +505,7 @@ def _tile_width_and_group(q, k):
     return block_d_for(q.shape[2]), q.shape[1] // k.shape[1]
 
 
-def _forward(q, k, v, cu_q, cu_k, max_q: int, softmax_scale: float):
+def _forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float, mods: _ScoreMods):
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
@@ -406,18 +514,20 @@ def _forward(q, k, v, cu_q, cu_k, max_q: int, softmax_scale: float):
     if total_q == 0 or batch == 0:
         return out, lse
     block_d, group = _tile_width_and_group(q, k)
+    mod_args, mod_flags = mods.kernel_args(max_q, max_k, lse)
     _launch(
         _attn_fwd, configs_for("fwd", head_dim, q.dtype),
         lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, out, lse, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(out), total_q, group, softmax_scale * LOG2E.value,
-        batch, max_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        batch, max_q, *mod_args,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **mod_flags,
     )
     return out, lse
 
 
-def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float):
+def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float,
+              mods: _ScoreMods, pin_config: bool):
     q, k, v, out, grad_out = (_kernel_layout(t) for t in (q, k, v, out, grad_out))
     total_q, heads, head_dim = q.shape
     batch = cu_q.numel() - 1
@@ -435,22 +545,23 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         total_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, HAS_GLSE=grad_lse is not None,
     )
     qk_scale = softmax_scale * LOG2E.value
+    mod_args, mod_flags = mods.kernel_args(max_q, max_k, delta)
     if k.shape[0]:
         _launch(
             _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype),
             lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]) * batch * k.shape[1],),
             q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dk), _row_units(dv),
-            total_q, group, qk_scale, softmax_scale, batch, max_k,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+            total_q, group, qk_scale, softmax_scale, batch, max_k, *mod_args, pin_config=pin_config,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **mod_flags,
         )
     _launch(
         _attn_bwd_dq, configs_for("dq", head_dim, q.dtype),
         lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dq),
-        total_q, group, qk_scale, softmax_scale, batch, max_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        total_q, group, qk_scale, softmax_scale, batch, max_q, *mod_args, pin_config=pin_config,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **mod_flags,
     )
     return dq, dk, dv
 
@@ -460,18 +571,25 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
 # ---------------------------------------------------------------------------
 
 
+def _reference_mods(mods: _ScoreMods) -> dict:
+    return {"window_size": (mods.window_left, mods.window_right), "softcap": mods.softcap,
+            "alibi_slopes": mods.alibi_slopes}
+
+
 @torch.library.custom_op("lookwhen::varlen_attention_cpu", mutates_args=())
 def _cpu_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
+    mods = _ScoreMods(window_left, window_right, softcap, alibi_slopes)
+    out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
+                                          **_reference_mods(mods))
     # The reference builds lse transposed; the fake (and the kernel) promise contiguous.
     return out.contiguous(), lse.contiguous()
 
 
 @_cpu_forward.register_fake
-def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
+def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
@@ -480,15 +598,17 @@ def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
 def _cpu_backward(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = _ScoreMods(window_left, window_right, softcap, alibi_slopes)
     return reference.varlen_attention_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, grad_lse=grad_lse
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, grad_lse=grad_lse,
+        **_reference_mods(mods)
     )
 
 
 @_cpu_backward.register_fake
-def _cpu_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale):
+def _cpu_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -500,36 +620,46 @@ def _cpu_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_s
 @triton_op("lookwhen::varlen_attention", mutates_args=())
 def _varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, need_lse: bool,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, need_lse: bool, window_left: int = -1,
+    window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+    pin_config: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``. ``need_lse``: the caller sees ``lse``, so the
-    backward takes its gradient into account (otherwise it is known to be 0)."""
+    backward takes its gradient into account (otherwise it is known to be 0).
+    ``pin_config``: the backward runs pinned configs (FlashAttention's
+    ``deterministic=True``)."""
+    mods = (window_left, window_right, softcap, alibi_slopes)
     if not use_triton(q):
-        return torch.ops.lookwhen.varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale)
+        return torch.ops.lookwhen.varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods)
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    _ScoreMods(*mods))
 
 
 @triton_op("lookwhen::varlen_attention_backward", mutates_args=())
 def _varlen_attention_backward(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, pin_config: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = (window_left, window_right, softcap, alibi_slopes)
     if not use_triton(q):
         return torch.ops.lookwhen.varlen_attention_cpu_backward(
-            grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale
+            grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods
         )
     return _backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale)
+                     softmax_scale, _ScoreMods(*mods), pin_config)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, need_lse = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, need_lse, *mods, pin_config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.max_seqlens = (max_q, max_k)
     ctx.softmax_scale = softmax_scale
     ctx.need_lse = need_lse
+    ctx.mods = mods
+    ctx.pin_config = pin_config
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
@@ -537,9 +667,11 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     # Only a caller that asked for lse can have used it.
     grad_lse = grad_lse if ctx.need_lse else None
     dq, dk, dv = _varlen_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.softmax_scale
+        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.softmax_scale, *ctx.mods,
+        ctx.pin_config,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    # The alibi slopes are constants (FlashAttention gives them no gradient either).
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _varlen_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -579,6 +711,30 @@ def _check_max_seqlen(name: str, value, lengths: Optional[torch.Tensor]) -> int:
     return value
 
 
+def _check_score_mods(causal, window_size, softcap, alibi_slopes, batch: int, heads: int, device) -> _ScoreMods:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size: expected (left, right), got {window_size!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < -1:
+            raise ValueError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got {window_size!r}")
+    if causal:
+        # FlashAttention: causal is the window (left, 0).
+        right = 0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < math.inf:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0: no cap), got {softcap!r}")
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=device)
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes: expected shape [{heads}] or [{batch}, {heads}], "
+                             f"got {list(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.contiguous()
+    return _ScoreMods(int(left), int(right), float(softcap), alibi_slopes)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -591,10 +747,14 @@ def varlen_attention(
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
     return_lse: bool = False,
     validate: Optional[bool] = None,
 ):
-    """Softmax attention within each of B packed sequences (non-causal).
+    """Softmax attention within each of B packed sequences.
 
     Arguments follow FlashAttention's ``flash_attn_varlen_func``:
 
@@ -618,9 +778,21 @@ def varlen_attention(
       torch.compile traces. Structural checks (dtype, device, shape,
       contiguity of ``cu_seqlens``) always run.
     - ``softmax_scale``: defaults to ``Dh ** -0.5``.
-    - ``dropout_p`` and ``causal`` exist so that calls written for
-      FlashAttention keep working; only their defaults (0 and ``False``) are
-      supported.
+    - ``causal``, ``window_size=(left, right)``: FlashAttention's masks. Query
+      ``i`` of a sequence sits at key position ``i + Lk - Lq`` (aligned to the
+      bottom-right when the lengths differ) and sees the keys from ``left``
+      before to ``right`` after it; ``-1`` is unbounded, ``causal`` sets
+      ``right = 0``. Key tiles outside the window are skipped. Queries that
+      see no key get zeros and lse ``-inf``.
+    - ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)``.
+    - ``alibi_slopes``: float32 ``[H]`` or ``[B, H]``; adds ``-slope * |key
+      position - query position|`` to the scores (after the soft cap).
+    - ``deterministic``: the backward runs the pinned configs even where it
+      would autotune, so that gradients are bitwise reproducible across
+      processes too (it never uses atomics, so within a process they always
+      are); see also :func:`lookwhen_kernels.set_deterministic`.
+    - ``dropout_p`` exists so that calls written for FlashAttention keep
+      working; only 0 is supported.
 
     Returns ``out [total_q, H, Dh]`` in the input dtype (accumulated in fp32),
     and with ``return_lse=True`` also ``lse``: float32 ``[H, total_q]``, the
@@ -662,8 +834,7 @@ def varlen_attention(
         )
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: attention dropout is not supported, got {dropout_p}")
-    if causal:
-        raise ValueError("causal: only non-causal attention is supported")
+    mods = _check_score_mods(causal, window_size, softcap, alibi_slopes, cu_seqlens_q.numel() - 1, heads, device)
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
     if not math.isfinite(softmax_scale):
@@ -684,19 +855,22 @@ def varlen_attention(
             raise ValueError(f"{name}: a sequence of {longest} rows is too long for int32 offsets")
 
     out, lse = _varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(return_lse)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(return_lse),
+        *mods, bool(deterministic),
     )
     return (out, lse) if return_lse else out
 
 
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: Optional[float] = None,
-    return_lse: bool = False,
+    return_lse: bool = False, **options,
 ):
-    """Equal-length batches, FlashAttention's ``flash_attn_func`` layout
-    (non-causal): ``q [B, N, H, Dh]``, ``k, v [B, Nk, H_kv, Dh]``. Returns
-    ``out [B, N, H, Dh]`` and, with ``return_lse=True``, ``lse`` float32
-    ``[B, H, N]``. No host sync (the offsets are built on the device)."""
+    """Equal-length batches, FlashAttention's ``flash_attn_func`` layout:
+    ``q [B, N, H, Dh]``, ``k, v [B, Nk, H_kv, Dh]``. Returns ``out [B, N, H,
+    Dh]`` and, with ``return_lse=True``, ``lse`` float32 ``[B, H, N]``. No
+    host sync (the offsets are built on the device). ``options``:
+    :func:`varlen_attention`'s ``causal``, ``window_size``, ``softcap``,
+    ``alibi_slopes`` (``[H]`` or ``[B, H]``), ``deterministic``."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
@@ -710,7 +884,7 @@ def dense_attention(
     result = varlen_attention(
         q.reshape(batch * n_q, heads, head_dim), k.reshape(batch * n_k, *k.shape[2:]),
         v.reshape(batch * n_k, *v.shape[2:]), cu_q, cu_k, n_q, n_k,
-        softmax_scale=softmax_scale, return_lse=return_lse,
+        softmax_scale=softmax_scale, return_lse=return_lse, **options,
     )
     if not return_lse:
         return result.view(batch, n_q, heads, head_dim)
