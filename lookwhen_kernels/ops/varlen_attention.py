@@ -579,7 +579,8 @@ def _reference_mods(mods: _ScoreMods) -> dict:
 @torch.library.custom_op("lookwhen::varlen_attention_cpu", mutates_args=())
 def _cpu_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     mods = _ScoreMods(window_left, window_right, softcap, alibi_slopes)
     out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
@@ -598,7 +599,8 @@ def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods)
 def _cpu_backward(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mods = _ScoreMods(window_left, window_right, softcap, alibi_slopes)
     return reference.varlen_attention_backward(
