@@ -44,7 +44,7 @@ def _grads(fn, inputs, grad_out, grad_lse):
     out, lse = fn(*leaves)
     # Queries that see no key have lse = -inf and no gradient path.
     loss = (out * grad_out.to(out.dtype)).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * grad_lse).sum()
-    return out, lse, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return out.detach(), lse.detach(), torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
 
 
 def _check(case, dtype):
@@ -181,3 +181,13 @@ def test_unsupported_arguments_raise_value_error(call, message):
     q, k, v, cu_q, cu_k = _inputs(8, 2, 1, [4], [4], torch.float32)
     with pytest.raises(ValueError, match=message):
         call((q, k, v, cu_q, cu_k))
+
+
+@pytest.mark.parametrize("window_size", [(-1, 0), (3, 1), (0, -1), (2, 2)])
+def test_flops_count_the_pairs_the_window_keeps(window_size):
+    from lookwhen_kernels.ops.varlen_attention import attention_flops
+
+    lengths_q, lengths_k = [5, 1, 9, 0], [8, 7, 3, 2]
+    pairs = sum(int(reference.attention_mask(a, b, window_size).sum()) for a, b in zip(lengths_q, lengths_k))
+    assert attention_flops((sum(lengths_q), 3, 16), cu_seqlens_from_lengths(lengths_q),
+                           cu_seqlens_from_lengths(lengths_k), *window_size) == 4 * pairs * 3 * 16

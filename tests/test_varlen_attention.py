@@ -452,14 +452,15 @@ def test_bad_inputs_raise_value_error(bad, message):
         bad()
 
 
-def test_bench_providers_agree():
+@pytest.mark.parametrize("window_size", [(-1, -1), (-1, 0), (2, 1)])
+def test_bench_providers_agree(window_size):
     from bench import attention
 
     lengths = [3, 0, 17, 1]
     q, k, v = attention.make_inputs(lengths, 4, 2, 32, device="cpu", dtype=torch.float32)
     cu = cu_seqlens_from_lengths(lengths)
-    expected, _ = reference.varlen_attention(q.double(), k.double(), v.double(), cu)
-    providers = attention.build_providers(lengths, 4, 2, device="cpu", dtype=torch.float32)
+    expected, _ = reference.varlen_attention(q.double(), k.double(), v.double(), cu, window_size=window_size)
+    providers = attention.build_providers(lengths, 4, 2, device="cpu", dtype=torch.float32, window_size=window_size)
     assert {"varlen_attention", "sdpa_padded", "sdpa_loop"} <= set(providers)
     for name, fn in providers.items():
         torch.testing.assert_close(fn(q, k, v).double(), expected, rtol=1e-5, atol=1e-5, msg=name)
@@ -533,8 +534,8 @@ def test_every_alternate_autotune_config(monkeypatch, dtype, kernel, width, inde
 
     original = module.configs_for
 
-    def forced(name, head_dim, dt):
-        configs = original(name, head_dim, dt)
+    def forced(name, head_dim, dt, mods=False):
+        configs = original(name, head_dim, dt, mods)
         return configs[index:index + 1] if name == kernel else configs
 
     monkeypatch.setattr(module, "configs_for", forced)

@@ -117,6 +117,14 @@ _FP32_CONFIGS = {
     "dkdv": {64: (_config(16, 32, 4, 2),), 128: (_config(16, 16, 4, 2),), 256: (_config(16, 16, 8, 2),)},
     "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(16, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
 }
+# Score modifiers (window, soft cap, ALiBi) hold more in registers: at head
+# dims 64 and 128 the configs that spill with all of them on (sm_80 or sm_90)
+# are left out.
+_HALF_MOD_CONFIGS = {
+    "fwd": {64: _HALF_CONFIGS["fwd"][64][1:], 128: _HALF_CONFIGS["fwd"][128][1:]},
+    "dkdv": {128: _HALF_CONFIGS["dkdv"][128][:1]},
+    "dq": {64: _HALF_CONFIGS["dq"][64][:1], 128: _HALF_CONFIGS["dq"][128][:1]},
+}
 PREPROCESS_BLOCK_M = 64
 
 
@@ -125,9 +133,13 @@ def block_d_for(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def configs_for(kernel: str, head_dim: int, dtype: torch.dtype) -> Tuple[triton.Config, ...]:
-    table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
-    return table[kernel][max(64, block_d_for(head_dim))]
+def configs_for(kernel: str, head_dim: int, dtype: torch.dtype, mods: bool = False) -> Tuple[triton.Config, ...]:
+    """The configs a kernel runs with; ``mods``: with score modifiers."""
+    width = max(64, block_d_for(head_dim))
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[kernel][width]
+    return _HALF_MOD_CONFIGS.get(kernel, {}).get(width, _HALF_CONFIGS[kernel][width]) if mods \
+        else _HALF_CONFIGS[kernel][width]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -159,12 +171,12 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, rows, cols, q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
-            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_PADDING: tl.constexpr):
     """Raw products ``q.k`` -> scores in log2 units, ``-inf`` where a key is
-    padding or outside the window; and ``tanh`` of the soft cap (for its
-    derivative in the backward; unused without one). ``rows`` and ``cols``
-    broadcast to ``qk``'s shape in either orientation. The order is
-    FlashAttention's: scale, soft cap, ALiBi bias, mask."""
+    outside the window or (``MASK_PADDING``) padding; and ``tanh`` of the
+    soft cap (for its derivative in the backward; unused without one).
+    ``rows`` and ``cols`` broadcast to ``qk``'s shape in either orientation.
+    The order is FlashAttention's: scale, soft cap, ALiBi bias, mask."""
     if SOFTCAP:
         t = _tanh(qk * (qk_scale / LOG2E / softcap))
         s = t * (softcap * LOG2E)
@@ -175,10 +187,14 @@ def _scores(qk, rows, cols, q_len, k_len, qk_scale, softcap, slope, window_left,
     rel = cols - rows - (k_len - q_len)
     if ALIBI:
         s -= (slope * LOG2E) * tl.abs(rel).to(tl.float32)
-    keep = cols < k_len
     if WINDOW:
-        keep = keep & (rel >= -window_left) & (rel <= window_right)
-    return tl.where(keep, s, float("-inf")), t
+        keep = (rel >= -window_left) & (rel <= window_right)
+        if MASK_PADDING:
+            keep = keep & (cols < k_len)
+        s = tl.where(keep, s, float("-inf"))
+    elif MASK_PADDING:
+        s = tl.where(cols < k_len, s, float("-inf"))
+    return s, t
 
 
 @triton.jit
@@ -242,7 +258,8 @@ def _attn_fwd(
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
         s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
-                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI)
+                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
+                       True)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if WINDOW:
             # A row can see no key of this block (nor of the earlier ones):
@@ -337,17 +354,19 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, hi, BLOCK_M):
             # Transposed orientation (keys x queries): the resident key tile is
             # the M side of every MMA. Rows of padded keys pick up garbage but
-            # are never stored; padded queries, and queries that see no key
-            # (lse = -inf), get lse = +inf, so their column of P^T is 0.
+            # are never stored; padded queries, and (with a window) queries
+            # that see no key (lse = -inf), get lse = +inf, so their column
+            # of P^T is 0.
             rows = start_m + offs_m
             q = _load_rows(q_base, rows, q_len, q_stride, offs_d, HEAD_DIM)
             do = _load_rows(do_base, rows, q_len, do_stride, offs_d, HEAD_DIM)
             lse = tl.load(lse_ptr + stats + rows, mask=rows < q_len, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            if WINDOW:
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(delta_ptr + stats + rows, mask=rows < q_len, other=0.0)
             s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :],
                                offs_n[:, None], q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
-                               WINDOW, SOFTCAP, ALIBI)
+                               WINDOW, SOFTCAP, ALIBI, False)
             p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -399,9 +418,10 @@ def _attn_bwd_dq(
     do = _load_rows(dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM, offs_m, q_len, do_stride, offs_d,
                     HEAD_DIM)
     stats = head.to(tl.int64) * total_q + q_start + offs_m
-    lse = tl.load(lse_ptr + stats, mask=row_ok, other=0.0)
-    # A query that sees no key (lse = -inf) gets P = 0 instead of exp2(-inf + inf).
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=0.0) * LOG2E
+    if WINDOW:
+        # A query that sees no key (lse = -inf) gets P = 0 instead of exp2(-inf + inf).
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
     k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
     v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
@@ -417,7 +437,8 @@ def _attn_bwd_dq(
         # not zero, and it would reach dq through ds @ k (0 * huge = NaN);
         # _scores masks them to -inf.
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
-                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI)
+                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
+                       True)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -451,8 +472,11 @@ def _launch(kernel, configs: Sequence[triton.Config], grid, *args, pin_config: b
         return
     key = (kernel, id(configs))
     if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(configs=list(configs), key=["HEAD_DIM"])(kernel)
+        _AUTOTUNED[key] = triton.autotune(configs=list(configs), key=["HEAD_DIM", *_MOD_FLAGS])(kernel)
     wrap_triton(_AUTOTUNED[key])[grid](*args, **constexprs)
+
+
+_MOD_FLAGS = ("WINDOW", "SOFTCAP", "ALIBI")
 
 
 class _ScoreMods(NamedTuple):
@@ -478,8 +502,8 @@ class _ScoreMods(NamedTuple):
             dummy if alibi is None else alibi,
             0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
         )
-        flags = {"WINDOW": (self.window_left, self.window_right) != (-1, -1), "SOFTCAP": self.softcap > 0,
-                 "ALIBI": alibi is not None}
+        flags = dict(zip(_MOD_FLAGS, ((self.window_left, self.window_right) != (-1, -1), self.softcap > 0,
+                                      alibi is not None)))
         return args, flags
 
 
@@ -516,7 +540,7 @@ def _forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float, 
     block_d, group = _tile_width_and_group(q, k)
     mod_args, mod_flags = mods.kernel_args(max_q, max_k, lse)
     _launch(
-        _attn_fwd, configs_for("fwd", head_dim, q.dtype),
+        _attn_fwd, configs_for("fwd", head_dim, q.dtype, any(mod_flags.values())),
         lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, out, lse, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(out), total_q, group, softmax_scale * LOG2E.value,
@@ -548,7 +572,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
     mod_args, mod_flags = mods.kernel_args(max_q, max_k, delta)
     if k.shape[0]:
         _launch(
-            _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype),
+            _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype, any(mod_flags.values())),
             lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]) * batch * k.shape[1],),
             q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dk), _row_units(dv),
@@ -556,7 +580,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **mod_flags,
         )
     _launch(
-        _attn_bwd_dq, configs_for("dq", head_dim, q.dtype),
+        _attn_bwd_dq, configs_for("dq", head_dim, q.dtype, any(mod_flags.values())),
         lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
         q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
         _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dq),
@@ -679,22 +703,37 @@ def _autograd_backward(ctx, grad_out, grad_lse):
 _varlen_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def attention_flops(q_shape, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> int:
-    """``4 * sum_b Lq_b * Lk_b * H * Dh``: the two GEMMs (QK^T and PV) of every sequence."""
-    pairs = lengths_from_cu_seqlens(cu_seqlens_q.cpu()) * lengths_from_cu_seqlens(cu_seqlens_k.cpu())
-    return 4 * int(pairs.sum()) * q_shape[1] * q_shape[2]
+def attention_flops(q_shape, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, window_left: int = -1,
+                    window_right: int = -1) -> int:
+    """``4 * H * Dh`` times the (query, key) pairs that see each other: the two
+    GEMMs (QK^T and PV). Without a window every pair of a sequence; with one,
+    each query's visible keys (bottom-right aligned, -1 unbounded), counted
+    per query row in closed form."""
+    lengths_q = lengths_from_cu_seqlens(cu_seqlens_q.cpu()).long()
+    lengths_k = lengths_from_cu_seqlens(cu_seqlens_k.cpu()).long()
+    if (window_left, window_right) == (-1, -1):
+        pairs = int((lengths_q * lengths_k).sum())
+    else:
+        seq = torch.repeat_interleave(torch.arange(len(lengths_q)), lengths_q)
+        row = torch.arange(int(lengths_q.sum())) - (torch.cumsum(lengths_q, 0) - lengths_q)[seq]
+        position = row + lengths_k[seq] - lengths_q[seq]
+        first = position - window_left if window_left >= 0 else torch.zeros_like(position)
+        last = position + window_right if window_right >= 0 else lengths_k[seq] - 1
+        pairs = int((torch.minimum(last, lengths_k[seq] - 1) - first.clamp(min=0) + 1).clamp(min=0).sum())
+    return 4 * pairs * q_shape[1] * q_shape[2]
 
 
 @register_flop_formula(torch.ops.lookwhen.varlen_attention, get_raw=True)
-def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
-    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k)
+def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, need_lse,
+                   window_left=-1, window_right=-1, *args, out_val=None, **kwargs) -> int:
+    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k, window_left, window_right)
 
 
 @register_flop_formula(torch.ops.lookwhen.varlen_attention_backward, get_raw=True)
-def _backward_flops(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *args, out_val=None,
-                    **kwargs) -> int:
+def _backward_flops(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, window_left=-1, window_right=-1, *args, out_val=None, **kwargs) -> int:
     # Five GEMMs (S recomputed, dV, dP, dS, dK/dQ counted as in FlashAttention): 2.5x the forward.
-    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k) * 5 // 2
+    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k, window_left, window_right) * 5 // 2
 
 
 # ---------------------------------------------------------------------------
@@ -928,6 +967,47 @@ def block_diagonal_attention(query, key, value, attn_bias, p: float = 0.0, scale
 
 # 80 and 96 run masked in the 128-wide tile, 256 in its own.
 REPORT_HEAD_DIMS = (64, 80, 96, 128, 256)
+# The score-modifier variants (causal/local windows, soft cap, ALiBi) add
+# registers to every tile: reported at the 16-bit fast path's head dims.
+REPORT_MOD_HEAD_DIMS = (64, 128)
+_NO_MODS = dict.fromkeys(_MOD_FLAGS, False)
+_ALL_MODS = dict.fromkeys(_MOD_FLAGS, True)
+# Pointer arguments that are float32 whatever the input dtype, and float scalars.
+_FP32_POINTERS = ("lse_ptr", "delta_ptr", "glse_ptr", "alibi_ptr")
+_FLOAT_SCALARS = ("qk_scale", "softmax_scale", "softcap")
+
+
+def _signature(fn, ty: str, constexprs: dict) -> dict:
+    """Triton types of a kernel's arguments, read off its own parameter list
+    (so the report cannot drift from the kernel): offsets are int32, the
+    statistics float32, other pointers the input dtype, the rest i32."""
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name.startswith("cu_"):
+            return "*i32"
+        if name in _FP32_POINTERS:
+            return "*fp32"
+        if name.endswith("_ptr"):
+            return f"*{ty}"
+        return "fp32" if name in _FLOAT_SCALARS else "i32"
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def _tile_specs(dtype, head_dim, mods: dict, suffix: str):
+    ty = TRITON_DTYPE[dtype]
+    base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)} | mods
+    for kernel, fn in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+        for config in configs_for(kernel, head_dim, dtype, any(mods.values())):
+            constexprs = base | config.kwargs
+            tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}w{config.num_warps}"
+            yield CompileSpec(
+                f"varlen_attention_{kernel}{suffix}[{ty},d{head_dim},{tile}]", fn,
+                _signature(fn, ty, constexprs), constexprs,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                # fp32's small tiles miss Hopper's 64-row MMA (mma.sync instead).
+                tensor_cores=dtype != torch.float32,
+            )
 
 
 def compile_specs():
@@ -937,58 +1017,13 @@ def compile_specs():
         for head_dim in REPORT_HEAD_DIMS:
             if dtype == torch.float32 and head_dim > 128:
                 continue  # spills, as _FP32_CONFIGS says: not a GPU fast path
-            base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)}
-            for kernel, fn, signature in (
-                ("fwd", _attn_fwd, _fwd_signature(ty)),
-                ("dkdv", _attn_bwd_dkdv, _dkdv_signature(ty)),
-                ("dq", _attn_bwd_dq, _dq_signature(ty)),
-            ):
-                for config in configs_for(kernel, head_dim, dtype):
-                    constexprs = base | config.kwargs
-                    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}w{config.num_warps}"
-                    specs.append(CompileSpec(
-                        f"varlen_attention_{kernel}[{ty},d{head_dim},{tile}]", fn,
-                        signature | {name: "constexpr" for name in constexprs}, constexprs,
-                        num_warps=config.num_warps, num_stages=config.num_stages,
-                        # fp32's small tiles miss Hopper's 64-row MMA (mma.sync instead).
-                        tensor_cores=dtype != torch.float32,
-                    ))
+            specs.extend(_tile_specs(dtype, head_dim, _NO_MODS, ""))
+            if dtype != torch.float32 and head_dim in REPORT_MOD_HEAD_DIMS:
+                specs.extend(_tile_specs(dtype, head_dim, _ALL_MODS, "_mods"))
             constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "BLOCK_M": PREPROCESS_BLOCK_M,
                           "HAS_GLSE": False}
             specs.append(CompileSpec(
                 f"varlen_attention_bwd_preprocess[{ty},d{head_dim}]", _attn_bwd_preprocess,
-                {"out_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "glse_ptr": "*fp32", "delta_ptr": "*fp32",
-                 "out_units": "i32", "dout_units": "i32", "glse_head_stride": "i32", "glse_row_stride": "i32",
-                 "total_q": "i32"} | {n: "constexpr" for n in constexprs},
-                constexprs,
+                _signature(_attn_bwd_preprocess, ty, constexprs), constexprs,
             ))
     return specs
-
-
-def _fwd_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_units": "i32", "k_units": "i32", "v_units": "i32",
-        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "n_seqs": "i32",
-        "max_seqlen_q": "i32",
-    }
-
-
-def _dkdv_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "delta_ptr": "*fp32", "dk_ptr": f"*{ty}", "dv_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
-        "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dk_units": "i32",
-        "dv_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
-        "n_seqs": "i32", "max_seqlen_k": "i32",
-    }
-
-
-def _dq_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "delta_ptr": "*fp32", "dq_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
-        "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dq_units": "i32",
-        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32", "n_seqs": "i32",
-        "max_seqlen_q": "i32",
-    }
