@@ -371,7 +371,7 @@ def uses_score_mods(causal=False, window_size=(-1, -1), softcap=0.0, alibi_slope
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None, causal=False,
                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """Softmax attention within each packed sequence (non-causal).
+    """Softmax attention within each packed sequence.
 
     ``q [total_q, H, Dh]``, ``k, v [total_k, H_kv, Dh]`` (query head ``h``
     reads kv head ``h // (H / H_kv)``), int32 offsets ``[B+1]``;

@@ -516,10 +516,10 @@ def test_backward_past_1024_keys():
 def _alternate_configs():
     """(kernel, tile width, config index) of every config the interpreter's
     first-config rule would never run."""
-    from lookwhen_kernels.ops.varlen_attention import _FP32_CONFIGS, _HALF_CONFIGS
+    from lookwhen_kernels.ops.attention.configs import FP32_CONFIGS, HALF_CONFIGS
 
     cases = []
-    for dtype, table in ((torch.float16, _HALF_CONFIGS), (torch.float32, _FP32_CONFIGS)):
+    for dtype, table in ((torch.float16, HALF_CONFIGS), (torch.float32, FP32_CONFIGS)):
         for kernel, by_width in table.items():
             for width, configs in by_width.items():
                 cases += [(dtype, kernel, width, i) for i in range(1, len(configs))]
@@ -530,7 +530,8 @@ def _alternate_configs():
 def test_every_alternate_autotune_config(monkeypatch, dtype, kernel, width, index):
     """On a GPU the autotuner may pick any config of a list; each one is run
     once here so that none is numerically unchecked."""
-    from lookwhen_kernels.ops import varlen_attention as module
+    # The launchers look configs up where they live.
+    from lookwhen_kernels.ops.attention import launch as module
 
     original = module.configs_for
 
