@@ -54,9 +54,9 @@ def attn_bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM, offs_n, k_len, k_stride, offs_d,
-                   HEAD_DIM)
+                  HEAD_DIM)
     v = load_rows(v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM, offs_n, k_len, v_stride, offs_d,
-                   HEAD_DIM)
+                  HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # The query blocks that can see this key block (the window's transpose).
@@ -88,8 +88,8 @@ def attn_bwd_dkdv(
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(delta_ptr + stats + rows, mask=rows < q_len, other=0.0)
             s_t, t_t = mod_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), rows[None, :],
-                               offs_n[:, None], q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
-                               WINDOW, SOFTCAP, ALIBI, False)
+                                  offs_n[:, None], q_len, k_len, qk_scale, softcap, slope, window_left, window_right,
+                                  WINDOW, SOFTCAP, ALIBI, False)
             p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -137,9 +137,9 @@ def attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
     q = load_rows(q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM, offs_m, q_len, q_stride, offs_d,
-                   HEAD_DIM)
+                  HEAD_DIM)
     do = load_rows(dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM, offs_m, q_len, do_stride, offs_d,
-                    HEAD_DIM)
+                   HEAD_DIM)
     stats = head.to(tl.int64) * total_q + q_start + offs_m
     lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=0.0) * LOG2E
     if WINDOW:
@@ -160,8 +160,8 @@ def attn_bwd_dq(
         # not zero, and it would reach dq through ds @ k (0 * huge = NaN);
         # mod_scores masks them to -inf.
         s, t = mod_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
-                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
-                       True)
+                          q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
+                          True)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

@@ -36,7 +36,7 @@ def attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM, offs_m, q_len, q_stride, offs_d,
-                   HEAD_DIM)
+                  HEAD_DIM)
     k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
     v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
 
@@ -52,8 +52,8 @@ def attn_fwd(
         cols = start_n + offs_n
         k = load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
         s, _ = mod_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], cols[None, :],
-                       q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
-                       True)
+                          q_len, k_len, qk_scale, softcap, slope, window_left, window_right, WINDOW, SOFTCAP, ALIBI,
+                          True)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if WINDOW:
             # A row can see no key of this block (nor of the earlier ones):
