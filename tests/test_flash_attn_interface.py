@@ -20,7 +20,10 @@ CASES = {
     "causal-window-empty-rows-mqa": (32, 3, 1, [20, 5, 6], [7, 0, 6], dict(causal=True, window_size=(2, -1))),
     "softcap-alibi-gqa": (111, 4, 2, [17, 3], [9, 30], dict(softcap=1.5, alibi=(2,))),
     "causal-alibi-per-sequence": (48, 2, 1, [33, 1], [12, 40], dict(causal=True, alibi=(2, 2))),
+    "local-softcap-d256-mqa": (256, 2, 1, [9, 4], [13, 4], dict(window_size=(3, 0), softcap=5.0)),
 }
+# Too long for the interpreter; the CPU path only.
+CPU_CASES = {"causal-1023vs1024-gqa": (64, 4, 2, [1023], [1024], dict(causal=True))}
 
 
 def _inputs(head_dim, heads, kv_heads, lengths_q, lengths_k, dtype):
@@ -48,7 +51,7 @@ def _grads(fn, inputs, grad_out, grad_lse):
 
 
 def _check(case, dtype):
-    head_dim, heads, kv_heads, lengths_q, lengths_k, options = CASES[case]
+    head_dim, heads, kv_heads, lengths_q, lengths_k, options = (CASES | CPU_CASES)[case]
     q, k, v, cu_q, cu_k = _inputs(head_dim, heads, kv_heads, lengths_q, lengths_k, dtype)
     options = _options(options, heads)
     grad_out = torch.randn(q.shape).to(dtype)
@@ -86,7 +89,7 @@ def test_varlen_matches_float64_reference(case, dtype):
     _check(case, dtype)
 
 
-@pytest.mark.parametrize("case", ["causal-window-empty-rows-mqa", "softcap-alibi-gqa"])
+@pytest.mark.parametrize("case", ["causal-window-empty-rows-mqa", "softcap-alibi-gqa", *CPU_CASES])
 def test_cpu_path_matches_float64_reference(monkeypatch, case):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _check(case, torch.float32)
@@ -191,3 +194,15 @@ def test_flops_count_the_pairs_the_window_keeps(window_size):
     pairs = sum(int(reference.attention_mask(a, b, window_size).sum()) for a, b in zip(lengths_q, lengths_k))
     assert attention_flops((sum(lengths_q), 3, 16), cu_seqlens_from_lengths(lengths_q),
                            cu_seqlens_from_lengths(lengths_k), *window_size) == 4 * pairs * 3 * 16
+
+
+def test_compiles_with_every_score_modifier(monkeypatch):
+    # The CPU path, as torch.compile traces it (the interpreter needs real data).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, cu_q, cu_k = _inputs(16, 4, 2, [5, 7], [9, 6], torch.float32)
+    slopes = torch.rand(4)
+
+    def attend(q, k, v):
+        return lk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 9, 0.0, None, True, (3, -1), 2.0, slopes)
+
+    torch.testing.assert_close(torch.compile(attend, fullgraph=True)(q, k, v), attend(q, k, v), rtol=0, atol=0)
