@@ -14,17 +14,21 @@ Every provider takes the same packed inputs ``q [total, H, Dh]``, ``k, v
 - ``flash_attn_varlen``: FlashAttention's ``flash_attn_varlen_func`` (when
   importable, on CUDA, fp16/bf16).
 
+With ``window_size`` (FlashAttention's ``(left, right)``; causal is ``(-1,
+0)``) every provider applies the same local mask (xformers is left out).
+
 ``python -m bench ops --kernels varlen_attention`` times them at the models'
 shapes (add ``--lengths`` for any other set of sequences).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import lookwhen_kernels as lk
+from lookwhen_kernels import reference
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
 
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,9 +44,12 @@ def make_inputs(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: int
     )
 
 
-def build_providers(lengths: Sequence[int], heads: int, kv_heads: int, *, device, dtype) -> Dict[str, Provider]:
+def build_providers(lengths: Sequence[int], heads: int, kv_heads: int, *, device, dtype,
+                    window_size: Tuple[int, int] = (-1, -1)) -> Dict[str, Provider]:
     """Name -> ``fn(q, k, v) -> out [total, H, Dh]`` for self-attention over
     sequences of ``lengths``; the op first."""
+    window_size = tuple(window_size)
+    local = window_size != (-1, -1)
     device = torch.device(device)
     lengths = [int(n) for n in lengths]
     cu = cu_seqlens_from_lengths(lengths, device=device)
@@ -57,9 +64,18 @@ def build_providers(lengths: Sequence[int], heads: int, kv_heads: int, *, device
     # produce NaN; they are cut off anyway.
     key_mask = (torch.arange(longest, device=device)[None, :]
                 < torch.tensor(lengths, device=device).clamp(min=1)[:, None])[:, None, None, :]
+    if local:
+        # Self-attention: bottom-right and top-left alignment agree, so the
+        # padded layout takes the same window. Padding queries keep key 0, so
+        # that no row of the padded batch is empty (NaN).
+        padding_query = (torch.arange(longest, device=device)[None, :]
+                         >= torch.tensor(lengths, device=device)[:, None])[:, None, :, None]
+        first_key = torch.arange(longest, device=device) == 0
+        key_mask = key_mask & reference.attention_mask(longest, longest, window_size, device) \
+            | padding_query & first_key
 
     def ours(q, k, v):
-        return lk.varlen_attention(q, k, v, cu, cu, longest, longest)
+        return lk.varlen_attention(q, k, v, cu, cu, longest, longest, window_size=window_size)
 
     def padded(q, k, v):
         def pad(t):
@@ -73,18 +89,19 @@ def build_providers(lengths: Sequence[int], heads: int, kv_heads: int, *, device
     def loop(q, k, v):
         outs = [
             F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), enable_gqa=gqa
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), enable_gqa=gqa,
+                attn_mask=reference.attention_mask(b - a, b - a, window_size, device) if local else None,
             ).transpose(0, 1)
             for a, b in zip(starts[:-1], starts[1:]) if b > a
         ]
         return torch.cat(outs) if outs else q.new_empty(q.shape)
 
     providers: Dict[str, Provider] = {"varlen_attention": ours, "sdpa_padded": padded, "sdpa_loop": loop}
-    xformers = _xformers_provider(lengths, heads, kv_heads)
+    xformers = None if local else _xformers_provider(lengths, heads, kv_heads)
     if xformers is not None:
         providers["xformers_blockdiag"] = xformers
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_provider(cu, longest)
+        flash = _flash_attn_provider(cu, longest, window_size)
         if flash is not None:
             providers["flash_attn_varlen"] = flash
     return providers
@@ -111,9 +128,9 @@ def _xformers_provider(lengths, heads, kv_heads) -> Optional[Provider]:
     return blockdiag
 
 
-def _flash_attn_provider(cu, longest) -> Optional[Provider]:
+def _flash_attn_provider(cu, longest, window_size) -> Optional[Provider]:
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
-    return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+    return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, window_size=window_size)

@@ -210,17 +210,18 @@ def frame_normalize_case(cfg: ModelConfig, batch: int) -> Case:
 
 # varlen_attention ------------------------------------------------------------
 
-def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str) -> Case:
+def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str, window_size=(-1, -1)) -> Case:
     """Self-attention over packed sequences of ``lengths`` against its
     alternatives (padded SDPA, an SDPA loop, and xformers and flash-attn where
-    importable): the providers of :mod:`bench.attention`."""
+    importable): the providers of :mod:`bench.attention`; ``window_size`` as
+    FlashAttention's (causal: ``(-1, 0)``)."""
 
     def make(device, dtype):
         seed = int(torch.randint(0, 2**31 - 1, ()))
         return attention.make_inputs(lengths, heads, heads, head_dim, device=device, dtype=dtype, seed=seed)
 
     def bind(device, dtype):
-        return attention.build_providers(lengths, heads, heads, device=device, dtype=dtype)
+        return attention.build_providers(lengths, heads, heads, device=device, dtype=dtype, window_size=window_size)
 
     if len(set(lengths)) == 1:
         shown = f"L{lengths[0]} x{len(lengths)}"
@@ -246,6 +247,9 @@ def attention_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Cas
         _attention_case([1 + cfg.registers + cfg.n_selector_tokens] * batch, cfg.selector_heads,
                         cfg.selector_width // cfg.selector_heads, "selector"),
         _attention_case(budgets, cfg.heads, head_dim, "budgets"),
+        # Masked variants at the same shapes: the skipped tiles' share of the time.
+        _attention_case(budgets, cfg.heads, head_dim, "budgets causal", window_size=(-1, 0)),
+        _attention_case(budgets, cfg.heads, head_dim, "budgets local64", window_size=(64, 64)),
     ]
 
 

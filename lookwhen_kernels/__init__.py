@@ -4,6 +4,14 @@ CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference,
 or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1``.
 Every op is also registered as ``torch.ops.lookwhen.<name>``.
 """
+from lookwhen_kernels.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from lookwhen_kernels.ops._common import deterministic, set_deterministic
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
@@ -17,6 +25,12 @@ __all__ = [
     "block_diagonal_attention",
     "dense_attention",
     "deterministic",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "frame_normalize",
     "gather_patch_embed",
     "gather_tokens",

@@ -303,8 +303,75 @@ def _attention_segments(cu_seqlens_q, cu_seqlens_k):
     return segments, uniform if uniform is not None and min(uniform) > 0 else None
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None):
-    """Softmax attention within each packed sequence (non-causal).
+def attention_mask(len_q: int, len_k: int, window_size=(-1, -1), device=None) -> torch.Tensor:
+    """``bool [Lq, Lk]``, True where query ``i`` may see key ``j``. Queries
+    are aligned to the bottom-right of the score matrix (query ``i`` sits at
+    key position ``i + Lk - Lq``, as in FlashAttention >= 2.1); ``window_size
+    = (left, right)`` keeps keys from ``left`` before to ``right`` after that
+    position, ``-1`` meaning unbounded (causal is ``(-1, 0)``)."""
+    rel = torch.arange(len_k, device=device)[None, :] - torch.arange(len_q, device=device)[:, None] - (len_k - len_q)
+    left, right = window_size
+    allowed = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= rel >= -left
+    if right >= 0:
+        allowed &= rel <= right
+    return allowed
+
+
+def _score_mods(scores, window_size, softcap, slopes):
+    """Scaled scores ``[..., H, Lq, Lk]`` -> FlashAttention's modified scores
+    (soft cap, then ALiBi bias with ``slopes [..., H]``, then ``-inf`` outside
+    the window), and the soft cap's derivative (``None`` without one)."""
+    len_q, len_k = scores.shape[-2:]
+    derivative = None
+    if softcap > 0:
+        t = torch.tanh(scores / softcap)
+        scores, derivative = softcap * t, 1 - t * t
+    if slopes is not None:
+        rel = torch.arange(len_k, device=scores.device)[None, :] - torch.arange(len_q, device=scores.device)[:, None]
+        scores = scores - slopes.to(scores.dtype)[..., None, None] * (rel - (len_k - len_q)).abs()
+    allowed = attention_mask(len_q, len_k, window_size, scores.device)
+    return torch.where(allowed, scores, float("-inf")), derivative
+
+
+def _attend_explicit(q, k, v, scale, window_size, softcap, slopes):
+    """One sequence with an explicit score matrix: ``q [Lq, H, Dh]``, ``k, v
+    [Lk, H_kv, Dh]``, ``slopes [H]`` or ``None``. Scores in q's dtype (as
+    FlashAttention's tests' same-precision reference), softmax in at least
+    float32. Differentiable in q, k, v through ``out`` and ``lse``; queries
+    that see no key give zeros and ``lse = -inf`` with zero gradients."""
+    len_q, len_k = q.shape[0], k.shape[0]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    kb, vb = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
+    scores, _ = _score_mods((q.transpose(0, 1) @ kb.transpose(-1, -2)).to(work) * scale, window_size, softcap,
+                            slopes)
+    # A row without keys gets finite dummy scores, then is overwritten: the
+    # softmax of an all -inf row would be NaN, in the values and the gradients.
+    empty = ~attention_mask(len_q, len_k, window_size, q.device).any(-1)
+    scores = scores.masked_fill(empty[:, None], 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse[..., None])
+    out = (p.to(q.dtype) @ vb).transpose(0, 1)
+    out = torch.where(empty[:, None, None], 0.0, out).to(q.dtype)
+    return out, torch.where(empty, float("-inf"), lse)
+
+
+def _window(causal, window_size):
+    # FlashAttention: causal is the window (left, 0).
+    return (window_size[0], 0) if causal else tuple(window_size)
+
+
+def uses_score_mods(causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> bool:
+    """Whether an attention call needs the explicit-score path (anything but
+    plain softmax attention)."""
+    return causal or tuple(window_size) != (-1, -1) or softcap > 0 or alibi_slopes is not None
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None, causal=False,
+                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """Softmax attention within each packed sequence.
 
     ``q [total_q, H, Dh]``, ``k, v [total_k, H_kv, Dh]`` (query head ``h``
     reads kv head ``h // (H / H_kv)``), int32 offsets ``[B+1]``;
@@ -316,6 +383,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
 
     One batched call when all sequences share their lengths, one per sequence
     otherwise.
+
+    ``causal``, ``window_size``, ``softcap`` and ``alibi_slopes`` (``[H]`` or
+    ``[B, H]``) as in FlashAttention (see :func:`attention_mask`); with any of
+    them every sequence is computed with an explicit score matrix, and ``lse``
+    is differentiable too.
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
@@ -323,6 +395,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
     heads, head_dim = q.shape[1], q.shape[2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     segments, uniform = _attention_segments(cu_seqlens_q, cu_seqlens_k)
+    if uses_score_mods(causal, window_size, softcap, alibi_slopes):
+        window = _window(causal, window_size)
+        results = [
+            _attend_explicit(q[rows_q], k[rows_k], v[rows_k], scale, window, softcap,
+                             None if alibi_slopes is None else alibi_slopes.expand(len(segments), heads)[b])
+            for b, (rows_q, rows_k) in enumerate(segments)
+        ]
+        if not results:
+            return q.new_zeros(q.shape), torch.empty((heads, 0), dtype=lse_dtype, device=q.device)
+        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results], dim=1)
     if uniform is not None:
         batched = [t.unflatten(0, (len(segments), -1)).transpose(1, 2) for t in (q, k, v)]
         out, lse = _attend(*batched, scale)
@@ -346,7 +428,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
 
 
 def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
-                              grad_lse=None):
+                              grad_lse=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     """Gradients of :func:`varlen_attention` for ``q, k, v`` from its ``out``
     and ``lse``; ``grad_lse`` (``[H, total_q]`` or ``None``) is the gradient
     reaching ``lse``.
@@ -356,13 +438,17 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
     exp(scale * q k^T - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T -
     rowsum(dO * O) + grad_lse)``, ``dQ = scale * dS K``, ``dK = scale * dS^T
     Q``, a kv head summing over its query heads; scores are built for a few kv
-    heads at a time, so a long sequence stays within a few hundred MB.
+    heads at a time, so a long sequence stays within a few hundred MB. The
+    score modifiers of :func:`varlen_attention` enter ``P`` (and the soft cap
+    multiplies ``dS`` by its derivative).
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     segments, uniform = _attention_segments(cu_seqlens_q, cu_seqlens_k)
-    if q.device.type == "cpu" and grad_lse is None:
+    mods = uses_score_mods(causal, window_size, softcap, alibi_slopes)
+    window = _window(causal, window_size)
+    if q.device.type == "cpu" and grad_lse is None and not mods:
         fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         if uniform is not None:
             batch = len(segments)
@@ -386,7 +472,7 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
-    for rows_q, rows_k in segments:
+    for b, (rows_q, rows_k) in enumerate(segments):
         len_q, len_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
         if len_q == 0 or len_k == 0:
             continue
@@ -394,14 +480,23 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
         qb, gb, ob = (t[rows_q].to(work).transpose(0, 1).unflatten(0, (kv_heads, group)) for t in (q, grad_out, out))
         kb, vb = (t[rows_k].to(work).transpose(0, 1).unsqueeze(1) for t in (k, v))
         stats = lse[:, rows_q].to(work).unflatten(0, (kv_heads, group)).unsqueeze(-1)
+        # A query that sees no key (lse = -inf) gets P = 0, not exp(-inf + inf).
+        stats = stats.masked_fill(torch.isneginf(stats), float("inf"))
+        slopes = None if alibi_slopes is None else \
+            alibi_slopes.expand(len(segments), heads)[b].to(work).unflatten(0, (kv_heads, group))
         delta = (gb * ob).sum(-1, keepdim=True)
         if grad_lse is not None:
             delta = delta - grad_lse[:, rows_q].to(work).unflatten(0, (kv_heads, group)).unsqueeze(-1)
         chunk = max(1, (1 << 24) // (group * len_q * len_k))
         for first in range(0, kv_heads, chunk):
             h = slice(first, first + chunk)
-            p = torch.exp(qb[h] @ kb[h].transpose(-1, -2) * scale - stats[h])
+            scores, derivative = qb[h] @ kb[h].transpose(-1, -2) * scale, None
+            if mods:
+                scores, derivative = _score_mods(scores, window, softcap, None if slopes is None else slopes[h])
+            p = torch.exp(scores - stats[h])
             ds = p * (gb[h] @ vb[h].transpose(-1, -2) - delta[h])
+            if derivative is not None:
+                ds = ds * derivative
             dv[rows_k, h] = (p.transpose(-1, -2) @ gb[h]).sum(1).transpose(0, 1)
             dk[rows_k, h] = (ds.transpose(-1, -2) @ qb[h]).sum(1).transpose(0, 1) * scale
             dq[rows_q, h.start * group:h.stop * group] = (ds @ kb[h]).flatten(0, 1).transpose(0, 1) * scale

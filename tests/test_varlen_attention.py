@@ -437,7 +437,12 @@ def _cu(values):
         (lambda: varlen_attention(*_inputs([3, 4], [3, 4], 4, 2, 32, torch.float32)[:4],
                                   softmax_scale=float("nan")), "softmax_scale"),
         (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], dropout_p=0.1), "dropout_p"),
-        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], causal=True), "causal"),
+        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], causal=1), "causal"),
+        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], window_size=(-2, 0)),
+         "window_size"),
+        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], softcap=-1.0), "softcap"),
+        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4],
+                                  alibi_slopes=torch.ones(3)), "alibi_slopes"),
         (lambda: dense_attention(torch.randn(2, 3, 4, 32), torch.randn(3, 3, 2, 32), torch.randn(3, 3, 2, 32)),
          "batch of q"),
     ],
@@ -447,14 +452,15 @@ def test_bad_inputs_raise_value_error(bad, message):
         bad()
 
 
-def test_bench_providers_agree():
+@pytest.mark.parametrize("window_size", [(-1, -1), (-1, 0), (2, 1)])
+def test_bench_providers_agree(window_size):
     from bench import attention
 
     lengths = [3, 0, 17, 1]
     q, k, v = attention.make_inputs(lengths, 4, 2, 32, device="cpu", dtype=torch.float32)
     cu = cu_seqlens_from_lengths(lengths)
-    expected, _ = reference.varlen_attention(q.double(), k.double(), v.double(), cu)
-    providers = attention.build_providers(lengths, 4, 2, device="cpu", dtype=torch.float32)
+    expected, _ = reference.varlen_attention(q.double(), k.double(), v.double(), cu, window_size=window_size)
+    providers = attention.build_providers(lengths, 4, 2, device="cpu", dtype=torch.float32, window_size=window_size)
     assert {"varlen_attention", "sdpa_padded", "sdpa_loop"} <= set(providers)
     for name, fn in providers.items():
         torch.testing.assert_close(fn(q, k, v).double(), expected, rtol=1e-5, atol=1e-5, msg=name)
@@ -510,10 +516,10 @@ def test_backward_past_1024_keys():
 def _alternate_configs():
     """(kernel, tile width, config index) of every config the interpreter's
     first-config rule would never run."""
-    from lookwhen_kernels.ops.varlen_attention import _FP32_CONFIGS, _HALF_CONFIGS
+    from lookwhen_kernels.ops.attention.configs import FP32_CONFIGS, HALF_CONFIGS
 
     cases = []
-    for dtype, table in ((torch.float16, _HALF_CONFIGS), (torch.float32, _FP32_CONFIGS)):
+    for dtype, table in ((torch.float16, HALF_CONFIGS), (torch.float32, FP32_CONFIGS)):
         for kernel, by_width in table.items():
             for width, configs in by_width.items():
                 cases += [(dtype, kernel, width, i) for i in range(1, len(configs))]
@@ -524,12 +530,13 @@ def _alternate_configs():
 def test_every_alternate_autotune_config(monkeypatch, dtype, kernel, width, index):
     """On a GPU the autotuner may pick any config of a list; each one is run
     once here so that none is numerically unchecked."""
-    from lookwhen_kernels.ops import varlen_attention as module
+    # The launchers look configs up where they live.
+    from lookwhen_kernels.ops.attention import launch as module
 
     original = module.configs_for
 
-    def forced(name, head_dim, dt):
-        configs = original(name, head_dim, dt)
+    def forced(name, head_dim, dt, mods=False):
+        configs = original(name, head_dim, dt, mods)
         return configs[index:index + 1] if name == kernel else configs
 
     monkeypatch.setattr(module, "configs_for", forced)

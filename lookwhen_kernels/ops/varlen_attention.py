@@ -15,6 +15,11 @@ register copy of q live across the loop. It writes the output and the
 natural-log sum-exp ``lse`` (``[H, total_q]``), which is all the backward
 needs.
 
+FlashAttention's score modifiers are constexpr variants of the same kernels
+(``WINDOW``, ``SOFTCAP``, ``ALIBI``): the plain kernels compile to what they
+were without them. With a window (causal or local), every kernel loops only
+over the blocks its tile can see, so fully masked tiles cost nothing.
+
 Backward (FlashAttention-2's split, no atomics, so results are bitwise
 reproducible): a preprocess kernel computes ``delta = rowsum(dO * O)`` (minus
 the incoming gradient of ``lse`` when there is one, since ``d lse / d s =
@@ -31,465 +36,35 @@ Dispatch: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) take the
 kernels. Other CPU tensors take the reference through a separate opaque op
 (``lookwhen::varlen_attention_cpu``): its per-sequence loop depends on the
 values of ``cu_seqlens``, which ``torch.compile`` must not trace.
+
+File layout: the kernels, launchers, CPU path and report specs live in
+:mod:`lookwhen_kernels.ops.attention` (one job per file); this module
+registers the op, its autograd and FLOP formulas, and holds the public
+functions.
 """
 from __future__ import annotations
 
 import math
 from numbers import Integral
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
-from lookwhen_kernels import reference
 from lookwhen_kernels.layout import lengths_from_cu_seqlens
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
-    TRITON_DTYPE,
-    CompileSpec,
     check_cu_seqlens,
     check_offsets,
     check_tensor,
     checks_values,
-    deterministic,
-    interpret_mode,
-    next_power_of_2,
-    split_program_id,
     use_triton,
 )
-
-MAX_HEAD_DIM = 256
-# Globals a kernel reads must be constexpr.
-LOG2E = tl.constexpr(math.log2(math.e))
-LN2 = tl.constexpr(math.log(2.0))
-
-# ---------------------------------------------------------------------------
-# Tile configurations: (BLOCK_M queries, BLOCK_N keys, warps, stages), by tile
-# width (BLOCK_D <= 64, 128, 256). On a GPU the autotuner picks between the
-# entries once per head dim and dtype; the interpreter (tests) runs the first.
-# Every fp16/bf16 entry for 64 and 128 compiles without spills for sm_90 and
-# sm_80 (``python -m lookwhen_kernels.inspect --only varlen_attention``).
-#
-# FlashAttention-2 runs 128 x 128 (hdim <= 64) and 128 x 64 (hdim 128, H100)
-# forward tiles with 4 warps, and backward tiles of 128 keys x 128 queries
-# (hdim 64) or 128 keys x 64 queries (hdim 128) with 8 warps. Triton keeps
-# more in registers than its hand-written kernels (the backward holds k, v,
-# dk and dv of the key tile), so the same shapes spill here. The lists keep
-# FA2's 128-query forward tile (and its 128-key tile in the head-dim-64
-# backward) and pair it with the widest other tile and warp count that do
-# not spill.
-# ---------------------------------------------------------------------------
-
-
-def _config(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-_HALF_CONFIGS = {
-    "fwd": {
-        64: (_config(128, 64, 4, 3), _config(128, 128, 8, 3)),
-        128: (_config(128, 64, 8, 3), _config(128, 32, 8, 3)),
-        256: (_config(64, 64, 8, 2),),
-    },
-    # The key tile is the M side of all the dk/dv kernel's MMAs (keys x queries).
-    "dkdv": {
-        64: (_config(32, 128, 8, 2), _config(32, 64, 4, 2)),
-        128: (_config(32, 64, 8, 2), _config(16, 128, 8, 2)),
-        256: (_config(16, 64, 8, 2),),
-    },
-    "dq": {
-        64: (_config(128, 64, 8, 2), _config(64, 64, 4, 2)),
-        128: (_config(128, 32, 8, 2), _config(64, 64, 4, 2)),
-        # A 32-row alternative misses Hopper's 64-row warpgroup MMA (no HGMMA).
-        256: (_config(64, 32, 8, 2),),
-    },
-}
-# fp32 products run as three TF32 MMAs each (see _dot_precision), which
-# triples the operand registers: small tiles, one config each. Spill-free up
-# to head dim 128 (the 128-wide dq tile at 16 x 16: 32 x 16 spills for the
-# masked head dims 80 and 96); the 256-wide backward spills (fp32 is not the
-# GPU fast path, so the static report leaves it out).
-_FP32_CONFIGS = {
-    "fwd": {64: (_config(128, 32, 8, 2),), 128: (_config(32, 32, 8, 2),), 256: (_config(16, 32, 4, 2),)},
-    "dkdv": {64: (_config(16, 32, 4, 2),), 128: (_config(16, 16, 4, 2),), 256: (_config(16, 16, 8, 2),)},
-    "dq": {64: (_config(32, 32, 4, 2),), 128: (_config(16, 16, 8, 2),), 256: (_config(16, 16, 8, 2),)},
-}
-PREPROCESS_BLOCK_M = 64
-
-
-def block_d_for(head_dim: int) -> int:
-    """The tile width a head dim runs in: a power of two, at least 16 (the K of an MMA)."""
-    return max(16, next_power_of_2(head_dim))
-
-
-def configs_for(kernel: str, head_dim: int, dtype: torch.dtype) -> Tuple[triton.Config, ...]:
-    table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
-    return table[kernel][max(64, block_d_for(head_dim))]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs promise fp32-level products: "tf32x3" (hi/lo TF32 split,
-    # ~1e-6 relative) keeps them on the tensor cores. Exact "ieee" dots run as
-    # FMAs whose operands sit in registers and spill at any useful tile.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-# ---------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_rows(base, rows, n_rows, row_stride, offs_d, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None] * row_stride + offs_d[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _attn_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, out_units, total_q, group, qk_scale, n_seqs, max_seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # Row strides come in units of HEAD_DIM so the compiler sees them as
-    # multiples of it (vectorised loads without relying on launch-time
-    # specialisation).
-    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
-    seq = rest % n_seqs
-    head = rest // n_seqs
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if block_m * BLOCK_M >= q_len:
-        return
-    k_start = tl.load(cu_k_ptr + seq)
-    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
-    kv_head = head // group
-    q_stride = q_units * HEAD_DIM
-    k_stride = k_units * HEAD_DIM
-    v_stride = v_units * HEAD_DIM
-    out_stride = out_units * HEAD_DIM
-
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM, offs_m, q_len, q_stride, offs_d,
-                   HEAD_DIM)
-    k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
-    v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # One loop with the column mask in every block: peeling the partial last
-    # block keeps a second, register-resident copy of q live across the loop.
-    for start_n in range(0, k_len, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(cols[None, :] < k_len, s, float("-inf"))
-        # Every block holds at least one real key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, cols, k_len, v_stride, offs_d, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # A query whose key sequence is empty: l = 0, output 0, lse = -inf.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    out_ptrs = out_ptr + q_start.to(tl.int64) * out_stride + head * HEAD_DIM \
-        + offs_m[:, None] * out_stride + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(lse_ptr + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=offs_m < q_len)
-
-
-@triton.jit
-def _attn_bwd_preprocess(
-    out_ptr, dout_ptr, glse_ptr, delta_ptr, out_units, dout_units, glse_head_stride, glse_row_stride, total_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_GLSE: tl.constexpr,
-):
-    # The incoming gradient of lse keeps its own strides: autograd hands an
-    # expanded (stride 0) tensor for ``lse.sum()``, and copying it would cost a
-    # full [H, total_q] write.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows64 = rows.to(tl.int64)
-    o = _load_rows(out_ptr + head * HEAD_DIM, rows64, total_q, out_units * HEAD_DIM, offs_d, HEAD_DIM)
-    do = _load_rows(dout_ptr + head * HEAD_DIM, rows64, total_q, dout_units * HEAD_DIM, offs_d, HEAD_DIM)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stats = head.to(tl.int64) * total_q + rows
-    if HAS_GLSE:
-        glse = glse_ptr + head.to(tl.int64) * glse_head_stride + rows64 * glse_row_stride
-        delta -= tl.load(glse, mask=rows < total_q, other=0.0)
-    tl.store(delta_ptr + stats, delta, mask=rows < total_q)
-
-
-@triton.jit
-def _attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dk_units, dv_units, total_q, group, qk_scale, softmax_scale, n_seqs,
-    max_seqlen_k,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    block_n, rest = split_program_id(tl.cdiv(max_seqlen_k, BLOCK_N))
-    seq = rest % n_seqs
-    kv_head = rest // n_seqs
-    k_start = tl.load(cu_k_ptr + seq)
-    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
-    if block_n * BLOCK_N >= k_len:
-        return
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    q_stride = q_units * HEAD_DIM
-    k_stride = k_units * HEAD_DIM
-    v_stride = v_units * HEAD_DIM
-    do_stride = dout_units * HEAD_DIM
-
-    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM, offs_n, k_len, k_stride, offs_d,
-                   HEAD_DIM)
-    v = _load_rows(v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM, offs_n, k_len, v_stride, offs_d,
-                   HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # The query heads sharing this kv head, summed in a fixed order.
-    for g in range(0, group):
-        head = kv_head * group + g
-        q_base = q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM
-        do_base = dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM
-        stats = head.to(tl.int64) * total_q + q_start
-        for start_m in range(0, q_len, BLOCK_M):
-            # Transposed orientation (keys x queries): the resident key tile is
-            # the M side of every MMA. Rows of padded keys pick up garbage but
-            # are never stored; padded queries get lse = +inf, so their column
-            # of P^T is 0.
-            rows = start_m + offs_m
-            q = _load_rows(q_base, rows, q_len, q_stride, offs_d, HEAD_DIM)
-            do = _load_rows(do_base, rows, q_len, do_stride, offs_d, HEAD_DIM)
-            lse = tl.load(lse_ptr + stats + rows, mask=rows < q_len, other=float("inf"))
-            delta = tl.load(delta_ptr + stats + rows, mask=rows < q_len, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-            p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-
-    mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    dk_stride = dk_units * HEAD_DIM
-    dv_stride = dv_units * HEAD_DIM
-    dk_ptrs = dk_ptr + k_start.to(tl.int64) * dk_stride + kv_head * HEAD_DIM + offs_n[:, None] * dk_stride \
-        + offs_d[None, :]
-    dv_ptrs = dv_ptr + k_start.to(tl.int64) * dv_stride + kv_head * HEAD_DIM + offs_n[:, None] * dv_stride \
-        + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _attn_bwd_dq(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
-    q_units, k_units, v_units, dout_units, dq_units, total_q, group, qk_scale, softmax_scale, n_seqs,
-    max_seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
-    seq = rest % n_seqs
-    head = rest // n_seqs
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if block_m * BLOCK_M >= q_len:
-        return
-    k_start = tl.load(cu_k_ptr + seq)
-    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
-    kv_head = head // group
-    q_stride = q_units * HEAD_DIM
-    k_stride = k_units * HEAD_DIM
-    v_stride = v_units * HEAD_DIM
-    do_stride = dout_units * HEAD_DIM
-
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < q_len
-    q = _load_rows(q_ptr + q_start.to(tl.int64) * q_stride + head * HEAD_DIM, offs_m, q_len, q_stride, offs_d,
-                   HEAD_DIM)
-    do = _load_rows(dout_ptr + q_start.to(tl.int64) * do_stride + head * HEAD_DIM, offs_m, q_len, do_stride, offs_d,
-                    HEAD_DIM)
-    stats = head.to(tl.int64) * total_q + q_start + offs_m
-    lse2 = tl.load(lse_ptr + stats, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + stats, mask=row_ok, other=0.0)
-    k_base = k_ptr + k_start.to(tl.int64) * k_stride + kv_head * HEAD_DIM
-    v_base = v_ptr + k_start.to(tl.int64) * v_stride + kv_head * HEAD_DIM
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, k_len, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_base, cols, k_len, k_stride, offs_d, HEAD_DIM)
-        v = _load_rows(v_base, cols, k_len, v_stride, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Padded keys are zero rows of k, so their column would be exp2(-lse):
-        # not zero, and it would reach dq through ds @ k (0 * huge = NaN).
-        p = tl.where(cols[None, :] < k_len, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-
-    dq_stride = dq_units * HEAD_DIM
-    dq_ptrs = dq_ptr + q_start.to(tl.int64) * dq_stride + head * HEAD_DIM + offs_m[:, None] * dq_stride \
-        + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * softmax_scale).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-# ---------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------
-
-_AUTOTUNED = {}
-
-
-def _launch(kernel, configs: Sequence[triton.Config], grid, *args, **constexprs) -> None:
-    """Autotune over ``configs`` on a GPU (once per head dim and dtype); the
-    interpreter and deterministic mode run the first, preferred config (the
-    autotuner's pick, and with it the rounding, can differ between runs)."""
-    if interpret_mode() or deterministic():
-        config = configs[0]
-        wrap_triton(kernel)[grid](*args, **constexprs, **config.kwargs,
-                                  num_warps=config.num_warps, num_stages=config.num_stages)
-        return
-    key = (kernel, id(configs))
-    if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(configs=list(configs), key=["HEAD_DIM"])(kernel)
-    wrap_triton(_AUTOTUNED[key])[grid](*args, **constexprs)
-
-
-def _row_units(t: torch.Tensor) -> int:
-    """The row stride in units of the head dim (see :func:`_kernel_layout`)."""
-    total, heads, head_dim = t.shape
-    return t.stride(0) // head_dim if total > 1 else heads
-
-
-def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take ``[rows, heads, Dh]`` with unit stride along Dh, heads
-    adjacent and a row stride that is a multiple of Dh: any contiguous tensor,
-    and q/k/v unbound from a packed ``[total, 3, H, Dh]`` projection without a
-    copy. Other layouts are copied."""
-    total, heads, head_dim = t.shape
-    ok = (head_dim == 1 or t.stride(2) == 1) and (heads == 1 or t.stride(1) == head_dim) \
-        and (total <= 1 or t.stride(0) % head_dim == 0)
-    return t if ok else t.contiguous()
-
-
-def _tile_width_and_group(q, k):
-    return block_d_for(q.shape[2]), q.shape[1] // k.shape[1]
-
-
-def _forward(q, k, v, cu_q, cu_k, max_q: int, softmax_scale: float):
-    q, k, v = (_kernel_layout(t) for t in (q, k, v))
-    total_q, heads, head_dim = q.shape
-    batch = cu_q.numel() - 1
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
-    if total_q == 0 or batch == 0:
-        return out, lse
-    block_d, group = _tile_width_and_group(q, k)
-    _launch(
-        _attn_fwd, configs_for("fwd", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
-        q, k, v, out, lse, cu_q, cu_k,
-        _row_units(q), _row_units(k), _row_units(v), _row_units(out), total_q, group, softmax_scale * LOG2E.value,
-        batch, max_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-    )
-    return out, lse
-
-
-def _backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float):
-    q, k, v, out, grad_out = (_kernel_layout(t) for t in (q, k, v, out, grad_out))
-    total_q, heads, head_dim = q.shape
-    batch = cu_q.numel() - 1
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if batch == 0 or total_q == 0:
-        # No query attends to anything: every key gets a zero gradient.
-        return dq, dk.zero_(), dv.zero_()
-    block_d, group = _tile_width_and_group(q, k)
-    delta = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
-    glse = grad_lse if grad_lse is not None else lse
-    wrap_triton(_attn_bwd_preprocess)[(triton.cdiv(total_q, PREPROCESS_BLOCK_M), heads)](
-        out, grad_out, glse, delta, _row_units(out), _row_units(grad_out), glse.stride(0), glse.stride(1),
-        total_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, HAS_GLSE=grad_lse is not None,
-    )
-    qk_scale = softmax_scale * LOG2E.value
-    if k.shape[0]:
-        _launch(
-            _attn_bwd_dkdv, configs_for("dkdv", head_dim, q.dtype),
-            lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]) * batch * k.shape[1],),
-            q, k, v, grad_out, lse, delta, dk, dv, cu_q, cu_k,
-            _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dk), _row_units(dv),
-            total_q, group, qk_scale, softmax_scale, batch, max_k,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        )
-    _launch(
-        _attn_bwd_dq, configs_for("dq", head_dim, q.dtype),
-        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,),
-        q, k, v, grad_out, lse, delta, dq, cu_q, cu_k,
-        _row_units(q), _row_units(k), _row_units(v), _row_units(grad_out), _row_units(dq),
-        total_q, group, qk_scale, softmax_scale, batch, max_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-    )
-    return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------
-# CPU reference ops (opaque to torch.compile: their loops read cu_seqlens)
-# ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lookwhen::varlen_attention_cpu", mutates_args=())
-def _cpu_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale)
-    # The reference builds lse transposed; the fake (and the kernel) promise contiguous.
-    return out.contiguous(), lse.contiguous()
-
-
-@_cpu_forward.register_fake
-def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
-
-
-@torch.library.custom_op("lookwhen::varlen_attention_cpu_backward", mutates_args=())
-def _cpu_backward(
-    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return reference.varlen_attention_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, grad_lse=grad_lse
-    )
-
-
-@_cpu_backward.register_fake
-def _cpu_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+from lookwhen_kernels.ops.attention import cpu  # noqa: F401  (registers lookwhen::varlen_attention_cpu*)
+from lookwhen_kernels.ops.attention.configs import MAX_HEAD_DIM
+from lookwhen_kernels.ops.attention.launch import ScoreMods, backward, forward
+from lookwhen_kernels.ops.attention.report import compile_specs  # noqa: F401  (python -m lookwhen_kernels.inspect)
 
 
 # ---------------------------------------------------------------------------
@@ -500,36 +75,46 @@ def _cpu_backward_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_s
 @triton_op("lookwhen::varlen_attention", mutates_args=())
 def _varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, need_lse: bool,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, need_lse: bool, window_left: int = -1,
+    window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+    pin_config: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``. ``need_lse``: the caller sees ``lse``, so the
-    backward takes its gradient into account (otherwise it is known to be 0)."""
+    backward takes its gradient into account (otherwise it is known to be 0).
+    ``pin_config``: the backward runs pinned configs (FlashAttention's
+    ``deterministic=True``)."""
+    mods = (window_left, window_right, softcap, alibi_slopes)
     if not use_triton(q):
-        return torch.ops.lookwhen.varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale)
+        return torch.ops.lookwhen.varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods)
+    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    ScoreMods(*mods))
 
 
 @triton_op("lookwhen::varlen_attention_backward", mutates_args=())
 def _varlen_attention_backward(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, pin_config: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mods = (window_left, window_right, softcap, alibi_slopes)
     if not use_triton(q):
         return torch.ops.lookwhen.varlen_attention_cpu_backward(
-            grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale
+            grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods
         )
-    return _backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale)
+    return backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, ScoreMods(*mods), pin_config)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, need_lse = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, need_lse, *mods, pin_config = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.max_seqlens = (max_q, max_k)
     ctx.softmax_scale = softmax_scale
     ctx.need_lse = need_lse
+    ctx.mods = mods
+    ctx.pin_config = pin_config
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
@@ -537,30 +122,47 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     # Only a caller that asked for lse can have used it.
     grad_lse = grad_lse if ctx.need_lse else None
     dq, dk, dv = _varlen_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.softmax_scale
+        grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.softmax_scale, *ctx.mods,
+        ctx.pin_config,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    # The alibi slopes are constants (FlashAttention gives them no gradient either).
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _varlen_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def attention_flops(q_shape, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> int:
-    """``4 * sum_b Lq_b * Lk_b * H * Dh``: the two GEMMs (QK^T and PV) of every sequence."""
-    pairs = lengths_from_cu_seqlens(cu_seqlens_q.cpu()) * lengths_from_cu_seqlens(cu_seqlens_k.cpu())
-    return 4 * int(pairs.sum()) * q_shape[1] * q_shape[2]
+def attention_flops(q_shape, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, window_left: int = -1,
+                    window_right: int = -1) -> int:
+    """``4 * H * Dh`` times the (query, key) pairs that see each other: the two
+    GEMMs (QK^T and PV). Without a window every pair of a sequence; with one,
+    each query's visible keys (bottom-right aligned, -1 unbounded), counted
+    per query row in closed form."""
+    lengths_q = lengths_from_cu_seqlens(cu_seqlens_q.cpu()).long()
+    lengths_k = lengths_from_cu_seqlens(cu_seqlens_k.cpu()).long()
+    if (window_left, window_right) == (-1, -1):
+        pairs = int((lengths_q * lengths_k).sum())
+    else:
+        seq = torch.repeat_interleave(torch.arange(len(lengths_q)), lengths_q)
+        row = torch.arange(int(lengths_q.sum())) - (torch.cumsum(lengths_q, 0) - lengths_q)[seq]
+        position = row + lengths_k[seq] - lengths_q[seq]
+        first = position - window_left if window_left >= 0 else torch.zeros_like(position)
+        last = position + window_right if window_right >= 0 else lengths_k[seq] - 1
+        pairs = int((torch.minimum(last, lengths_k[seq] - 1) - first.clamp(min=0) + 1).clamp(min=0).sum())
+    return 4 * pairs * q_shape[1] * q_shape[2]
 
 
 @register_flop_formula(torch.ops.lookwhen.varlen_attention, get_raw=True)
-def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, out_val=None, **kwargs) -> int:
-    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k)
+def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, need_lse,
+                   window_left=-1, window_right=-1, *args, out_val=None, **kwargs) -> int:
+    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k, window_left, window_right)
 
 
 @register_flop_formula(torch.ops.lookwhen.varlen_attention_backward, get_raw=True)
-def _backward_flops(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *args, out_val=None,
-                    **kwargs) -> int:
+def _backward_flops(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, window_left=-1, window_right=-1, *args, out_val=None, **kwargs) -> int:
     # Five GEMMs (S recomputed, dV, dP, dS, dK/dQ counted as in FlashAttention): 2.5x the forward.
-    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k) * 5 // 2
+    return attention_flops(q.shape, cu_seqlens_q, cu_seqlens_k, window_left, window_right) * 5 // 2
 
 
 # ---------------------------------------------------------------------------
@@ -579,6 +181,30 @@ def _check_max_seqlen(name: str, value, lengths: Optional[torch.Tensor]) -> int:
     return value
 
 
+def _check_score_mods(causal, window_size, softcap, alibi_slopes, batch: int, heads: int, device) -> ScoreMods:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size: expected (left, right), got {window_size!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < -1:
+            raise ValueError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got {window_size!r}")
+    if causal:
+        # FlashAttention: causal is the window (left, 0).
+        right = 0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < math.inf:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0: no cap), got {softcap!r}")
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=device)
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes: expected shape [{heads}] or [{batch}, {heads}], "
+                             f"got {list(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.contiguous()
+    return ScoreMods(int(left), int(right), float(softcap), alibi_slopes)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -591,10 +217,14 @@ def varlen_attention(
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
     return_lse: bool = False,
     validate: Optional[bool] = None,
 ):
-    """Softmax attention within each of B packed sequences (non-causal).
+    """Softmax attention within each of B packed sequences.
 
     Arguments follow FlashAttention's ``flash_attn_varlen_func``:
 
@@ -618,9 +248,21 @@ def varlen_attention(
       torch.compile traces. Structural checks (dtype, device, shape,
       contiguity of ``cu_seqlens``) always run.
     - ``softmax_scale``: defaults to ``Dh ** -0.5``.
-    - ``dropout_p`` and ``causal`` exist so that calls written for
-      FlashAttention keep working; only their defaults (0 and ``False``) are
-      supported.
+    - ``causal``, ``window_size=(left, right)``: FlashAttention's masks. Query
+      ``i`` of a sequence sits at key position ``i + Lk - Lq`` (aligned to the
+      bottom-right when the lengths differ) and sees the keys from ``left``
+      before to ``right`` after it; ``-1`` is unbounded, ``causal`` sets
+      ``right = 0``. Key tiles outside the window are skipped. Queries that
+      see no key get zeros and lse ``-inf``.
+    - ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)``.
+    - ``alibi_slopes``: float32 ``[H]`` or ``[B, H]``; adds ``-slope * |key
+      position - query position|`` to the scores (after the soft cap).
+    - ``deterministic``: the backward runs the pinned configs even where it
+      would autotune, so that gradients are bitwise reproducible across
+      processes too (it never uses atomics, so within a process they always
+      are); see also :func:`lookwhen_kernels.set_deterministic`.
+    - ``dropout_p`` exists so that calls written for FlashAttention keep
+      working; only 0 is supported.
 
     Returns ``out [total_q, H, Dh]`` in the input dtype (accumulated in fp32),
     and with ``return_lse=True`` also ``lse``: float32 ``[H, total_q]``, the
@@ -662,8 +304,7 @@ def varlen_attention(
         )
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: attention dropout is not supported, got {dropout_p}")
-    if causal:
-        raise ValueError("causal: only non-causal attention is supported")
+    mods = _check_score_mods(causal, window_size, softcap, alibi_slopes, cu_seqlens_q.numel() - 1, heads, device)
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
     if not math.isfinite(softmax_scale):
@@ -684,19 +325,22 @@ def varlen_attention(
             raise ValueError(f"{name}: a sequence of {longest} rows is too long for int32 offsets")
 
     out, lse = _varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(return_lse)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(return_lse),
+        *mods, bool(deterministic),
     )
     return (out, lse) if return_lse else out
 
 
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: Optional[float] = None,
-    return_lse: bool = False,
+    return_lse: bool = False, **options,
 ):
-    """Equal-length batches, FlashAttention's ``flash_attn_func`` layout
-    (non-causal): ``q [B, N, H, Dh]``, ``k, v [B, Nk, H_kv, Dh]``. Returns
-    ``out [B, N, H, Dh]`` and, with ``return_lse=True``, ``lse`` float32
-    ``[B, H, N]``. No host sync (the offsets are built on the device)."""
+    """Equal-length batches, FlashAttention's ``flash_attn_func`` layout:
+    ``q [B, N, H, Dh]``, ``k, v [B, Nk, H_kv, Dh]``. Returns ``out [B, N, H,
+    Dh]`` and, with ``return_lse=True``, ``lse`` float32 ``[B, H, N]``. No
+    host sync (the offsets are built on the device). ``options``:
+    :func:`varlen_attention`'s ``causal``, ``window_size``, ``softcap``,
+    ``alibi_slopes`` (``[H]`` or ``[B, H]``), ``deterministic``."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
@@ -710,7 +354,7 @@ def dense_attention(
     result = varlen_attention(
         q.reshape(batch * n_q, heads, head_dim), k.reshape(batch * n_k, *k.shape[2:]),
         v.reshape(batch * n_k, *v.shape[2:]), cu_q, cu_k, n_q, n_k,
-        softmax_scale=softmax_scale, return_lse=return_lse,
+        softmax_scale=softmax_scale, return_lse=return_lse, **options,
     )
     if not return_lse:
         return result.view(batch, n_q, heads, head_dim)
@@ -744,75 +388,3 @@ def block_diagonal_attention(query, key, value, attn_bias, p: float = 0.0, scale
         q_info.max_seqlen, k_info.max_seqlen, softmax_scale=scale,
     )
     return out[None]
-
-
-# ---------------------------------------------------------------------------
-# Static GPU report
-# ---------------------------------------------------------------------------
-
-# 80 and 96 run masked in the 128-wide tile, 256 in its own.
-REPORT_HEAD_DIMS = (64, 80, 96, 128, 256)
-
-
-def compile_specs():
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        ty = TRITON_DTYPE[dtype]
-        for head_dim in REPORT_HEAD_DIMS:
-            if dtype == torch.float32 and head_dim > 128:
-                continue  # spills, as _FP32_CONFIGS says: not a GPU fast path
-            base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "DOT_PRECISION": _dot_precision(dtype)}
-            for kernel, fn, signature in (
-                ("fwd", _attn_fwd, _fwd_signature(ty)),
-                ("dkdv", _attn_bwd_dkdv, _dkdv_signature(ty)),
-                ("dq", _attn_bwd_dq, _dq_signature(ty)),
-            ):
-                for config in configs_for(kernel, head_dim, dtype):
-                    constexprs = base | config.kwargs
-                    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}w{config.num_warps}"
-                    specs.append(CompileSpec(
-                        f"varlen_attention_{kernel}[{ty},d{head_dim},{tile}]", fn,
-                        signature | {name: "constexpr" for name in constexprs}, constexprs,
-                        num_warps=config.num_warps, num_stages=config.num_stages,
-                        # fp32's small tiles miss Hopper's 64-row MMA (mma.sync instead).
-                        tensor_cores=dtype != torch.float32,
-                    ))
-            constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_for(head_dim), "BLOCK_M": PREPROCESS_BLOCK_M,
-                          "HAS_GLSE": False}
-            specs.append(CompileSpec(
-                f"varlen_attention_bwd_preprocess[{ty},d{head_dim}]", _attn_bwd_preprocess,
-                {"out_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "glse_ptr": "*fp32", "delta_ptr": "*fp32",
-                 "out_units": "i32", "dout_units": "i32", "glse_head_stride": "i32", "glse_row_stride": "i32",
-                 "total_q": "i32"} | {n: "constexpr" for n in constexprs},
-                constexprs,
-            ))
-    return specs
-
-
-def _fwd_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_units": "i32", "k_units": "i32", "v_units": "i32",
-        "out_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "n_seqs": "i32",
-        "max_seqlen_q": "i32",
-    }
-
-
-def _dkdv_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "delta_ptr": "*fp32", "dk_ptr": f"*{ty}", "dv_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
-        "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dk_units": "i32",
-        "dv_units": "i32", "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
-        "n_seqs": "i32", "max_seqlen_k": "i32",
-    }
-
-
-def _dq_signature(ty: str) -> dict:
-    return {
-        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
-        "delta_ptr": "*fp32", "dq_ptr": f"*{ty}", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
-        "q_units": "i32", "k_units": "i32", "v_units": "i32", "dout_units": "i32", "dq_units": "i32",
-        "total_q": "i32", "group": "i32", "qk_scale": "fp32", "softmax_scale": "fp32", "n_seqs": "i32",
-        "max_seqlen_q": "i32",
-    }
