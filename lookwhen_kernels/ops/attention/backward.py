@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from lookwhen_kernels.ops._common import split_program_id
-from lookwhen_kernels.ops.attention.scores import LOG2E, key_range, load_rows, mod_scores
+from lookwhen_kernels.ops.attention.scores import query_block, LOG2E, key_range, load_rows, mod_scores
 
 
 @triton.jit
@@ -117,16 +117,10 @@ def attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
-    seq = rest % n_seqs
-    head = rest // n_seqs
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    block_m, seq, head, kv_head, q_start, q_len, k_start, k_len = query_block(
+        cu_q_ptr, cu_k_ptr, n_seqs, group, max_seqlen_q, BLOCK_M)
     if block_m * BLOCK_M >= q_len:
         return
-    k_start = tl.load(cu_k_ptr + seq)
-    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
-    kv_head = head // group
     q_stride = q_units * HEAD_DIM
     k_stride = k_units * HEAD_DIM
     v_stride = v_units * HEAD_DIM

@@ -1,13 +1,30 @@
-"""Triton helpers shared by the attention kernels: row loads and FlashAttention's
-score modifiers (window masks, soft cap, ALiBi)."""
+"""Triton helpers shared by the attention kernels: the query tile of a
+program, row loads and FlashAttention's score modifiers (window masks, soft
+cap, ALiBi)."""
 import math
 
 import triton
 import triton.language as tl
 
+from lookwhen_kernels.ops._common import split_program_id
+
 # Globals a kernel reads must be constexpr.
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
+
+
+@triton.jit
+def query_block(cu_q_ptr, cu_k_ptr, n_seqs, group, max_seqlen_q, BLOCK_M: tl.constexpr):
+    """The query tile a program of the forward or dq kernel owns: its block
+    index, query head and kv head, and its sequence's query and key ranges."""
+    block_m, rest = split_program_id(tl.cdiv(max_seqlen_q, BLOCK_M))
+    seq = rest % n_seqs
+    head = rest // n_seqs
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    k_start = tl.load(cu_k_ptr + seq)
+    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
+    return block_m, seq, head, head // group, q_start, q_len, k_start, k_len
 
 
 @triton.jit
