@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from lookwhen.video import VideoError, decode_frames, resize_square, sample_indices
+from lookwhen.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 
@@ -85,19 +84,20 @@ def random_resized_crop(frames: torch.Tensor, size: int, scale: Tuple[float, flo
     """uint8 ``[T, H, W, 3]`` -> ``[T, size, size, 3]``: short side resized
     to ``u * size`` (``u`` uniform in ``scale``), a random crop, an optional
     horizontal flip, the same for every frame."""
-    _, height, width, _ = frames.shape
     u = scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator))
-    short = max(size, round(u * size))
-    new_h, new_w = (short, max(short, round(width * short / height))) if height <= width else \
-        (max(short, round(height * short / width)), short)
-    x = frames.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    resized = resize_short_side(frames, max(size, round(u * size)))
+    _, new_h, new_w, _ = resized.shape
     top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, new_w - size + 1, (1,), generator=generator))
-    x = x[:, :, top: top + size, left: left + size]
+    crop = resized[:, top: top + size, left: left + size]
     if flip and bool(torch.rand((), generator=generator) < 0.5):
-        x = x.flip(-1)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        crop = crop.flip(2)
+    return crop.contiguous()
+
+
+def collate_list(batch):
+    """A DataLoader ``collate_fn`` that keeps the samples as they are."""
+    return batch
 
 
 def _scan_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from lookwhen.data import collate_list
 from lookwhen.video import VideoError, read_clip
 
 RUN_FILE = "run.json"
@@ -47,10 +48,6 @@ class _Clips(torch.utils.data.Dataset):
             return path, read_clip(path, self.frames, self.size), None
         except VideoError as error:
             return path, None, str(error)
-
-
-def _as_list(batch):
-    return batch
 
 
 def _check_run(folder: str, info: Dict) -> None:
@@ -106,7 +103,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     for k in todo:
         members = paths[k * shard_size:(k + 1) * shard_size]
         loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=_as_list)
+                                             num_workers=workers, collate_fn=collate_list)
         tensors: Dict[str, List[torch.Tensor]] = {"embeddings": [], "indices": [], "scores": []}
         good, bad = [], []
         for batch in loader:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from lookwhen.data import collate_list
 from lookwhen.finetune import logits_of
 from lookwhen.model import LookWhen
-from lookwhen.video import VideoError, decode_frames, sample_indices
+from lookwhen.video import VideoError, decode_frames, resize_short_side, sample_indices
 
 
 def parse_views(text: str) -> Tuple[int, int]:
@@ -47,13 +47,8 @@ def view_indices(n_frames: int, frames: int, temporal: int) -> List[int]:
 
 def spatial_crops(frames: torch.Tensor, size: int, count: int) -> torch.Tensor:
     """uint8 ``[F, H, W, 3]`` -> ``[count, F, size, size, 3]``."""
-    _, height, width, _ = frames.shape
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    x = frames.permute(0, 3, 1, 2).float()
-    if (new_h, new_w) != (height, width):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    x = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    x = resize_short_side(frames, size)
+    _, new_h, new_w, _ = x.shape
     crops = []
     for j in range(count):
         at = 0.5 if count == 1 else j / (count - 1)
@@ -86,10 +81,6 @@ class ViewDataset(torch.utils.data.Dataset):
         crops = spatial_crops(decoded, self.size, spatial)  # [spatial, temporal * T, S, S, 3]
         crops = crops.unflatten(1, (temporal, self.frames)).transpose(0, 1).flatten(0, 1)
         return {"views": crops, "label": label, "path": path, "error": None}
-
-
-def _keep(batch):
-    return batch
 
 
 @dataclass
@@ -129,7 +120,7 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
     model = model.eval()
     selection = {"keep_ratio": keep_ratio} if isinstance(model, LookWhen) and keep_ratio is not None else {}
     loader = torch.utils.data.DataLoader(ViewDataset(items, cfg.frames, cfg.image_size, views), batch_size=1,
-                                         num_workers=workers, collate_fn=_keep)
+                                         num_workers=workers, collate_fn=collate_list)
     per_video = views[0] * views[1]
     correct1 = correct5 = 0
     failures, predictions = [], []

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
+from lookwhen_kernels.layout import packed_batch_ids
 from lookwhen.config import ModelConfig
 from lookwhen.model import LookWhenOutput
 from lookwhen.teachers import TeacherTargets
@@ -95,12 +96,6 @@ def _per_clip_mse(prediction: torch.Tensor, target: torch.Tensor, clip_of_row: t
     return (sums[present] / counts[present]).mean() if bool(present.any()) else error.sum() * 0
 
 
-def clip_of_rows(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
-                                   output_size=total)
-
-
 class DistillHeads(nn.Module):
     """Linear projections from the extractor's width to each teacher's
     width; training-only. A head exists only where its target does (no
@@ -120,7 +115,7 @@ def extractor_losses(out: LookWhenOutput, targets: TeacherTargets, heads: Distil
     batch = out.embedding.shape[0]
     frames, grid_h, grid_w = config.grid
     indices = out.indices.reshape(-1)
-    rows = clip_of_rows(out.cu_seqlens, out.tokens.shape[0])
+    rows = packed_batch_ids(out.cu_seqlens, out.tokens.shape[0])
     losses = {}
     if heads.video is not None and targets.video is not None:
         losses["video"] = F.mse_loss(heads.video(out.embedding).float(), _standardise(targets.video))

@@ -125,6 +125,13 @@ def _decode(reader, path, indices: Sequence[int]) -> np.ndarray:
     return np.stack(frames)
 
 
+def _resample(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``[F, H, W, 3]`` -> uint8 ``[F, height, width, 3]`` (bilinear, antialiased)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def resize_square(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` -> centre square resized to uint8 ``[T, size, size, 3]``."""
     _, height, width, _ = frames.shape
@@ -133,9 +140,18 @@ def resize_square(frames: torch.Tensor, size: int) -> torch.Tensor:
     square = frames[:, top: top + side, left: left + side]
     if side == size:
         return square.contiguous()
-    x = square.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return _resample(square, size, size)
+
+
+def resize_short_side(frames: torch.Tensor, short: int) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` with its short side resized to ``short``, the
+    aspect ratio kept (the long side rounded, never below ``short``)."""
+    _, height, width, _ = frames.shape
+    scale = short / min(height, width)
+    new_h, new_w = max(short, round(height * scale)), max(short, round(width * scale))
+    if (new_h, new_w) == (height, width):
+        return frames
+    return _resample(frames, new_h, new_w)
 
 
 def _read(path, choose: Callable[["decord.VideoReader"], Sequence[int]]) -> torch.Tensor:
@@ -218,6 +234,5 @@ def fit_clips(clips: torch.Tensor, frames: Optional[int], size: Optional[int]) -
     if size is None or tuple(clips.shape[2:4]) == (size, size):
         return clips
     batch, count = clips.shape[:2]
-    x = clips.reshape(batch * count, *clips.shape[2:]).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, count, size, size, 3)
+    flat = _resample(clips.reshape(batch * count, *clips.shape[2:]), size, size)
+    return flat.view(batch, count, size, size, 3)
