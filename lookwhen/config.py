@@ -180,10 +180,14 @@ PRESETS: Dict[str, ModelConfig] = {
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
     ),
-    # The dense model the paper compares against: ViT-B/14, 8 x 16 x 16 = 2048
-    # tokens + CLS, attention-pooling head.
+    # The dense model the paper compares against, InternVideo2-B/14
+    # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a
+    # joint 3-D sin-cos position table, RMSNorm, qk-norm, no qkv bias,
+    # LayerScale 1e-5, tanh GELU, no final norm, a 16-head attention-pooling head.
     "internvideo2-b14": ModelConfig(
-        name="internvideo2-b14", kind="dense", frames=8, patch_size=14
+        name="internvideo2-b14", kind="dense", frames=8, patch_size=14, pool_heads=16,
+        norm="rmsnorm", qkv_bias=False, qk_norm="width", layer_scale=1e-5, mlp_act="gelu_tanh",
+        pos_embed="joint", final_norm=False,
     ),
 }
 

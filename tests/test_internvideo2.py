@@ -95,3 +95,207 @@ def test_configs_refuse_bad_architecture_options(preset, bad, match):
 
     with pytest.raises(ValueError, match=match):
         get_config(preset, **bad)
+
+
+# InternVideo2-B --------------------------------------------------------------------------
+# A tiny InternVideo2 with the official model's proportions: 2 frames of 28 px
+# (2 x 2 x 2 tokens + CLS), 2 blocks 32 wide, 2 heads, a 4-head pooling head.
+IV2 = dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=4)
+
+
+def official_state_dict(width=32, depth=2, frames=2, side=2, patch=14, classes=5, seed=0):
+    """Random tensors under the names and shapes of InternVideo2's
+    ``internvideo2.py`` (joint position table, one-frame Conv3d patches,
+    RMSNorm weights only, bias-free qkv, width-wide qk-norms, LayerScale,
+    ``clip_projector`` with biased q/k/v, ``fc_norm``, ``head``), written out
+    from their model code rather than from ours."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, around=0.0, scale=0.1):
+        return around + scale * torch.randn(*shape, generator=g)
+
+    d = width
+    state = {
+        "cls_token": rand(1, 1, d, scale=0.5),
+        "pos_embed": rand(1, 1 + frames * side * side, d, scale=0.5),
+        "patch_embed.proj.weight": rand(d, 3, 1, patch, patch, scale=0.05),
+        "patch_embed.proj.bias": rand(d),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}."
+        state.update({
+            p + "norm1.weight": rand(d, around=1.0), p + "attn.qkv.weight": rand(3 * d, d, scale=0.2),
+            p + "attn.q_norm.weight": rand(d, around=1.0), p + "attn.k_norm.weight": rand(d, around=1.0),
+            p + "attn.proj.weight": rand(d, d, scale=0.2), p + "attn.proj.bias": rand(d),
+            p + "ls1.gamma": rand(d, around=0.5), p + "norm2.weight": rand(d, around=1.0),
+            p + "mlp.fc1.weight": rand(4 * d, d, scale=0.2), p + "mlp.fc1.bias": rand(4 * d),
+            p + "mlp.fc2.weight": rand(d, 4 * d, scale=0.2), p + "mlp.fc2.bias": rand(d),
+            p + "ls2.gamma": rand(d, around=0.5),
+        })
+    for name in ("norm1_q", "norm1_k", "norm1_v"):
+        state[f"clip_projector.{name}.weight"] = rand(d, around=1.0)
+        state[f"clip_projector.{name}.bias"] = rand(d)
+    for name in ("q", "k", "v"):
+        state[f"clip_projector.cross_attn.{name}.weight"] = rand(d, d, scale=0.2)
+        state[f"clip_projector.cross_attn.{name}_bias"] = rand(d)
+    state.update({
+        "clip_projector.cross_attn.proj.weight": rand(d, d, scale=0.2), "clip_projector.cross_attn.proj.bias": rand(d),
+        "fc_norm.weight": rand(d, around=1.0), "fc_norm.bias": rand(d),
+        "head.weight": rand(classes, d), "head.bias": rand(classes),
+    })
+    return state
+
+
+def internvideo2_oracle(state, clip, *, heads=2, pool_heads=4, dtype=torch.float64):
+    """InternVideo2's forward to the pre-logits (``fc_norm``) written from
+    their description, straight on the official state dict."""
+    s = {k: v.to(dtype) for k, v in state.items()}
+    mean = torch.tensor((0.485, 0.456, 0.406), dtype=dtype).view(1, 3, 1, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225), dtype=dtype).view(1, 3, 1, 1, 1)
+    pixels = (clip.permute(0, 4, 1, 2, 3).to(dtype) / 255 - mean) / std  # [B, 3, T, H, W]
+    weight = s["patch_embed.proj.weight"]
+    x = F.conv3d(pixels, weight, s["patch_embed.proj.bias"], stride=(1, weight.shape[-2], weight.shape[-1]))
+    batch, dim = x.shape[:2]
+    x = x.flatten(3).permute(0, 2, 3, 1).reshape(batch, -1, dim)
+    x = torch.cat([s["cls_token"].expand(batch, -1, -1), x], 1) + s["pos_embed"]
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def attend(q, k, v, n_heads):
+        q, k, v = (t.view(batch, t.shape[1], n_heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
+        return (a @ v).transpose(1, 2).reshape(batch, q.shape[2], -1)
+
+    depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+    for i in range(depth):
+        p = lambda name: s[f"blocks.{i}.{name}"]  # noqa: E731
+        q, k, v = F.linear(rms(x, p("norm1.weight")), p("attn.qkv.weight")).chunk(3, -1)
+        q, k = rms(q, p("attn.q_norm.weight")), rms(k, p("attn.k_norm.weight"))
+        x = x + p("ls1.gamma") * F.linear(attend(q, k, v, heads), p("attn.proj.weight"), p("attn.proj.bias"))
+        hidden = F.gelu(F.linear(rms(x, p("norm2.weight")), p("mlp.fc1.weight"), p("mlp.fc1.bias")), approximate="tanh")
+        x = x + p("ls2.gamma") * F.linear(hidden, p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    c = lambda name: s[f"clip_projector.{name}"]  # noqa: E731
+    ln = lambda t, name: F.layer_norm(t, (dim,), c(f"{name}.weight"), c(f"{name}.bias"), 1e-5)  # noqa: E731
+    q = F.linear(ln(x.mean(1, keepdim=True), "norm1_q"), c("cross_attn.q.weight"), c("cross_attn.q_bias"))
+    k = F.linear(ln(x, "norm1_k"), c("cross_attn.k.weight"), c("cross_attn.k_bias"))
+    v = F.linear(ln(x, "norm1_v"), c("cross_attn.v.weight"), c("cross_attn.v_bias"))
+    pooled = F.linear(attend(q, k, v, pool_heads)[:, 0], c("cross_attn.proj.weight"), c("cross_attn.proj.bias"))
+    return F.layer_norm(pooled, (dim,), s["fc_norm.weight"], s["fc_norm.bias"], 1e-5)
+
+
+def _iv2(**extra):
+    from lookwhen import build_model
+
+    return build_model("internvideo2-b14", **{**IV2, **extra}).eval()
+
+
+def _clip(cfg, batch):
+    return torch.randint(0, 256, (batch, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+
+
+def test_preset_is_internvideo2_b14():
+    from lookwhen import get_config
+
+    cfg = get_config("internvideo2-b14")
+    assert (cfg.width, cfg.depth, cfg.heads, cfg.patch_size, cfg.frames, cfg.tubelet) == (768, 12, 12, 14, 8, 1)
+    assert (cfg.norm, cfg.qk_norm, cfg.qkv_bias, cfg.layer_scale) == ("rmsnorm", "width", False, 1e-5)
+    assert (cfg.pos_embed, cfg.final_norm, cfg.pool_heads, cfg.attention) == ("joint", False, 16, "kernels")
+    model = _iv2()
+    # The table starts as InternVideo2's 3-D sin-cos: a zero CLS row; frame t
+    # in the first quarter of the width (sin then cos), column then row in the rest.
+    table = model.pos_embed.detach()[0]
+    assert not table[0].any()
+    n = 1 + 1 * 4 + 1 * 2 + 0  # frame 1, row 1, column 0
+    omega = 10000.0 ** -(torch.arange(4) / 4)
+    torch.testing.assert_close(table[n, :8], torch.cat([omega.sin(), omega.cos()]), rtol=0, atol=1e-6)
+    column, row = table[n, 8:20], table[n, 20:]
+    assert torch.equal(column[:6], torch.zeros(6)) and torch.equal(column[6:], torch.ones(6))
+    torch.testing.assert_close(row[0], torch.tensor(1.0).sin())
+
+
+def test_official_checkpoint_layout_loads_and_runs_like_internvideo2(tmp_path):
+    from lookwhen.baseline import load_internvideo2
+
+    state = official_state_dict()
+    path = tmp_path / "internvideo2_b14.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    model, report = load_internvideo2(path, **IV2, num_classes=5)
+    assert report.ok and report.missing == [] and report.unexpected == [] and report.skipped == []
+    model.eval()
+    clip = _clip(model.config, 2)
+    with torch.no_grad():
+        out, again = model(clip), model(clip)
+        ref32 = internvideo2_oracle(state, clip, dtype=torch.float32)
+        ref64 = internvideo2_oracle(state, clip)
+        logits = model.head(out)
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+    assert_within_reference_error(out, ref32, ref64)
+    torch.testing.assert_close(logits.double(), F.linear(ref64, state["head.weight"].double(),
+                                                         state["head.bias"].double()), rtol=1e-4, atol=1e-4)
+    # Without a classifier the head is reported as skipped, not unexpected.
+    _, report = load_internvideo2(path, **IV2)
+    assert report.ok and sorted(report.skipped) == ["head.bias", "head.weight"]
+
+
+def test_official_loader_reports_missing_unexpected_and_bad_shapes():
+    from lookwhen.baseline import load_internvideo2_state_dict
+
+    model = _iv2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = official_state_dict()
+    del state["blocks.1.ls2.gamma"]
+    state["clip_decoder.0.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.ls2.gamma'\].*clip_decoder"):
+        load_internvideo2_state_dict(model, state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = load_internvideo2_state_dict(model, state, strict=False)
+    assert report.missing == ["blocks.1.ls2.gamma"] and report.unexpected == ["clip_decoder.0.weight"]
+    assert not report.ok
+    wide = official_state_dict(frames=3)
+    with pytest.raises(ValueError, match=r"pos_embed: \[1, 13, 32\] for \[1, 9, 32\]"):
+        load_internvideo2_state_dict(model, wide)
+    deep = official_state_dict()
+    deep["patch_embed.proj.weight"] = torch.zeros(32, 3, 2, 14, 14)
+    with pytest.raises(ValueError, match="tubelet"):
+        load_internvideo2_state_dict(model, deep)
+
+
+def test_kernels_and_sdpa_paths_agree_and_train():
+    kernels = _iv2()
+    sdpa = _iv2(attention="sdpa")
+    sdpa.load_state_dict(kernels.state_dict())
+    clip = _clip(kernels.config, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels(clip), sdpa(clip), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kernels.forward_features(clip), sdpa.forward_features(clip), rtol=1e-4, atol=1e-5)
+    kernels.train()
+    kernels(clip).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in kernels.parameters())
+
+
+def test_forward_packed_runs_each_token_set_like_its_own_clip():
+    model = _iv2()
+    clip = _clip(model.config, 3)
+    keep = [torch.tensor([0, 2, 3, 8]), torch.tensor([0]), torch.arange(9)]
+    with torch.no_grad():
+        rows = model.embed(clip)
+        packed = torch.cat([rows[b, ids] for b, ids in enumerate(keep)])
+        cu = torch.tensor([0, 4, 5, 14], dtype=torch.int32)
+        out = model.forward_packed(packed, cu, 9)
+        # Each clip alone through the PyTorch path on its kept rows.
+        alone = torch.cat([model.fc_norm(model.clip_projector(model.trunk(rows[b: b + 1, ids])))
+                           for b, ids in enumerate(keep)])
+    assert out.shape == (3, 32)
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[2:], model(clip[2:]), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_loader_refuses_the_joint_position_table():
+    from lookwhen.timm_weights import load_timm_state_dict, timm_state_dict
+
+    model = _iv2()
+    with pytest.raises(ValueError, match="joint position table"):
+        load_timm_state_dict(model, {})
+    with pytest.raises(ValueError, match="joint position table"):
+        timm_state_dict(model)
