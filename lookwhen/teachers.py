@@ -6,8 +6,10 @@
   patch features resampled to the token grid the targets need, and every
   frame's global token (timm's pre-logits: CLS or pooled).
 - :class:`VideoTeacher`: any ``nn.Module`` mapping a uint8 clip to ``[B, D]``;
-  by default our dense baseline loaded from a checkpoint. The clip is
-  resampled to the frames and size the teacher was built for.
+  by default the faithful InternVideo2-B/14 (``internvideo2-b14``) with an
+  official InternVideo2 checkpoint, or any of our models from a lookwhen
+  checkpoint. The clip is resampled to the frames and size the teacher was
+  built for.
 
 Teachers are frozen and run under ``no_grad``, in bf16 on a GPU.
 :class:`TargetCache` stores their outputs per ``(video index, view)`` in
@@ -175,9 +177,22 @@ class VideoTeacher(nn.Module):
         self.image_size = getattr(config, "image_size", None)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu") -> "VideoTeacher":
-        from lookwhen.checkpoint import load_checkpoint
+    def from_checkpoint(cls, path, device="cpu", *, config: str = "internvideo2-b14",
+                        **overrides) -> "VideoTeacher":
+        """The teacher in a weights file: a lookwhen checkpoint (safetensors
+        with its config, :mod:`lookwhen.checkpoint`) rebuilds its own model;
+        any other file is an official InternVideo2 checkpoint, loaded into
+        the faithful ``config`` preset (with ``overrides``) by
+        :func:`lookwhen.baseline.load_internvideo2`, which refuses missing or
+        unexpected keys (its classifier is left out)."""
+        from lookwhen.baseline import load_internvideo2
+        from lookwhen.checkpoint import CheckpointError, load_checkpoint, read_config
 
+        try:
+            read_config(path)
+        except CheckpointError:
+            model, _ = load_internvideo2(path, config, **overrides)
+            return cls(model.to(device))
         return cls(load_checkpoint(path, device))
 
     @torch.no_grad()

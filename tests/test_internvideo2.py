@@ -299,3 +299,31 @@ def test_timm_loader_refuses_the_joint_position_table():
         load_timm_state_dict(model, {})
     with pytest.raises(ValueError, match="joint position table"):
         timm_state_dict(model)
+
+
+def test_video_teacher_builds_internvideo2_from_an_official_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from lookwhen.baseline import load_internvideo2_state_dict
+    from lookwhen.checkpoint import save_checkpoint
+    from lookwhen.teachers import VideoTeacher
+
+    state = official_state_dict()
+    official = tmp_path / "official.safetensors"
+    save_file(state, official)
+    teacher = VideoTeacher.from_checkpoint(official, **IV2)
+    assert teacher.module.config.name == "internvideo2-b14" and teacher.frames == 2
+    reference = _iv2()
+    load_internvideo2_state_dict(reference, state)
+    clip = _clip(reference.config, 2)
+    with torch.no_grad():
+        expected = reference(clip)
+    assert torch.equal(teacher(clip), expected)
+    # Our own checkpoint of the same model rebuilds it from its config.
+    ours = tmp_path / "ours.safetensors"
+    save_checkpoint(reference, ours)
+    assert torch.equal(VideoTeacher.from_checkpoint(ours)(clip), expected)
+    del state["fc_norm.bias"]
+    save_file(state, official)
+    with pytest.raises(ValueError, match=r"missing keys \['fc_norm.bias'\]"):
+        VideoTeacher.from_checkpoint(official, **IV2)
