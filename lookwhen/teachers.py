@@ -84,9 +84,20 @@ def _autocast(device: torch.device):
 
 
 class ImageTeacher(nn.Module):
-    """A frozen timm image model. ``image_size`` overrides the model's
-    resolution (timm resamples its position table); ``model_kwargs`` go to
-    ``timm.create_model`` (``depth=``, ``dynamic_img_size=``, ...)."""
+    """A frozen timm image model: DINOv2 (``vit_base_patch14_reg4_dinov2``,
+    ...) and DINOv3 (``vit_base_patch16_dinov3``, ...) through timm's own
+    definitions. It runs at the model's own resolution (its pretrained
+    config's ``input_size``: 518 px for DINOv2, 256 for DINOv3) and
+    normalisation unless ``image_size`` overrides the resolution (timm
+    resamples its position table); ``model_kwargs`` go to
+    ``timm.create_model`` (``depth=``, ``dynamic_img_size=``, ...).
+
+    Patch features are the tokens after the model's prefix (CLS and
+    registers, ``num_prefix_tokens``), resampled from the model's patch grid
+    (patch 14 or 16) to the grid the targets need. The global token is the
+    CLS token as the upstream models define it: timm pools DINOv3 by
+    averaging unless told otherwise, so models with a CLS token are set to
+    token pooling unless ``global_pool`` is given."""
 
     def __init__(self, name: str, weights, *, image_size: Optional[int] = None,
                  frame_chunk: int = 64, **model_kwargs):
@@ -100,6 +111,9 @@ class ImageTeacher(nn.Module):
             model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         except RuntimeError as error:  # timm's "Unknown model"
             raise ValueError(f"image teacher {name!r}: {error}") from None
+        if ("global_pool" not in kwargs and getattr(model, "cls_token", None) is not None
+                and getattr(model, "global_pool", "token") not in ("token", "map")):
+            model.reset_classifier(0, global_pool="token")
         state = load_state_dict_file(weights)
         # The model family's own converter, as timm applies it to pretrained
         # weights: it resamples position tables to this resolution and maps

@@ -327,3 +327,43 @@ def test_video_teacher_builds_internvideo2_from_an_official_checkpoint(tmp_path)
     save_file(state, official)
     with pytest.raises(ValueError, match=r"missing keys \['fc_norm.bias'\]"):
         VideoTeacher.from_checkpoint(official, **IV2)
+
+
+# Image teachers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name, size, own_size, patch, prefix", [
+    ("vit_small_patch14_reg4_dinov2", 112, 518, 14, 5),  # 8 x 8 patches of 14 px -> our 4 x 4 grid
+    ("vit_small_patch16_dinov3", 64, 256, 16, 5),        # 4 x 4 patches of 16 px, rotary positions
+])
+def test_dino_image_teachers_match_timm(tmp_path, name, size, own_size, patch, prefix):
+    import timm
+    from safetensors.torch import save_file
+
+    from lookwhen.teachers import ImageTeacher
+
+    tiny = dict(depth=1, embed_dim=32, num_heads=2)
+    reference = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **tiny).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    weights = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, weights)
+    teacher = ImageTeacher(name, weights, image_size=size, **tiny)
+    assert teacher.model.num_prefix_tokens == prefix and teacher.model.patch_embed.patch_size == (patch, patch)
+    clip = torch.randint(0, 256, (1, 2, 64, 64, 3), dtype=torch.uint8)
+    patches, frames = teacher(clip, (4, 4))
+    assert patches.shape == (1, 2, 16, 32) and frames.shape == (1, 2, 32)
+    x = clip[0].permute(0, 3, 1, 2).float() / 255
+    if size != 64:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    with torch.no_grad():
+        tokens = reference.forward_features((x - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    side = size // patch
+    grid = tokens[:, prefix:].reshape(2, side, side, 32)
+    # Each of our 16-px tokens averages the teacher patches covering it.
+    block = side // 4
+    expected = grid.view(2, 4, block, 4, block, 32).mean((2, 4)).reshape(2, 16, 32)
+    torch.testing.assert_close(patches[0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(frames[0], tokens[:, 0])  # the upstream CLS token, not a patch average
+    # Without an override, the teacher runs at the model's own resolution.
+    assert ImageTeacher(name, weights, **tiny).image_size == own_size
