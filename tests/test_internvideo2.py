@@ -269,6 +269,11 @@ def test_kernels_and_sdpa_paths_agree_and_train():
     with torch.no_grad():
         torch.testing.assert_close(kernels(clip), sdpa(clip), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(kernels.forward_features(clip), sdpa.forward_features(clip), rtol=1e-4, atol=1e-5)
+    # FLOP counts agree too: the custom op's formula covers the pooling's one-query attention.
+    from lookwhen import count_flops
+
+    one = clip[:1]
+    assert count_flops(kernels, one) == pytest.approx(count_flops(sdpa, one), rel=1e-3)
     kernels.train()
     kernels(clip).square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in kernels.parameters())
