@@ -24,7 +24,8 @@ class Extractor(nn.Module):
         self.pos_embed = SeparablePosEmbed(frames, grid_h * grid_w, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(
-            Block(dim, config.heads, config.mlp_ratio, config.norm_eps, **block_options(config)) for _ in range(config.depth)
+            Block(dim, config.heads, config.mlp_ratio, config.norm_eps, **block_options(config))
+            for _ in range(config.depth)
         )
         self.norm = make_norm(config.norm, dim, config.norm_eps)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else None
