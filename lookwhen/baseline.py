@@ -110,10 +110,10 @@ class AttentionPool(nn.Module):
 
     def _project(self, mean, x):
         attn = self.cross_attn
-        q = attn.q(self.norm1_q(mean)) + attn.q_bias
-        k = attn.k(self.norm1_k(x)) + attn.k_bias
-        v = attn.v(self.norm1_v(x)) + attn.v_bias
-        return q, k, v
+        q, k, v = attn.q(self.norm1_q(mean)), attn.k(self.norm1_k(x)), attn.v(self.norm1_v(x))
+        # The biases in the products' dtype: under autocast float32 parameters
+        # would promote the attention's inputs.
+        return q + attn.q_bias.to(q.dtype), k + attn.k_bias.to(k.dtype), v + attn.v_bias.to(v.dtype)
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None):
         """``x [B, L, D]`` (SDPA), or packed ``[total, D]`` with

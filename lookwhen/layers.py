@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from timm.layers import LayerScale, Mlp, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 
 import lookwhen_kernels as lk
 from lookwhen.config import MLP_ACTS, NORMS, QK_NORMS
@@ -32,6 +32,30 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return reference.dtype
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose output keeps the input's dtype under autocast
+    (the weight is cast to it, as InternVideo2's fused RMSNorm runs in the
+    model's dtype): PyTorch's fused kernel needs one dtype, and the custom
+    attention op needs q, k and v in one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class LayerScale(nn.Module):
+    """timm's ``LayerScale`` (parameter ``gamma``), multiplied in float32 and
+    returned in the input's dtype, as InternVideo2's is (its
+    ``force_fp32``): under autocast the residual stream keeps the compute
+    dtype instead of being promoted to float32 by the parameter."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.gamma.float()).to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     """LayerNorm (timm's ViTs, DINOv2) or RMSNorm (InternVideo2); both keep
     their parameters under ``weight`` (and ``bias`` for LayerNorm), as the
@@ -39,7 +63,7 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")
 
 
@@ -79,7 +103,8 @@ class Attention(nn.Module):
         *lead, dim = x.shape
         q, k, v = self.qkv(x).view(*lead, 3, self.heads, self.head_dim).unbind(-3)
         if self.qk_norm != "none":
-            q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
+            # Under autocast a LayerNorm answers in float32; the op takes one dtype.
+            q, k = self._normed(q, self.q_norm).to(v.dtype), self._normed(k, self.k_norm).to(v.dtype)
         if cu_seqlens is None:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.proj(out.transpose(1, 2).reshape(*lead, dim))

@@ -372,3 +372,28 @@ def test_dino_image_teachers_match_timm(tmp_path, name, size, own_size, patch, p
     torch.testing.assert_close(frames[0], tokens[:, 0])  # the upstream CLS token, not a patch average
     # Without an override, the teacher runs at the model's own resolution.
     assert ImageTeacher(name, weights, **tiny).image_size == own_size
+
+
+def test_internvideo2_under_autocast_keeps_one_compute_dtype(monkeypatch):
+    import lookwhen_kernels as lk
+
+    seen = []
+    attention = lk.varlen_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(lk, "varlen_attention", spy)
+    model = _iv2()
+    clip = _clip(model.config, 2)
+    with torch.no_grad():
+        exact = model(clip)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.float16):  # the interpreter cannot do bf16
+            tokens = model.forward_features(clip)
+            low = model(clip)
+    # LayerScale and RMSNorm keep the residual stream and q/k/v in fp16 (the
+    # op takes one dtype; float32 parameters would otherwise promote them).
+    assert tokens.dtype == torch.float16 and seen and all(d == (torch.float16,) * 3 for d in seen)
+    torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
