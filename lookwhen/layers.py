@@ -2,8 +2,11 @@
 dense baseline.
 
 Parameter names follow timm's ``VisionTransformer`` (``norm1``, ``attn.qkv``,
-``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``patch_embed.proj``) so a
-timm state dict maps onto them key for key (see :mod:`lookwhen.timm_weights`).
+``attn.q_norm``, ``attn.k_norm``, ``attn.proj``, ``ls1.gamma``, ``norm2``,
+``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``, ``patch_embed.proj``) so a timm state
+dict maps onto them key for key (see :mod:`lookwhen.timm_weights`); the
+block options (norm, qkv bias, qk-norm, LayerScale, MLP activation) cover
+timm's ViTs, DINOv2 and InternVideo2.
 A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
 ``scaled_dot_product_attention``) or on packed tokens ``[total, D]`` with
 ``cu_seqlens`` (attention through ``lookwhen_kernels.varlen_attention``).
