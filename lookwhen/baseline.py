@@ -12,7 +12,8 @@ the tanh GELU of their fused MLP, no final norm, and their attention-pooling
 head: the mean of all tokens as the one query of a 16-head cross-attention
 (``clip_projector``: LayerNorms on query, keys and values, biased q/k/v)
 followed by ``fc_norm``; ``head`` (a classifier, when configured) is applied
-to that embedding by the caller.
+to that embedding by the caller. Random initialisation is theirs too: CLS
+``trunc_normal(0.02)``, output projections shrunk with depth.
 
 Parameter names are theirs, so their checkpoints load key for key
 (:func:`load_internvideo2_state_dict`); only the patch projection differs in
@@ -31,11 +32,13 @@ give plain-ViT variants, which is what timm image weights load into
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Mapping
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import nn
 
 import lookwhen_kernels as lk
@@ -162,8 +165,14 @@ class DenseBaseline(nn.Module):
         self.clip_projector = AttentionPool(dim, config.pool_heads, dim)
         self.fc_norm = nn.LayerNorm(dim, eps=POOL_EPS)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else None
-        nn.init.normal_(self.cls_token, std=1e-6)
+        trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_weights)
+        # InternVideo2's initialisation: each block's output projections
+        # shrink with depth, by 1 / sqrt(2 * layer), layers counted from 1.
+        with torch.no_grad():
+            for layer, block in enumerate(self.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
         # (x / 255 - mean) / std as one multiply-add per pixel.
         std = torch.tensor(config.std)
         self.register_buffer("pixel_scale", (1.0 / (255.0 * std)).view(3, 1, 1), persistent=False)

@@ -96,9 +96,11 @@ class ModelConfig:
                 problems.append(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
         if self.layer_scale < 0:
             problems.append(f"layer_scale must be >= 0 (0: no LayerScale), got {self.layer_scale}")
-        if self.kind == "lookwhen" and (self.pos_embed != "separable" or not self.final_norm):
-            problems.append("pos_embed and final_norm are options of the dense baseline; LookWhen keeps "
-                            "pos_embed='separable' and final_norm=true")
+        if self.kind == "lookwhen" and (self.pos_embed != "separable" or not self.final_norm
+                                        or self.attention != "kernels"):
+            problems.append("pos_embed, final_norm and attention are options of the dense baseline; LookWhen "
+                            "keeps pos_embed='separable', final_norm=true and attention='kernels' (its "
+                            "extractor runs on packed tokens)")
         if self.pos_embed == "joint" and self.width % 16:
             problems.append(f"pos_embed='joint' (3-D sin-cos: a quarter of the width for time, the rest split "
                             f"between rows and columns, each even) needs a width divisible by 16, got {self.width}")

@@ -88,6 +88,7 @@ def test_block_refuses_unknown_options(bad, match):
     ("lookwhen-b16", dict(attention="flash"), "attention must be one of"),
     ("lookwhen-b16", dict(layer_scale=-1e-5), "layer_scale"),
     ("lookwhen-b16", dict(pos_embed="joint"), "options of the dense baseline"),
+    ("lookwhen-b16", dict(attention="sdpa"), "options of the dense baseline"),
     ("internvideo2-b14", dict(pos_embed="joint", width=40, heads=2, pool_heads=2), "divisible by 16"),
 ])
 def test_configs_refuse_bad_architecture_options(preset, bad, match):
@@ -397,3 +398,13 @@ def test_internvideo2_under_autocast_keeps_one_compute_dtype(monkeypatch):
     # op takes one dtype; float32 parameters would otherwise promote them).
     assert tokens.dtype == torch.float16 and seen and all(d == (torch.float16,) * 3 for d in seen)
     torch.testing.assert_close(low.float(), exact, rtol=0.05, atol=0.05)
+
+
+def test_internvideo2_initialisation():
+    model = _iv2(depth=3)
+    stds = [float(block.mlp.fc2.weight.detach().std()) for block in model.blocks]
+    # trunc_normal(0.02) divided by sqrt(2 * layer): 0.0141, 0.01, 0.0082.
+    for layer, std in enumerate(stds, start=1):
+        assert std == pytest.approx(0.02 / (2 * layer) ** 0.5, rel=0.15)
+    assert torch.equal(model.blocks[0].ls1.gamma, torch.full((32,), 1e-5))
+    assert 0.005 < float(model.cls_token.detach().std()) < 0.04
