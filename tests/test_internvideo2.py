@@ -408,3 +408,30 @@ def test_internvideo2_initialisation():
         assert std == pytest.approx(0.02 / (2 * layer) ** 0.5, rel=0.15)
     assert torch.equal(model.blocks[0].ls1.gamma, torch.full((32,), 1e-5))
     assert 0.005 < float(model.cls_token.detach().std()) < 0.04
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_internvideo2_kernels_on_the_gpu_match_sdpa(dtype):
+    """The real width (12 heads of 64; the pooling's 16 heads of 48, one
+    query per clip) through the GPU kernels under autocast, against the
+    SDPA path of the same weights in float32."""
+    kernels = _iv2(width=768, heads=12, pool_heads=16, frames=2, image_size=56).cuda()
+    exact = _iv2(width=768, heads=12, pool_heads=16, frames=2, image_size=56, attention="sdpa").cuda()
+    exact.load_state_dict(kernels.state_dict())
+    clip = _clip(kernels.config, 3).cuda()
+    with torch.no_grad():
+        reference = exact(clip)
+        with torch.autocast("cuda", dtype=dtype):
+            low = kernels(clip)
+            rows = kernels.embed(clip)
+            keep = [torch.arange(0, 33, 2), torch.arange(33)]
+            packed = torch.cat([rows[b, ids.cuda()] for b, ids in enumerate(keep)])
+            cu = torch.tensor([0, 17, 50], dtype=torch.int32, device="cuda")
+            subsets = kernels.forward_packed(packed, cu, 33)
+    low, subsets = low.float(), subsets.float()
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low, reference, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(subsets[1], reference[1], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(subsets[0], exact.forward_packed(packed.float(), cu, 33)[0], rtol=0.05, atol=0.05)
