@@ -121,3 +121,19 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
     torch.testing.assert_close(embedding, direct)
     dense = main(["embed", moving, "--preset", "internvideo2-b14", "--selector", "motion", "--out", str(out)])
     assert dense == 1 and "dense model" in capsys.readouterr().err
+
+
+def test_a_selection_from_outside_can_skip_the_selector():
+    from lookwhen import build_model, count_flops
+
+    model = build_model("lookwhen-b16", frames=2, image_size=64, width=32, depth=1, heads=2, selector_width=16,
+                        selector_depth=1, selector_heads=2, score_hidden=16).eval()
+    clip = torch.randint(0, 256, (1, 2, 64, 64, 3), dtype=torch.uint8)
+    ids = torch.tensor([[0, 3, 17]], dtype=torch.int32)
+    with_selector = count_flops(model, clip, indices=ids)
+    without = count_flops(model, clip, indices=ids, run_selector=False)
+    assert 0 < without < with_selector
+    out = model(clip, indices=ids, run_selector=False)
+    assert out.scores.shape == (1, 0) and out.tokens.shape == (3, 32) and torch.equal(out.indices, ids)
+    with pytest.raises(ValueError, match="run_selector"):
+        model(clip, run_selector=False)
