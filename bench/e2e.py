@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen
@@ -147,15 +148,58 @@ def _video_paths(folder: str) -> List[str]:
     return paths
 
 
-def _synthetic_videos(folder: str, count: int, frames: int, size: int) -> List[str]:
+def _synthetic_videos(folder: str, count: int, frames: int, size: int):
     """``count`` synthetic clips (static background, one moving object)
     written as H.264 with a real motion search (the motion selector reads
-    its vectors)."""
+    its vectors): their paths and the clips (which know their object)."""
     from lookwhen.synthetic import synthetic_clip, write_video
 
     generator = np.random.default_rng(0)
-    return [write_video(os.path.join(folder, f"{i:03d}.mp4"), synthetic_clip(generator, frames=frames, size=size).clip,
-                        preset="medium") for i in range(count)]
+    samples = [synthetic_clip(generator, frames=frames, size=size) for _ in range(count)]
+    paths = [write_video(os.path.join(folder, f"{i:03d}.mp4"), sample.clip, preset="medium")
+             for i, sample in enumerate(samples)]
+    return paths, samples
+
+
+def _object_tokens(sample, grid) -> torch.Tensor:
+    """bool ``[T, h*w]``: the tokens of a model's grid (its sampled frames,
+    its resized square) that the object covers any pixel of."""
+    from lookwhen.video import sample_indices
+
+    frames, grid_h, grid_w = grid
+    mask = sample.object_mask[sample_indices(sample.object_mask.shape[0], frames)].float()
+    return (F.adaptive_max_pool2d(mask[:, None], (grid_h, grid_w)) > 0).view(frames, -1)
+
+
+def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelConfig) -> str:
+    """What RLT keeps and what the motion selector finds on the first batch
+    of synthetic clips, against the objects' known tokens."""
+    import lookwhen_kernels as lk
+    from lookwhen.motion import fill_unmeasured, object_recall
+
+    batch = clips.shape[0]
+    spatial = rlt.config.grid[1] * rlt.config.grid[2]
+    indices, cu, _ = rlt.select(clips)
+    later = on_object = 0
+    for b in range(batch):
+        covered = _object_tokens(samples[b], rlt.config.grid)
+        touched = (covered[1:] | covered[:-1]).flatten()
+        ids = indices[cu[b]: cu[b + 1]].long().cpu()
+        ids = ids[ids >= spatial] - spatial
+        later += ids.numel()
+        on_object += int(touched[ids].sum())
+    text = (f"synthetic proof: RLT keeps frame 0 ({spatial}) + {later / batch:.0f} tokens per clip, "
+            f"{100 * on_object / max(later, 1):.0f}% of them on the moving object")
+    if motions is None:
+        return text
+    recalls, chance = [], []
+    for b in range(batch):
+        truth = _object_tokens(samples[b], cfg_lw.grid).flatten()
+        scores = fill_unmeasured(motions[b].scores[None], motions[b].has_vectors[None])
+        recalls.append(object_recall(lk.topk_tokens(scores, int(truth.sum())), [truth]))
+        chance.append(float(truth.float().mean()))
+    return text + (f"; motion selector top-K recall of the object {np.mean(recalls):.2f} "
+                   f"(chance {np.mean(chance):.2f})")
 
 
 def _decoded(paths: Sequence[str], cfg: ModelConfig, batch: int, device) -> List[Tuple[torch.Tensor]]:
@@ -228,9 +272,11 @@ def run(args, device: torch.device) -> Result:
                 raise BenchError(f"--videos {args.videos}: none of the {len(found)} video files could be read")
             unread = f", {len(found) - len(paths)} unreadable skipped" if len(paths) < len(found) else ""
             source = f"{len(paths)} videos decoded from {args.videos}{unread}"
+            samples = None
         else:
             frames = max(cfg_lw.frames, cfg_base.frames)
-            paths = _synthetic_videos(scratch, batch * args.rotate, frames, max(cfg_lw.image_size, cfg_base.image_size))
+            paths, samples = _synthetic_videos(scratch, batch * args.rotate, frames,
+                                               max(cfg_lw.image_size, cfg_base.image_size))
             source = (f"{len(paths)} synthetic clips (static background, one moving object; H.264, decoded); "
                       "give --videos DIR for real ones")
         lw_clips, base_clips = _decoded(paths, cfg_lw, batch, device), _decoded(paths, cfg_base, batch, device)
@@ -347,7 +393,8 @@ def run(args, device: torch.device) -> Result:
     method_rows, method_payload = _methods(methods, batch, base_stats.median, flops_base, records)
     cpu_setup = f", linear layers: {linear}, malloc: {args.malloc}" if device.type == "cpu" else ""
     setup = f"batch {batch}, {args.dtype}, {torch.get_num_threads()} threads, {device.type}{cpu_setup}"
-    notes = f"; {motion_note}" if motion_note else ""
+    proof = _synthetic_proof(samples, rlt, base_clips[0][0], motions, cfg_lw) if not args.videos else ""
+    notes = "".join(f"; {note}" for note in (motion_note, proof) if note)
     methods_table = format_table(
         ("method", "tokens", "GFLOPs", "GMACs", "clips/s", "speedup", "efficiency", "noise"), method_rows,
         title=(f"Methods on the same clips ({source}): {setup}; clips/s medians; speedup over {cfg_base.name}; "
@@ -358,6 +405,7 @@ def run(args, device: torch.device) -> Result:
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",
          "FLOPs ratio", "efficiency", "selector", "selection", "extractor", "noise LW / dense"), rows, title=title)
     extra = {"batch": batch, "dtype": args.dtype, "linear": linear, "clips": source, "methods": method_payload,
+             "synthetic_proof": proof,
              "rlt_threshold": args.rlt_threshold, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
     return Result("e2e", methods_table + "\n\n" + table, payload, records,
                   plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name), extra=extra)

@@ -14,7 +14,9 @@ frame's motion field (vector magnitude per pixel) is cropped to the centred
 square and averaged onto the ``h x w`` token cells, and a token's score is
 the mean over the segment's predicted frames. Blocks of a predicted frame that
 carry no vector were intra-coded: content its reference frames could not
-predict, which is change too, so they score as the frame's fastest block. A
+predict, which is change too, so they score as the frame's fastest block, and
+at least :data:`INTRA_MOTION` pixels (a frame whose predicted blocks all
+stand still still shows where something new appeared). A
 segment whose frames are all intra-coded (I-frames) has no vectors; it is
 marked in :attr:`MotionScores.has_vectors`.
 """
@@ -35,6 +37,9 @@ from lookwhen.video import VideoError, sample_indices
 # FFmpeg's motion vectors sit on a grid of 4-pixel blocks (H.264's smallest
 # partition); fields are rasterised at that resolution.
 CELL = 4
+# The score of an intra-coded block of a predicted frame, in pixels, when no
+# predicted block of the frame moved faster: one macroblock.
+INTRA_MOTION = 16.0
 
 
 @dataclass
@@ -81,7 +86,7 @@ def _frame_field(vectors: np.ndarray, height: int, width: int) -> np.ndarray:
                 inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)
                 np.maximum.at(field, (y[inside], x[inside]), magnitude[pick][inside])
     intra = field < 0
-    field[intra] = float(magnitude.max()) if magnitude.size else 0.0
+    field[intra] = max(float(magnitude.max()) if magnitude.size else 0.0, INTRA_MOTION)
     return field
 
 

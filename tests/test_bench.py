@@ -77,6 +77,9 @@ def test_e2e_cli(tmp_path):
     assert f"linear layers: {document['linear']}, malloc: {document['malloc']}" in stdout
     check_methods(document, stdout, motion=True)
     assert "synthetic clips" in stdout
+    proof = document["synthetic_proof"]
+    assert proof.startswith("synthetic proof: RLT keeps frame 0 (256) + ") and proof in stdout
+    assert "motion selector top-K recall of the object" in proof
 
 
 def check_methods(document, stdout, motion):
@@ -122,6 +125,7 @@ def test_e2e_methods_on_a_folder_of_videos(tmp_path):
     assert document["clips"].startswith(f"2 videos decoded from {tmp_path}, 1 unreadable skipped")
     assert "motion selector skipped" in proc.stdout and "b.avi" in proc.stdout
     check_methods(document, proc.stdout, motion=False)
+    assert document["synthetic_proof"] == ""
 
 
 def test_train_cli(tmp_path):
