@@ -71,7 +71,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rlt-threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"RLT's threshold on normalised pixels (default: RLT's {DEFAULT_THRESHOLD})")
     parser.add_argument("--low-res", nargs="*", type=positive_int, default=[112, 160], metavar="PX",
-                        help="sizes the dense baseline also runs at (default: 112 160; rounded to the patch)")
+                        help="sizes the dense baseline also runs at (default: 112 160; rounded to a multiple of "
+                             "the patch; sizes not below the baseline's are left out)")
     parser.add_argument("--cpu-linear", choices=("onednn", "aten"), default="onednn",
                         help="linear layers of both models on CPU: oneDNN with prepacked weights "
                              "(lookwhen.cpu_inference, the default where PyTorch has it) or plain ATen")
@@ -338,7 +339,8 @@ def run(args, device: torch.device) -> Result:
         kept = torch.cat([rlt.select(clip)[1].diff() for (clip,) in base_clips]).double().mean().item()
         methods.append(Method(rlt_timing, kept, _flops_per_clip(rlt, base_clips[0][0])))
         for size, timing in low_timings.items():
-            methods.append(Method(timing, low_res[size].n_tokens, _flops_per_clip(low_models[size], low_clips[size][0][0][:1])))
+            flops = _flops_per_clip(low_models[size], low_clips[size][0][0][:1])
+            methods.append(Method(timing, low_res[size].n_tokens, flops))
         progress.update()
 
     base_stats = baseline.stats
@@ -426,7 +428,8 @@ def _methods(methods: List[Method], batch: int, base_seconds: float, base_flops:
                  "pass_medians_s": [p.median for p in m.timing.passes]}
         payload.append(entry)
         rows.append((m.timing.label, f"{m.tokens:.0f}", f"{m.flops / 1e9:.4g}", f"{m.flops / 2e9:.4g}",
-                     f"{entry['clips_per_s']:.3f}", f"{speedup:.2f}x", f"{efficiency:.2f}", f"{100 * m.timing.noise:.1f}%"))
+                     f"{entry['clips_per_s']:.3f}", f"{speedup:.2f}x", f"{efficiency:.2f}",
+                     f"{100 * m.timing.noise:.1f}%"))
         for metric in ("tokens", "gflops_per_clip", "gmacs_per_clip", "speedup", "efficiency"):
             records.append(Record(m.timing.label, "methods", "inference", metric, "", entry[metric]))
         records.append(Record(m.timing.label, "methods", "inference", "clips_per_s", "", entry["clips_per_s"],
