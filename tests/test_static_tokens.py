@@ -116,6 +116,7 @@ def test_empty_batch_and_registered_ops():
     ({"clip": torch.zeros(1, 3, 7, 7, 3, dtype=torch.uint8), "tubelet": 2}, "multiple of tubelet"),
     ({"clip": torch.zeros(1, 0, 7, 7, 3, dtype=torch.uint8)}, "positive multiple"),
     ({"clip": torch.zeros(1, 2, 7, 9, 3, dtype=torch.uint8)}, "patch_size"),
+    ({"clip": torch.zeros(1, 2, 129, 129, 3, dtype=torch.uint8), "patch_size": 1}, "patches per frame"),
     ({"patch_size": 0}, "patch_size"),
     ({"tubelet": True}, "tubelet"),
     ({"threshold": -0.1}, "threshold"),
