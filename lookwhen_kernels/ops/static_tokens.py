@@ -186,7 +186,8 @@ def static_tokens(
     (``x`` the tubelet's last frame, ``x_prev`` the previous tubelet's first,
     as RLT compares them). With ``std`` each channel's difference is divided
     by ``std[c]``: the difference of normalised pixels, RLT's own scale (its
-    default threshold 0.1 applies there). Threshold 0 keeps every token.
+    default threshold 0.1 applies there). Threshold 0 keeps every token; a
+    token exactly at the threshold may fall either way by float rounding.
 
     Returns int32 ``(indices [total], cu_seqlens [B+1], run_lengths
     [total])``: the kept ids of each clip in ascending order (the packed
