@@ -123,11 +123,13 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
             clips = [clip for _, clip, _, _ in batch if clip is not None]
             good += [path for path, clip, _, _ in batch if clip is not None]
             bad += [(path, error) for path, clip, error, _ in batch if clip is None]
-            if clips and motion_grid is not None:
-                motions = [motion for _, clip, _, motion in batch if clip is not None]
-                out = motion_forward(model, torch.stack(clips).to(device), motions, keep_ratio)
-            elif clips:
-                out = model(torch.stack(clips).to(device), **selection)
+            if clips:
+                stacked = torch.stack(clips).to(device)
+                if motion_grid is None:
+                    out = model(stacked, **selection)
+                else:
+                    motions = [motion for _, clip, _, motion in batch if clip is not None]
+                    out = motion_forward(model, stacked, motions, keep_ratio)
                 if lookwhen:
                     tensors["embeddings"].append(out.embedding.float().cpu())
                     tensors["indices"].append(out.indices.cpu())

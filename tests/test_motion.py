@@ -94,6 +94,7 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
     from lookwhen import build_model
     from lookwhen.checkpoint import save_checkpoint
     from lookwhen.cli import main
+    from lookwhen.embed import embed_shards, read_shards
     from lookwhen.video import read_clip
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -121,6 +122,13 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
     torch.testing.assert_close(embedding, direct)
     dense = main(["embed", moving, "--preset", "internvideo2-b14", "--selector", "motion", "--out", str(out)])
     assert dense == 1 and "dense model" in capsys.readouterr().err
+    # A collection in shards: the same selection and embedding, the intra-only file listed as failed.
+    summary = embed_shards(model, [moving, intra], str(tmp_path / "shards"), workers=0, selector="motion",
+                           with_selection=True, log=lambda line: None)
+    assert (summary["embedded"], summary["failed"]) == (1, 1)
+    shards = read_shards(str(tmp_path / "shards"))
+    assert torch.equal(shards["indices"], expected)
+    torch.testing.assert_close(shards["embeddings"], direct)
 
 
 def test_a_selection_from_outside_can_skip_the_selector():
