@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "aligned table and can write --json, --csv and --plot files.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect,train}")
     for name, module, help_text in (
-        ("e2e", e2e, "LookWhen vs the dense baseline: clips/s, speedup, FLOPs ratio, efficiency, time split"),
+        ("e2e", e2e, "LookWhen vs the dense baseline, RLT, motion selection and low resolution: tokens, "
+                    "GFLOPs, GMACs, clips/s, speedup, efficiency, time split"),
         ("ops", ops, "each fused op vs the eager PyTorch composition it replaces"),
         ("roofline", roofline, "floor time of each op and both models on named GPUs"),
         ("inspect", compile_report, "static compile report: registers, spills, shared memory, tensor cores"),

@@ -10,15 +10,30 @@ splits LookWhen's time into selector, selection path and extractor. On
 CPU both models get the same set-up: oneDNN linear layers with prepacked
 weights (``--cpu-linear``) and freed memory kept in the process
 (``--malloc``, applied by ``bench.__main__``).
+
+The methods table puts what a user would pick instead beside LookWhen, all
+measured in the same interleaved passes on the same clips: LookWhen with its
+learned selector and with the ``motion`` selector (the decoder's motion
+vectors: no selector network runs; decoding the vectors is the decoder's
+work and is not timed), the dense baseline, the dense baseline on RLT's kept
+tokens (``static_tokens`` is timed, it is part of the model), and the dense
+baseline at reduced resolution (ResKD's setting; a size is rounded to the
+nearest multiple of the patch). RLT's token count depends on the content, so
+the clips are decoded videos: ``--videos DIR``, or synthetic clips (a static
+background, one moving object) written to H.264 and decoded back.
 """
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen
@@ -26,10 +41,13 @@ from bench import BenchError
 from bench.configs import DTYPES, autocast, parse_overrides, resolve
 from bench.report import Record, Result, format_table
 from bench.timing import StageTimer, Stats, rotating, sample, synchronize
+from lookwhen.config import ModelConfig
 from lookwhen.cpu_inference import onednn_available, prepack_linears
+from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +68,14 @@ def add_arguments(parser) -> None:
                         help="times every model is measured, interleaved (default: 6, --quick 2); "
                              "the median pass counts, their spread is the noise band")
     parser.add_argument("--rotate", type=positive_int, default=3, help="input clips cycled through (default: 3)")
+    parser.add_argument("--videos", metavar="DIR",
+                        help="time on clips decoded from the videos in DIR (default: synthetic clips with a static "
+                             "background, encoded and decoded); RLT's token count depends on the content")
+    parser.add_argument("--rlt-threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"RLT's threshold on normalised pixels (default: RLT's {DEFAULT_THRESHOLD})")
+    parser.add_argument("--low-res", nargs="*", type=positive_int, default=[112, 160], metavar="PX",
+                        help="sizes the dense baseline also runs at (default: 112 160; rounded to a multiple of "
+                             "the patch; sizes not below the baseline's are left out)")
     parser.add_argument("--cpu-linear", choices=("onednn", "aten"), default="onednn",
                         help="linear layers of both models on CPU: oneDNN with prepacked weights "
                              "(lookwhen.cpu_inference, the default where PyTorch has it) or plain ATen")
@@ -106,6 +132,113 @@ def _linear_backend(args, device: torch.device) -> str:
     return "aten"
 
 
+@dataclass
+class Method:
+    """One row of the methods table: what it runs (``timing``), the tokens
+    its trunk sees per clip and its FLOPs per clip."""
+
+    timing: Timing
+    tokens: float
+    flops: float
+
+
+def _video_paths(folder: str) -> List[str]:
+    if not os.path.isdir(folder):
+        raise BenchError(f"--videos {folder}: not a folder")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                   if name.lower().endswith(VIDEO_SUFFIXES))
+    if not paths:
+        raise BenchError(f"--videos {folder}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return paths
+
+
+def _synthetic_videos(folder: str, count: int, frames: int, size: int):
+    """``count`` synthetic clips (static background, one moving object)
+    written as H.264 with a real motion search (the motion selector reads
+    its vectors): their paths and the clips (which know their object)."""
+    from lookwhen.synthetic import synthetic_clip, write_video
+
+    generator = np.random.default_rng(0)
+    samples = [synthetic_clip(generator, frames=frames, size=size) for _ in range(count)]
+    paths = [write_video(os.path.join(folder, f"{i:03d}.mp4"), sample.clip, preset="medium")
+             for i, sample in enumerate(samples)]
+    return paths, samples
+
+
+def _object_tokens(sample, grid) -> torch.Tensor:
+    """bool ``[T, h*w]``: the tokens of a model's grid (its sampled frames,
+    its resized square) that the object covers any pixel of."""
+    from lookwhen.video import sample_indices
+
+    frames, grid_h, grid_w = grid
+    mask = sample.object_mask[sample_indices(sample.object_mask.shape[0], frames)].float()
+    return (F.adaptive_max_pool2d(mask[:, None], (grid_h, grid_w)) > 0).view(frames, -1)
+
+
+def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelConfig) -> str:
+    """What RLT keeps and what the motion selector finds on the first batch
+    of synthetic clips, against the objects' known tokens."""
+    import lookwhen_kernels as lk
+    from lookwhen.motion import fill_unmeasured, object_recall
+
+    batch = clips.shape[0]
+    spatial = rlt.config.grid[1] * rlt.config.grid[2]
+    indices, cu, _ = rlt.select(clips)
+    later = on_object = 0
+    for b in range(batch):
+        covered = _object_tokens(samples[b], rlt.config.grid)
+        touched = (covered[1:] | covered[:-1]).flatten()
+        ids = indices[cu[b]: cu[b + 1]].long().cpu()
+        ids = ids[ids >= spatial] - spatial
+        later += ids.numel()
+        on_object += int(touched[ids].sum())
+    text = (f"synthetic proof: RLT keeps frame 0 ({spatial}) + {later / batch:.0f} tokens per clip, "
+            f"{100 * on_object / max(later, 1):.0f}% of them on the moving object")
+    if motions is None:
+        return text
+    recalls, chance = [], []
+    for b in range(batch):
+        truth = _object_tokens(samples[b], cfg_lw.grid).flatten()
+        scores = fill_unmeasured(motions[b].scores[None], motions[b].has_vectors[None])
+        recalls.append(object_recall(lk.topk_tokens(scores, int(truth.sum())), [truth]))
+        chance.append(float(truth.float().mean()))
+    return text + (f"; motion selector top-K recall of the object {np.mean(recalls):.2f} "
+                   f"(chance {np.mean(chance):.2f})")
+
+
+def _decoded(paths: Sequence[str], cfg: ModelConfig, batch: int, device) -> List[Tuple[torch.Tensor]]:
+    """The videos read at ``cfg``'s frames and size, in batches of
+    ``batch`` (the list cycled where it is short)."""
+    from lookwhen.video import read_clips
+
+    read = read_clips(paths, cfg.frames, cfg.image_size)
+    if read.failures:
+        raise BenchError(f"cannot decode {read.failures[0][1]}")
+    clips = read.clips
+    count = -(-len(paths) // batch) * batch
+    clips = clips[torch.arange(count) % clips.shape[0]]
+    return [(clips[i: i + batch].to(device),) for i in range(0, count, batch)]
+
+
+def _motions(paths: Sequence[str], grid) -> Tuple[Optional[list], str]:
+    """Motion scores of every video, or ``None`` and why not."""
+    from lookwhen.motion import motion_scores
+    from lookwhen.video import VideoError
+
+    try:
+        return [motion_scores(path, grid) for path in paths], ""
+    except VideoError as error:
+        return None, f"motion selector skipped: {error}"
+
+
+def _snap(size: int, patch: int) -> int:
+    return max(patch, round(size / patch) * patch)
+
+
+def _flops_per_clip(model, clip: torch.Tensor, **kwargs) -> float:
+    return lookwhen.count_flops(model, clip, **kwargs) / clip.shape[0]
+
+
 def run(args, device: torch.device) -> Result:
     overrides = parse_overrides(args.set)
     cfg_lw = resolve(args.lookwhen, overrides)
@@ -114,6 +247,8 @@ def run(args, device: torch.device) -> Result:
         raise BenchError(f"--lookwhen {args.lookwhen}: not a LookWhen preset")
     if cfg_base.kind != "dense":
         raise BenchError(f"--baseline {args.baseline}: not a dense preset")
+    if not args.rlt_threshold >= 0:
+        raise BenchError(f"--rlt-threshold: expected a number >= 0, got {args.rlt_threshold}")
     dtype = DTYPES[args.dtype]
     # Throughput is measured on batches, as in the paper. On CPU one clip per
     # call leaves LookWhen's extractor with ~160-row matrix products that run
@@ -125,44 +260,92 @@ def run(args, device: torch.device) -> Result:
     ratios = list(dict.fromkeys(args.keep_ratio))
     if passes < 2:
         raise BenchError("--passes: at least 2 (their spread is the noise band)")
+    low_res = {}
+    for size in dict.fromkeys(args.low_res):
+        snapped = _snap(size, cfg_base.patch_size)
+        if snapped < cfg_base.image_size:
+            low_res[size] = resolve(cfg_base, {"image_size": snapped, "name": f"{cfg_base.name}@{snapped}px"})
 
-    def clips(cfg):
-        return [(torch.randint(0, 256, (batch, cfg.frames, cfg.image_size, cfg.image_size, 3),
-                               dtype=torch.uint8, device=device),) for _ in range(args.rotate)]
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
+        if args.videos:
+            from lookwhen.video import read_clips
+
+            found = _video_paths(args.videos)
+            # One frame of each tells the readable files apart.
+            paths = read_clips(found, 1, 8).paths
+            if not paths:
+                raise BenchError(f"--videos {args.videos}: none of the {len(found)} video files could be read")
+            unread = f", {len(found) - len(paths)} unreadable skipped" if len(paths) < len(found) else ""
+            source = f"{len(paths)} videos decoded from {args.videos}{unread}"
+            samples = None
+        else:
+            frames = max(cfg_lw.frames, cfg_base.frames)
+            paths, samples = _synthetic_videos(scratch, batch * args.rotate, frames,
+                                               max(cfg_lw.image_size, cfg_base.image_size))
+            source = (f"{len(paths)} synthetic clips (static background, one moving object; H.264, decoded); "
+                      "give --videos DIR for real ones")
+        lw_clips, base_clips = _decoded(paths, cfg_lw, batch, device), _decoded(paths, cfg_base, batch, device)
+        low_clips = {size: _decoded(paths, cfg, batch, device) for size, cfg in low_res.items()}
+        motions, motion_note = _motions(paths, cfg_lw.grid)
 
     lw = lookwhen.build_model(cfg_lw).to(device).eval()
     base = lookwhen.build_model(cfg_base).to(device).eval()
+    low_models = {size: lookwhen.build_model(cfg).to(device).eval() for size, cfg in low_res.items()}
     linear = _linear_backend(args, device)
     if linear == "onednn":
-        # Both models alike: the comparison is between architectures, not
+        # Every model alike: the comparison is between architectures, not
         # between matrix-product libraries.
-        prepack_linears(lw)
-        prepack_linears(base)
-    lw_clips, base_clips = clips(cfg_lw), clips(cfg_base)
+        for model in (lw, base, *low_models.values()):
+            prepack_linears(model)
+    rlt = RLTDense(base, threshold=args.rlt_threshold).eval()
     baseline = Timing(cfg_base.name, rotating(base, base_clips))
     ours = {r: Timing(f"{cfg_lw.name} keep {r:g}",
                       rotating(lambda clip, r=r: lw(clip, keep_ratio=r), lw_clips)) for r in ratios}
+    motion_sets = {}
+    if motions is not None:
+        from lookwhen.motion import motion_selection
+
+        sets = [motions[(i * batch + j) % len(motions)] for i in range(len(lw_clips)) for j in range(batch)]
+        for r in ratios:
+            motion_sets[r] = [(clip[0], motion_selection(sets[i * batch:(i + 1) * batch], r)[0].to(device))
+                              for i, clip in enumerate(lw_clips)]
+    by_motion = {r: Timing(f"{cfg_lw.name} keep {r:g} motion",
+                           rotating(lambda clip, ids: lw(clip, indices=ids, run_selector=False), motion_sets[r]))
+                 for r in motion_sets}
+    rlt_timing = Timing(f"{cfg_base.name}+rlt", rotating(rlt, base_clips))
+    low_timings = {size: Timing(cfg.name, rotating(low_models[size], low_clips[size])) for size, cfg in low_res.items()}
+    timings = [baseline, *ours.values(), *by_motion.values(), rlt_timing, *low_timings.values()]
     splits: Dict[float, List[Dict[str, float]]] = {r: [] for r in ratios}
-    steps = passes * (1 + len(ratios)) + len(ratios) + 1
+    steps = passes * (len(timings) + len(ratios)) + 1
     with torch.inference_mode(), autocast(device, dtype), tqdm(total=steps, desc="e2e", unit="step", leave=False) as progress:
-        # Full passes (baseline, then every ratio), repeated: each later pass
-        # shows how much the numbers drift. The stage split is its own
-        # forward (the timer synchronises a GPU at every stage boundary).
+        # Full passes over every model, repeated: each later pass shows how
+        # much the numbers drift. The stage split is its own forward (the
+        # timer synchronises a GPU at every stage boundary).
         for i in range(passes):
-            for t in (baseline, *ours.values()):
+            for t in timings:
                 progress.set_postfix_str(t.label)
                 t.measure(device, min_run_time)
                 progress.update()
             for r in ratios:
                 splits[r].append(_stage_split(lw, lw_clips[i % len(lw_clips)][0], r, device))
+                progress.update()
         split = {r: {name: statistics.median(s[name] for s in splits[r]) for name in STAGES} for r in ratios}
-        # FLOPs per clip do not depend on the batch: count one clip.
-        flops_base = lookwhen.count_flops(base, base_clips[0][0][:1])
+        # FLOPs per clip: one clip where they do not depend on the content,
+        # the mean over the first batch where they do (RLT, motion).
+        flops_base = _flops_per_clip(base, base_clips[0][0][:1])
+        flops_lw = {r: _flops_per_clip(lw, lw_clips[0][0][:1], keep_ratio=r) for r in ratios}
+        methods = [Method(baseline, cfg_base.n_tokens, flops_base)]
+        methods += [Method(ours[r], keep_ratio_to_k(r, cfg_lw.n_tokens), flops_lw[r]) for r in ratios]
+        for r, timing in by_motion.items():
+            clip, ids = motion_sets[r][0]
+            methods.append(Method(timing, ids.shape[1],
+                                  _flops_per_clip(lw, clip, indices=ids, run_selector=False)))
+        kept = torch.cat([rlt.select(clip)[1].diff() for (clip,) in base_clips]).double().mean().item()
+        methods.append(Method(rlt_timing, kept, _flops_per_clip(rlt, base_clips[0][0])))
+        for size, timing in low_timings.items():
+            flops = _flops_per_clip(low_models[size], low_clips[size][0][0][:1])
+            methods.append(Method(timing, low_res[size].n_tokens, flops))
         progress.update()
-        flops_lw = {}
-        for r in ratios:
-            flops_lw[r] = lookwhen.count_flops(lw, lw_clips[0][0][:1], keep_ratio=r)
-            progress.update()
 
     base_stats = baseline.stats
     base_rate = batch / base_stats.median
@@ -213,17 +396,49 @@ def run(args, device: torch.device) -> Result:
         records.append(Record(cfg_base.name, "dense", "inference", "clips_per_s", r, base_rate,
                               entry["baseline_clips_per_s_q20"], entry["baseline_clips_per_s_q80"]))
     records.append(Record(cfg_base.name, "dense", "inference", "gflops_per_clip", "", flops_base / 1e9))
+    method_rows, method_payload = _methods(methods, batch, base_stats.median, flops_base, records)
     cpu_setup = f", linear layers: {linear}, malloc: {args.malloc}" if device.type == "cpu" else ""
-    title = (f"{cfg_lw.name} vs {cfg_base.name} (attention: {cfg_base.attention}): batch {batch}, {args.dtype}, "
-             f"{torch.get_num_threads()} threads, "
-             f"{device.type}{cpu_setup}; clips/s medians; efficiency = speedup / FLOPs ratio; time split of LookWhen")
+    setup = f"batch {batch}, {args.dtype}, {torch.get_num_threads()} threads, {device.type}{cpu_setup}"
+    proof = _synthetic_proof(samples, rlt, base_clips[0][0], motions, cfg_lw) if not args.videos else ""
+    notes = "".join(f"; {note}" for note in (motion_note, proof) if note)
+    methods_table = format_table(
+        ("method", "tokens", "GFLOPs", "GMACs", "clips/s", "speedup", "efficiency", "noise"), method_rows,
+        title=(f"Methods on the same clips ({source}): {setup}; clips/s medians; speedup over {cfg_base.name}; "
+               f"efficiency = speedup / FLOPs ratio; RLT threshold {args.rlt_threshold:g}{notes}"))
+    title = (f"{cfg_lw.name} vs {cfg_base.name} (attention: {cfg_base.attention}): {setup}; clips/s medians; efficiency = speedup / FLOPs ratio; "
+             "time split of LookWhen")
     table = format_table(
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",
          "FLOPs ratio", "efficiency", "selector", "selection", "extractor", "noise LW / dense"), rows, title=title)
-    extra = {"batch": batch, "dtype": args.dtype, "linear": linear,
-             "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
-    return Result("e2e", table, payload, records, plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name),
-                  extra=extra)
+    extra = {"batch": batch, "dtype": args.dtype, "linear": linear, "clips": source, "methods": method_payload,
+             "synthetic_proof": proof,
+             "rlt_threshold": args.rlt_threshold, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
+    return Result("e2e", methods_table + "\n\n" + table, payload, records,
+                  plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name), extra=extra)
+
+
+def _methods(methods: List[Method], batch: int, base_seconds: float, base_flops: float, records: List[Record]):
+    """Rows and JSON entries of the methods table (CSV records appended to
+    ``records``)."""
+    rows, payload = [], []
+    for m in methods:
+        stats = m.timing.stats
+        speedup = base_seconds / stats.median
+        efficiency = speedup / (base_flops / m.flops)
+        entry = {"method": m.timing.label, "tokens": m.tokens, "gflops_per_clip": m.flops / 1e9,
+                 "gmacs_per_clip": m.flops / 2e9, "clips_per_s": batch / stats.median,
+                 "clips_per_s_q20": batch / stats.q80, "clips_per_s_q80": batch / stats.q20,
+                 "speedup": speedup, "efficiency": efficiency, "noise": m.timing.noise,
+                 "pass_medians_s": [p.median for p in m.timing.passes]}
+        payload.append(entry)
+        rows.append((m.timing.label, f"{m.tokens:.0f}", f"{m.flops / 1e9:.4g}", f"{m.flops / 2e9:.4g}",
+                     f"{entry['clips_per_s']:.3f}", f"{speedup:.2f}x", f"{efficiency:.2f}",
+                     f"{100 * m.timing.noise:.1f}%"))
+        for metric in ("tokens", "gflops_per_clip", "gmacs_per_clip", "speedup", "efficiency"):
+            records.append(Record(m.timing.label, "methods", "inference", metric, "", entry[metric]))
+        records.append(Record(m.timing.label, "methods", "inference", "clips_per_s", "", entry["clips_per_s"],
+                              entry["clips_per_s_q20"], entry["clips_per_s_q80"]))
+    return rows, payload
 
 
 def _plot(figure, payload, lw_name: str, base_name: str) -> None:

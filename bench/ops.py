@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen_kernels as lk
+from lookwhen_kernels import reference
 from bench import BenchError, attention
 from bench.configs import DTYPES, parse_overrides, parse_shapes
 from bench.report import Record, Result, format_table
@@ -208,6 +209,32 @@ def frame_normalize_case(cfg: ModelConfig, batch: int) -> Case:
                 grad_inputs=(0,), bytes_moved=2 * batch * frames * h * w * dim * FLOAT_BYTES)
 
 
+# static_tokens ---------------------------------------------------------------
+
+def static_tokens_case(cfg: ModelConfig, batch: int) -> Case:
+    """RLT's selection for the dense model: half of every frame repeats the
+    frame before it (a static background), the other half changes."""
+    frames, size, patch = cfg.frames, cfg.image_size, cfg.patch_size
+
+    def make(device, dtype):
+        first = torch.randint(0, 256, (batch, 1, size, size, 3), dtype=torch.uint8, device=device)
+        clip = first.repeat(1, frames, 1, 1, 1)
+        clip[:, 1:, :, : size // 2] = torch.randint(0, 256, (batch, frames - 1, size, size // 2, 3),
+                                                    dtype=torch.uint8, device=device)
+        return (clip,)
+
+    def fused(clip):
+        return lk.static_tokens(clip, patch_size=patch, threshold=0.1, std=cfg.std)
+
+    def eager(clip):
+        return reference.static_tokens(clip, patch_size=patch, threshold=0.1, std=cfg.std)
+
+    # Two frames read per later frame, a keep byte per token, ids and run lengths out.
+    traffic = batch * ((frames - 1) * 2 * size * size * 3 + cfg.n_tokens * 9)
+    return Case("static_tokens", f"B{batch} T{frames} {size}px p{patch}", make,
+                _fixed({"fused": fused, "int16 diff+pool+nonzero+cummin": eager}), bytes_moved=traffic)
+
+
 # varlen_attention ------------------------------------------------------------
 
 def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str, window_size=(-1, -1)) -> Case:
@@ -259,7 +286,8 @@ def cases_for(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
     """The ops a model runs, at its shapes (plus the training-only ones for
     LookWhen)."""
     if cfg.kind == "dense":
-        return [patch_embed_case(cfg, batch), *attention_cases(cfg, batch, keep_ratio)]
+        return [patch_embed_case(cfg, batch), static_tokens_case(cfg, batch),
+                *attention_cases(cfg, batch, keep_ratio)]
     return [
         patch_embed_case(cfg, batch, selector=True),
         score_case(cfg, batch),

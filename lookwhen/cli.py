@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lookwhen.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
 from lookwhen.cpu_inference import prepack_linears
+from lookwhen.motion import motion_forward, motion_scores
 
 PROG = "lookwhen"
 EXIT_USAGE = 2
@@ -80,6 +81,8 @@ def _model_config(args) -> ModelConfig:
     config = read_config(args.checkpoint) if args.checkpoint else get_config(args.preset)
     if config.kind == "dense" and args.keep_ratio is not None:
         raise CommandError(f"--keep-ratio: {config.name} is a dense model and keeps every token")
+    if config.kind == "dense" and getattr(args, "selector", "learned") != "learned":
+        raise CommandError(f"--selector: {config.name} is a dense model and selects nothing")
     return config
 
 
@@ -139,11 +142,18 @@ def cmd_embed(args) -> int:
     quiet = True if len(args.videos) < 2 else None
     with tqdm(total=len(args.videos), unit="video", disable=quiet, file=sys.stderr) as bar:
         for batch in iter_clip_batches(args.videos, args.batch_size, cfg.frames, cfg.image_size):
+            motions = None
+            if args.selector == "motion" and batch.clips is not None:
+                batch, motions = _with_motion(batch, cfg)
             for path, message in batch.failures:
                 bar.write(f"{PROG} embed: skipped {message}", file=sys.stderr)
             failures.extend(batch.failures)
             if batch.clips is not None:
-                out = _forward(model, batch.clips.to(device), args.keep_ratio)
+                if motions is None:
+                    out = _forward(model, batch.clips.to(device), args.keep_ratio)
+                else:
+                    with torch.inference_mode():
+                        out = motion_forward(model, batch.clips.to(device), motions, args.keep_ratio)
                 if isinstance(out, torch.Tensor):
                     embeddings.append(out.float().cpu())
                 else:
@@ -171,6 +181,22 @@ def cmd_embed(args) -> int:
     return 1 if failures else 0
 
 
+def _with_motion(batch, cfg: ModelConfig):
+    """The batch's clips whose videos carry motion vectors, and their motion
+    scores; the others join the batch's failures."""
+    from lookwhen.video import ClipBatch, VideoError
+
+    motions, kept, failures = [], [], list(batch.failures)
+    for row, path in enumerate(batch.paths):
+        try:
+            motions.append(motion_scores(path, cfg.grid))
+            kept.append(row)
+        except VideoError as error:
+            failures.append((error.path, str(error)))
+    clips = batch.clips[kept] if kept else None
+    return ClipBatch(clips, [batch.paths[row] for row in kept], failures), motions
+
+
 def _embed_manifest(args) -> int:
     """``embed --manifest``: shards under ``--out-dir`` (:mod:`lookwhen.embed`);
     under torchrun each rank embeds its own shards."""
@@ -195,6 +221,7 @@ def _embed_manifest(args) -> int:
     with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
         summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
                                workers=args.workers, keep_ratio=args.keep_ratio, with_selection=args.with_selection,
+                               selector=args.selector,
                                device=device, rank=rank, world=world, progress=bar.update,
                                log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
     print(f"rank {rank}: {summary['shards']} shards ({summary['shards_skipped']} already done), embedded "
@@ -330,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--shard-size", type=positive_int_arg, default=1000, help="videos per shard")
     embed.add_argument("--with-selection", action="store_true", help="store the selected ids and scores too")
     embed.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    embed.add_argument("--selector", choices=("learned", "motion"), default="learned",
+                       help="learned: the model's selector; motion: the fastest-moving tokens by the decoder's "
+                            "motion vectors (no selector network runs; videos without vectors are skipped)")
     embed.set_defaults(func=cmd_embed)
 
     show = sub.add_parser("show", help="draw the selected patches and the score heat-map")

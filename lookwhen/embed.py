@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from lookwhen.data import collate_list
+from lookwhen.motion import motion_forward, motion_scores
 from lookwhen.video import VideoError, read_clip
 
 RUN_FILE = "run.json"
@@ -36,8 +37,11 @@ def shard_name(index: int) -> str:
 
 
 class _Clips(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str], frames: int, size: int):
-        self.paths, self.frames, self.size = list(paths), frames, size
+    """``(path, clip, error, motion)`` per video; ``motion`` (the decoder's
+    motion scores on ``motion_grid``) only when a grid is given."""
+
+    def __init__(self, paths: Sequence[str], frames: int, size: int, motion_grid=None):
+        self.paths, self.frames, self.size, self.motion_grid = list(paths), frames, size, motion_grid
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,9 +49,11 @@ class _Clips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            return path, read_clip(path, self.frames, self.size), None
+            clip = read_clip(path, self.frames, self.size)
+            motion = None if self.motion_grid is None else motion_scores(path, self.motion_grid)
+            return path, clip, None, motion
         except VideoError as error:
-            return path, None, str(error)
+            return path, None, str(error), None
 
 
 def _check_run(folder: str, info: Dict) -> None:
@@ -68,10 +74,13 @@ def _check_run(folder: str, info: Dict) -> None:
 @torch.no_grad()
 def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 1000, batch_size: int = 8,
                  workers: int = 2, keep_ratio: Optional[float] = None, with_selection: bool = False,
+                 selector: str = "learned",
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
                  progress: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> Dict:
     """Embed ``paths`` into shards under ``folder`` (see the module
-    docstring); returns counts and the throughput of this process."""
+    docstring); returns counts and the throughput of this process.
+    ``selector="motion"`` selects by the decoder's motion vectors
+    (:func:`lookwhen.motion.motion_forward`); videos without them fail."""
     from safetensors.torch import save_file
 
     from lookwhen.model import LookWhen
@@ -82,13 +91,16 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
         raise ValueError("no videos to embed")
     cfg = model.config
     lookwhen = isinstance(model, LookWhen)
-    if not lookwhen and (keep_ratio is not None or with_selection):
+    if not lookwhen and (keep_ratio is not None or with_selection or selector != "learned"):
         raise ValueError(f"{cfg.name} is a dense model: it keeps every token and selects nothing")
+    if selector not in ("learned", "motion"):
+        raise ValueError(f"selector: expected 'learned' or 'motion', got {selector!r}")
     os.makedirs(folder, exist_ok=True)
     # Through JSON, so that it compares equal to the file a first run wrote.
     info = json.loads(json.dumps({"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
                                   "count": len(paths), "shard_size": shard_size, "config": cfg.to_dict(),
-                                  "keep_ratio": keep_ratio, "with_selection": with_selection}))
+                                  "keep_ratio": keep_ratio, "with_selection": with_selection,
+                                  **({"selector": selector} if selector != "learned" else {})}))
     if rank == 0:
         _check_run(folder, info)
     shards = [k for k in range(rank, -(-len(paths) // shard_size), world)]
@@ -102,16 +114,22 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     start = time.perf_counter()
     for k in todo:
         members = paths[k * shard_size:(k + 1) * shard_size]
-        loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=collate_list)
+        motion_grid = cfg.grid if selector == "motion" else None
+        loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size, motion_grid),
+                                             batch_size=batch_size, num_workers=workers, collate_fn=collate_list)
         tensors: Dict[str, List[torch.Tensor]] = {"embeddings": [], "indices": [], "scores": []}
         good, bad = [], []
         for batch in loader:
-            clips = [clip for _, clip, _ in batch if clip is not None]
-            good += [path for path, clip, _ in batch if clip is not None]
-            bad += [(path, error) for path, clip, error in batch if clip is None]
+            clips = [clip for _, clip, _, _ in batch if clip is not None]
+            good += [path for path, clip, _, _ in batch if clip is not None]
+            bad += [(path, error) for path, clip, error, _ in batch if clip is None]
             if clips:
-                out = model(torch.stack(clips).to(device), **selection)
+                stacked = torch.stack(clips).to(device)
+                if motion_grid is None:
+                    out = model(stacked, **selection)
+                else:
+                    motions = [motion for _, clip, _, motion in batch if clip is not None]
+                    out = motion_forward(model, stacked, motions, keep_ratio)
                 if lookwhen:
                     tensors["embeddings"].append(out.embedding.float().cpu())
                     tensors["indices"].append(out.indices.cpu())

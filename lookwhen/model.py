@@ -65,6 +65,7 @@ class LookWhen(nn.Module):
         budgets=None,
         *,
         indices: Optional[torch.Tensor] = None,
+        run_selector: bool = True,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
@@ -72,7 +73,11 @@ class LookWhen(nn.Module):
         ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``), or exactly the
         token ids ``indices`` (int32 ``[B, K]``, ascending per clip: a
         selection made by another strategy; the selector still supplies its
-        context tokens and scores). ``stage_timer(name)`` returns a context
+        context tokens and scores, unless ``run_selector=False``: then the
+        selector does not run at all, each extractor sequence is ``[CLS,
+        tokens...]`` and ``scores`` is empty ``[B, 0]``, for strategies whose
+        selection costs no model, such as decoder motion vectors).
+        ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
         "extractor".
 
@@ -89,14 +94,22 @@ class LookWhen(nn.Module):
             raise ValueError(f"{names}: give one way of choosing tokens, not both")
         if indices is not None:
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
+        elif not run_selector:
+            raise ValueError("run_selector: False needs a selection made outside the model (indices)")
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
         dtype = compute_dtype(self.extractor.cls_token)
 
-        features, context = self._encode(clip, dtype, timer)
+        if run_selector:
+            features, context = self._encode(clip, dtype, timer)
+        else:
+            context = clip.new_empty((batch, 0, cfg.width), dtype=dtype)
         with timer("selection"):
-            scores = self.selector.score(features)
+            if run_selector:
+                scores = self.selector.score(features)
+            else:
+                scores = clip.new_empty((batch, 0), dtype=torch.float32)
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
             # The selection is the model's own (scores from the score head,
             # ids from topk): the ops' value checks, host reads, stay off.

@@ -150,16 +150,19 @@ def synthetic_batch(generator: np.random.Generator, batch: int, **kwargs) -> Lis
     return [synthetic_clip(generator, **kwargs) for _ in range(batch)]
 
 
-def write_video(path, clip: torch.Tensor, fps: int = 10) -> str:
+def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafast") -> str:
     """Encode uint8 ``[T, H, W, 3]`` as H.264 at near-lossless quality
-    (needs PyAV: ``pip install av``)."""
+    (needs PyAV: ``pip install av``). x264's ``preset`` sets how hard it
+    searches for motion: ``ultrafast`` leaves most moving blocks without a
+    vector, ``medium`` (x264's default) finds them, for
+    :mod:`lookwhen.motion`."""
     import av
 
     frames, height, width, _ = clip.shape
     with av.open(os.fspath(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
-        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.options = {"crf": "0", "preset": preset}
         for image in clip.numpy():
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)

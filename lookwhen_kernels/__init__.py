@@ -18,6 +18,7 @@ from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
 from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
 from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness
 from lookwhen_kernels.ops.score_tokens import score_tokens
+from lookwhen_kernels.ops.static_tokens import static_tokens
 from lookwhen_kernels.ops.topk_tokens import topk_tokens
 from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
 
@@ -38,6 +39,7 @@ __all__ = [
     "scatter_tokens",
     "score_tokens",
     "set_deterministic",
+    "static_tokens",
     "topk_tokens",
     "varlen_attention",
 ]

@@ -32,6 +32,7 @@ OP_MODULES = (
     "nn_uniqueness",
     "frame_normalize",
     "varlen_attention",
+    "static_tokens",
 )
 
 TENSOR_CORE_OPCODE = {90: "HGMMA", 80: "HMMA"}

@@ -177,6 +177,52 @@ def topk_tokens(scores: torch.Tensor, k=None, *, budgets=None, grid=None, out_gr
     return indices.to(torch.int32), cu_seqlens_from_lengths(budgets)
 
 
+def static_token_mask(clip, *, patch_size: int, threshold: float, tubelet: int = 1, std=None) -> torch.Tensor:
+    """RLT's static-token test, bool ``[B, T/tubelet, Hp*Wp]``: a token of
+    tubelet ``t >= 1`` is kept when the mean over its patch's pixels and
+    channels of ``|x_last(t) - x_first(t-1)| / 255`` (each channel divided by
+    ``std[c]`` when given: the difference of normalised pixels) is at least
+    ``threshold``; ``x_last(t)`` is the tubelet's last frame, ``x_first(t-1)``
+    the previous tubelet's first. Every token of tubelet 0 is kept. Byte
+    differences are summed exactly in integers, then weighted in float64."""
+    batch, frames, height, width, _ = clip.shape
+    tubelets, p = frames // tubelet, patch_size
+    grid_h, grid_w = height // p, width // p
+    later = clip[:, 2 * tubelet - 1::tubelet].to(torch.int16)
+    earlier = clip[:, :frames - tubelet:tubelet].to(torch.int16)
+    sums = (later - earlier).abs().reshape(batch, tubelets - 1, grid_h, p, grid_w, p, 3).sum((3, 5))
+    weights = torch.ones(3, dtype=torch.float64) if std is None else 1 / torch.tensor(std, dtype=torch.float64)
+    score = (sums.double() * weights.to(clip.device)).sum(-1) / (255 * 3 * p * p)
+    moved = (score >= threshold).reshape(batch, tubelets - 1, grid_h * grid_w)
+    first = torch.ones(batch, 1, grid_h * grid_w, dtype=torch.bool, device=clip.device)
+    return torch.cat([first, moved], dim=1)
+
+
+def pack_static_tokens(keep: torch.Tensor):
+    """``keep bool [B, T', S]`` -> ``(indices [total], cu_seqlens [B+1],
+    run_lengths [total])``, all int32: the kept token ids of each clip in
+    ascending order and, for each, the number of tubelets until the next kept
+    token at the same spatial position (or the clip's end)."""
+    batch, tubelets, spatial = keep.shape
+    steps = torch.arange(tubelets, device=keep.device)[:, None]
+    kept_at = torch.where(keep, steps, tubelets)
+    # The first kept tubelet at or after t, then strictly after t.
+    at_or_after = kept_at.flip(1).cummin(1).values.flip(1)
+    after = torch.cat([at_or_after[:, 1:], kept_at.new_full((batch, 1, spatial), tubelets)], dim=1)
+    flat = keep.reshape(batch, -1)
+    clips, tokens = flat.nonzero(as_tuple=True)
+    run_lengths = (after - steps).reshape(batch, -1)[clips, tokens]
+    return tokens.to(torch.int32), cu_seqlens_from_lengths(flat.sum(1)), run_lengths.to(torch.int32)
+
+
+def static_tokens(clip, *, patch_size: int, threshold: float, tubelet: int = 1, std=None):
+    """RLT's selection (:func:`static_token_mask`), packed by
+    :func:`pack_static_tokens`."""
+    return pack_static_tokens(
+        static_token_mask(clip, patch_size=patch_size, threshold=threshold, tubelet=tubelet, std=std)
+    )
+
+
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """Rows ``x[b, indices]`` of every clip, packed ``[total, D]``."""
     clips, tokens = patch_rows(indices, cu_seqlens, x.shape[0], x.shape[1], x.device)

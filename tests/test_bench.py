@@ -77,6 +77,58 @@ def test_e2e_cli(tmp_path):
     assert f"linear layers: {document['linear']}, malloc: {document['malloc']}" in stdout
     # The baseline's attention runs through the same kernels as LookWhen's extractor.
     assert document["baseline"]["attention"] == "kernels"
+    check_methods(document, stdout, motion=True)
+    assert "synthetic clips" in stdout
+    proof = document["synthetic_proof"]
+    assert proof.startswith("synthetic proof: RLT keeps frame 0 (256) + ") and proof in stdout
+    assert "motion selector top-K recall of the object" in proof
+
+
+def check_methods(document, stdout, motion):
+    """The methods table: every method, and numbers consistent with each other."""
+    methods = {m["method"]: m for m in document["methods"]}
+    dense = methods["internvideo2-b14"]
+    expected = {"internvideo2-b14", "lookwhen-b16 keep 0.1", "internvideo2-b14+rlt", "internvideo2-b14@112px",
+                "internvideo2-b14@154px"} | ({"lookwhen-b16 keep 0.1 motion"} if motion else set())
+    assert expected <= set(methods) and ("lookwhen-b16 keep 0.1 motion" in methods) == motion
+    for m in methods.values():
+        assert m["gmacs_per_clip"] == pytest.approx(m["gflops_per_clip"] / 2)
+        assert m["speedup"] == pytest.approx(m["clips_per_s"] / dense["clips_per_s"])
+        assert m["efficiency"] == pytest.approx(m["speedup"] * m["gflops_per_clip"] / dense["gflops_per_clip"])
+        assert m["method"] in stdout
+    # Two frames of 16 x 16 patches: RLT keeps frame 0 and the moving object's tokens.
+    assert 256 < methods["internvideo2-b14+rlt"]["tokens"] < 512 == dense["tokens"]
+    assert methods["internvideo2-b14@112px"]["tokens"] == 2 * 8 * 8
+    assert methods["internvideo2-b14@112px"]["gflops_per_clip"] < dense["gflops_per_clip"]
+    if motion:
+        # No selector network runs: fewer FLOPs than the learned selector's row.
+        motion_gflops = methods["lookwhen-b16 keep 0.1 motion"]["gflops_per_clip"]
+        assert motion_gflops < methods["lookwhen-b16 keep 0.1"]["gflops_per_clip"]
+
+
+def test_e2e_methods_on_a_folder_of_videos(tmp_path):
+    """``--videos DIR``: decoded clips; a file without motion vectors turns
+    the motion rows off (and says so), an unreadable one is skipped."""
+    import numpy as np
+
+    from lookwhen.synthetic import synthetic_clip, write_video
+    from test_motion import encode
+
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "a.mp4", synthetic_clip(rng, frames=4, size=64).clip, preset="medium")
+    encode(tmp_path / "b.avi", synthetic_clip(rng, frames=4, size=64).clip, codec="mjpeg", options={},
+           pix_fmt="yuvj420p")
+    (tmp_path / "c.mp4").write_text("not a video")
+    path = str(tmp_path / "out.json")
+    proc = run_cli("e2e", "--quick", "--keep-ratio", "0.1", "--min-run-time", "0.01", "--passes", "2",
+                   "--videos", str(tmp_path), "--low-res", "112", "160", "--set", *TINY, "--json", path)
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as handle:
+        document = json.load(handle)
+    assert document["clips"].startswith(f"2 videos decoded from {tmp_path}, 1 unreadable skipped")
+    assert "motion selector skipped" in proc.stdout and "b.avi" in proc.stdout
+    check_methods(document, proc.stdout, motion=False)
+    assert document["synthetic_proof"] == ""
 
 
 def test_train_cli(tmp_path):

@@ -123,3 +123,22 @@ def test_whole_model_forward_and_backward(dtype):
         fp32 = model(clip)
     assert torch.equal(out.indices, fp32.indices) or (out.indices != fp32.indices).float().mean() < 0.05
     torch.testing.assert_close(out.embedding.float(), fp32.embedding, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("patch, tubelet, std", [(14, 1, STD), (16, 2, None)])
+def test_static_tokens_and_rlt(patch, tubelet, std):
+    from lookwhen.rlt import RLTDense
+
+    clip = torch.randint(0, 256, (3, 8, 224, 224, 3), dtype=torch.uint8)
+    clip[:, 1:, :, :112] = clip[:, :1, :, :112]  # a static left half
+    # Thresholds that put no patch exactly on the boundary (see test_static_tokens).
+    threshold = 1.37 if std else 65280.5 / (255 * 3 * patch * patch)
+    out = lk.static_tokens(clip.cuda(), patch_size=patch, threshold=threshold, tubelet=tubelet, std=std)
+    expected = reference.static_tokens(clip, patch_size=patch, threshold=threshold, tubelet=tubelet, std=std)
+    for name, got, want in zip(("indices", "cu_seqlens", "run_lengths"), out, expected):
+        assert_fully_written(got, name)
+        assert torch.equal(got.cpu(), want), name
+    base = build_model("internvideo2-b14", frames=8, width=128, depth=2, heads=2, pool_heads=2).cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        dense, everything = base(clip[:2].cuda()), RLTDense(base, threshold=0.0)(clip[:2].cuda())
+    torch.testing.assert_close(everything.embedding.float(), dense.float(), rtol=0.05, atol=0.05)
