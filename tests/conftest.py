@@ -52,3 +52,19 @@ def poisoned_allocations():
     yield
     torch.use_deterministic_algorithms(previous)
     torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@pytest.fixture(params=["triton", "native"])
+def cpu_backend(request):
+    """Runs a test once per CPU backend of the ops: the Triton kernels (in the
+    interpreter, the default here) and the native C++ kernels (skipped when
+    the library is not built or ``LOOKWHEN_NATIVE=0``). Op test modules use
+    it for every test."""
+    from lookwhen_kernels import native
+    from lookwhen_kernels.ops._common import set_cpu_backend
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native CPU backend {native.status()}")
+    previous = set_cpu_backend("native" if request.param == "native" else None)
+    yield request.param
+    set_cpu_backend(previous)
