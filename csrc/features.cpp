@@ -4,7 +4,6 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/zeros.h>
 
@@ -80,7 +79,7 @@ Tensor score_tokens(const Tensor& x, const Tensor& norm_weight, const Tensor& no
   if (rows == 0) return out;
   const Normalised n = layer_norm_rows(x.reshape({rows, dim}), as_float(norm_weight), as_float(norm_bias),
                                        static_cast<float>(eps), false);
-  const Tensor a = at::addmm(as_float(b1), n.y, as_float(w1).t());
+  const Tensor a = matmul_nt(n.y, as_float(w1), as_float(b1));
   const Tensor w2f = as_float(w2).reshape({hidden});
   const float* ap = a.data_ptr<float>();
   const float* wp = w2f.data_ptr<float>();
@@ -133,7 +132,7 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
   const Normalised n = layer_norm_rows(x.reshape({rows, dim}), gamma, as_float(norm_bias),
                                        static_cast<float>(eps), true);
   // a, overwritten by gelu(a) = a * cdf(a) once d_a is known.
-  Tensor act = at::addmm(as_float(b1), n.y, w1f.t());
+  Tensor act = matmul_nt(n.y, w1f, as_float(b1));
   Tensor d_a = at::empty({rows, hidden}, act.options());
   float* ap = act.data_ptr<float>();
   float* dap = d_a.data_ptr<float>();
@@ -158,8 +157,8 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
   });
   const Tensor d_w2 = at::mv(act.t(), g);
   const Tensor d_b1 = d_a.sum(0);
-  const Tensor d_w1 = at::mm(d_a.t(), n.y);
-  const Tensor d_y = at::mm(d_a, w1f);
+  const Tensor d_w1 = matmul_nt(d_a.t(), n.y.t());
+  const Tensor d_y = matmul_nt(d_a, w1f.t());
 
   Tensor dx = at::empty({rows, dim}, n.y.options());
   ColumnSums sums(dim);
@@ -197,13 +196,18 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
 }
 
 // ---------------------------------------------------------------------------
-// nn_uniqueness: per clip, a strip of QUERY_BLOCK queries against every key
-// is one GEMM (ATen's, threaded); one pass over the strip keeps each query's
-// running minimum and its argument (the first minimum, as argmin). Memory is
-// QUERY_BLOCK x N floats, never N x N. The chosen neighbour's distance is then
-// measured directly, as the reference does.
+// nn_uniqueness: per clip, a strip of QUERY_BLOCK queries against the keys
+// from the strip's first query on is one GEMM (the product is symmetric, so
+// the strips together cover the upper triangle and half the N x N work).
+// One pass over a strip updates its queries' running minima (with the
+// argument) over those keys, another the keys' beyond the strip over the
+// strip's queries. Every token thus meets its candidates in ascending id
+// order (earlier strips' columns, then its own row), so a strict < keeps the
+// first minimum, as argmin does. Memory is QUERY_BLOCK x N floats, never
+// N x N. The chosen neighbour's distance is then measured directly, as the
+// reference does.
 
-constexpr int64_t QUERY_BLOCK = 128;
+constexpr int64_t QUERY_BLOCK = 256;
 constexpr float COSINE_EPS = 1e-12f;
 
 Tensor nn_uniqueness(const Tensor& x, c10::string_view metric) {
@@ -240,27 +244,45 @@ Tensor nn_uniqueness(const Tensor& x, c10::string_view metric) {
   }
   const float* fp = feats.data_ptr<float>();
   std::vector<int64_t> nearest(static_cast<size_t>(n_tok));
+  std::vector<float> best(static_cast<size_t>(n_tok));
   for (const auto b : c10::irange(batch)) {
     const Tensor clip = feats[b];
     const float* csq = sqp + b * n_tok;
+    // The pair (i, j) compares (|x_i|^2 + |x_j|^2) - 2 x_i.x_j, as the
+    // reference; cosine the negated similarity of the unit vectors.
+    auto score = [&](float dot, int64_t i, int64_t j) { return cosine ? -dot : (csq[i] + csq[j]) - 2.0f * dot; };
+    for (const auto q : c10::irange(n_tok)) {
+      best[q] = std::numeric_limits<float>::infinity();
+      nearest[q] = q;
+    }
     for (int64_t q0 = 0; q0 < n_tok; q0 += QUERY_BLOCK) {
-      const int64_t count = std::min(QUERY_BLOCK, n_tok - q0);
-      const Tensor dots = at::mm(clip.narrow(0, q0, count), clip.t());
+      const int64_t count = std::min(QUERY_BLOCK, n_tok - q0), width = n_tok - q0;
+      const Tensor dots = matmul_nt(clip.narrow(0, q0, count), clip.narrow(0, q0, width));
       const float* dp = dots.data_ptr<float>();
       at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
         for (const auto i : c10::irange(begin, end)) {
           const int64_t q = q0 + i;
-          const float* row = dp + i * n_tok;
-          float best = std::numeric_limits<float>::infinity();
-          int64_t arg = q;
-          for (const auto j : c10::irange(n_tok)) {
-            const float score = cosine ? -row[j] : (csq[q] + csq[j]) - 2.0f * row[j];
-            if (j != q && score < best) {
-              best = score;
-              arg = j;
+          const float* row = dp + i * width;
+          for (const auto c : c10::irange(width)) {
+            const float s = score(row[c], q, q0 + c);
+            if (s < best[q] && c != i) {
+              best[q] = s;
+              nearest[q] = q0 + c;
             }
           }
-          nearest[q] = arg;
+        }
+      });
+      at::parallel_for(count, width, 64, [&](int64_t begin, int64_t end) {
+        for (const auto i : c10::irange(count)) {
+          const float* row = dp + i * width;
+          for (const auto c : c10::irange(begin, end)) {
+            const int64_t key = q0 + c;
+            const float s = score(row[c], key, q0 + i);
+            if (s < best[key]) {
+              best[key] = s;
+              nearest[key] = q0 + i;
+            }
+          }
         }
       });
     }

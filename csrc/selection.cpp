@@ -132,8 +132,8 @@ Tensor topk_tokens_budgets(const Tensor& scores, const Tensor& budgets, const Te
 
 // gather_patch_embed: every output row's normalised patch is written
 // straight into the packed GEMM operand A [rows, 3*p*p] (the layout of
-// weight.reshape(D, -1)), one GEMM A @ W^T follows, and one epilogue pass adds
-// bias and the token's position row and converts to the weight's dtype.
+// weight.reshape(D, -1)), one GEMM A @ W^T + bias follows, and one epilogue
+// pass adds the token's position row and converts to the weight's dtype.
 Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indices, const Tensor& weight,
                           const Tensor& bias, const Tensor& pos_embed, at::ArrayRef<double> mean,
                           at::ArrayRef<double> std, const std::optional<Tensor>& cu_seqlens, int64_t patch_size,
@@ -219,9 +219,8 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
     }
   });
 
-  Tensor product = at::mm(a, as_float(weight.reshape({dim, depth})).t());
-  const Tensor bias_f = as_float(bias), pos_f = as_float(pos_embed);
-  const float* bp = bias_f.data_ptr<float>();
+  Tensor product = matmul_nt(a, as_float(weight.reshape({dim, depth})), as_float(bias));
+  const Tensor pos_f = as_float(pos_embed);
   const float* pp = pos_f.data_ptr<float>();
   float* prod = product.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_type, "gather_patch_embed", [&] {
@@ -231,7 +230,7 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
         const float* pos = pp + row_token[r] * dim;
         const float* src = prod + r * dim;
         scalar_t* dst = op + r * dim;
-        for (const auto d : c10::irange(dim)) dst[d] = static_cast<scalar_t>((src[d] + bp[d]) + pos[d]);
+        for (const auto d : c10::irange(dim)) dst[d] = static_cast<scalar_t>(src[d] + pos[d]);
       }
     });
   });

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import lookwhen_kernels as lk
-from lookwhen_kernels import native
+from lookwhen_kernels import native, reference
 from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels.testing import assert_within_reference_error
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU backend {native.status()}")
 
@@ -82,3 +83,21 @@ def test_environment_variable_disables_the_backend_silently():
     env = dict(os.environ, LOOKWHEN_NATIVE="0", TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.startswith("disabled")
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nn_uniqueness_across_query_strips(metric):
+    # 600 tokens are three of the kernel's 256-query strips: most pairs meet
+    # in the pass over the keys beyond a strip. A duplicate pair across
+    # strips must come out at exactly 0.
+    x = torch.randn(2, 600, 24) + 0.5
+    x[0, 590] = x[0, 3]
+    previous = set_cpu_backend("native")
+    try:
+        out = lk.nn_uniqueness(x, metric=metric)
+    finally:
+        set_cpu_backend(previous)
+    oracle = reference.nn_uniqueness(x.double(), metric)
+    assert_within_reference_error(out, reference.nn_uniqueness(x, metric), oracle, floor=1e-5)
+    assert out[0, 3] == 0 and out[0, 590] == 0
