@@ -16,6 +16,24 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _torch_cmake_prefix():
+    """Torch's CMake package of the environment being installed into. pip
+    builds in an isolated environment without torch (the default without
+    ``--no-build-isolation``), so the interpreter is asked again without the
+    isolation's path overlay: the torch the library must match is the one it
+    will be loaded into."""
+    try:
+        import torch
+
+        return torch.utils.cmake_prefix_path
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    query = [sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"]
+    result = subprocess.run(query, env=env, capture_output=True, text=True)
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 class CMakeExtension(Extension):
     """The native library: built by CMake, not by setuptools' compiler."""
 
@@ -36,14 +54,12 @@ class CMakeBuild(build_ext):
         if cmake is None:
             self._skip("not built: no cmake on PATH")
             return
-        try:
-            import torch
-        except ImportError:
-            self._skip("not built: torch is not importable at build time (pip install --no-build-isolation)")
+        prefix = _torch_cmake_prefix()
+        if prefix is None:
+            self._skip("not built: torch is not installed for this interpreter")
             return
         build_dir = os.path.join(HERE, "build", "native")
-        configure = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+        configure = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             configure += ["-G", "Ninja"]
         # Two translation units: more jobs would not help.
