@@ -4,6 +4,8 @@
 #include <functional>
 #include <vector>
 
+#include <ATen/ops/zeros.h>
+
 #include "native.h"
 
 namespace lookwhen_native {
@@ -133,33 +135,39 @@ Tensor topk_tokens_budgets(const Tensor& scores, const Tensor& budgets, const Te
 // gather_patch_embed: every output row's normalised patch is written
 // straight into the packed GEMM operand A [rows, 3*p*p] (the layout of
 // weight.reshape(D, -1)), one GEMM A @ W^T + bias follows, and one epilogue
-// pass adds the token's position row and converts to the weight's dtype.
-Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indices, const Tensor& weight,
-                          const Tensor& bias, const Tensor& pos_embed, at::ArrayRef<double> mean,
-                          at::ArrayRef<double> std, const std::optional<Tensor>& cu_seqlens, int64_t patch_size,
-                          int64_t downsample) {
+// pass adds the token's position row and converts to the weight's dtype. The
+// backward rebuilds A the same way for its one GEMM, grad^T @ A.
+
+struct Patches {
+  Tensor a;                        // float32 [rows, 3*p*p]
+  std::vector<int64_t> row_token;  // token id of every row
+  int64_t n_tokens;
+};
+
+Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
+                       const std::optional<Tensor>& cu_seqlens, at::ArrayRef<double> mean, at::ArrayRef<double> std,
+                       int64_t patch_size, int64_t downsample, at::ScalarType rounding) {
   TORCH_CHECK(clip.scalar_type() == at::kByte && clip.dim() == 5 && clip.is_contiguous(), "clip: uint8, contiguous");
   TORCH_CHECK(mean.size() == 3 && std.size() == 3, "mean, std: 3 values");
   const int64_t batch = clip.size(0), frames = clip.size(1), height = clip.size(2), width = clip.size(3);
   const int64_t p = patch_size, ds = downsample, window = ds * p;
   const int64_t grid_h = height / window, grid_w = width / window, grid_hw = grid_h * grid_w;
-  const int64_t n_tokens = frames * grid_hw;
-  const int64_t dim = weight.size(0), depth = 3 * p * p;
+  const int64_t depth = 3 * p * p;
+  Patches out{Tensor(), {}, frames * grid_hw};
 
-  // Row r's clip and token id.
-  std::vector<int64_t> row_clip, row_token;
+  std::vector<int64_t> row_clip;
   if (!indices.has_value()) {
     for (const auto b : c10::irange(batch)) {
-      for (const auto n : c10::irange(n_tokens)) {
+      for (const auto n : c10::irange(out.n_tokens)) {
         row_clip.push_back(b);
-        row_token.push_back(n);
+        out.row_token.push_back(n);
       }
     }
   } else {
     const Tensor ids = indices->contiguous();
     const int32_t* idp = ids.data_ptr<int32_t>();
     const int64_t total = ids.numel();
-    row_token.assign(idp, idp + total);
+    out.row_token.assign(idp, idp + total);
     if (ids.dim() == 2) {
       for (const auto r : c10::irange(total)) row_clip.push_back(r / ids.size(1));
     } else {
@@ -171,9 +179,8 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
       }
     }
   }
-  const int64_t rows = static_cast<int64_t>(row_token.size());
-  Tensor out = at::empty({rows, dim}, weight.options());
-  if (rows == 0) return out;
+  const int64_t rows = static_cast<int64_t>(out.row_token.size());
+  out.a = at::empty({rows, depth}, clip.options().dtype(at::kFloat));
 
   // timm's (x / 255 - mean) / std as ``sum * scale + offset`` over a pooling
   // window's byte sum, with the reference's float32 constants.
@@ -183,16 +190,12 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
     scale[c] = 1.0f / (static_cast<float>(255 * ds * ds) * s);
     offset[c] = -static_cast<float>(mean[c]) / s;
   }
-  const bool round_to_weight = weight.scalar_type() != at::kFloat;
-  const auto weight_type = weight.scalar_type();
-
-  Tensor a = at::empty({rows, depth}, weight.options().dtype(at::kFloat));
-  float* ap = a.data_ptr<float>();
+  float* ap = out.a.data_ptr<float>();
   const uint8_t* pixels = clip.data_ptr<uint8_t>();
   const int64_t row_bytes = width * 3;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (const auto r : c10::irange(begin, end)) {
-      const int64_t token = row_token[r];
+      const int64_t token = out.row_token[r];
       const int64_t t = token / grid_hw, rest = token % grid_hw;
       const uint8_t* origin = pixels + (((row_clip[r] * frames + t) * height + (rest / grid_w) * window) * width +
                                         (rest % grid_w) * window) * 3;
@@ -209,25 +212,37 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
           }
         }
       }
-      if (round_to_weight) {
-        // The reference rounds the patches to the weight's dtype (as tensor
-        // cores would read them) before the float32 GEMM.
-        AT_DISPATCH_REDUCED_FLOATING_TYPES(weight_type, "gather_patch_embed_round", [&] {
+      if (rounding != at::kFloat) {
+        // The reference rounds the patches to the weight's (the gradient's)
+        // dtype, as tensor cores read them, before its float32 GEMM.
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(rounding, "gather_patches_round", [&] {
           for (const auto i : c10::irange(depth)) dst[i] = static_cast<float>(static_cast<scalar_t>(dst[i]));
         });
       }
     }
   });
+  return out;
+}
 
-  Tensor product = matmul_nt(a, as_float(weight.reshape({dim, depth})), as_float(bias));
+Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indices, const Tensor& weight,
+                          const Tensor& bias, const Tensor& pos_embed, at::ArrayRef<double> mean,
+                          at::ArrayRef<double> std, const std::optional<Tensor>& cu_seqlens, int64_t patch_size,
+                          int64_t downsample) {
+  const int64_t dim = weight.size(0);
+  const Patches patches =
+      gather_patches(clip, indices, cu_seqlens, mean, std, patch_size, downsample, weight.scalar_type());
+  const int64_t rows = patches.a.size(0);
+  Tensor out = at::empty({rows, dim}, weight.options());
+  if (rows == 0) return out;
+  const Tensor product = matmul_nt(patches.a, as_float(weight.reshape({dim, patches.a.size(1)})), as_float(bias));
   const Tensor pos_f = as_float(pos_embed);
   const float* pp = pos_f.data_ptr<float>();
-  float* prod = product.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_type, "gather_patch_embed", [&] {
+  const float* prod = product.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_patch_embed", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (const auto r : c10::irange(begin, end)) {
-        const float* pos = pp + row_token[r] * dim;
+        const float* pos = pp + patches.row_token[r] * dim;
         const float* src = prod + r * dim;
         scalar_t* dst = op + r * dim;
         for (const auto d : c10::irange(dim)) dst[d] = static_cast<scalar_t>(src[d] + pos[d]);
@@ -235,6 +250,33 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
     });
   });
   return out;
+}
+
+// Gradients for (weight, bias, pos_embed): grad^T @ A, the column sums of
+// grad, and grad's rows added up per token id (in row order: deterministic).
+std::vector<Tensor> gather_patch_embed_backward(const Tensor& grad, const Tensor& clip,
+                                                const std::optional<Tensor>& indices, at::ArrayRef<double> mean,
+                                                at::ArrayRef<double> std, const std::optional<Tensor>& cu_seqlens,
+                                                int64_t patch_size, int64_t downsample) {
+  const Patches patches =
+      gather_patches(clip, indices, cu_seqlens, mean, std, patch_size, downsample, grad.scalar_type());
+  const Tensor g = as_float(grad);
+  const int64_t rows = g.size(0), dim = g.size(1);
+  const Tensor d_weight = rows ? matmul_nt(g.t(), patches.a.t())
+                               : at::zeros({dim, patches.a.size(1)}, g.options());
+  Tensor d_pos = at::zeros({patches.n_tokens, dim}, g.options());
+  const float* gp = g.data_ptr<float>();
+  float* dp = d_pos.data_ptr<float>();
+  // Parallel over channel blocks, rows in order within each.
+  at::parallel_for(0, dim, 64, [&](int64_t begin, int64_t end) {
+    for (const auto r : c10::irange(rows)) {
+      float* dst = dp + patches.row_token[r] * dim;
+      const float* src = gp + r * dim;
+      for (const auto d : c10::irange(begin, end)) dst[d] += src[d];
+    }
+  });
+  return {d_weight.reshape({dim, 3, patch_size, patch_size}).to(grad.scalar_type()),
+          g.sum(0).to(grad.scalar_type()), d_pos.to(grad.scalar_type())};
 }
 
 }  // namespace
@@ -245,12 +287,15 @@ TORCH_LIBRARY_FRAGMENT(lookwhen_native, m) {
         "int[] out_grid) -> Tensor");
   m.def("gather_patch_embed(Tensor clip, Tensor? indices, Tensor weight, Tensor bias, Tensor pos_embed, "
         "float[] mean, float[] std, Tensor? cu_seqlens, int patch_size, int downsample) -> Tensor");
+  m.def("gather_patch_embed_backward(Tensor grad, Tensor clip, Tensor? indices, float[] mean, float[] std, "
+        "Tensor? cu_seqlens, int patch_size, int downsample) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(lookwhen_native, CPU, m) {
   m.impl("topk_tokens", &topk_tokens);
   m.impl("topk_tokens_budgets", &topk_tokens_budgets);
   m.impl("gather_patch_embed", &gather_patch_embed);
+  m.impl("gather_patch_embed_backward", &gather_patch_embed_backward);
 }
 
 }  // namespace lookwhen_native

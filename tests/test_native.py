@@ -28,8 +28,9 @@ def _every_op():
     scores = torch.randn(2, 3 * 2 * 2)
     lk.topk_tokens(scores, 5, grid=(3, 2, 2), out_grid=(3, 4, 4))
     lk.topk_tokens(scores, budgets=torch.tensor([3, 0], dtype=torch.int32))
-    lk.gather_patch_embed(clip, torch.tensor([[0, 3]], dtype=torch.int32), torch.randn(8, 3, 4, 4),
-                          torch.randn(8), torch.randn(32, 8), patch_size=4, mean=(0.5,) * 3, std=(0.2,) * 3)
+    weight = torch.randn(8, 3, 4, 4, requires_grad=True)
+    lk.gather_patch_embed(clip, torch.tensor([[0, 3]], dtype=torch.int32), weight, torch.randn(8),
+                          torch.randn(32, 8), patch_size=4, mean=(0.5,) * 3, std=(0.2,) * 3).sum().backward()
     lk.nn_uniqueness(torch.randn(2, 9, 5), metric="cosine")
     x = torch.randn(2, 6, 8, requires_grad=True)
     head = [torch.ones(8), torch.zeros(8), torch.randn(12, 8), torch.randn(12), torch.randn(1, 12), torch.randn(1)]
@@ -40,6 +41,7 @@ def _every_op():
 
 NATIVE_OPS = {
     "lookwhen_native::topk_tokens", "lookwhen_native::topk_tokens_budgets", "lookwhen_native::gather_patch_embed",
+    "lookwhen_native::gather_patch_embed_backward",
     "lookwhen_native::nn_uniqueness", "lookwhen_native::score_tokens", "lookwhen_native::score_tokens_backward",
     "lookwhen_native::frame_normalize", "lookwhen_native::frame_normalize_backward",
 }
