@@ -68,3 +68,14 @@ def cpu_backend(request):
     previous = set_cpu_backend("native" if request.param == "native" else None)
     yield request.param
     set_cpu_backend(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the reference alone (``test_reference_*``) do not depend on
+    the CPU backend: their native-backend copies are deselected."""
+    duplicates = [item for item in items if item.name.startswith("test_reference")
+                  and getattr(item, "callspec", None) is not None and item.callspec.params.get("cpu_backend") == "native"]
+    if duplicates:
+        config.hook.pytest_deselected(items=duplicates)
+        dropped = set(map(id, duplicates))
+        items[:] = [item for item in items if id(item) not in dropped]
