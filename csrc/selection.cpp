@@ -144,11 +144,35 @@ struct Patches {
   int64_t n_tokens;
 };
 
+// One patch of a clip row-major window at `origin` into dst (channel, row,
+// column order), each value the byte sum of its DS x DS block times the
+// channel's scale plus its offset. DS is a template argument so the block
+// sums unroll; per (row, channel) the columns are one contiguous write.
+template <int DS>
+void patch_row_major(const uint8_t* origin, int64_t row_bytes, int64_t p, const float* scale, const float* offset,
+                     float* dst) {
+  for (const auto py : c10::irange(p)) {
+    const uint8_t* line = origin + py * DS * row_bytes;
+    for (const auto c : c10::irange(3)) {
+      float* out = dst + (c * p + py) * p;
+      for (const auto px : c10::irange(p)) {
+        const uint8_t* cell = line + px * DS * 3 + c;
+        int32_t sum = 0;
+        for (int dy = 0; dy < DS; ++dy) {
+          for (int dx = 0; dx < DS; ++dx) sum += cell[dy * row_bytes + dx * 3];
+        }
+        out[px] = static_cast<float>(sum) * scale[c] + offset[c];
+      }
+    }
+  }
+}
+
 Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
                        const std::optional<Tensor>& cu_seqlens, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                        int64_t patch_size, int64_t downsample, at::ScalarType rounding) {
   TORCH_CHECK(clip.scalar_type() == at::kByte && clip.dim() == 5 && clip.is_contiguous(), "clip: uint8, contiguous");
   TORCH_CHECK(mean.size() == 3 && std.size() == 3, "mean, std: 3 values");
+  TORCH_CHECK(downsample == 1 || downsample == 2, "downsample: 1 or 2");
   const int64_t batch = clip.size(0), frames = clip.size(1), height = clip.size(2), width = clip.size(3);
   const int64_t p = patch_size, ds = downsample, window = ds * p;
   const int64_t grid_h = height / window, grid_w = width / window, grid_hw = grid_h * grid_w;
@@ -200,17 +224,10 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
       const uint8_t* origin = pixels + (((row_clip[r] * frames + t) * height + (rest / grid_w) * window) * width +
                                         (rest % grid_w) * window) * 3;
       float* dst = ap + r * depth;
-      for (const auto py : c10::irange(p)) {
-        for (const auto px : c10::irange(p)) {
-          const uint8_t* cell = origin + (py * ds) * row_bytes + (px * ds) * 3;
-          for (const auto c : c10::irange(3)) {
-            int32_t sum = 0;
-            for (const auto dy : c10::irange(ds)) {
-              for (const auto dx : c10::irange(ds)) sum += cell[dy * row_bytes + dx * 3 + c];
-            }
-            dst[(c * p + py) * p + px] = static_cast<float>(sum) * scale[c] + offset[c];
-          }
-        }
+      if (ds == 1) {
+        patch_row_major<1>(origin, row_bytes, p, scale, offset, dst);
+      } else {
+        patch_row_major<2>(origin, row_bytes, p, scale, offset, dst);
       }
       if (rounding != at::kFloat) {
         // The reference rounds the patches to the weight's (the gradient's)
