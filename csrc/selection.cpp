@@ -144,24 +144,30 @@ struct Patches {
   int64_t n_tokens;
 };
 
-// One patch of a clip row-major window at `origin` into dst (channel, row,
-// column order), each value the byte sum of its DS x DS block times the
-// channel's scale plus its offset. DS is a template argument so the block
-// sums unroll; per (row, channel) the columns are one contiguous write.
+// One patch of the clip window at `origin` into dst (channel, row, column
+// order), each value the byte sum of its DS x DS block times the channel's
+// scale plus its offset. Per patch row the DS clip rows are first added
+// into one contiguous run (a vector loop), so only the column pairs and the
+// channel split remain scalar.
 template <int DS>
 void patch_row_major(const uint8_t* origin, int64_t row_bytes, int64_t p, const float* scale, const float* offset,
-                     float* dst) {
+                     int32_t* line, float* dst) {
+  const int64_t run = 3 * p * DS;
   for (const auto py : c10::irange(p)) {
-    const uint8_t* line = origin + py * DS * row_bytes;
+    const uint8_t* top = origin + py * DS * row_bytes;
+    for (const auto i : c10::irange(run)) line[i] = top[i];
+    for (int dy = 1; dy < DS; ++dy) {
+      const uint8_t* next = top + dy * row_bytes;
+      for (const auto i : c10::irange(run)) line[i] += next[i];
+    }
     for (const auto c : c10::irange(3)) {
       float* out = dst + (c * p + py) * p;
+      const float sc = scale[c], off = offset[c];
       for (const auto px : c10::irange(p)) {
-        const uint8_t* cell = line + px * DS * 3 + c;
-        int32_t sum = 0;
-        for (int dy = 0; dy < DS; ++dy) {
-          for (int dx = 0; dx < DS; ++dx) sum += cell[dy * row_bytes + dx * 3];
-        }
-        out[px] = static_cast<float>(sum) * scale[c] + offset[c];
+        const int32_t* cell = line + px * DS * 3 + c;
+        int32_t sum = cell[0];
+        for (int dx = 1; dx < DS; ++dx) sum += cell[dx * 3];
+        out[px] = static_cast<float>(sum) * sc + off;
       }
     }
   }
@@ -218,6 +224,7 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
   const uint8_t* pixels = clip.data_ptr<uint8_t>();
   const int64_t row_bytes = width * 3;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> line(static_cast<size_t>(3 * p * ds));
     for (const auto r : c10::irange(begin, end)) {
       const int64_t token = out.row_token[r];
       const int64_t t = token / grid_hw, rest = token % grid_hw;
@@ -225,9 +232,9 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
                                         (rest % grid_w) * window) * 3;
       float* dst = ap + r * depth;
       if (ds == 1) {
-        patch_row_major<1>(origin, row_bytes, p, scale, offset, dst);
+        patch_row_major<1>(origin, row_bytes, p, scale, offset, line.data(), dst);
       } else {
-        patch_row_major<2>(origin, row_bytes, p, scale, offset, dst);
+        patch_row_major<2>(origin, row_bytes, p, scale, offset, line.data(), dst);
       }
       if (rounding != at::kFloat) {
         // The reference rounds the patches to the weight's (the gradient's)
