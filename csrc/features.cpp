@@ -5,7 +5,6 @@
 #include <vector>
 
 #include <ATen/ops/mv.h>
-#include <ATen/ops/zeros.h>
 
 #include "native.h"
 

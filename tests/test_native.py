@@ -68,6 +68,7 @@ def test_bad_backend_name_raises_value_error():
 
 
 def test_missing_library_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
     monkeypatch.setattr(native, "_HERE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
     with warnings.catch_warnings(record=True) as caught:
