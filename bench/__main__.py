@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from bench import BenchError
+from . import BenchError
 from lookwhen.cli import positive_int_arg as positive_int
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -62,7 +62,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench import compile_report, e2e, ops, roofline, train
+    from . import compile_report, e2e, ops, roofline, train
 
     parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
                      "aligned table and can write --json, --csv and --plot files.")
@@ -113,7 +113,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         _check_output(f"--{option}", getattr(args, option))
     import torch
 
-    from bench import report
+    from . import report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +124,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         raise BenchError("unset TRITON_INTERPRET: under Triton's interpreter the timings mean nothing")
     malloc = None
     if device.type == "cpu" and args.command != "inspect":
-        from bench.timing import retain_freed_memory
+        from .timing import retain_freed_memory
 
         malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
         args.malloc = malloc

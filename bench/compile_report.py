@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from bench import BenchError
-from bench.report import Record, Result
+from . import BenchError
+from .report import Record, Result
 
 METRICS = ("registers", "spill_bytes", "shared_bytes", "tensor_core_instructions")
 

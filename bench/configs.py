@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from bench import BenchError
+from . import BenchError
 from lookwhen import config
 from lookwhen.config import ModelConfig, get_config
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen
-from bench import BenchError
-from bench.configs import DTYPES, autocast, parse_overrides, resolve
-from bench.report import Record, Result, format_table
-from bench.timing import StageTimer, Stats, rotating, sample, synchronize
+from . import BenchError
+from .configs import DTYPES, autocast, parse_overrides, resolve
+from .report import Record, Result, format_table
+from .timing import StageTimer, Stats, rotating, sample, synchronize
 from lookwhen.config import ModelConfig
 from lookwhen.cpu_inference import onednn_available, prepack_linears
 from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
@@ -51,7 +51,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
 
 def add_arguments(parser) -> None:
-    from bench.__main__ import positive_float
+    from .__main__ import positive_float
     from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, default=[0.05, 0.1, 0.2, 0.3],

@@ -2,8 +2,10 @@
 composition it replaces, at the shapes the models run it with.
 
 The op itself (on a GPU the Triton kernel, on a CPU without the interpreter
-its PyTorch reference path, as the model runs it) is the baseline of each
-case's speedups: ``other time / op time``. Differentiable ops are also timed backward-only and
+its native C++ kernel where one is built, else its PyTorch reference path, as
+the model runs it) is the baseline of each case's speedups: ``other time / op
+time``. With the native CPU backend built, the ops it covers also show the
+reference path it replaces (provider ``reference path``). Differentiable ops are also timed backward-only and
 forward+backward.
 """
 from __future__ import annotations
@@ -16,12 +18,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen_kernels as lk
-from lookwhen_kernels import reference
-from bench import BenchError, attention
-from bench.configs import DTYPES, parse_overrides, parse_shapes
-from bench.report import Record, Result, format_table
-from bench.timing import Stats, noise, peak_memory, rotating, sample
+from lookwhen_kernels import native, reference
+from . import BenchError, attention
+from .configs import DTYPES, parse_overrides, parse_shapes
+from .report import Record, Result, format_table
+from .timing import Stats, noise, peak_memory, rotating, sample
 from lookwhen.config import ModelConfig
+from lookwhen_kernels.ops._common import set_cpu_backend
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -56,6 +59,30 @@ def _fixed(providers: Dict[str, Callable[..., torch.Tensor]]):
     return lambda device, dtype: providers
 
 
+def _on_cpu_backend(fn, backend: str):
+    """``fn`` with the ops' CPU path forced to ``backend`` while it runs; the
+    mark lets the timing loop force it around backward steps too."""
+    def call(*args):
+        previous = set_cpu_backend(backend)
+        try:
+            return fn(*args)
+        finally:
+            set_cpu_backend(previous)
+    call.cpu_backend = backend
+    return call
+
+
+def _with_reference_path(providers):
+    """On CPU with the native backend built, also the op on its PyTorch
+    reference path: what the native kernel replaces."""
+    def bind(device, dtype):
+        bound = dict(providers(device, dtype))
+        if device.type == "cpu" and native.available():
+            bound["reference path"] = _on_cpu_backend(bound["fused"], "reference")
+        return bound
+    return bind
+
+
 def _params(device, dtype, *shapes, scale=0.02):
     return tuple((torch.randn(s, device=device, dtype=torch.float32) * scale).to(dtype) for s in shapes)
 
@@ -77,7 +104,8 @@ def score_case(cfg: ModelConfig, batch: int) -> Case:
 
     traffic = batch * n * (dim * FLOAT_BYTES + 4) + (2 * dim + hidden * dim + 2 * hidden + 1) * FLOAT_BYTES
     return Case("score_tokens", f"B{batch} n{n} D{dim} hidden{hidden}", make,
-                _fixed({"fused": lambda *a: lk.score_tokens(*a), "layernorm+linear+gelu+linear": _eager_score}),
+                _with_reference_path(_fixed({"fused": lambda *a: lk.score_tokens(*a),
+                                             "layernorm+linear+gelu+linear": _eager_score})),
                 grad_inputs=tuple(range(7)), bytes_moved=traffic)
 
 
@@ -95,8 +123,8 @@ def topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
 
     return Case("topk_tokens", f"B{batch} n{n}->{n_out} K{k}",
                 lambda device, dtype: (torch.randn(batch, n, device=device),),
-                _fixed({"fused": lambda s: lk.topk_tokens(s, k, grid=grid, out_grid=out_grid),
-                        "interpolate+topk+sort": eager}),
+                _with_reference_path(_fixed({"fused": lambda s: lk.topk_tokens(s, k, grid=grid, out_grid=out_grid),
+                                             "interpolate+topk+sort": eager})),
                 bytes_moved=batch * (n + k) * 4)
 
 
@@ -154,7 +182,8 @@ def patch_embed_case(cfg: ModelConfig, batch: int, keep_ratio=None, *, selector:
                + rows * dim * 2 * FLOAT_BYTES)  # pixels, weights, positional rows in, tokens out
     what = "all" if k is None else f"K{k}"
     label = f"B{batch} T{frames} {size}px p{patch}{f' /{downsample}' if downsample > 1 else ''} {what} D{dim}"
-    return Case("gather_patch_embed", label, make, _fixed({"fused": fused, "unfold+normalise+index+linear": eager}),
+    return Case("gather_patch_embed", label, make,
+                _with_reference_path(_fixed({"fused": fused, "unfold+normalise+index+linear": eager})),
                 grad_inputs=(2, 3, 4), bytes_moved=traffic)
 
 
@@ -189,7 +218,7 @@ def uniqueness_case(cfg: ModelConfig, batch: int) -> Case:
     n, dim = cfg.n_tokens, cfg.width
     return Case("nn_uniqueness", f"B{batch} N{n} D{dim}",
                 lambda device, dtype: (torch.randn(batch, n, dim, device=device, dtype=dtype),),
-                _fixed({"fused": lambda x: lk.nn_uniqueness(x), "cdist+min": _eager_uniqueness}),
+                _with_reference_path(_fixed({"fused": lambda x: lk.nn_uniqueness(x), "cdist+min": _eager_uniqueness})),
                 bytes_moved=batch * n * (dim * FLOAT_BYTES + 4))
 
 
@@ -205,7 +234,8 @@ def frame_normalize_case(cfg: ModelConfig, batch: int) -> Case:
     dim = cfg.width
     return Case("frame_normalize", f"B{batch} T{frames} n{h * w} D{dim}",
                 lambda device, dtype: (torch.randn(batch, frames, h * w, dim, device=device, dtype=dtype),),
-                _fixed({"fused": lambda x: lk.frame_normalize(x), "mean+var+normalise": _eager_frame_normalize}),
+                _with_reference_path(_fixed({"fused": lambda x: lk.frame_normalize(x),
+                                             "mean+var+normalise": _eager_frame_normalize})),
                 grad_inputs=(0,), bytes_moved=2 * batch * frames * h * w * dim * FLOAT_BYTES)
 
 
@@ -348,7 +378,7 @@ def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype:
 
 
 def add_arguments(parser) -> None:
-    from bench.__main__ import positive_float
+    from .__main__ import positive_float
     from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
@@ -370,6 +400,9 @@ def _time_all(timed: List[Timed], device, dtype, *, min_run_time: float, rotate:
     for _ in range(2):
         for t in timed:
             step = make_step(t.case, t.provider, t.mode, device, dtype, rotate)
+            backend = getattr(t.case.providers(device, dtype)[t.provider], "cpu_backend", None)
+            if backend is not None:
+                step = _on_cpu_backend(step, backend)
             expected = Stats.from_samples(t.samples[0]).median if t.samples else None
             t.samples.append(sample(step, device, min_run_time=min_run_time, expected=expected))
             if len(t.samples) == 1:

@@ -18,11 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import lookwhen
-from bench import BenchError
-from bench.configs import DTYPES, autocast, parse_overrides, parse_shapes
-from bench.ops import FLOAT_BYTES, cases_for, make_step
-from bench.report import Record, Result, format_table
-from bench.timing import Stats, rotating, sample
+from . import BenchError
+from .configs import DTYPES, autocast, parse_overrides, parse_shapes
+from .ops import FLOAT_BYTES, cases_for, make_step
+from .report import Record, Result, format_table
+from .timing import Stats, rotating, sample
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def floor_seconds(flops: float, bytes_moved: float, gpu: GPU):
 
 
 def add_arguments(parser) -> None:
-    from bench.__main__ import positive_float
+    from .__main__ import positive_float
     from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--gpu", nargs="+", default=list(GPUS), metavar="NAME",

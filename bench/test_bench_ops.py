@@ -8,7 +8,7 @@ compares the fused op with its alternatives side by side.
 import pytest
 import torch
 
-from bench.ops import cases_for, make_step
+from .ops import cases_for, make_step
 from lookwhen.config import get_config
 
 TINY = dict(frames=2, depth=1, width=128, heads=2, pool_heads=2, selector_width=64, selector_heads=2, score_hidden=64)

@@ -27,10 +27,10 @@ from typing import Dict, List
 import torch
 
 import lookwhen
-from bench import BenchError
-from bench.configs import parse_overrides, resolve
-from bench.report import Record, Result, format_table
-from bench.timing import Stats, sample
+from . import BenchError
+from .configs import parse_overrides, resolve
+from .report import Record, Result, format_table
+from .timing import Stats, sample
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=64, depth=2, heads=2, selector_width=64,

@@ -52,3 +52,30 @@ def poisoned_allocations():
     yield
     torch.use_deterministic_algorithms(previous)
     torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@pytest.fixture(params=["triton", "native"])
+def cpu_backend(request):
+    """Runs a test once per CPU backend of the ops: the Triton kernels (in the
+    interpreter, the default here) and the native C++ kernels (skipped when
+    the library is not built or ``LOOKWHEN_NATIVE=0``). Op test modules use
+    it for every test."""
+    from lookwhen_kernels import native
+    from lookwhen_kernels.ops._common import set_cpu_backend
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native CPU backend {native.status()}")
+    previous = set_cpu_backend("native" if request.param == "native" else None)
+    yield request.param
+    set_cpu_backend(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the reference alone (``test_reference_*``) do not depend on
+    the CPU backend: their native-backend copies are deselected."""
+    duplicates = [item for item in items if item.name.startswith("test_reference")
+                  and getattr(item, "callspec", None) is not None and item.callspec.params.get("cpu_backend") == "native"]
+    if duplicates:
+        config.hook.pytest_deselected(items=duplicates)
+        dropped = set(map(id, duplicates))
+        items[:] = [item for item in items if id(item) not in dropped]

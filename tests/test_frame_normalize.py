@@ -5,7 +5,7 @@ from lookwhen_kernels import frame_normalize, reference
 from lookwhen_kernels.testing import assert_within_reference_error
 
 # Unwritten output elements show as NaN (see conftest).
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "cpu_backend")
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 80), (1, 2, 49, 33), (3, 1, 197, 5), (1, 1, 70, 130)]
 

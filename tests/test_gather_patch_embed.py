@@ -10,7 +10,7 @@ from lookwhen_kernels.ops.gather_patch_embed import _forward_into, _window_grad_
 from lookwhen_kernels.testing import assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "cpu_backend")
 
 MEAN, STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 

@@ -9,7 +9,7 @@ from lookwhen_kernels.ops.nn_uniqueness import _nn_uniqueness_into
 from lookwhen_kernels.testing import assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "cpu_backend")
 
 METRICS = ["l2", "cosine"]
 # (B, N, D): several query and key blocks with ragged tails, odd D, D = 1,

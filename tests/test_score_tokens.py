@@ -7,7 +7,7 @@ from lookwhen_kernels.ops.score_tokens import _score_tokens_into
 from lookwhen_kernels.testing import DEFAULT_FLOOR, assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "cpu_backend")
 
 # (B, n, D, hidden): several row blocks, D and hidden over several chunks with
 # ragged tails, odd D, a single token, a tiny layer.

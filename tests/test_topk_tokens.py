@@ -9,7 +9,7 @@ from lookwhen_kernels.ops import topk_tokens as topk_module
 from lookwhen_kernels.testing import assert_fully_written, poison_
 
 # Unwritten output elements show as NaN (see conftest).
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "cpu_backend")
 
 
 def _assert_top_k_lower_id_ties(indices, scores, k):

@@ -53,17 +53,53 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+CPU_BACKENDS = ("triton", "native", "reference")
+_CPU_BACKEND: Optional[str] = None
+
+
+def set_cpu_backend(name: Optional[str]) -> Optional[str]:
+    """Force the path CPU tensors take: ``"triton"`` (the kernels, in the
+    interpreter), ``"native"`` (the C++ kernels where an op has one, else the
+    reference) or ``"reference"``; ``None`` restores the default (Triton under
+    ``TRITON_INTERPRET=1``, else native when built, else the reference). The
+    op tests run every case against both the Triton and the native kernels
+    with it. Returns the previous setting."""
+    global _CPU_BACKEND
+    if name is not None and name not in CPU_BACKENDS:
+        raise ValueError(f"name: expected one of {CPU_BACKENDS} or None, got {name!r}")
+    previous, _CPU_BACKEND = _CPU_BACKEND, name
+    return previous
+
+
+def _tracing(tensor: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or is_fake(tensor)
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
-    """CUDA tensors take the kernels; CPU tensors only under the interpreter.
+    """CUDA tensors take the kernels; CPU tensors only under the interpreter
+    (or :func:`set_cpu_backend`'s ``"triton"``).
 
     While torch.compile traces (fake tensors), CPU stays on the reference: the
     interpreter needs real data and Inductor cannot build Triton kernels for CPU.
     """
     if tensor.is_cuda:
         return True
-    if tensor.device.type != "cpu" or not interpret_mode():
+    if tensor.device.type != "cpu" or (_CPU_BACKEND or ("triton" if interpret_mode() else None)) != "triton":
         return False
-    return not (torch.compiler.is_compiling() or is_fake(tensor))
+    return not _tracing(tensor)
+
+
+def native_kernel(name: str, tensor: torch.Tensor):
+    """The native CPU kernel ``torch.ops.lookwhen_native.<name>`` for an op's
+    CPU branch, or ``None`` where the reference runs: the library is not
+    built or is disabled (``LOOKWHEN_NATIVE=0``), the reference backend is
+    forced, or torch.compile is tracing (the trace keeps the reference's
+    ATen ops, which Inductor compiles)."""
+    if tensor.device.type != "cpu" or _CPU_BACKEND == "reference" or _tracing(tensor):
+        return None
+    from lookwhen_kernels import native
+
+    return native.kernel(name)
 
 
 def checks_values(validate: bool, tensor: torch.Tensor) -> bool:

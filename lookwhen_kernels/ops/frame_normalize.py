@@ -22,6 +22,7 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_int32,
     check_tensor,
+    native_kernel,
     use_triton,
 )
 
@@ -114,6 +115,9 @@ def _grid(x: torch.Tensor):
 @triton_op("lookwhen::frame_normalize", mutates_args=())
 def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
+        native = native_kernel("frame_normalize", x)
+        if native is not None:
+            return native(x, eps)
         return reference.frame_normalize(x, eps)
     out = torch.empty_like(x)
     if x.numel():
@@ -127,6 +131,9 @@ def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 @triton_op("lookwhen::frame_normalize_backward", mutates_args=())
 def _frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
+        native = native_kernel("frame_normalize_backward", x)
+        if native is not None:
+            return native(grad, x, eps)
         return reference.frame_normalize_backward(grad, x, eps)
     dx = torch.empty_like(x)
     if x.numel():

@@ -68,6 +68,7 @@ from lookwhen_kernels.ops._common import (
     checks_values,
     deterministic,
     dot_precision,
+    native_kernel,
     use_triton,
 )
 
@@ -307,6 +308,9 @@ def _gather_patch_embed(
     downsample: int,
 ) -> torch.Tensor:
     if not use_triton(clip):
+        native = native_kernel("gather_patch_embed", clip)
+        if native is not None:
+            return native(clip, indices, weight, bias, pos_embed, mean, std, cu_seqlens, patch_size, downsample)
         return reference.gather_patch_embed(
             clip, indices, weight, bias, pos_embed, patch_size=patch_size, mean=mean, std=std,
             cu_seqlens=cu_seqlens, downsample=downsample,
@@ -328,6 +332,9 @@ def _gather_patch_embed_backward(
     downsample: int,
 ) -> List[torch.Tensor]:
     if not use_triton(clip):
+        native = native_kernel("gather_patch_embed_backward", clip)
+        if native is not None:
+            return native(grad, clip, indices, mean, std, cu_seqlens, patch_size, downsample)
         return list(reference.gather_patch_embed_backward(
             grad, clip, indices, patch_size=patch_size, mean=mean, std=std,
             cu_seqlens=cu_seqlens, downsample=downsample,

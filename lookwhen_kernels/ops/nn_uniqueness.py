@@ -31,6 +31,7 @@ from lookwhen_kernels.ops._common import (
     check_int32,
     check_tensor,
     dot_precision,
+    native_kernel,
     use_triton,
 )
 
@@ -158,6 +159,9 @@ def _nn_uniqueness_into(out, x, metric):
 @triton_op("lookwhen::nn_uniqueness", mutates_args=())
 def _nn_uniqueness(x: torch.Tensor, metric: str) -> torch.Tensor:
     if not use_triton(x):
+        native = native_kernel("nn_uniqueness", x)
+        if native is not None:
+            return native(x, metric)
         return reference.nn_uniqueness(x, metric)
     out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
     return _nn_uniqueness_into(out, x, metric)

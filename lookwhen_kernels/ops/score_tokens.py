@@ -31,6 +31,7 @@ from lookwhen_kernels.ops._common import (
     check_shape,
     check_tensor,
     dot_precision,
+    native_kernel,
     use_triton,
 )
 
@@ -125,6 +126,9 @@ def _score_tokens(
     eps: float,
 ) -> torch.Tensor:
     if not use_triton(x):
+        native = native_kernel("score_tokens", x)
+        if native is not None:
+            return native(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
         return reference.score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
     out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
     return _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
@@ -137,7 +141,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    return (*reference.score_tokens_backward(grad, *ctx.saved_tensors, ctx.eps), None)
+    native = native_kernel("score_tokens_backward", grad)
+    backward = native if native is not None else reference.score_tokens_backward
+    return (*backward(grad, *ctx.saved_tensors, ctx.eps), None)
 
 
 _score_tokens.register_autograd(_backward, setup_context=_setup_context)

@@ -36,6 +36,7 @@ from lookwhen_kernels.ops._common import (
     check_shape,
     check_tensor,
     checks_values,
+    native_kernel,
     next_power_of_2,
     use_triton,
 )
@@ -244,6 +245,9 @@ def _launch(
 @triton_op("lookwhen::topk_tokens", mutates_args=())
 def _topk_tokens(scores: torch.Tensor, k: int, grid: List[int], out_grid: List[int]) -> torch.Tensor:
     if not use_triton(scores):
+        native = native_kernel("topk_tokens", scores)
+        if native is not None:
+            return native(scores, k, grid, out_grid)
         return reference.topk_tokens(scores, k, grid=grid, out_grid=out_grid)
     out = torch.empty((scores.shape[0], k), device=scores.device, dtype=torch.int32)
     _launch(scores, out, grid, out_grid, k=k)
@@ -256,6 +260,9 @@ def _topk_tokens_budgets_cpu(
 ) -> torch.Tensor:
     """The reference, opaque to torch.compile: its per-clip loop reads the
     budgets, which tracing must not see (the output size is ``total``)."""
+    native = native_kernel("topk_tokens_budgets", scores)
+    if native is not None:
+        return native(scores, budgets, cu_seqlens_from_lengths(budgets), total, grid, out_grid)
     return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
 
 

@@ -1,0 +1,106 @@
+"""The native CPU backend's plumbing: which path a CPU op takes, the one
+message when the library is missing, and the run-time switch. (The kernels'
+results are checked by the op tests, which run against both CPU backends.)"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import lookwhen_kernels as lk
+from lookwhen_kernels import native, reference
+from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels.testing import assert_within_reference_error
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU backend {native.status()}")
+
+
+def _ops_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+def _every_op():
+    clip = torch.randint(0, 256, (1, 2, 16, 16, 3), dtype=torch.uint8)
+    scores = torch.randn(2, 3 * 2 * 2)
+    lk.topk_tokens(scores, 5, grid=(3, 2, 2), out_grid=(3, 4, 4))
+    lk.topk_tokens(scores, budgets=torch.tensor([3, 0], dtype=torch.int32))
+    weight = torch.randn(8, 3, 4, 4, requires_grad=True)
+    lk.gather_patch_embed(clip, torch.tensor([[0, 3]], dtype=torch.int32), weight, torch.randn(8),
+                          torch.randn(32, 8), patch_size=4, mean=(0.5,) * 3, std=(0.2,) * 3).sum().backward()
+    lk.nn_uniqueness(torch.randn(2, 9, 5), metric="cosine")
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    head = [torch.ones(8), torch.zeros(8), torch.randn(12, 8), torch.randn(12), torch.randn(1, 12), torch.randn(1)]
+    lk.score_tokens(x, *head).sum().backward()
+    feats = torch.randn(1, 2, 5, 4, requires_grad=True)
+    lk.frame_normalize(feats).sum().backward()
+
+
+NATIVE_OPS = {
+    "lookwhen_native::topk_tokens", "lookwhen_native::topk_tokens_budgets", "lookwhen_native::gather_patch_embed",
+    "lookwhen_native::gather_patch_embed_backward",
+    "lookwhen_native::nn_uniqueness", "lookwhen_native::score_tokens", "lookwhen_native::score_tokens_backward",
+    "lookwhen_native::frame_normalize", "lookwhen_native::frame_normalize_backward",
+}
+
+
+@needs_native
+def test_cpu_ops_outside_the_interpreter_run_the_native_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert NATIVE_OPS <= _ops_run(_every_op)
+
+
+@needs_native
+def test_reference_backend_runs_no_native_kernel():
+    previous = set_cpu_backend("reference")
+    try:
+        assert not NATIVE_OPS & _ops_run(_every_op)
+    finally:
+        set_cpu_backend(previous)
+
+
+def test_bad_backend_name_raises_value_error():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        set_cpu_backend("cuda")
+
+
+def test_missing_library_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_HERE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.kernel("topk_tokens") is None
+        assert native.kernel("nn_uniqueness") is None
+    assert len(caught) == 1 and "not built" in str(caught[0].message)
+    assert native.status().startswith("not built")
+
+
+def test_environment_variable_disables_the_backend_silently():
+    code = ("import warnings, torch; warnings.simplefilter('error'); import lookwhen_kernels as lk; "
+            "from lookwhen_kernels import native; assert not native.available(); "
+            "lk.topk_tokens(torch.randn(2, 9), 3); print(native.status())")
+    env = dict(os.environ, LOOKWHEN_NATIVE="0", TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("disabled")
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nn_uniqueness_across_query_strips(metric):
+    # 600 tokens are three of the kernel's 256-query strips: most pairs meet
+    # in the pass over the keys beyond a strip. A duplicate pair across
+    # strips must come out at exactly 0.
+    x = torch.randn(2, 600, 24) + 0.5
+    x[0, 590] = x[0, 3]
+    previous = set_cpu_backend("native")
+    try:
+        out = lk.nn_uniqueness(x, metric=metric)
+    finally:
+        set_cpu_backend(previous)
+    oracle = reference.nn_uniqueness(x.double(), metric)
+    assert_within_reference_error(out, reference.nn_uniqueness(x, metric), oracle, floor=1e-5)
+    assert out[0, 3] == 0 and out[0, 590] == 0
