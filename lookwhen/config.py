@@ -43,6 +43,17 @@ class ModelConfig:
     selector_downsample: int = 2
     registers: int = 4
     score_hidden: int = 384
+    # Selector geometry and head (issue 12, the paper-faithful preset and
+    # LookWhere's head). The selector sees every ``selector_frame_stride``-th
+    # frame (its scores cover the frames up to the next one). The score head
+    # emits ``score_outputs`` = r*r logits per token, laid onto an r-times
+    # finer grid and resized to the extractor's (1: one score per token).
+    # ``context_projection``: the selector's CLS and registers reach the
+    # extractor through a Linear to its width; without it (equal widths, as in
+    # LookWhere) they enter as they are.
+    selector_frame_stride: int = 1
+    score_outputs: int = 1
+    context_projection: bool = True
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     num_classes: int = 0
@@ -74,6 +85,19 @@ class ModelConfig:
             for field in ("selector_width", "selector_depth", "selector_heads", "selector_downsample", "score_hidden"):
                 if getattr(self, field) < 1:
                     problems.append(f"{field} must be positive, got {getattr(self, field)}")
+            for field in ("selector_frame_stride", "score_outputs"):
+                if getattr(self, field) < 1:
+                    problems.append(f"{field} must be positive, got {getattr(self, field)}")
+            if self.frames % max(self.selector_frame_stride, 1):
+                problems.append(
+                    f"frames {self.frames} is not a multiple of selector_frame_stride {self.selector_frame_stride}"
+                )
+            if math.isqrt(max(self.score_outputs, 0)) ** 2 != self.score_outputs:
+                problems.append(f"score_outputs must be a square (r*r logits per token), got {self.score_outputs}")
+            if not self.context_projection and self.selector_width != self.width:
+                problems.append(
+                    f"context_projection=False needs selector_width == width, got {self.selector_width} and {self.width}"
+                )
             if self.registers < 0:
                 problems.append(f"registers must be >= 0, got {self.registers}")
             if self.selector_width % max(self.selector_heads, 1):
@@ -103,8 +127,27 @@ class ModelConfig:
 
     @property
     def selector_grid(self) -> Tuple[int, int, int]:
+        """The selector's token grid ``(T / selector_frame_stride, h, w)``."""
         side = self.image_size // (self.patch_size * self.selector_downsample)
-        return (self.frames, side, side)
+        return (self.frames // self.selector_frame_stride, side, side)
+
+    @property
+    def score_grid(self) -> Tuple[int, int, int]:
+        """The grid the selector's scores reach ``topk_tokens`` on: the
+        selector's, repeated over the frames each selector frame stands for
+        (``LookWhen`` repeats them; with ``score_outputs`` = r*r the scores
+        are ``[B, n, r*r]`` on this grid)."""
+        _, h, w = self.selector_grid
+        return (self.frames, h, w)
+
+    @property
+    def score_map_grid(self) -> Tuple[int, int, int]:
+        """The selector's scores as one map per selector frame, before the
+        resize to the extractor's grid: ``selector_grid`` with each spatial
+        side times r (what the uniqueness target is pooled to)."""
+        frames, h, w = self.selector_grid
+        r = math.isqrt(self.score_outputs)
+        return (frames, h * r, w * r)
 
     @property
     def n_selector_tokens(self) -> int:
@@ -137,10 +180,20 @@ class ModelConfig:
 
 
 PRESETS: Dict[str, ModelConfig] = {
-    # ViT-B/16 extractor on 16 x 14 x 14 = 3136 candidates, a 3-layer width-384
-    # selector on the 112-px clip (16 x 7 x 7 tokens).
-    "lookwhen-b16": ModelConfig(name="lookwhen-b16"),
-    # The same with a ViT-B-wide selector, like the authors' image model.
+    # The paper's LookWhen (106 M parameters; 40 and 108 GMACs per view at
+    # keep ratios 0.1 and 0.3): a ViT-B/16 extractor on 16 x 14 x 14 = 3136
+    # candidates and a 3-layer ViT-B-wide selector on the clip scaled down 2x
+    # in space and time (8 frames of 112 px: 8 x 7 x 7 = 392 tokens), whose
+    # CLS and registers enter the extractor unprojected. The derivation is in
+    # the README ("Presets"); tests/test_model.py pins the figures.
+    "lookwhen-b16": ModelConfig(
+        name="lookwhen-b16", selector_width=768, selector_heads=12, score_hidden=384,
+        selector_frame_stride=2, context_projection=False,
+    ),
+    # The earlier, lighter selector: 3 layers 384 wide on all 16 frames at
+    # 112 px (16 x 7 x 7 tokens), projected to the extractor's width.
+    "lookwhen-b16-light": ModelConfig(name="lookwhen-b16-light"),
+    # The light preset's layout with a ViT-B-wide selector, like the authors' image model.
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
     ),

@@ -2,9 +2,10 @@
 ``selector_downsample`` that scores every coarse space-time token.
 
 Its patch embedding reads the uint8 clip straight through
-``gather_patch_embed(..., downsample=2)``; its score head is one fused
-``score_tokens`` call; its CLS and register tokens, projected to the
-extractor's width, become context tokens in every extractor sequence.
+``gather_patch_embed(..., downsample=2)`` (every ``selector_frame_stride``-th
+frame); its score head is one fused ``score_tokens`` call with one or r*r
+outputs per token; its CLS and register tokens, projected to the extractor's
+width (or as they are), become context tokens in every extractor sequence.
 """
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, init_weights
 
 
 class ScoreHead(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear to one score per token, run as
-    one ``score_tokens`` call (timm-style names so it loads like an MLP)."""
+    """LayerNorm -> Linear -> GELU -> Linear to ``outputs`` scores per token
+    (1, or LookWhere's r*r sub-token logits), run as one ``score_tokens``
+    call (timm-style names so it loads like an MLP)."""
 
-    def __init__(self, dim: int, hidden: int, eps: float):
+    def __init__(self, dim: int, hidden: int, eps: float, outputs: int = 1):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
+        self.fc2 = nn.Linear(hidden, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, n, D]`` -> float32 scores ``[B, n]``."""
+        """``x [B, n, D]`` -> float32 scores ``[B, n]`` (one output) or
+        ``[B, n, r*r]``."""
         dtype = x.dtype
         return lk.score_tokens(
             x,
@@ -36,6 +39,18 @@ class ScoreHead(nn.Module):
             self.fc2.weight.to(dtype), self.fc2.bias.to(dtype),
             eps=self.norm.eps,
         )
+
+
+def frame_scores(scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Selector scores ``[B, n]`` (or ``[B, n, r*r]``) -> the same on
+    ``config.score_grid``: each selector frame's scores repeated for the
+    ``selector_frame_stride`` frames it stands for (what ``topk_tokens``
+    takes, with ``grid=config.score_grid, out_grid=config.grid``)."""
+    stride = config.selector_frame_stride
+    if stride == 1:
+        return scores
+    per_frame = scores.view(scores.shape[0], config.selector_grid[0], -1, *scores.shape[2:])
+    return per_frame.repeat_interleave(stride, dim=1).flatten(1, 2)
 
 
 class Selector(nn.Module):
@@ -53,8 +68,8 @@ class Selector(nn.Module):
             for _ in range(config.selector_depth)
         )
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps)
-        self.context_proj = nn.Linear(dim, config.width)
+        self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps, config.score_outputs)
+        self.context_proj = nn.Linear(dim, config.width) if config.context_projection else nn.Identity()
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(init_weights)
@@ -67,6 +82,10 @@ class Selector(nn.Module):
         """Every coarse token of every clip, packed ``[B * n, D]``."""
         cfg = self.config
         proj = self.patch_embed.proj
+        if cfg.selector_frame_stride > 1:
+            # A uint8 copy of the frames the selector sees (1/stride of the
+            # clip): the op reads contiguous clips.
+            clip = clip[:, :: cfg.selector_frame_stride].contiguous()
         return lk.gather_patch_embed(
             clip, None, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
             patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, downsample=cfg.selector_downsample,
@@ -84,5 +103,7 @@ class Selector(nn.Module):
         return x[:, self.n_prefix:], context
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        """float32 scores ``[B, n]`` on the coarse grid."""
+        """float32 scores on the selector's grid: ``[B, n]``, or ``[B, n,
+        r*r]`` with ``score_outputs`` = r*r."""
         return self.score_head(features.contiguous())
+

@@ -21,7 +21,7 @@ from lookwhen.config import get_config
 from lookwhen.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "selector_heads=2",
+TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "context_projection=true", "selector_heads=2",
         "selector_depth=1", "score_hidden=32"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

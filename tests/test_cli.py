@@ -22,7 +22,7 @@ from lookwhen.cli import DIM, GAP, main
 from lookwhen.video import read_clip
 from test_video import make_video
 
-TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,
+TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, context_projection=True, selector_depth=1,
             selector_heads=2, score_hidden=16, registers=4, keep_ratio=0.25)
 
 

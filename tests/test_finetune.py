@@ -119,7 +119,7 @@ def test_reskd_distills_a_low_resolution_student(files, tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "dense" / "log.jsonl")]
     assert set(rows[0]["losses"]) == {"task", "distill"} and rows[0]["losses"]["distill"] > 0
     assert main([*args, "--set", *SET[:1], "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2",
-                 "selector_width=16", "selector_depth=1", "selector_heads=2", "score_hidden=16",
+                 "selector_width=16", "context_projection=true", "selector_depth=1", "selector_heads=2", "score_hidden=16",
                  "--out", str(tmp_path / "lw")]) == 0
     assert main([*args, "--preset", "internvideo2-b14", "--set", *DENSE, "num_classes=3",
                  "--out", str(tmp_path / "wrong")]) == 1
