@@ -21,8 +21,11 @@ from lookwhen.finetune import FinetuneTask, layer_id, random_selection
 from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
 from lookwhen.train import Trainer, TrainSettings
 
+# The light preset's selector layout (every frame, projected context): the
+# learning test below widens the extractor alone.
 SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=2, heads=2, selector_width=32,
-             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25)
+             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25,
+             selector_frame_stride=1, context_projection=True)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
 
