@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=positive_int, help="clips per forward (default: 2 on CPU, 16 on CUDA)")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET", help="default: lookwhen-b16")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET", help="default: internvideo2-b14")
+    parser.add_argument("--attention", choices=("kernels", "sdpa"), default="kernels",
+                        help="the baseline's attention: lookwhen_kernels.varlen_attention like LookWhen's "
+                             "extractor (default), or PyTorch's scaled_dot_product_attention")
     parser.add_argument("--min-run-time", type=positive_float,
                         help="seconds per timing on CPU (default: 0.5, --quick 0.2), at least one call")
     parser.add_argument("--passes", type=positive_int,
@@ -105,7 +108,8 @@ def _linear_backend(args, device: torch.device) -> str:
 
 def run(args, device: torch.device) -> Result:
     overrides = parse_overrides(args.set)
-    cfg_lw, cfg_base = resolve(args.lookwhen, overrides), resolve(args.baseline, overrides)
+    cfg_lw = resolve(args.lookwhen, overrides)
+    cfg_base = resolve(args.baseline, {**overrides, "attention": args.attention})
     if cfg_lw.kind != "lookwhen":
         raise BenchError(f"--lookwhen {args.lookwhen}: not a LookWhen preset")
     if cfg_base.kind != "dense":
@@ -210,7 +214,8 @@ def run(args, device: torch.device) -> Result:
                               entry["baseline_clips_per_s_q20"], entry["baseline_clips_per_s_q80"]))
     records.append(Record(cfg_base.name, "dense", "inference", "gflops_per_clip", "", flops_base / 1e9))
     cpu_setup = f", linear layers: {linear}, malloc: {args.malloc}" if device.type == "cpu" else ""
-    title = (f"{cfg_lw.name} vs {cfg_base.name}: batch {batch}, {args.dtype}, {torch.get_num_threads()} threads, "
+    title = (f"{cfg_lw.name} vs {cfg_base.name} (attention: {cfg_base.attention}): batch {batch}, {args.dtype}, "
+             f"{torch.get_num_threads()} threads, "
              f"{device.type}{cpu_setup}; clips/s medians; efficiency = speedup / FLOPs ratio; time split of LookWhen")
     table = format_table(
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",

@@ -269,7 +269,8 @@ def _teacher_options(p) -> None:
     p.add_argument("--image-teacher-size", type=int, help="resolution the image teacher runs at (default: its own)")
     p.add_argument("--image-teacher-arg", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more timm.create_model arguments, e.g. depth=4")
-    p.add_argument("--video-teacher", help="a dense-model checkpoint (lookwhen.checkpoint) as the video teacher")
+    p.add_argument("--video-teacher", help="the video teacher's weights: an official InternVideo2-B/14 checkpoint "
+                   "(internvideo2_base_patch14_224, built as the internvideo2-b14 preset) or a lookwhen checkpoint")
 
 
 def _loop_options(p, positive_int) -> None:

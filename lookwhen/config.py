@@ -17,6 +17,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 KINDS = ("lookwhen", "dense")
+# Choices of the architecture options (the names lookwhen.layers checks too).
+NORMS = ("layernorm", "rmsnorm")
+QK_NORMS = ("none", "width", "head")
+MLP_ACTS = ("gelu", "gelu_tanh")
+POS_EMBEDS = ("separable", "joint")
+ATTENTIONS = ("kernels", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,24 @@ class ModelConfig:
     context_projection: bool = True
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
+    # Architecture options (issue 12, fidelity), kept together. Block options
+    # of every trunk (lookwhen.layers.Block; the defaults are timm's plain
+    # ViT): "layernorm" or "rmsnorm"; qkv bias; qk-norm "none", "width"
+    # (InternVideo2) or "head" (timm); LayerScale initial value (0: none);
+    # MLP activation "gelu" or "gelu_tanh". Dense baseline only: position
+    # embedding "separable" (learned temporal + spatial factors) or "joint"
+    # (one [1 + N, D] table with a CLS row, initialised as InternVideo2's 3-D
+    # sin-cos); a final norm after the blocks (InternVideo2 has none); the
+    # attention path, "kernels" (lookwhen_kernels.varlen_attention, as
+    # LookWhen's extractor) or "sdpa" (PyTorch's scaled_dot_product_attention).
+    norm: str = "layernorm"
+    qkv_bias: bool = True
+    qk_norm: str = "none"
+    layer_scale: float = 0.0
+    mlp_act: str = "gelu"
+    pos_embed: str = "separable"
+    final_norm: bool = True
+    attention: str = "kernels"
     num_classes: int = 0
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
@@ -77,6 +101,18 @@ class ModelConfig:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % max(self.patch_size, 1):
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for field, choices in (("norm", NORMS), ("qk_norm", QK_NORMS), ("mlp_act", MLP_ACTS),
+                               ("pos_embed", POS_EMBEDS), ("attention", ATTENTIONS)):
+            if getattr(self, field) not in choices:
+                problems.append(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
+        if self.layer_scale < 0:
+            problems.append(f"layer_scale must be >= 0 (0: no LayerScale), got {self.layer_scale}")
+        if self.kind == "lookwhen" and (self.pos_embed != "separable" or not self.final_norm):
+            problems.append("pos_embed and final_norm are options of the dense baseline; LookWhen keeps "
+                            "pos_embed='separable' and final_norm=true")
+        if self.pos_embed == "joint" and self.width % 16:
+            problems.append(f"pos_embed='joint' (3-D sin-cos: a quarter of the width for time, the rest split "
+                            f"between rows and columns, each even) needs a width divisible by 16, got {self.width}")
         if len(self.mean) != 3 or len(self.std) != 3:
             problems.append("mean and std need three values (R, G, B)")
         if self.kind == "lookwhen":
@@ -197,10 +233,14 @@ PRESETS: Dict[str, ModelConfig] = {
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
     ),
-    # The dense model the paper compares against: ViT-B/14, 8 x 16 x 16 = 2048
-    # tokens + CLS, attention-pooling head.
+    # The dense model the paper compares against, InternVideo2-B/14
+    # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a
+    # joint 3-D sin-cos position table, RMSNorm, qk-norm, no qkv bias,
+    # LayerScale 1e-5, tanh GELU, no final norm, a 16-head attention-pooling head.
     "internvideo2-b14": ModelConfig(
-        name="internvideo2-b14", kind="dense", frames=8, patch_size=14
+        name="internvideo2-b14", kind="dense", frames=8, patch_size=14, pool_heads=16,
+        norm="rmsnorm", qkv_bias=False, qk_norm="width", layer_scale=1e-5, mlp_act="gelu_tanh",
+        pos_embed="joint", final_norm=False,
     ),
 }
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen.config import ModelConfig
-from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, init_weights
+from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, block_options, init_weights, make_norm
 
 
 class Extractor(nn.Module):
@@ -24,9 +24,9 @@ class Extractor(nn.Module):
         self.pos_embed = SeparablePosEmbed(frames, grid_h * grid_w, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(
-            Block(dim, config.heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth)
+            Block(dim, config.heads, config.mlp_ratio, config.norm_eps, **block_options(config)) for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm = make_norm(config.norm, dim, config.norm_eps)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else None
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_weights)

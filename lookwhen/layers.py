@@ -10,13 +10,16 @@ A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import LayerScale, Mlp, trunc_normal_
 
 import lookwhen_kernels as lk
+from lookwhen.config import MLP_ACTS, NORMS, QK_NORMS
 
 
 def compute_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -29,39 +32,89 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return reference.dtype
 
 
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """LayerNorm (timm's ViTs, DINOv2) or RMSNorm (InternVideo2); both keep
+    their parameters under ``weight`` (and ``bias`` for LayerNorm), as the
+    checkpoints do."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")
+
+
+def block_options(config) -> dict:
+    """The :class:`Block` keyword arguments a config asks for."""
+    return dict(norm=config.norm, qkv_bias=config.qkv_bias, qk_norm=config.qk_norm,
+                layer_scale=config.layer_scale, mlp_act=config.mlp_act)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    """Multi-head self-attention. ``qk_norm="width"`` normalises queries and
+    keys over the whole width before the heads are split (InternVideo2's
+    ``q_norm``/``k_norm``, weights ``[dim]``); ``"head"`` normalises each
+    head (timm's, weights ``[head_dim]``)."""
+
+    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, qk_norm: str = "none",
+                 norm: str = "layernorm", eps: float = 1e-6):
         super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm: expected one of {QK_NORMS}, got {qk_norm!r}")
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qk_norm = qk_norm
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if qk_norm != "none":
+            size = dim if qk_norm == "width" else self.head_dim
+            self.q_norm = make_norm(norm, size, eps)
+            self.k_norm = make_norm(norm, size, eps)
         self.proj = nn.Linear(dim, dim)
 
+    def _normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if self.qk_norm == "head":
+            return norm(x)
+        return norm(x.flatten(-2)).view(x.shape)
+
     def forward(self, x, cu_seqlens=None, max_seqlen=None):
+        *lead, dim = x.shape
+        q, k, v = self.qkv(x).view(*lead, 3, self.heads, self.head_dim).unbind(-3)
+        if self.qk_norm != "none":
+            q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
         if cu_seqlens is None:
-            batch, length, dim = x.shape
-            qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-            return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
-        total, dim = x.shape
-        q, k, v = self.qkv(x).view(total, 3, self.heads, self.head_dim).unbind(1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.proj(out.transpose(1, 2).reshape(*lead, dim))
         out = lk.varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
-        return self.proj(out.reshape(total, dim))
+        return self.proj(out.reshape(*lead, dim))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ``Block`` without layer scale)."""
+    """Pre-norm transformer block under timm's parameter names. Options (the
+    defaults are timm's plain ViT-B): ``norm`` (``"layernorm"`` or
+    ``"rmsnorm"``, for the block's norms and the qk-norms), ``qkv_bias``,
+    ``qk_norm`` (see :class:`Attention`), ``layer_scale`` (the initial value
+    of timm's ``ls1.gamma``/``ls2.gamma``, e.g. 1e-5 for InternVideo2 and
+    DINOv2; 0 for none) and ``mlp_act`` (``"gelu"``, or ``"gelu_tanh"``, the
+    tanh approximation InternVideo2's fused MLP computes)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6, *,
+                 norm: str = "layernorm", qkv_bias: bool = True, qk_norm: str = "none",
+                 layer_scale: float = 0.0, mlp_act: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        if mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act: expected one of {MLP_ACTS}, got {mlp_act!r}")
+        if layer_scale < 0:
+            raise ValueError(f"layer_scale: expected an initial value >= 0 (0: none), got {layer_scale}")
+        self.norm1 = make_norm(norm, dim, eps)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm=norm, eps=eps)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.norm2 = make_norm(norm, dim, eps)
+        act = nn.GELU if mlp_act == "gelu" else functools.partial(nn.GELU, approximate="tanh")
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):

@@ -125,6 +125,12 @@ class PretrainTask(Task):
             "keep_range": list(self.keep_range),
             "loss_weights": vars(self.weights),
             "image_teacher": None if teachers is None else teachers.image.name,
-            "video_teacher": None if teachers is None or teachers.video is None else type(teachers.video.module).__name__,
+            "video_teacher": None if teachers is None or teachers.video is None else _describe(teachers.video.module),
             "target_cache": None if self.module.cache is None else self.module.cache.folder,
         }
+
+
+def _describe(module: nn.Module) -> str:
+    """A teacher's preset name (our models), else its class name."""
+    config = getattr(module, "config", None)
+    return getattr(config, "name", None) or type(module).__name__

@@ -14,7 +14,7 @@ from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen.config import ModelConfig
-from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, init_weights
+from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, block_options, init_weights, make_norm
 
 
 class ScoreHead(nn.Module):
@@ -64,10 +64,10 @@ class Selector(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.reg_token = nn.Parameter(torch.zeros(1, config.registers, dim))
         self.blocks = nn.ModuleList(
-            Block(dim, config.selector_heads, config.mlp_ratio, config.norm_eps)
+            Block(dim, config.selector_heads, config.mlp_ratio, config.norm_eps, **block_options(config))
             for _ in range(config.selector_depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm = make_norm(config.norm, dim, config.norm_eps)
         self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps, config.score_outputs)
         self.context_proj = nn.Linear(dim, config.width) if config.context_projection else nn.Identity()
         nn.init.normal_(self.cls_token, std=1e-6)

@@ -6,8 +6,10 @@
   patch features resampled to the token grid the targets need, and every
   frame's global token (timm's pre-logits: CLS or pooled).
 - :class:`VideoTeacher`: any ``nn.Module`` mapping a uint8 clip to ``[B, D]``;
-  by default our dense baseline loaded from a checkpoint. The clip is
-  resampled to the frames and size the teacher was built for.
+  by default the faithful InternVideo2-B/14 (``internvideo2-b14``) with an
+  official InternVideo2 checkpoint, or any of our models from a lookwhen
+  checkpoint. The clip is resampled to the frames and size the teacher was
+  built for.
 
 Teachers are frozen and run under ``no_grad``, in bf16 on a GPU.
 :class:`TargetCache` stores their outputs per ``(video index, view)`` in
@@ -82,9 +84,20 @@ def _autocast(device: torch.device):
 
 
 class ImageTeacher(nn.Module):
-    """A frozen timm image model. ``image_size`` overrides the model's
-    resolution (timm resamples its position table); ``model_kwargs`` go to
-    ``timm.create_model`` (``depth=``, ``dynamic_img_size=``, ...)."""
+    """A frozen timm image model: DINOv2 (``vit_base_patch14_reg4_dinov2``,
+    ...) and DINOv3 (``vit_base_patch16_dinov3``, ...) through timm's own
+    definitions. It runs at the model's own resolution (its pretrained
+    config's ``input_size``: 518 px for DINOv2, 256 for DINOv3) and
+    normalisation unless ``image_size`` overrides the resolution (timm
+    resamples its position table); ``model_kwargs`` go to
+    ``timm.create_model`` (``depth=``, ``dynamic_img_size=``, ...).
+
+    Patch features are the tokens after the model's prefix (CLS and
+    registers, ``num_prefix_tokens``), resampled from the model's patch grid
+    (patch 14 or 16) to the grid the targets need. The global token is the
+    CLS token as the upstream models define it: timm pools DINOv3 by
+    averaging unless told otherwise, so models with a CLS token are set to
+    token pooling unless ``global_pool`` is given."""
 
     def __init__(self, name: str, weights, *, image_size: Optional[int] = None,
                  frame_chunk: int = 64, **model_kwargs):
@@ -98,6 +111,9 @@ class ImageTeacher(nn.Module):
             model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         except RuntimeError as error:  # timm's "Unknown model"
             raise ValueError(f"image teacher {name!r}: {error}") from None
+        if ("global_pool" not in kwargs and getattr(model, "cls_token", None) is not None
+                and getattr(model, "global_pool", "token") not in ("token", "map")):
+            model.reset_classifier(0, global_pool="token")
         state = load_state_dict_file(weights)
         # The model family's own converter, as timm applies it to pretrained
         # weights: it resamples position tables to this resolution and maps
@@ -175,9 +191,22 @@ class VideoTeacher(nn.Module):
         self.image_size = getattr(config, "image_size", None)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu") -> "VideoTeacher":
-        from lookwhen.checkpoint import load_checkpoint
+    def from_checkpoint(cls, path, device="cpu", *, config: str = "internvideo2-b14",
+                        **overrides) -> "VideoTeacher":
+        """The teacher in a weights file: a lookwhen checkpoint (safetensors
+        with its config, :mod:`lookwhen.checkpoint`) rebuilds its own model;
+        any other file is an official InternVideo2 checkpoint, loaded into
+        the faithful ``config`` preset (with ``overrides``) by
+        :func:`lookwhen.baseline.load_internvideo2`, which refuses missing or
+        unexpected keys (its classifier is left out)."""
+        from lookwhen.baseline import load_internvideo2
+        from lookwhen.checkpoint import CheckpointError, load_checkpoint, read_config
 
+        try:
+            read_config(path)
+        except CheckpointError:
+            model, _ = load_internvideo2(path, config, **overrides)
+            return cls(model.to(device))
         return cls(load_checkpoint(path, device))
 
     @torch.no_grad()

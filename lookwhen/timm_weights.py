@@ -1,6 +1,10 @@
 """Mapping between timm ``VisionTransformer`` state dicts (for example
 ``vit_base_patch16_224`` saved to a local file) and our ViT trunks: the
-LookWhen extractor and the dense baseline. Nothing is ever downloaded.
+LookWhen extractor and a dense baseline configured as a plain ViT
+(``pos_embed="separable"``, ``final_norm=True`` and the block options
+timm's ViT has; the ``internvideo2-b14`` preset itself loads InternVideo2's
+own checkpoints, :func:`lookwhen.baseline.load_internvideo2_state_dict`).
+Nothing is ever downloaded.
 
 Key by key: ``patch_embed.proj.*``, ``blocks.<i>.*`` (``norm1``,
 ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``) and
@@ -17,7 +21,7 @@ Key by key: ``patch_embed.proj.*``, ``blocks.<i>.*`` (``norm1``,
   left out otherwise; timm's ``fc_norm`` (identity for ViT-B) must be absent.
 
 Parts timm has no counterpart for keep their initialisation: the dense
-baseline's attention-pooling head (``pool.*``).
+baseline's attention-pooling head (``clip_projector.*``, ``fc_norm.*``).
 """
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed
 
 _CLASSIFIER = ("head.weight", "head.bias")
+
+
+def _check_plain_vit(trunk: nn.Module) -> None:
+    if "pos_embed.temporal" not in trunk.state_dict():
+        raise ValueError(f"trunk: {trunk.config.name} has a joint position table (pos_embed='joint', "
+                         "InternVideo2's), which a timm image ViT does not describe; build it with "
+                         "pos_embed='separable'")
 
 
 def _trunk_keys(trunk: nn.Module) -> List[str]:
@@ -46,6 +57,7 @@ def load_timm_state_dict(trunk: nn.Module, state_dict: Mapping[str, torch.Tensor
     LookWhen, or a ``DenseBaseline``). Returns the timm keys that were left
     out (a classifier of another size). Raises ``ValueError`` on a missing key,
     an unknown key, or a shape that does not fit."""
+    _check_plain_vit(trunk)
     ours = trunk.state_dict()
     dim = ours["cls_token"].shape[-1]
     grid_h = grid_w = trunk.config.image_size // trunk.config.patch_size
@@ -91,6 +103,7 @@ def load_timm_state_dict(trunk: nn.Module, state_dict: Mapping[str, torch.Tensor
 def timm_state_dict(trunk: nn.Module) -> Dict[str, torch.Tensor]:
     """The trunk as a timm ``VisionTransformer`` state dict (one frame: timm
     has no temporal embedding, so a non-zero one is refused)."""
+    _check_plain_vit(trunk)
     ours = trunk.state_dict()
     if bool(ours["pos_embed.temporal"].any()):
         raise ValueError(

@@ -75,6 +75,8 @@ def test_e2e_cli(tmp_path):
     assert document["linear"] == ("onednn" if onednn_available() else "aten")
     assert document["malloc"] in ("retain", "system")
     assert f"linear layers: {document['linear']}, malloc: {document['malloc']}" in stdout
+    # The baseline's attention runs through the same kernels as LookWhen's extractor.
+    assert document["baseline"]["attention"] == "kernels"
 
 
 def test_train_cli(tmp_path):
@@ -96,12 +98,13 @@ def test_train_cli(tmp_path):
 def test_e2e_plain_cpu_setup(tmp_path):
     path = str(tmp_path / "out.json")
     proc = run_cli("e2e", "--quick", "--keep-ratio", "0.5", "--min-run-time", "0.01", "--passes", "2",
-                   "--cpu-linear", "aten", "--malloc", "system", "--set", *TINY, "--json", path)
+                   "--cpu-linear", "aten", "--malloc", "system", "--attention", "sdpa", "--set", *TINY, "--json", path)
     assert proc.returncode == 0, proc.stderr
     with open(path) as handle:
         document = json.load(handle)
     assert (document["linear"], document["malloc"]) == ("aten", "system")
     assert "linear layers: aten, malloc: system" in proc.stdout
+    assert document["baseline"]["attention"] == "sdpa" and "(attention: sdpa)" in proc.stdout
 
 
 def test_ops_cli(tmp_path):
