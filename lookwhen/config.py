@@ -56,10 +56,17 @@ class ModelConfig:
     # finer grid and resized to the extractor's (1: one score per token).
     # ``context_projection``: the selector's CLS and registers reach the
     # extractor through a Linear to its width; without it (equal widths, as in
-    # LookWhere) they enter as they are.
+    # LookWhere) they enter as they are. ``selector_image_size`` > 0: the
+    # selector sees the normalised frames bilinearly resized to that many
+    # pixels (LookWhere's 154) instead of the clip pooled by
+    # ``selector_downsample``. ``extractor_cls=False``: the extractor has no
+    # CLS of its own; the selector's CLS leads each sequence and its final
+    # state is the embedding (LookWhere).
     selector_frame_stride: int = 1
     score_outputs: int = 1
     context_projection: bool = True
+    selector_image_size: int = 0
+    extractor_cls: bool = True
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     # Architecture options (issue 12, fidelity), kept together. Block options
@@ -141,7 +148,12 @@ class ModelConfig:
                     f"selector_width {self.selector_width} is not divisible by selector_heads {self.selector_heads}"
                 )
             window = self.patch_size * self.selector_downsample
-            if self.image_size % window:
+            if self.selector_image_size < 0 or self.selector_image_size % max(self.patch_size, 1):
+                problems.append(
+                    f"selector_image_size must be 0 or a positive multiple of patch_size {self.patch_size}, "
+                    f"got {self.selector_image_size}"
+                )
+            elif self.selector_image_size == 0 and self.image_size % window:
                 problems.append(
                     f"image_size {self.image_size} is not a multiple of patch_size x selector_downsample = {window}"
                 )
@@ -164,7 +176,10 @@ class ModelConfig:
     @property
     def selector_grid(self) -> Tuple[int, int, int]:
         """The selector's token grid ``(T / selector_frame_stride, h, w)``."""
-        side = self.image_size // (self.patch_size * self.selector_downsample)
+        if self.selector_image_size:
+            side = self.selector_image_size // self.patch_size
+        else:
+            side = self.image_size // (self.patch_size * self.selector_downsample)
         return (self.frames // self.selector_frame_stride, side, side)
 
     @property
@@ -192,8 +207,9 @@ class ModelConfig:
     @property
     def n_context(self) -> int:
         """Tokens that precede the selected ones in each extractor sequence:
-        the extractor's CLS, the selector's CLS and its registers."""
-        return 2 + self.registers
+        the extractor's CLS (unless ``extractor_cls`` is off), the selector's
+        CLS and its registers."""
+        return int(self.extractor_cls) + 1 + self.registers
 
     # Serialisation -----------------------------------------------------------
     def to_dict(self) -> Dict:
@@ -232,6 +248,16 @@ PRESETS: Dict[str, ModelConfig] = {
     # The light preset's layout with a ViT-B-wide selector, like the authors' image model.
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
+    ),
+    # LookWhere's released image model (lookwhen.lookwhere loads
+    # lookwhere_dinov2.pt): DINOv2-B/14 with 4 registers and LayerScale as
+    # selector (3 blocks on the image resized to 154 px: 11 x 11 tokens, a
+    # 4 x 4 logit head) and extractor (12 blocks at 518 px: 37 x 37), the
+    # selector's normed CLS and registers leading the extractor's sequences.
+    "lookwhere-dinov2": ModelConfig(
+        name="lookwhere-dinov2", frames=1, image_size=518, patch_size=14, layer_scale=1e-5,
+        selector_width=768, selector_heads=12, score_hidden=3072, score_outputs=16, selector_image_size=154,
+        context_projection=False, extractor_cls=False,
     ),
     # The dense model the paper compares against, InternVideo2-B/14
     # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a

@@ -26,7 +26,8 @@ from lookwhen_kernels.ops.topk_tokens import check_budgets
 
 @dataclass
 class LookWhenOutput:
-    """``embedding [B, width]``: the extractor's final-normed CLS token.
+    """``embedding [B, width]``: the extractor's final-normed CLS token (the
+    selector's CLS position without ``extractor_cls``).
     ``tokens [total, width]``: final features of the selected tokens, packed
     clip after clip in the order of ``indices``. ``indices``: the selected
     token ids, ``int32 [B, K]`` for a keep ratio or packed ``[total]`` for
@@ -93,7 +94,7 @@ class LookWhen(nn.Module):
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
-        dtype = compute_dtype(self.extractor.cls_token)
+        dtype = compute_dtype(self.extractor.patch_embed.proj.weight)
 
         features, context = self._encode(clip, dtype, timer)
         with timer("selection"):
@@ -114,7 +115,9 @@ class LookWhen(nn.Module):
                     per_frame, budgets=budgets, total=total, validate=False, **grids
                 )
             tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
-            prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
+            prefix = context.to(dtype)
+            if self.extractor.cls_token is not None:
+                prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), prefix], 1)
             if tokens_cu is None:
                 layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
             else:

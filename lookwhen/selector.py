@@ -10,6 +10,7 @@ width (or as they are), become context tokens in every extractor sequence.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
@@ -86,10 +87,30 @@ class Selector(nn.Module):
             # A uint8 copy of the frames the selector sees (1/stride of the
             # clip): the op reads contiguous clips.
             clip = clip[:, :: cfg.selector_frame_stride].contiguous()
+        if cfg.selector_image_size:
+            return self._embed_resized(clip, dtype)
         return lk.gather_patch_embed(
             clip, None, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
             patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, downsample=cfg.selector_downsample,
         )
+
+    def _embed_resized(self, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """LookWhere's selector input: each frame normalised, bilinearly
+        resized (``align_corners=False``, no antialiasing) to
+        ``selector_image_size`` and patch-embedded. The resize is not a
+        block mean, so this path builds float frames (at the clip's size,
+        then the selector's) instead of reading pixels in the op."""
+        cfg = self.config
+        proj = self.patch_embed.proj
+        batch, frames = clip.shape[:2]
+        mean = torch.tensor(cfg.mean, device=clip.device, dtype=torch.float32)
+        std = torch.tensor(cfg.std, device=clip.device, dtype=torch.float32)
+        pixels = ((clip.float() / 255 - mean) / std).flatten(0, 1).permute(0, 3, 1, 2)
+        size = cfg.selector_image_size
+        small = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        tokens = F.conv2d(small.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), stride=cfg.patch_size)
+        tokens = tokens.flatten(2).transpose(1, 2).reshape(batch, -1, tokens.shape[1])
+        return (tokens + self.pos_embed.table().to(dtype)).flatten(0, 1)
 
     def encode(self, tokens: torch.Tensor):
         """``tokens [B, n, D]`` -> (token features ``[B, n, D]``, context
