@@ -17,7 +17,7 @@ from bench.__main__ import main
 from bench.ops import cases_for
 from bench.report import CSV_FIELDS
 from bench.roofline import GPUS, find_gpu, floor_seconds
-from lookwhen.config import get_config
+from lookwhen.config import get_config, parse_overrides
 from lookwhen.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,8 +153,7 @@ def test_inspect_cli(tmp_path):
 
 
 def _tiny_cases():
-    overrides = dict(item.split("=") for item in TINY)
-    overrides = {k: int(v) for k, v in overrides.items()}
+    overrides = parse_overrides(TINY)
     return [case for name in ("lookwhen-b16", "internvideo2-b14")
             for case in cases_for(get_config(name, **overrides), batch=2, keep_ratio=0.1)]
 
