@@ -10,6 +10,7 @@ forward+backward.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
@@ -95,15 +96,18 @@ def _eager_score(x, norm_weight, norm_bias, w1, b1, w2, b2):
 
 
 def score_case(cfg: ModelConfig, batch: int) -> Case:
-    n, dim, hidden = cfg.n_selector_tokens, cfg.selector_width, cfg.score_hidden
+    n, dim, hidden, outputs = cfg.n_selector_tokens, cfg.selector_width, cfg.score_hidden, cfg.score_outputs
 
     def make(device, dtype):
         x = torch.randn(batch, n, dim, device=device, dtype=dtype)
         ones = torch.ones(dim, device=device, dtype=dtype)
-        return (x, ones, torch.zeros_like(ones), *_params(device, dtype, (hidden, dim), (hidden,), (1, hidden), (1,)))
+        return (x, ones, torch.zeros_like(ones),
+                *_params(device, dtype, (hidden, dim), (hidden,), (outputs, hidden), (outputs,)))
 
-    traffic = batch * n * (dim * FLOAT_BYTES + 4) + (2 * dim + hidden * dim + 2 * hidden + 1) * FLOAT_BYTES
-    return Case("score_tokens", f"B{batch} n{n} D{dim} hidden{hidden}", make,
+    traffic = (batch * n * (dim * FLOAT_BYTES + 4 * outputs)
+               + (2 * dim + hidden * dim + hidden + outputs * (hidden + 1)) * FLOAT_BYTES)
+    label = f"B{batch} n{n} D{dim} hidden{hidden}" + (f" R{outputs}" if outputs > 1 else "")
+    return Case("score_tokens", label, make,
                 _with_reference_path(_fixed({"fused": lambda *a: lk.score_tokens(*a),
                                              "layernorm+linear+gelu+linear": _eager_score})),
                 grad_inputs=tuple(range(7)), bytes_moved=traffic)
@@ -112,20 +116,28 @@ def score_case(cfg: ModelConfig, batch: int) -> Case:
 # topk_tokens -----------------------------------------------------------------
 
 def topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
-    grid, out_grid = cfg.selector_grid, cfg.grid
-    n, n_out = cfg.n_selector_tokens, cfg.n_tokens
+    # The scores as the model hands them over: on score_grid (each selector
+    # frame repeated for the frames it stands for), r x r per token with
+    # score_outputs = r*r.
+    grid, out_grid, outputs = cfg.score_grid, cfg.grid, cfg.score_outputs
+    n, n_out = math.prod(grid), cfg.n_tokens
+    shape = (batch, n) if outputs == 1 else (batch, n, outputs)
     k = keep_ratio_to_k(keep_ratio, n_out)
 
     def eager(scores):
+        if scores.dim() == 3:
+            scores = reference.sub_grid_map(scores, grid)
+        r = math.isqrt(outputs)
         frames, h, w = grid
-        fine = F.interpolate(scores.view(batch, frames, h, w), size=out_grid[1:], mode="bilinear", align_corners=False)
+        planes = scores.view(batch, frames, h * r, w * r)
+        fine = F.interpolate(planes, size=out_grid[1:], mode="bilinear", align_corners=False)
         return fine.reshape(batch, n_out).topk(k, dim=1).indices.sort(dim=1).values.to(torch.int32)
 
-    return Case("topk_tokens", f"B{batch} n{n}->{n_out} K{k}",
-                lambda device, dtype: (torch.randn(batch, n, device=device),),
+    return Case("topk_tokens", f"B{batch} n{n}->{n_out} K{k}" + (f" R{outputs}" if outputs > 1 else ""),
+                lambda device, dtype: (torch.randn(*shape, device=device),),
                 _with_reference_path(_fixed({"fused": lambda s: lk.topk_tokens(s, k, grid=grid, out_grid=out_grid),
                                              "interpolate+topk+sort": eager})),
-                bytes_moved=batch * (n + k) * 4)
+                bytes_moved=batch * (n * outputs + k) * 4)
 
 
 # gather_patch_embed ----------------------------------------------------------
@@ -153,7 +165,8 @@ def patch_embed_case(cfg: ModelConfig, batch: int, keep_ratio=None, *, selector:
     """The selector's embedding of every coarse token (``selector=True``), the
     extractor's of the selected tokens (``keep_ratio``), or the dense model's
     of every token (``keep_ratio=None``)."""
-    frames, size, patch = cfg.frames, cfg.image_size, cfg.patch_size
+    frames = cfg.selector_grid[0] if selector else cfg.frames
+    size, patch = cfg.image_size, cfg.patch_size
     downsample = cfg.selector_downsample if selector else 1
     dim = cfg.selector_width if selector else cfg.width
     n = cfg.n_selector_tokens if selector else cfg.n_tokens

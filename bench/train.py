@@ -71,7 +71,7 @@ def _learning(args, device) -> Dict:
     from lookwhen.train import Trainer, TrainSettings
 
     steps = args.steps or (60 if args.quick else 300)
-    model = lookwhen.build_model("lookwhen-b16", **LEARNING_MODEL).to(device)
+    model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL).to(device)
     train = SyntheticDataset(args.train_clips, seed=1, **LEARNING_CLIPS)
     held_out = [SyntheticDataset(args.val_clips, seed=2, **LEARNING_CLIPS).sample(i) for i in range(args.val_clips)]
     window = model.config.patch_size * model.config.selector_downsample
@@ -140,7 +140,7 @@ def _finetuning(args, device) -> Dict:
     pretrained = getattr(args, "pretrained_selector", None)
     results = {"steps": steps, "keep_ratio": keep, "batch": 16, "classes": len(COLOURS), "task": "colour"}
     for selection in ("selector", "random"):
-        model = lookwhen.build_model("lookwhen-b16", **LEARNING_MODEL, num_classes=len(COLOURS)).to(device)
+        model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL, num_classes=len(COLOURS)).to(device)
         if pretrained is not None:
             model.selector.load_state_dict(pretrained.selector.state_dict())
         task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9)

@@ -17,7 +17,6 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lookwhen.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
 from lookwhen.cpu_inference import prepack_linears
@@ -242,17 +241,19 @@ def selection_picture(clip: torch.Tensor, indices: torch.Tensor, scores: torch.T
     ``W = 2 * cols * S + GAP`` for ``S``-pixel frames."""
     from matplotlib import colormaps
 
+    from lookwhen.selector import frame_scores
+    from lookwhen_kernels.reference import upsample_scores
+
     frames, height, width, _ = clip.shape
     _, grid_h, grid_w = config.grid
-    _, coarse_h, coarse_w = config.selector_grid
     patch = config.patch_size
     selected = torch.zeros(frames * grid_h * grid_w, dtype=torch.bool)
     selected[indices.reshape(-1).long()] = True
     keep = selected.view(frames, grid_h, grid_w).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
     shaded = clip.float() * torch.where(keep, 1.0, DIM)[..., None]
 
-    fine = F.interpolate(scores.float().view(frames, 1, coarse_h, coarse_w), size=(grid_h, grid_w),
-                         mode="bilinear", align_corners=False)[:, 0]
+    per_frame = frame_scores(scores.float()[None], config)
+    fine = upsample_scores(per_frame, config.score_grid, config.grid).view(frames, grid_h, grid_w)
     span = (fine.max() - fine.min()).clamp(min=1e-12)
     level = ((fine - fine.min()) / span).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
     heat = torch.from_numpy(colormaps["inferno"](level.numpy())[..., :3]).float() * 255
@@ -296,7 +297,7 @@ def _millions(module: torch.nn.Module) -> float:
 
 def cmd_info(args) -> int:
     from lookwhen import build_model
-    from lookwhen.flops import count_flops
+    from lookwhen.flops import count_flops, gmacs
     from lookwhen.model import LookWhen
     from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
@@ -321,8 +322,8 @@ def cmd_info(args) -> int:
             params = f"{_millions(model):.1f}M"
             tokens = f"{cfg.n_tokens} + CLS"
             kept_text = "all"
-        rows.append((name, params, tokens, kept_text, f"{flops[name] / 1e9:.1f}"))
-    header = ("model", "parameters", "tokens in", "tokens kept", "GFLOPs/clip")
+        rows.append((name, params, tokens, kept_text, f"{flops[name] / 1e9:.1f}", f"{gmacs(flops[name]):.1f}"))
+    header = ("model", "parameters", "tokens in", "tokens kept", "GFLOPs/clip", "GMACs/clip")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -49,6 +49,24 @@ class ModelConfig:
     selector_downsample: int = 2
     registers: int = 4
     score_hidden: int = 384
+    # Selector geometry and head (issue 12, the paper-faithful preset and
+    # LookWhere's head). The selector sees every ``selector_frame_stride``-th
+    # frame (its scores cover the frames up to the next one). The score head
+    # emits ``score_outputs`` = r*r logits per token, laid onto an r-times
+    # finer grid and resized to the extractor's (1: one score per token).
+    # ``context_projection``: the selector's CLS and registers reach the
+    # extractor through a Linear to its width; without it (equal widths, as in
+    # LookWhere) they enter as they are. ``selector_image_size`` > 0: the
+    # selector sees the normalised frames bilinearly resized to that many
+    # pixels (LookWhere's 154) instead of the clip pooled by
+    # ``selector_downsample``. ``extractor_cls=False``: the extractor has no
+    # CLS of its own; the selector's CLS leads each sequence and its final
+    # state is the embedding (LookWhere).
+    selector_frame_stride: int = 1
+    score_outputs: int = 1
+    context_projection: bool = True
+    selector_image_size: int = 0
+    extractor_cls: bool = True
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     # Architecture options (issue 12, fidelity), kept together. Block options
@@ -112,6 +130,19 @@ class ModelConfig:
             for field in ("selector_width", "selector_depth", "selector_heads", "selector_downsample", "score_hidden"):
                 if getattr(self, field) < 1:
                     problems.append(f"{field} must be positive, got {getattr(self, field)}")
+            for field in ("selector_frame_stride", "score_outputs"):
+                if getattr(self, field) < 1:
+                    problems.append(f"{field} must be positive, got {getattr(self, field)}")
+            if self.frames % max(self.selector_frame_stride, 1):
+                problems.append(
+                    f"frames {self.frames} is not a multiple of selector_frame_stride {self.selector_frame_stride}"
+                )
+            if math.isqrt(max(self.score_outputs, 0)) ** 2 != self.score_outputs:
+                problems.append(f"score_outputs must be a square (r*r logits per token), got {self.score_outputs}")
+            if not self.context_projection and self.selector_width != self.width:
+                problems.append(
+                    f"context_projection=False needs selector_width == width, got {self.selector_width} and {self.width}"
+                )
             if self.registers < 0:
                 problems.append(f"registers must be >= 0, got {self.registers}")
             if self.selector_width % max(self.selector_heads, 1):
@@ -119,7 +150,12 @@ class ModelConfig:
                     f"selector_width {self.selector_width} is not divisible by selector_heads {self.selector_heads}"
                 )
             window = self.patch_size * self.selector_downsample
-            if self.image_size % window:
+            if self.selector_image_size < 0 or self.selector_image_size % max(self.patch_size, 1):
+                problems.append(
+                    f"selector_image_size must be 0 or a positive multiple of patch_size {self.patch_size}, "
+                    f"got {self.selector_image_size}"
+                )
+            elif self.selector_image_size == 0 and self.image_size % window:
                 problems.append(
                     f"image_size {self.image_size} is not a multiple of patch_size x selector_downsample = {window}"
                 )
@@ -141,8 +177,30 @@ class ModelConfig:
 
     @property
     def selector_grid(self) -> Tuple[int, int, int]:
-        side = self.image_size // (self.patch_size * self.selector_downsample)
-        return (self.frames, side, side)
+        """The selector's token grid ``(T / selector_frame_stride, h, w)``."""
+        if self.selector_image_size:
+            side = self.selector_image_size // self.patch_size
+        else:
+            side = self.image_size // (self.patch_size * self.selector_downsample)
+        return (self.frames // self.selector_frame_stride, side, side)
+
+    @property
+    def score_grid(self) -> Tuple[int, int, int]:
+        """The grid the selector's scores reach ``topk_tokens`` on: the
+        selector's, repeated over the frames each selector frame stands for
+        (``LookWhen`` repeats them; with ``score_outputs`` = r*r the scores
+        are ``[B, n, r*r]`` on this grid)."""
+        _, h, w = self.selector_grid
+        return (self.frames, h, w)
+
+    @property
+    def score_map_grid(self) -> Tuple[int, int, int]:
+        """The selector's scores as one map per selector frame, before the
+        resize to the extractor's grid: ``selector_grid`` with each spatial
+        side times r (what the uniqueness target is pooled to)."""
+        frames, h, w = self.selector_grid
+        r = math.isqrt(self.score_outputs)
+        return (frames, h * r, w * r)
 
     @property
     def n_selector_tokens(self) -> int:
@@ -151,8 +209,9 @@ class ModelConfig:
     @property
     def n_context(self) -> int:
         """Tokens that precede the selected ones in each extractor sequence:
-        the extractor's CLS, the selector's CLS and its registers."""
-        return 2 + self.registers
+        the extractor's CLS (unless ``extractor_cls`` is off), the selector's
+        CLS and its registers."""
+        return int(self.extractor_cls) + 1 + self.registers
 
     # Serialisation -----------------------------------------------------------
     def to_dict(self) -> Dict:
@@ -175,12 +234,32 @@ class ModelConfig:
 
 
 PRESETS: Dict[str, ModelConfig] = {
-    # ViT-B/16 extractor on 16 x 14 x 14 = 3136 candidates, a 3-layer width-384
-    # selector on the 112-px clip (16 x 7 x 7 tokens).
-    "lookwhen-b16": ModelConfig(name="lookwhen-b16"),
-    # The same with a ViT-B-wide selector, like the authors' image model.
+    # The paper's LookWhen (106 M parameters; 40 and 108 GMACs per view at
+    # keep ratios 0.1 and 0.3): a ViT-B/16 extractor on 16 x 14 x 14 = 3136
+    # candidates and a 3-layer ViT-B-wide selector on the clip scaled down 2x
+    # in space and time (8 frames of 112 px: 8 x 7 x 7 = 392 tokens), whose
+    # CLS and registers enter the extractor unprojected. The derivation is in
+    # the README ("Presets"); tests/test_model.py pins the figures.
+    "lookwhen-b16": ModelConfig(
+        name="lookwhen-b16", selector_width=768, selector_heads=12, score_hidden=384,
+        selector_frame_stride=2, context_projection=False,
+    ),
+    # The earlier, lighter selector: 3 layers 384 wide on all 16 frames at
+    # 112 px (16 x 7 x 7 tokens), projected to the extractor's width.
+    "lookwhen-b16-light": ModelConfig(name="lookwhen-b16-light"),
+    # The light preset's layout with a ViT-B-wide selector, like the authors' image model.
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
+    ),
+    # LookWhere's released image model (lookwhen.lookwhere loads
+    # lookwhere_dinov2.pt): DINOv2-B/14 with 4 registers and LayerScale as
+    # selector (3 blocks on the image resized to 154 px: 11 x 11 tokens, a
+    # 4 x 4 logit head) and extractor (12 blocks at 518 px: 37 x 37), the
+    # selector's normed CLS and registers leading the extractor's sequences.
+    "lookwhere-dinov2": ModelConfig(
+        name="lookwhere-dinov2", frames=1, image_size=518, patch_size=14, layer_scale=1e-5,
+        selector_width=768, selector_heads=12, score_hidden=3072, score_outputs=16, selector_image_size=154,
+        context_projection=False, extractor_cls=False,
     ),
     # The dense model the paper compares against, InternVideo2-B/14
     # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a

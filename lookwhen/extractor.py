@@ -22,14 +22,16 @@ class Extractor(nn.Module):
         frames, grid_h, grid_w = config.grid
         self.patch_embed = PatchEmbed(config.patch_size, dim)
         self.pos_embed = SeparablePosEmbed(frames, grid_h * grid_w, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Without a CLS of its own the selector's CLS leads each sequence.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.extractor_cls else None
         self.blocks = nn.ModuleList(
             Block(dim, config.heads, config.mlp_ratio, config.norm_eps, **block_options(config))
             for _ in range(config.depth)
         )
         self.norm = make_norm(config.norm, dim, config.norm_eps)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else None
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_weights)
 
     def embed(self, clip, indices, cu_seqlens, dtype: torch.dtype) -> torch.Tensor:

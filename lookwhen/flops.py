@@ -1,5 +1,8 @@
 """FLOP counting with ``torch.utils.flop_counter`` (no hand-written totals).
 
+The counter counts a multiply-add as two FLOPs; video papers report GMACs
+(one per multiply-add), :func:`gmacs` converts.
+
 The ``lookwhen_kernels`` ops register their own formulas. PyTorch's counter
 has none for the CPU flash-attention kernels that
 ``scaled_dot_product_attention`` dispatches to on CPU, so the dense baseline's
@@ -34,3 +37,9 @@ def count_flops(model: torch.nn.Module, clip: torch.Tensor, **forward_kwargs) ->
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(clip, **forward_kwargs)
     return counter.get_total_flops()
+
+
+def gmacs(flops: float) -> float:
+    """GMACs (billions of multiply-adds, the papers' unit) of a FLOP count
+    from :func:`count_flops`, which counts each multiply-add as two FLOPs."""
+    return flops / 2e9

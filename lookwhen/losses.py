@@ -30,6 +30,8 @@ batch average to the loss of the whole batch.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -63,15 +65,27 @@ class LossWeights:
 
 def uniqueness_target(patches: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Image-teacher patch features ``[B, T, h*w, D]`` on the extractor's
-    grid -> float32 uniqueness ``[B, n_selector_tokens]`` on the selector's
-    grid (nearest-neighbour L2 distance over the clip, block-averaged)."""
-    frames, grid_h, grid_w = config.grid
-    _, coarse_h, coarse_w = config.selector_grid
+    grid -> float32 uniqueness in the layout of the selector's scores:
+    ``[B, n_selector_tokens]``, or ``[B, n_selector_tokens, r*r]`` with
+    ``score_outputs`` = r*r (nearest-neighbour L2 distance over the clip,
+    block-averaged in space and over each selector frame's frames to the
+    score map, ``config.score_map_grid``)."""
+    grid = config.grid
+    map_grid = config.score_map_grid
     distance = lk.nn_uniqueness(patches.flatten(1, 2).contiguous())
-    planes = distance.float().view(-1, frames, grid_h, grid_w)
-    if (coarse_h, coarse_w) != (grid_h, grid_w):
-        planes = F.adaptive_avg_pool2d(planes, (coarse_h, coarse_w))
-    return planes.reshape(distance.shape[0], -1)
+    batch = distance.shape[0]
+    volume = distance.float().view(batch, *grid)
+    if map_grid[0] != grid[0]:
+        volume = F.adaptive_avg_pool3d(volume[:, None], map_grid)[:, 0]
+    elif map_grid != grid:
+        volume = F.adaptive_avg_pool2d(volume, map_grid[1:])
+    r = math.isqrt(config.score_outputs)
+    if r == 1:
+        return volume.reshape(batch, -1)
+    frames, map_h, map_w = map_grid
+    # The inverse of the sub-grid layout: (t, i*r + a, j*r + b) -> [token (t, i, j), a*r + b].
+    cells = volume.view(batch, frames, map_h // r, r, map_w // r, r).permute(0, 1, 2, 4, 3, 5)
+    return cells.reshape(batch, -1, r * r)
 
 
 def _standardise(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
@@ -80,9 +94,10 @@ def _standardise(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Ten
 
 
 def selector_loss(scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over clips of ``KL(softmax(z(target) / temperature) || softmax(scores))``."""
-    goal = F.log_softmax(_standardise(target.float()) / temperature, dim=-1)
-    return F.kl_div(F.log_softmax(scores.float(), dim=-1), goal, log_target=True, reduction="batchmean")
+    """Mean over clips of ``KL(softmax(z(target) / temperature) || softmax(scores))``,
+    each softmax over all of a clip's scores (``[B, n]`` or ``[B, n, r*r]``)."""
+    goal = F.log_softmax(_standardise(target.float().flatten(1)) / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(scores.float().flatten(1), dim=-1), goal, log_target=True, reduction="batchmean")
 
 
 def _per_clip_mse(prediction: torch.Tensor, target: torch.Tensor, clip_of_row: torch.Tensor,

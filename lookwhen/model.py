@@ -19,20 +19,22 @@ import lookwhen_kernels as lk
 from lookwhen.config import ModelConfig
 from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
-from lookwhen.selector import Selector
+from lookwhen.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops.topk_tokens import check_budgets
 
 
 @dataclass
 class LookWhenOutput:
-    """``embedding [B, width]``: the extractor's final-normed CLS token.
+    """``embedding [B, width]``: the extractor's final-normed CLS token (the
+    selector's CLS position without ``extractor_cls``).
     ``tokens [total, width]``: final features of the selected tokens, packed
     clip after clip in the order of ``indices``. ``indices``: the selected
     token ids, ``int32 [B, K]`` for a keep ratio or packed ``[total]`` for
     per-clip budgets. ``cu_seqlens int32 [B+1]``: offsets of each clip's rows
-    in ``tokens`` (and in packed ``indices``). ``scores float32 [B, n]``: the
-    selector's scores on its coarse grid. ``pooled [B, width]``: the mean of
+    in ``tokens`` (and in packed ``indices``). ``scores float32 [B, n]`` (or
+    ``[B, n, r*r]`` with ``score_outputs`` = r*r): the selector's scores on
+    its coarse grid. ``pooled [B, width]``: the mean of
     each clip's token features (zero for a clip with budget 0). ``logits``:
     the classifier applied to ``embedding`` when the config has classes."""
 
@@ -99,7 +101,7 @@ class LookWhen(nn.Module):
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
-        dtype = compute_dtype(self.extractor.cls_token)
+        dtype = compute_dtype(self.extractor.patch_embed.proj.weight)
 
         if run_selector:
             features, context = self._encode(clip, dtype, timer)
@@ -110,22 +112,25 @@ class LookWhen(nn.Module):
                 scores = self.selector.score(features)
             else:
                 scores = clip.new_empty((batch, 0), dtype=torch.float32)
-            grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
+            grids = {"grid": cfg.score_grid, "out_grid": cfg.grid}
+            per_frame = frame_scores(scores, cfg) if run_selector else scores
             # The selection is the model's own (scores from the score head,
             # ids from topk): the ops' value checks, host reads, stay off.
             if indices is not None:
                 tokens_cu = None
             elif budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
-                indices = lk.topk_tokens(scores, keep_ratio=ratio, validate=False, **grids)
+                indices = lk.topk_tokens(per_frame, keep_ratio=ratio, validate=False, **grids)
                 tokens_cu = None
             else:
                 budgets, total, longest = _checked_budgets(budgets, batch, cfg.n_tokens, scores.device)
                 indices, tokens_cu = lk.topk_tokens(
-                    scores, budgets=budgets, total=total, validate=False, **grids
+                    per_frame, budgets=budgets, total=total, validate=False, **grids
                 )
             tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
-            prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
+            prefix = context.to(dtype)
+            if self.extractor.cls_token is not None:
+                prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), prefix], 1)
             if tokens_cu is None:
                 layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
             else:
@@ -154,8 +159,9 @@ class LookWhen(nn.Module):
             return self.selector.encode(coarse.view(batch, self.config.n_selector_tokens, -1))
 
     def selector_scores(self, clip: torch.Tensor) -> torch.Tensor:
-        """The selector alone: float32 scores ``[B, n]`` on its coarse grid
-        (what selector pre-training needs, without running the extractor)."""
+        """The selector alone: float32 scores ``[B, n]`` (or ``[B, n, r*r]``)
+        on its coarse grid (what selector pre-training needs, without running
+        the extractor)."""
         check_clip(clip, self.config)
         features, _ = self._encode(clip, compute_dtype(self.selector.cls_token), _no_timer)
         return self.selector.score(features)

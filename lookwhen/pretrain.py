@@ -53,7 +53,7 @@ class PretrainModule(nn.Module):
         return self.teachers(clips, cfg.grid[1:])
 
     def forward(self, batch: Dict, budgets: Optional[torch.Tensor]):
-        device = self.model.extractor.cls_token.device
+        device = self.model.extractor.patch_embed.proj.weight.device
         clips = batch["clips"].to(device, non_blocking=True)
         targets = self.targets(batch, clips)
         uniqueness = uniqueness_target(targets.patches, self.model.config)

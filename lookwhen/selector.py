@@ -2,13 +2,15 @@
 ``selector_downsample`` that scores every coarse space-time token.
 
 Its patch embedding reads the uint8 clip straight through
-``gather_patch_embed(..., downsample=2)``; its score head is one fused
-``score_tokens`` call; its CLS and register tokens, projected to the
-extractor's width, become context tokens in every extractor sequence.
+``gather_patch_embed(..., downsample=2)`` (every ``selector_frame_stride``-th
+frame); its score head is one fused ``score_tokens`` call with one or r*r
+outputs per token; its CLS and register tokens, projected to the extractor's
+width (or as they are), become context tokens in every extractor sequence.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
@@ -17,17 +19,19 @@ from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, block_options,
 
 
 class ScoreHead(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear to one score per token, run as
-    one ``score_tokens`` call (timm-style names so it loads like an MLP)."""
+    """LayerNorm -> Linear -> GELU -> Linear to ``outputs`` scores per token
+    (1, or LookWhere's r*r sub-token logits), run as one ``score_tokens``
+    call (timm-style names so it loads like an MLP)."""
 
-    def __init__(self, dim: int, hidden: int, eps: float):
+    def __init__(self, dim: int, hidden: int, eps: float, outputs: int = 1):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
+        self.fc2 = nn.Linear(hidden, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, n, D]`` -> float32 scores ``[B, n]``."""
+        """``x [B, n, D]`` -> float32 scores ``[B, n]`` (one output) or
+        ``[B, n, r*r]``."""
         dtype = x.dtype
         return lk.score_tokens(
             x,
@@ -36,6 +40,18 @@ class ScoreHead(nn.Module):
             self.fc2.weight.to(dtype), self.fc2.bias.to(dtype),
             eps=self.norm.eps,
         )
+
+
+def frame_scores(scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Selector scores ``[B, n]`` (or ``[B, n, r*r]``) -> the same on
+    ``config.score_grid``: each selector frame's scores repeated for the
+    ``selector_frame_stride`` frames it stands for (what ``topk_tokens``
+    takes, with ``grid=config.score_grid, out_grid=config.grid``)."""
+    stride = config.selector_frame_stride
+    if stride == 1:
+        return scores
+    per_frame = scores.view(scores.shape[0], config.selector_grid[0], -1, *scores.shape[2:])
+    return per_frame.repeat_interleave(stride, dim=1).flatten(1, 2)
 
 
 class Selector(nn.Module):
@@ -53,8 +69,8 @@ class Selector(nn.Module):
             for _ in range(config.selector_depth)
         )
         self.norm = make_norm(config.norm, dim, config.norm_eps)
-        self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps)
-        self.context_proj = nn.Linear(dim, config.width)
+        self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps, config.score_outputs)
+        self.context_proj = nn.Linear(dim, config.width) if config.context_projection else nn.Identity()
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.reg_token, std=1e-6)
         self.apply(init_weights)
@@ -67,10 +83,34 @@ class Selector(nn.Module):
         """Every coarse token of every clip, packed ``[B * n, D]``."""
         cfg = self.config
         proj = self.patch_embed.proj
+        if cfg.selector_frame_stride > 1:
+            # A uint8 copy of the frames the selector sees (1/stride of the
+            # clip): the op reads contiguous clips.
+            clip = clip[:, :: cfg.selector_frame_stride].contiguous()
+        if cfg.selector_image_size:
+            return self._embed_resized(clip, dtype)
         return lk.gather_patch_embed(
             clip, None, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
             patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, downsample=cfg.selector_downsample,
         )
+
+    def _embed_resized(self, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """LookWhere's selector input: each frame normalised, bilinearly
+        resized (``align_corners=False``, no antialiasing) to
+        ``selector_image_size`` and patch-embedded. The resize is not a
+        block mean, so this path builds float frames (at the clip's size,
+        then the selector's) instead of reading pixels in the op."""
+        cfg = self.config
+        proj = self.patch_embed.proj
+        batch, frames = clip.shape[:2]
+        mean = torch.tensor(cfg.mean, device=clip.device, dtype=torch.float32)
+        std = torch.tensor(cfg.std, device=clip.device, dtype=torch.float32)
+        pixels = ((clip.float() / 255 - mean) / std).flatten(0, 1).permute(0, 3, 1, 2)
+        size = cfg.selector_image_size
+        small = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        tokens = F.conv2d(small.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), stride=cfg.patch_size)
+        tokens = tokens.flatten(2).transpose(1, 2).reshape(batch, -1, tokens.shape[1])
+        return (tokens + self.pos_embed.table().to(dtype)).flatten(0, 1)
 
     def encode(self, tokens: torch.Tensor):
         """``tokens [B, n, D]`` -> (token features ``[B, n, D]``, context
@@ -84,5 +124,7 @@ class Selector(nn.Module):
         return x[:, self.n_prefix:], context
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        """float32 scores ``[B, n]`` on the coarse grid."""
+        """float32 scores on the selector's grid: ``[B, n]``, or ``[B, n,
+        r*r]`` with ``score_outputs`` = r*r."""
         return self.score_head(features.contiguous())
+

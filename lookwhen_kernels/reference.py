@@ -7,6 +7,7 @@ speed: each function is the contract of its op, stated in code.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
@@ -149,10 +150,28 @@ def gather_patch_embed_backward(
     return d_weight.to(grad.dtype), g.sum(0).to(grad.dtype), d_pos.to(grad.dtype)
 
 
+def sub_grid_map(scores: torch.Tensor, grid) -> torch.Tensor:
+    """3-d scores ``[B, n, r*r]`` on the coarse ``grid=(T, h, w)`` -> the
+    r-times finer map ``[B, T*(h*r)*(w*r)]``: logit ``a*r + b`` of token
+    ``(t, i, j)`` goes to ``(t, i*r + a, j*r + b)`` (LookWhere's rearrange
+    ``"(h w) (i j) -> (h i) (w j)"``, per frame)."""
+    batch, _, outputs = scores.shape
+    frames, h, w = grid
+    r = math.isqrt(outputs)
+    cells = scores.reshape(batch, frames, h, w, r, r).permute(0, 1, 2, 4, 3, 5)
+    return cells.reshape(batch, frames * h * r * w * r)
+
+
 def upsample_scores(scores: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """``[B, T*h*w]`` -> ``[B, T*H*W]``: every frame bilinearly resized from
-    ``h x w`` to ``H x W`` (``align_corners=False``), in at least float32."""
+    ``h x w`` to ``H x W`` (``align_corners=False``), in at least float32.
+    3-d scores ``[B, n, r*r]`` are first laid onto their ``(T, h*r, w*r)``
+    map (:func:`sub_grid_map`), which is then resized."""
     work = scores.to(_work_dtype(scores.dtype))
+    if scores.dim() == 3:
+        r = math.isqrt(scores.shape[2])
+        work = sub_grid_map(work, grid)
+        grid = (grid[0], grid[1] * r, grid[2] * r)
     if tuple(grid) == tuple(out_grid):
         return work
     frames, h, w = grid
@@ -164,7 +183,8 @@ def upsample_scores(scores: torch.Tensor, grid, out_grid) -> torch.Tensor:
 
 def topk_tokens(scores: torch.Tensor, k=None, *, budgets=None, grid=None, out_grid=None):
     """Per clip, the ids of the ``k`` (or ``budgets[b]``) highest scores after
-    upsampling from ``grid`` to ``out_grid`` (when both are given), ties to the
+    upsampling from ``grid`` to ``out_grid`` (when both are given; 3-d
+    ``[B, n, r*r]`` scores through their r-times finer map), ties to the
     lower id, returned in ascending order: int32 ``[B, k]``, or ``(indices
     [total], cu_seqlens [B+1])`` with ``budgets``."""
     fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
@@ -240,13 +260,15 @@ def scatter_tokens(packed: torch.Tensor, indices: torch.Tensor, n_tokens: int, c
 
 
 def score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float = 1e-6) -> torch.Tensor:
-    """The selector's score head, ``x [B, n, D]`` -> float32 ``[B, n]``:
-    ``linear(gelu(linear(layer_norm(x), w1, b1)), w2, b2)`` with the exact
-    GELU, each step in x's dtype as the ``nn.Module`` stack computes it
-    (float64 in, float64 out: the oracle)."""
+    """The selector's score head, ``x [B, n, D]`` -> float32 ``[B, n]`` (one
+    output: ``w2 [1, hidden]`` or ``[hidden]``) or ``[B, n, R]`` (``w2 [R,
+    hidden]``, R > 1): ``linear(gelu(linear(layer_norm(x), w1, b1)), w2, b2)``
+    with the exact GELU, each step in x's dtype as the ``nn.Module`` stack
+    computes it (float64 in, float64 out: the oracle)."""
     y = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     h = torch.nn.functional.gelu(torch.nn.functional.linear(y, w1, b1))
-    return torch.nn.functional.linear(h, w2.reshape(1, -1), b2).squeeze(-1).to(_work_dtype(x.dtype))
+    out = torch.nn.functional.linear(h, w2.reshape(-1, w1.shape[0]), b2)
+    return (out.squeeze(-1) if out.shape[-1] == 1 else out).to(_work_dtype(x.dtype))
 
 
 def score_tokens_backward(grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float = 1e-6):
@@ -255,9 +277,9 @@ def score_tokens_backward(grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: 
     each in its input's dtype and shape."""
     work = _work_dtype(x.dtype)
     xw = x.to(work).reshape(-1, x.shape[-1])
-    g = grad.to(work).reshape(-1, 1)
+    w2w = w2.to(work).reshape(-1, w1.shape[0])
+    g = grad.to(work).reshape(-1, w2w.shape[0])
     gamma, beta, w1w, b1w = (t.to(work) for t in (norm_weight, norm_bias, w1, b1))
-    w2w = w2.to(work).reshape(-1)
     mean = xw.mean(dim=1, keepdim=True)
     rstd = torch.rsqrt(xw.var(dim=1, unbiased=False, keepdim=True) + eps)
     xhat = (xw - mean) * rstd
@@ -265,7 +287,7 @@ def score_tokens_backward(grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: 
     a = y @ w1w.T + b1w
     cdf = 0.5 * (1 + torch.erf(a * 0.5 ** 0.5))
     pdf = torch.exp(-0.5 * a * a) * (2 * torch.pi) ** -0.5
-    d_a = g * w2w * (cdf + a * pdf)
+    d_a = (g @ w2w) * (cdf + a * pdf)
     d_y = d_a @ w1w
     d_xhat = d_y * gamma
     dx = rstd * (d_xhat - d_xhat.mean(dim=1, keepdim=True) - xhat * (d_xhat * xhat).mean(dim=1, keepdim=True))
@@ -275,8 +297,8 @@ def score_tokens_backward(grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: 
         d_y.sum(dim=0),
         d_a.T @ y,
         d_a.sum(dim=0),
-        (g * a * cdf).sum(dim=0).reshape(w2.shape),
-        g.sum().reshape(b2.shape),
+        (g.T @ (a * cdf)).reshape(w2.shape),
+        g.sum(dim=0).reshape(b2.shape),
     )
     inputs = (x, norm_weight, norm_bias, w1, b1, w2, b2)
     return tuple(d.to(t.dtype) for d, t in zip(grads, inputs))

@@ -17,11 +17,11 @@ from bench.__main__ import main
 from bench.ops import cases_for
 from bench.report import CSV_FIELDS
 from bench.roofline import GPUS, find_gpu, floor_seconds
-from lookwhen.config import get_config
+from lookwhen.config import get_config, parse_overrides
 from lookwhen.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "selector_heads=2",
+TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "context_projection=true", "selector_heads=2",
         "selector_depth=1", "score_hidden=32"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -205,8 +205,7 @@ def test_inspect_cli(tmp_path):
 
 
 def _tiny_cases():
-    overrides = dict(item.split("=") for item in TINY)
-    overrides = {k: int(v) for k, v in overrides.items()}
+    overrides = parse_overrides(TINY)
     return [case for name in ("lookwhen-b16", "internvideo2-b14")
             for case in cases_for(get_config(name, **overrides), batch=2, keep_ratio=0.1)]
 

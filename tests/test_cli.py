@@ -22,7 +22,7 @@ from lookwhen.cli import DIM, GAP, main
 from lookwhen.video import read_clip
 from test_video import make_video
 
-TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,
+TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, context_projection=True, selector_depth=1,
             selector_heads=2, score_hidden=16, registers=4, keep_ratio=0.25)
 
 
@@ -87,7 +87,7 @@ def test_embed_safetensors_with_the_real_preset(files, capsys, tmp_path):
     with safe_open(str(out), "pt") as handle:
         assert handle.get_tensor("embeddings").shape == (1, 768)
         assert handle.get_tensor("indices").shape == (1, round(0.2 * 3136))
-        assert handle.get_tensor("scores").shape == (1, 784)
+        assert handle.get_tensor("scores").shape == (1, 392)
         meta = handle.metadata()
     assert json.loads(meta["videos"]) == [video] and json.loads(meta["failed"]) == []
 
@@ -122,9 +122,13 @@ def test_info_reports_flops_of_both_models(capsys):
     code, stdout, err = run(capsys, "info")
     assert code == 0 and err == []
     rows = {line.split()[0]: line for line in stdout.splitlines()}
-    gflops = {name: float(rows[name].split()[-1]) for name in ("lookwhen-b16", "internvideo2-b14")}
+    assert "GFLOPs/clip  GMACs/clip" in stdout
+    gflops = {name: float(rows[name].split()[-2]) for name in ("lookwhen-b16", "internvideo2-b14")}
+    for name, value in gflops.items():
+        assert float(rows[name].split()[-1]) == pytest.approx(value / 2, abs=0.06)
     assert "314 (0.1) + 6 context" in rows["lookwhen-b16"]
-    assert "3136 (selector 784)" in rows["lookwhen-b16"] and "2048 + CLS" in rows["internvideo2-b14"]
+    assert "108.0M" in rows["lookwhen-b16"] and "38.8" in rows["lookwhen-b16"].split()[-1]
+    assert "3136 (selector 392)" in rows["lookwhen-b16"] and "2048 + CLS" in rows["internvideo2-b14"]
     ratio = float(re.search(r"FLOPs ratio internvideo2-b14 / lookwhen-b16: ([\d.]+)x", stdout).group(1))
     assert ratio == pytest.approx(gflops["internvideo2-b14"] / gflops["lookwhen-b16"], rel=0.01)
     assert ratio > 5

@@ -105,7 +105,7 @@ def test_nn_uniqueness_and_frame_normalize():
     _assert_compiled_matches_eager(lk.frame_normalize, [torch.randn(2, 2, 5, 3)])
 
 
-TINY = dict(frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8, selector_depth=1,
+TINY = dict(frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8, context_projection=True, selector_depth=1,
             selector_heads=2, score_hidden=8, registers=1, keep_ratio=0.25)
 
 

@@ -10,7 +10,7 @@ from lookwhen.cpu_inference import PrepackedLinear, onednn_available, prepack_li
 from lookwhen_kernels.testing import assert_within_reference_error
 
 TINY = {
-    "lookwhen-b16": dict(frames=2, image_size=64, width=32, depth=2, heads=2, selector_width=16,
+    "lookwhen-b16": dict(frames=2, image_size=64, width=32, depth=2, heads=2, selector_width=16, context_projection=True,
                          selector_depth=1, selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25),
     "internvideo2-b14": dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=2),
 }

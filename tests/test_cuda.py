@@ -111,7 +111,7 @@ def test_topk_nn_uniqueness_frame_normalize(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_model_forward_and_backward(dtype):
-    model = build_model("lookwhen-b16", frames=4, image_size=64, width=128, depth=2, heads=2, selector_width=64,
+    model = build_model("lookwhen-b16", frames=4, image_size=64, width=128, depth=2, heads=2, selector_width=64, context_projection=True,
                         selector_depth=1, selector_heads=1, score_hidden=64, registers=2).cuda()
     clip = torch.randint(0, 256, (2, 4, 64, 64, 3), dtype=torch.uint8).cuda()
     with torch.autocast("cuda", dtype=dtype):

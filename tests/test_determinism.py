@@ -16,7 +16,7 @@ from lookwhen import build_model
 import lookwhen_kernels as lk
 assert lk.deterministic()
 torch.manual_seed(0)
-model = build_model("lookwhen-b16", frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8,
+model = build_model("lookwhen-b16", frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8, context_projection=True,
                     selector_depth=1, selector_heads=2, score_hidden=8, registers=1).train()
 clip = torch.randint(0, 256, (3, 2, 32, 32, 3), dtype=torch.uint8)
 results = {}

@@ -21,8 +21,11 @@ from lookwhen.finetune import FinetuneTask, layer_id, random_selection
 from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
 from lookwhen.train import Trainer, TrainSettings
 
+# The light preset's selector layout (every frame, projected context): the
+# learning test below widens the extractor alone.
 SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=2, heads=2, selector_width=32,
-             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25)
+             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25,
+             selector_frame_stride=1, context_projection=True)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
 
@@ -119,7 +122,7 @@ def test_reskd_distills_a_low_resolution_student(files, tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "dense" / "log.jsonl")]
     assert set(rows[0]["losses"]) == {"task", "distill"} and rows[0]["losses"]["distill"] > 0
     assert main([*args, "--set", *SET[:1], "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2",
-                 "selector_width=16", "selector_depth=1", "selector_heads=2", "score_hidden=16",
+                 "selector_width=16", "context_projection=true", "selector_depth=1", "selector_heads=2", "score_hidden=16",
                  "--out", str(tmp_path / "lw")]) == 0
     assert main([*args, "--preset", "internvideo2-b14", "--set", *DENSE, "num_classes=3",
                  "--out", str(tmp_path / "wrong")]) == 1

@@ -19,15 +19,15 @@ def _input(shape, dtype):
     return (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
 
 
-def _head(dim, hidden, dtype, *, flat_w2=False):
+def _head(dim, hidden, dtype, *, flat_w2=False, outputs=1):
     """(norm_weight, norm_bias, w1, b1, w2, b2) at trained-network scales."""
     params = (
         1 + 0.3 * torch.randn(dim),
         0.2 * torch.randn(dim),
         torch.randn(hidden, dim) / dim**0.5,
         0.2 * torch.randn(hidden),
-        torch.randn(hidden if flat_w2 else 1, *(() if flat_w2 else (hidden,))) / hidden**0.5,
-        0.2 * torch.randn(1),
+        torch.randn(hidden if flat_w2 else outputs, *(() if flat_w2 else (hidden,))) / hidden**0.5,
+        0.2 * torch.randn(outputs),
     )
     return tuple(p.to(dtype) for p in params)
 
@@ -61,6 +61,46 @@ def test_every_score_written(dtype):
     # The score is float32 whatever the input, so the floor follows the input
     # precision: with one token the reference's own error can be tiny by luck.
     assert_within_reference_error(out, reference.score_tokens(x, *params), oracle, floor=DEFAULT_FLOOR[dtype])
+
+
+# R outputs per token (LookWhere's r x r head): R = 16 (4 x 4), an odd R
+# that pads the output tile, R = 2; odd D and hidden, a row tail.
+@pytest.mark.parametrize("shape, outputs", [((2, 70, 80, 130), 16), ((1, 5, 33, 17), 3), ((1, 1, 8, 40), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_several_outputs_per_token(shape, outputs, dtype):
+    batch, n_tokens, dim, hidden = shape
+    x = _input((batch, n_tokens, dim), dtype)
+    params = _head(dim, hidden, dtype, outputs=outputs)
+    out = poison_(torch.empty(batch, n_tokens, outputs))
+    _score_tokens_into(out, x, *params, 1e-6)
+    assert_fully_written(out, "scores")
+    oracle = reference.score_tokens(x.double(), *_double(params))
+    assert oracle.shape == (batch, n_tokens, outputs)
+    assert_within_reference_error(out, reference.score_tokens(x, *params), oracle, floor=DEFAULT_FLOOR[dtype])
+    public = score_tokens(x, *params)
+    assert public.shape == (batch, n_tokens, outputs) and public.dtype == torch.float32
+    torch.testing.assert_close(public, out, rtol=0, atol=0)
+    # Output r of the head is the one-output head with row r of w2.
+    one = score_tokens(x, *params[:4], params[4][1:2].contiguous(), params[5][1:2].contiguous())
+    torch.testing.assert_close(one, out[..., 1], rtol=1e-5, atol=1e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_several_outputs_backward_and_flops():
+    x = _input((2, 9, 20), torch.float32)
+    params = _head(20, 24, torch.float32, outputs=16)
+    grad = torch.randn(2, 9, 16)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, *params)]
+    kernel = torch.autograd.grad(score_tokens(*leaves), leaves, grad)
+    doubles = [t.detach().double().requires_grad_(True) for t in (x, *params)]
+    oracle = torch.autograd.grad(reference.score_tokens(*doubles), doubles, grad.double())
+    closed = reference.score_tokens_backward(grad.double(), *(t.detach() for t in doubles))
+    for k, o, c in zip(kernel, oracle, closed):
+        assert k.shape == o.shape
+        torch.testing.assert_close(c, o)
+        torch.testing.assert_close(k.double(), o, rtol=1e-4, atol=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        score_tokens(x, *params)
+    assert counter.get_total_flops() == 2 * 2 * 9 * (20 * 24 + 24 * 16)
 
 
 def test_flat_w2_and_eps_are_honoured():
@@ -168,8 +208,10 @@ def _with(position, value):
         (_with(3, torch.ones(0, 8)), {}, "w1: the hidden layer needs at least one unit"),
         (_with(3, torch.ones(8, 16).T), {}, "w1: expected a contiguous"),
         (_with(4, torch.ones(15)), {}, r"b1: expected shape \[16\]"),
-        (_with(5, torch.ones(2, 16)), {}, r"w2: expected shape \[1, 16\] or \[16\]"),
-        (_with(5, torch.ones(1, 15)), {}, r"w2: expected shape \[1, 16\] or \[16\]"),
+        (_with(5, torch.ones(2, 16)), {}, r"b2: expected shape \[2\]"),
+        (_with(5, torch.ones(1, 15)), {}, r"w2: expected shape \[R, 16\] \(R >= 1 outputs\) or \[16\]"),
+        (_with(5, torch.ones(0, 16)), {}, r"w2: expected shape \[R, 16\]"),
+        (_with(5, torch.ones(2, 2, 16)), {}, r"w2: expected shape \[R, 16\]"),
         (_with(6, torch.ones(())), {}, r"b2: expected shape \[1\]"),
         (_with(6, torch.ones(1, device="meta")), {}, "b2: expected a tensor on cpu"),
         (_with(6, 0.5), {}, "b2: expected a torch.Tensor"),

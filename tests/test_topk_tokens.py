@@ -256,6 +256,15 @@ S = torch.zeros(2, 12)
         (lambda: topk_tokens(S, 1, out_grid=(1, 6, 8)), "out_grid: needs grid"),
         (lambda: topk_tokens(S, 1, grid=(1, 3, 4), out_grid=(2, 3, 8)), "out_grid: must keep the 1 frames"),
         (lambda: topk_tokens(S, 1, grid=(1, 3, 4), out_grid=(1, 6, -8)), "out_grid: expected three positive ints"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 4), 1), "grid: 3-d scores"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 3), 1, grid=(1, 1, 3)), "scores: the last dimension must be r.r"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 0), 1, grid=(1, 1, 3)), "scores: the last dimension must be r.r"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 4), 1, grid=(1, 2, 2)), "grid: T.h.w = 4 does not match the 3 tokens"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 4), 13, grid=(1, 1, 3)), r"k: expected an int in \[0, 12\]"),
+        (lambda: topk_tokens(torch.zeros(2, 4, 3).transpose(1, 2), 1, grid=(1, 1, 3)), "scores: expected a contiguous"),
+        (lambda: topk_tokens(torch.zeros(2, 3, 4, 1), 1, grid=(1, 1, 3)), "scores: expected a 2-d .* or 3-d"),
+        (lambda: topk_tokens(_nan_scores().view(2, 3, 4), 1, grid=(1, 1, 3)), "scores: contain non-finite"),
+        (lambda: topk_tokens(_inf_scores().view(2, 3, 4), 1, grid=(1, 1, 3)), "scores: contain non-finite"),
     ],
 )
 def test_bad_inputs_raise_value_error(bad, message):
@@ -286,3 +295,62 @@ def test_looped_kernel_selects_what_the_register_kernel_does(monkeypatch):
     looped = [topk_tokens(scores, 97, **grids), topk_tokens(scores, budgets=budgets, **grids)[0]]
     for a, b in zip(looped, expected):
         assert torch.equal(a, b)
+
+
+# Sub-grid scores [B, n, r*r] (LookWhere's head): LookWhere's 11 x 11 x 16
+# on a 37 x 37 grid, the map itself (no resize), an odd r, one coarse token.
+SUB_GRID_CASES = [((1, 11, 11), 4, (1, 37, 37)), ((2, 3, 5), 2, None), ((2, 3, 4), 3, (2, 7, 5)),
+                  ((1, 1, 1), 2, (1, 3, 3))]
+
+
+def test_sub_grid_map_layout():
+    """Logit a*r + b of token (t, i, j) sits at (t, i*r + a, j*r + b)."""
+    frames, h, w, r = 2, 3, 2, 3
+    scores = torch.randn(1, frames * h * w, r * r)
+    fine = reference.sub_grid_map(scores, (frames, h, w)).view(frames, h * r, w * r)
+    for t in range(frames):
+        for y in range(h * r):
+            for x in range(w * r):
+                token = t * h * w + (y // r) * w + x // r
+                assert fine[t, y, x] == scores[0, token, (y % r) * r + x % r]
+
+
+@pytest.mark.parametrize("grid, r, out_grid", SUB_GRID_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sub_grid_scores_select_as_their_map(grid, r, out_grid, dtype):
+    """The fused rearrangement selects exactly what the 2-d kernel selects on
+    the materialised map, and that is a top-K of the float64 upsampling."""
+    scores = torch.randn(3, math.prod(grid), r * r).to(dtype)
+    map_grid = (grid[0], grid[1] * r, grid[2] * r)
+    flat = reference.sub_grid_map(scores, grid).contiguous()
+    n_out = math.prod(out_grid or map_grid)
+    for k in sorted({1, n_out // 3, n_out}):
+        out = topk_tokens(scores, k, grid=grid, out_grid=out_grid)
+        assert torch.equal(out, topk_tokens(flat, k, grid=map_grid, out_grid=out_grid or map_grid))
+        _assert_upsampled_top_k(out, scores, k, grid, out_grid or map_grid)
+    budgets = torch.tensor([0, 1, n_out], dtype=torch.int32)
+    indices, cu = topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)
+    assert torch.equal(cu, cu_seqlens_from_lengths(budgets))
+    assert torch.equal(indices, topk_tokens(flat, budgets=budgets, grid=map_grid, out_grid=out_grid or map_grid)[0])
+
+
+def test_sub_grid_ties_match_reference_exactly():
+    # Integer logits and 2x resizing weights are exact: real ties, lower id wins.
+    grid, r, out_grid = (2, 3, 4), 2, (2, 12, 16)
+    scores = torch.randint(0, 3, (2, math.prod(grid), r * r)).float()
+    fine = reference.upsample_scores(scores.double(), grid, out_grid)
+    for k in (1, 50, 384):
+        out = topk_tokens(scores, k, grid=grid, out_grid=out_grid)
+        assert torch.equal(out, reference.topk_tokens(scores.double(), k, grid=grid, out_grid=out_grid))
+        for b in range(scores.shape[0]):
+            _assert_top_k_lower_id_ties(out[b], fine[b], k)
+
+
+def test_sub_grid_scores_in_the_looped_kernel(monkeypatch):
+    scores = torch.randn(2, 2 * 5 * 6, 4).round(decimals=1)
+    grids = {"grid": (2, 5, 6), "out_grid": (2, 20, 24)}
+    expected = topk_tokens(scores, 97, **grids)
+    _assert_upsampled_top_k(expected, scores, 97, grids["grid"], grids["out_grid"])
+    monkeypatch.setattr(topk_module, "MAX_SUB_GRID_TOKENS", 100)
+    monkeypatch.setattr(topk_module, "CHUNK", 128)
+    assert torch.equal(topk_tokens(scores, 97, **grids), expected)

@@ -16,7 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from lookwhen import build_model
+from lookwhen import build_model, get_config
 from lookwhen.cli import main
 from lookwhen.data import DatasetError, Sampling, SkipReport, VideoDataset, collate
 from lookwhen.losses import (
@@ -40,9 +40,11 @@ from lookwhen.teachers import (
 )
 from lookwhen.train import Trainer, TrainSettings, lr_factor
 
-# 8 frames of 64 px, 8-px patches: an 8 x 8 extractor grid, a 4 x 4 selector grid.
+# 8 frames of 64 px, 8-px patches: an 8 x 8 extractor grid, a 4 x 4 selector
+# grid on every frame (the synthetic objects move between frames).
 SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=1, heads=2, selector_width=32,
-             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25)
+             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25,
+             selector_frame_stride=1)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 TEACHER = dict(name="vit_tiny_patch16_224", image_size=64, depth=2)
 
@@ -205,6 +207,22 @@ def test_uniqueness_target_is_high_on_the_moving_object(files):
     for sample, row in zip(samples, target):
         truth = sample.object_tokens(16)
         assert row[truth].mean() > 3 * row[~truth].mean()
+
+
+def test_uniqueness_target_follows_the_score_layout():
+    """With a frame stride the target is the mean over each selector frame's
+    frames; with r x r logits it is the finer map in the scores' layout."""
+    patches = torch.randn(2, 8, 64, 16)
+    base = build_model("lookwhen-b16", **SMALL).config
+    per_frame = uniqueness_target(patches, base).view(2, 8, 4, 4)
+    strided = uniqueness_target(patches, get_config(base, selector_frame_stride=2))
+    torch.testing.assert_close(strided.view(2, 4, 4, 4), per_frame.view(2, 4, 2, 4, 4).mean(2))
+    sub = uniqueness_target(patches, get_config(base, score_outputs=4))
+    assert sub.shape == (2, 8 * 4 * 4, 4)
+    # Logit a*2 + b of token (t, i, j) is the distance averaged over cell (t, 2i + a, 2j + b) of the 8 x 8 grid.
+    fine = uniqueness_target(patches, get_config(base, selector_downsample=1)).view(2, 8, 8, 8)
+    t, i, j, a, b = 3, 1, 2, 1, 0
+    assert torch.allclose(sub[:, t * 16 + i * 4 + j, a * 2 + b], fine[:, t, 2 * i + a, 2 * j + b])
 
 
 def test_selector_loss_is_kl_with_its_minimum_at_the_target():

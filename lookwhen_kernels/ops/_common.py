@@ -89,13 +89,14 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return not _tracing(tensor)
 
 
-def native_kernel(name: str, tensor: torch.Tensor):
+def native_kernel(name: str, tensor: torch.Tensor, handles: bool = True):
     """The native CPU kernel ``torch.ops.lookwhen_native.<name>`` for an op's
     CPU branch, or ``None`` where the reference runs: the library is not
     built or is disabled (``LOOKWHEN_NATIVE=0``), the reference backend is
-    forced, or torch.compile is tracing (the trace keeps the reference's
-    ATen ops, which Inductor compiles)."""
-    if tensor.device.type != "cpu" or _CPU_BACKEND == "reference" or _tracing(tensor):
+    forced, torch.compile is tracing (the trace keeps the reference's ATen
+    ops, which Inductor compiles), or the call uses a mode the native kernel
+    does not have (``handles=False``: several scores per token)."""
+    if not handles or tensor.device.type != "cpu" or _CPU_BACKEND == "reference" or _tracing(tensor):
         return None
     from lookwhen_kernels import native
 

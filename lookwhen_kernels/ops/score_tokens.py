@@ -1,12 +1,15 @@
 """``score_tokens``: the selector's score head, LayerNorm -> Linear -> GELU ->
-Linear(1), one float32 score per token.
+Linear(R), R float32 scores per token (R = 1: one score; R = r*r: LookWhere's
+head, whose r x r logits per coarse token ``topk_tokens`` lays onto an
+r-times finer grid).
 
 One program owns ``BLOCK_M`` token rows. It streams the rows once for the
 LayerNorm statistics (chunk statistics merged with Chan's formula, so any D
 runs with a fixed register budget), then walks the hidden layer in
 ``BLOCK_H`` chunks: for each chunk it accumulates ``tl.dot(normalised rows,
 w1 chunk^T)`` over D chunks on the tensor cores, adds ``b1``, applies the
-exact GELU and folds the chunk straight into the score with ``w2``. The
+exact GELU and folds the chunk straight into the score with ``w2`` (with R
+outputs a second ``tl.dot`` into a ``[rows, R]`` accumulator). The
 ``[rows, hidden]`` activation never leaves registers. The program's rows come
 from HBM once; the re-reads per hidden chunk hit L1/L2 (a 64-row block of
 D=768 fp16 is 96 KiB).
@@ -32,6 +35,7 @@ from lookwhen_kernels.ops._common import (
     check_tensor,
     dot_precision,
     native_kernel,
+    next_power_of_2,
     use_triton,
 )
 
@@ -42,16 +46,18 @@ NUM_STAGES = 3
 NUM_WARPS = 8
 
 
-def _blocks(dtype: torch.dtype) -> dict:
+def _blocks(dtype: torch.dtype, outputs: int = 1) -> dict:
     # fp32's FMA dot holds both operands in registers: a narrower hidden chunk.
-    return {"BLOCK_M": 64, "BLOCK_H": 64 if dtype == torch.float32 else 128, "BLOCK_D": 32}
+    # Several outputs go through tl.dot, whose N is at least 16.
+    block_r = 1 if outputs == 1 else max(16, next_power_of_2(outputs))
+    return {"BLOCK_M": 64, "BLOCK_H": 64 if dtype == torch.float32 else 128, "BLOCK_D": 32, "BLOCK_R": block_r}
 
 
 @triton.jit
 def _score_tokens_fwd(
     x_ptr, norm_weight_ptr, norm_bias_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-    n_rows, dim, hidden, eps,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_rows, dim, hidden, n_outputs, eps,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +80,12 @@ def _score_tokens_fwd(
         m2 = m2 + tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / total)
     rstd = 1.0 / tl.sqrt(m2 / dim + eps)
 
-    score = tl.zeros([BLOCK_M], dtype=tl.float32)
+    outs = tl.arange(0, BLOCK_R)
+    out_ok = outs < n_outputs
+    if BLOCK_R == 1:
+        score = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        score = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for h_start in range(0, hidden, BLOCK_H):
         hs = h_start + tl.arange(0, BLOCK_H)
         h_ok = hs < hidden
@@ -95,20 +106,44 @@ def _score_tokens_fwd(
             acc = tl.dot(y.to(w1_t.dtype), w1_t, acc, input_precision=DOT_PRECISION)
         a = acc + tl.load(b1_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         gelu = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-        w2 = tl.load(w2_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
-        score += tl.sum(gelu * w2[None, :], axis=1)
-    score += tl.load(b2_ptr).to(tl.float32)
-    tl.store(out_ptr + rows, score, mask=row_ok)
+        if BLOCK_R == 1:
+            w2 = tl.load(w2_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+            score += tl.sum(gelu * w2[None, :], axis=1)
+        else:
+            # Padded hidden units have a = 0, so GELU = 0 there: nothing leaks
+            # into the sums; padded outputs are masked at the store.
+            w2_t = tl.load(
+                w2_ptr + outs[None, :] * hidden + hs[:, None], mask=h_ok[:, None] & out_ok[None, :], other=0.0
+            )
+            score = tl.dot(gelu.to(w2_t.dtype), w2_t, score, input_precision=DOT_PRECISION)
+    if BLOCK_R == 1:
+        score += tl.load(b2_ptr).to(tl.float32)
+        tl.store(out_ptr + rows, score, mask=row_ok)
+    else:
+        score += tl.load(b2_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * n_outputs + outs[None, :]
+        tl.store(out_ptrs, score, mask=row_ok[:, None] & out_ok[None, :])
+
+
+def _n_outputs(w2: torch.Tensor) -> int:
+    return 1 if w2.dim() == 1 else w2.shape[0]
+
+
+def _out_shape(x: torch.Tensor, w2: torch.Tensor):
+    outputs = _n_outputs(w2)
+    return tuple(x.shape[:2]) + ((outputs,) if outputs > 1 else ())
 
 
 def _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps):
-    """Launch into a preallocated float32 ``out [B, n]`` (tests poison it first)."""
+    """Launch into a preallocated float32 ``out [B, n]`` or ``[B, n, R]``
+    (tests poison it first)."""
     n_rows = x.shape[0] * x.shape[1]
     if n_rows:
-        blocks = _blocks(x.dtype)
+        outputs = _n_outputs(w2)
+        blocks = _blocks(x.dtype, outputs)
         wrap_triton(_score_tokens_fwd)[(triton.cdiv(n_rows, blocks["BLOCK_M"]),)](
             x, norm_weight, norm_bias, w1, b1, w2, b2, out,
-            n_rows, x.shape[2], w1.shape[0], eps,
+            n_rows, x.shape[2], w1.shape[0], outputs, eps,
             **blocks, DOT_PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
     return out
@@ -126,11 +161,11 @@ def _score_tokens(
     eps: float,
 ) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("score_tokens", x)
+        native = native_kernel("score_tokens", x, handles=w2.shape[0] == 1)
         if native is not None:
             return native(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
         return reference.score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
-    out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
+    out = torch.empty(_out_shape(x, w2), device=x.device, dtype=torch.float32)
     return _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
 
 
@@ -141,7 +176,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    native = native_kernel("score_tokens_backward", grad)
+    native = native_kernel("score_tokens_backward", grad, handles=grad.dim() == 2)
     backward = native if native is not None else reference.score_tokens_backward
     return (*backward(grad, *ctx.saved_tensors, ctx.eps), None)
 
@@ -150,10 +185,12 @@ _score_tokens.register_autograd(_backward, setup_context=_setup_context)
 
 
 @register_flop_formula(torch.ops.lookwhen.score_tokens)
-def _score_tokens_flops(x_shape, norm_weight_shape, norm_bias_shape, w1_shape, *args, **kwargs) -> int:
+def _score_tokens_flops(x_shape, norm_weight_shape, norm_bias_shape, w1_shape, b1_shape, w2_shape,
+                        *args, **kwargs) -> int:
     batch, n_tokens, dim = x_shape
     hidden = w1_shape[0]
-    return 2 * batch * n_tokens * (dim * hidden + hidden)
+    outputs = 1 if len(w2_shape) == 1 else w2_shape[0]
+    return 2 * batch * n_tokens * (dim * hidden + hidden * outputs)
 
 
 def score_tokens(
@@ -170,9 +207,11 @@ def score_tokens(
 
     ``x [B, n, D]`` (fp16, bf16 or fp32); LayerNorm over D with
     ``norm_weight, norm_bias [D]``; ``w1 [hidden, D], b1 [hidden]`` and
-    ``w2 [1, hidden]`` (or ``[hidden]``), ``b2 [1]`` in ``nn.Linear`` layout;
-    GELU is the exact (erf) one. All parameters share x's dtype and device and
-    are contiguous. Returns float32 ``[B, n]``.
+    ``w2 [R, hidden]`` (or ``[hidden]`` for R = 1), ``b2 [R]`` in
+    ``nn.Linear`` layout; GELU is the exact (erf) one. All parameters share
+    x's dtype and device and are contiguous. Returns float32 ``[B, n]`` for
+    R = 1 and ``[B, n, R]`` for R > 1 (with R = r*r, the r x r sub-token
+    logits that ``topk_tokens`` takes as 3-d scores).
 
     Differentiable with respect to x and every parameter; the backward is the
     closed-form reference gradient in PyTorch ops on every device (no Triton
@@ -186,43 +225,48 @@ def score_tokens(
     hidden = w1.shape[0]
     if hidden == 0:
         raise ValueError("w1: the hidden layer needs at least one unit (dimension 0 is 0)")
+    check_tensor("w2", w2, dtypes=(x.dtype,), device=x.device, contiguous=True)
+    if w2.dim() not in (1, 2) or w2.shape[-1] != hidden or w2.numel() == 0:
+        raise ValueError(f"w2: expected shape [R, {hidden}] (R >= 1 outputs) or [{hidden}], got {list(w2.shape)}")
     for name, tensor, shape in (
         ("norm_weight", norm_weight, [dim]),
         ("norm_bias", norm_bias, [dim]),
         ("w1", w1, [hidden, dim]),
         ("b1", b1, [hidden]),
-        ("w2", w2, None),
-        ("b2", b2, [1]),
+        ("b2", b2, [_n_outputs(w2)]),
     ):
         check_tensor(name, tensor, dtypes=(x.dtype,), device=x.device, contiguous=True)
-        if shape is not None:
-            check_shape(name, tensor, shape)
-    if tuple(w2.shape) not in ((1, hidden), (hidden,)):
-        raise ValueError(f"w2: expected shape [1, {hidden}] or [{hidden}], got {list(w2.shape)}")
+        check_shape(name, tensor, shape)
     if not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps}")
     return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, float(eps))
 
 
-def _compile_spec(dtype: torch.dtype, aligned: bool) -> CompileSpec:
+def _compile_spec(dtype: torch.dtype, aligned: bool, outputs: int = 1) -> CompileSpec:
     """``aligned``: the real shapes (D = 384 / 768, hidden 4x, B * 784 rows),
     whose integer arguments are multiples of 16, which the launcher
-    specialises on; otherwise an odd D."""
+    specialises on; otherwise an odd D. ``outputs``: R (16 for LookWhere's
+    4 x 4 head)."""
     ty = TRITON_DTYPE[dtype]
-    constexprs = _blocks(dtype) | {"DOT_PRECISION": dot_precision(dtype)}
+    constexprs = _blocks(dtype, outputs) | {"DOT_PRECISION": dot_precision(dtype)}
     signature = {
         "x_ptr": f"*{ty}", "norm_weight_ptr": f"*{ty}", "norm_bias_ptr": f"*{ty}",
         "w1_ptr": f"*{ty}", "b1_ptr": f"*{ty}", "w2_ptr": f"*{ty}", "b2_ptr": f"*{ty}",
-        "out_ptr": "*fp32", "n_rows": "i32", "dim": "i32", "hidden": "i32", "eps": "fp32",
+        "out_ptr": "*fp32", "n_rows": "i32", "dim": "i32", "hidden": "i32", "n_outputs": "i32", "eps": "fp32",
     } | {k: "constexpr" for k in constexprs}
+    divisible = ("n_rows", "dim", "hidden") + (("n_outputs",) if outputs % 16 == 0 else ())
+    label = ("" if aligned else ",odd D") + ("" if outputs == 1 else f",R={outputs}")
     return CompileSpec(
-        f"score_tokens_fwd[{ty}{'' if aligned else ',odd D'}]", _score_tokens_fwd, signature, constexprs,
+        f"score_tokens_fwd[{ty}{label}]", _score_tokens_fwd, signature, constexprs,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, tensor_cores=dtype != torch.float32,
-        divisible_by_16=("n_rows", "dim", "hidden") if aligned else (),
+        divisible_by_16=divisible if aligned else (),
     )
 
 
 def compile_specs():
-    return [_compile_spec(dtype, aligned=True) for dtype in FLOAT_DTYPES] + [
-        _compile_spec(torch.float16, aligned=False)
-    ]
+    return (
+        [_compile_spec(dtype, aligned=True) for dtype in FLOAT_DTYPES]
+        + [_compile_spec(torch.float16, aligned=False)]
+        + [_compile_spec(dtype, aligned=True, outputs=16) for dtype in FLOAT_DTYPES]
+        + [_compile_spec(torch.float16, aligned=False, outputs=3)]
+    )

@@ -47,14 +47,39 @@ from lookwhen_kernels.ops._common import (
 # through an int32 key buffer instead.
 MAX_TOKENS = 8192
 CHUNK = 4096
+# Sub-grid scores (3-d, r > 1) hold more address arithmetic per score: half
+# the register kernel's limit keeps them spill-free.
+MAX_SUB_GRID_TOKENS = MAX_TOKENS // 2
+
+
+@triton.jit
+def _sub_grid_score(base, y, x, w, valid, SUB: tl.constexpr):
+    # Score (y, x) of the frame's score map. SUB = 1: the map is the coarse
+    # grid itself. SUB = r: each coarse token (i, j) holds its r x r logits at
+    # [token, a*r + b], the map's (i*r + a, j*r + b) (LookWhere's rearrange
+    # "(h w) (i j) -> (h i) (w j)"): the map is never materialised.
+    if SUB == 1:
+        ptr = base + y * w + x
+    else:
+        i = y // SUB
+        j = x // SUB
+        ptr = base + (i * w + j) * (SUB * SUB) + (y - i * SUB) * SUB + (x - j * SUB)
+    return tl.load(ptr, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _upsampled_scores(
-    coarse_ptr, ids, valid, h, w, out_h, out_w, scale_h, scale_w,
+    coarse_ptr, ids, valid, h, w, out_h, out_w, scale_h, scale_w, SUB: tl.constexpr,
 ):
     # F.interpolate(mode="bilinear", align_corners=False) per frame, with
-    # PyTorch's source-index rule and its order of the weighted sums.
+    # PyTorch's source-index rule and its order of the weighted sums, from the
+    # (SUB*h) x (SUB*w) score map.
+    if SUB == 1:
+        map_h = h
+        map_w = w
+    else:
+        map_h = h * SUB
+        map_w = w * SUB
     plane = out_h * out_w
     frame = ids // plane
     rest = ids - frame * plane
@@ -63,17 +88,17 @@ def _upsampled_scores(
     y = tl.maximum(scale_h * (row.to(tl.float32) + 0.5) - 0.5, 0.0)
     x = tl.maximum(scale_w * (col.to(tl.float32) + 0.5) - 0.5, 0.0)
     # y, x >= 0, so truncation is floor; the clamp keeps addresses in the frame.
-    y0 = tl.minimum(y.to(tl.int32), h - 1)
-    x0 = tl.minimum(x.to(tl.int32), w - 1)
+    y0 = tl.minimum(y.to(tl.int32), map_h - 1)
+    x0 = tl.minimum(x.to(tl.int32), map_w - 1)
     ly = y - y0.to(tl.float32)
     lx = x - x0.to(tl.float32)
-    y1 = y0 + (y0 < h - 1).to(tl.int32)
-    x1 = x0 + (x0 < w - 1).to(tl.int32)
-    base = coarse_ptr + frame * (h * w)
-    v00 = tl.load(base + y0 * w + x0, mask=valid, other=0.0).to(tl.float32)
-    v01 = tl.load(base + y0 * w + x1, mask=valid, other=0.0).to(tl.float32)
-    v10 = tl.load(base + y1 * w + x0, mask=valid, other=0.0).to(tl.float32)
-    v11 = tl.load(base + y1 * w + x1, mask=valid, other=0.0).to(tl.float32)
+    y1 = y0 + (y0 < map_h - 1).to(tl.int32)
+    x1 = x0 + (x0 < map_w - 1).to(tl.int32)
+    base = coarse_ptr + frame * (map_h * map_w)
+    v00 = _sub_grid_score(base, y0, x0, w, valid, SUB)
+    v01 = _sub_grid_score(base, y0, x1, w, valid, SUB)
+    v10 = _sub_grid_score(base, y1, x0, w, valid, SUB)
+    v11 = _sub_grid_score(base, y1, x1, w, valid, SUB)
     return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
 
 
@@ -112,14 +137,14 @@ def _topk_kernel(
     scores_ptr, budgets_ptr, offsets_ptr, out_ptr,
     n_in, n_out, k,
     h, w, out_h, out_w, scale_h, scale_w,
-    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
 ):
     clip = tl.program_id(0)
     ids = tl.arange(0, BLOCK)
     valid = ids < n_out
     clip_scores = scores_ptr + clip.to(tl.int64) * n_in
     if UPSAMPLE:
-        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
+        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, SUB)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
     budget, out_base = _clip_budget(clip, budgets_ptr, offsets_ptr, k, PER_CLIP)
@@ -149,7 +174,7 @@ def _topk_looped_kernel(
     scores_ptr, budgets_ptr, offsets_ptr, out_ptr, keys_ptr,
     n_in, n_out, k,
     h, w, out_h, out_w, scale_h, scale_w,
-    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, CHUNK: tl.constexpr,
+    UPSAMPLE: tl.constexpr, PER_CLIP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
 ):
     # The same selection as _topk_kernel, for clips past the register limit:
     # one pass writes the clip's order keys to ``keys_ptr [B, n_out]``, the
@@ -161,7 +186,7 @@ def _topk_looped_kernel(
         ids = start + tl.arange(0, CHUNK)
         valid = ids < n_out
         if UPSAMPLE:
-            score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
+            score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, SUB)
         else:
             score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
         tl.store(clip_keys + ids, _order_key(score), mask=valid)
@@ -221,7 +246,9 @@ def _launch(
     offsets: Optional[torch.Tensor] = None,
 ) -> None:
     """Write the selection of every clip into ``out`` (``[B, k]`` or packed)."""
-    batch, n_in = scores.shape
+    batch = scores.shape[0]
+    n_in = scores[0].numel() if batch else 0
+    sub = sub_grid(scores)
     frames, h, w = grid
     _, out_h, out_w = out_grid
     n_out = frames * out_h * out_w
@@ -231,9 +258,11 @@ def _launch(
     # With a fixed k the budget and offset pointers are never read; any int32
     # tensor fills the slots.
     args = (scores, budgets if per_clip else out, offsets if per_clip else out, out)
-    sizes = (n_in, n_out, k, h, w, out_h, out_w, h / out_h, w / out_w)
-    flags = {"UPSAMPLE": tuple(grid) != tuple(out_grid), "PER_CLIP": per_clip}
-    if n_out > MAX_TOKENS:
+    sizes = (n_in, n_out, k, h, w, out_h, out_w, sub * h / out_h, sub * w / out_w)
+    # Sub-grid scores always take the upsampling path: at the same size it is
+    # the identity (weights 1 and 0) and it holds the rearrangement.
+    flags = {"UPSAMPLE": sub > 1 or tuple(grid) != tuple(out_grid), "PER_CLIP": per_clip, "SUB": sub}
+    if n_out > (MAX_TOKENS if sub == 1 else MAX_SUB_GRID_TOKENS):
         keys = torch.empty((batch, n_out), device=scores.device, dtype=torch.int32)
         wrap_triton(_topk_looped_kernel)[(batch,)](*args, keys, *sizes, **flags, CHUNK=CHUNK,
                                                    num_warps=LOOPED_WARPS)
@@ -245,7 +274,7 @@ def _launch(
 @triton_op("lookwhen::topk_tokens", mutates_args=())
 def _topk_tokens(scores: torch.Tensor, k: int, grid: List[int], out_grid: List[int]) -> torch.Tensor:
     if not use_triton(scores):
-        native = native_kernel("topk_tokens", scores)
+        native = native_kernel("topk_tokens", scores, handles=scores.dim() == 2)
         if native is not None:
             return native(scores, k, grid, out_grid)
         return reference.topk_tokens(scores, k, grid=grid, out_grid=out_grid)
@@ -260,7 +289,7 @@ def _topk_tokens_budgets_cpu(
 ) -> torch.Tensor:
     """The reference, opaque to torch.compile: its per-clip loop reads the
     budgets, which tracing must not see (the output size is ``total``)."""
-    native = native_kernel("topk_tokens_budgets", scores)
+    native = native_kernel("topk_tokens_budgets", scores, handles=scores.dim() == 2)
     if native is not None:
         return native(scores, budgets, cu_seqlens_from_lengths(budgets), total, grid, out_grid)
     return reference.topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)[0]
@@ -283,6 +312,11 @@ def _topk_tokens_budgets(
     return out
 
 
+def sub_grid(scores: torch.Tensor) -> int:
+    """r of 3-d scores ``[B, n, r*r]`` (1 for 2-d scores)."""
+    return 1 if scores.dim() == 2 else math.isqrt(scores.shape[2])
+
+
 def _check_grid(name: str, grid) -> Tuple[int, int, int]:
     if (
         not isinstance(grid, (tuple, list))
@@ -293,16 +327,19 @@ def _check_grid(name: str, grid) -> Tuple[int, int, int]:
     return tuple(int(g) for g in grid)
 
 
-def _resolve_grids(n: int, grid, out_grid) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+def _resolve_grids(n: int, grid, out_grid, sub: int = 1) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
     if grid is None:
+        if sub > 1:
+            raise ValueError("grid: 3-d scores [B, n, r*r] need grid, the coarse (T, h, w) of their tokens")
         if out_grid is not None:
             raise ValueError("out_grid: needs grid (the coarse (T, h, w) of the scores) as well")
         return (1, 1, n), (1, 1, n)
     grid = _check_grid("grid", grid)
     if math.prod(grid) != n:
-        raise ValueError(f"grid: T*h*w = {math.prod(grid)} does not match the {n} scores per clip")
+        what = "tokens" if sub > 1 else "scores"
+        raise ValueError(f"grid: T*h*w = {math.prod(grid)} does not match the {n} {what} per clip")
     if out_grid is None:
-        return grid, grid
+        return grid, (grid[0], grid[1] * sub, grid[2] * sub)
     out_grid = _check_grid("out_grid", out_grid)
     if out_grid[0] != grid[0]:
         raise ValueError(f"out_grid: must keep the {grid[0]} frames of grid, got T={out_grid[0]}")
@@ -337,12 +374,18 @@ def topk_tokens(
 ):
     """Ids of the highest-scoring tokens of every clip, in ascending order.
 
-    ``scores [B, N]`` (fp16, bf16 or fp32). With ``grid=(T, h, w)`` and
+    ``scores [B, N]`` (fp16, bf16 or fp32), or ``[B, n, r*r]``: r x r
+    logits per coarse token of ``grid=(T, h, w)`` (``score_tokens`` with
+    ``R = r*r`` outputs, LookWhere's head), which lie on the r-times finer
+    map ``(T, h*r, w*r)``: logit ``a*r + b`` of token ``(t, i, j)`` is its
+    ``(t, i*r + a, j*r + b)``; that map is then upsampled to ``out_grid``
+    (default: the map itself) in the same pass, never stored. With ``grid=(T, h, w)`` and
     ``out_grid=(T, H, W)`` the scores are first upsampled per frame to the
     fine grid exactly as ``F.interpolate(mode="bilinear",
     align_corners=False)`` does (in fp32), and ids refer to the fine grid
-    (``N_out = T*H*W``; past ``MAX_TOKENS`` a looped kernel streams the clip
-    through a key buffer of ``B*N_out`` int32). Give exactly one of ``k``
+    (``N_out = T*H*W``; past ``MAX_TOKENS``, or ``MAX_SUB_GRID_TOKENS``
+    for 3-d scores, a looped kernel streams the clip through a key buffer of
+    ``B*N_out`` int32). Give exactly one of ``k``
     (tokens per clip), ``keep_ratio`` (in (0, 1]; ``K = max(1,
     round(keep_ratio * N_out))``) or ``budgets`` (int32 ``[B]``, one K per
     clip in ``[0, N_out]``).
@@ -361,18 +404,23 @@ def topk_tokens(
     ``total`` to avoid that read (one device sync otherwise). A fixed ``k``
     or ``keep_ratio`` with ``validate=False`` reads nothing.
     """
-    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
-    batch, n = scores.shape
+    check_tensor("scores", scores, dtypes=FLOAT_DTYPES, contiguous=True)
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"scores: expected a 2-d [B, N] or 3-d [B, n, r*r] tensor, got {scores.dim()}-d")
+    batch, n = scores.shape[:2]
     if n == 0:
         raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
-    grid, out_grid = _resolve_grids(n, grid, out_grid)
+    sub = sub_grid(scores)
+    if scores.dim() == 3 and (scores.shape[2] < 1 or sub * sub != scores.shape[2]):
+        raise ValueError(f"scores: the last dimension must be r*r (a square, r >= 1), got {scores.shape[2]}")
+    grid, out_grid = _resolve_grids(n, grid, out_grid, sub)
     n_out = math.prod(out_grid)
     given = [name for name, v in (("k", k), ("keep_ratio", keep_ratio), ("budgets", budgets)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"k, keep_ratio, budgets: give exactly one, got {given or 'none'}")
     if total is not None and budgets is None:
         raise ValueError("total: only meaningful with budgets")
-    upsample = grid != out_grid
+    upsample = sub > 1 or grid != out_grid
     reads = checks_values(validate, scores)
     if reads and bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
         kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
@@ -405,33 +453,40 @@ def compile_specs():
     # ViT-B/16 at 224 over 16 frames: 784 coarse selector tokens (the 2x
     # scaled-down clip) upsampled to 3136 fine tokens, K = 314 (keep 10%);
     # plus the largest clip held in registers, and one past it (the looped
-    # kernel: 16 frames of a 32 x 32 grid).
+    # kernel: 16 frames of a 32 x 32 grid); and LookWhere's head, 11 x 11
+    # tokens of 4 x 4 logits resized to a 37 x 37 grid (518 px, patch 14),
+    # and the same map over 16 frames, past the register limit.
     fp32 = (torch.float32,)
     configs = (
-        ("upsample", 3136, True, False, FLOAT_DTYPES),
-        ("direct", 3136, False, False, FLOAT_DTYPES),
-        ("upsample_budgets", 3136, True, True, fp32),
-        ("upsample_budgets", MAX_TOKENS, True, True, fp32),
-        ("upsample_budgets", 16384, True, True, fp32),
-        ("direct", 16384, False, False, (torch.float16,)),
+        ("upsample", 3136, True, False, FLOAT_DTYPES, 1),
+        ("direct", 3136, False, False, FLOAT_DTYPES, 1),
+        ("upsample_budgets", 3136, True, True, fp32, 1),
+        ("upsample_budgets", MAX_TOKENS, True, True, fp32, 1),
+        ("upsample_budgets", 16384, True, True, fp32, 1),
+        ("direct", 16384, False, False, (torch.float16,), 1),
+        ("sub4", 1369, True, False, FLOAT_DTYPES, 4),
+        ("sub4_budgets", MAX_SUB_GRID_TOKENS, True, True, fp32, 4),
+        ("sub4_budgets", 16 * 1369, True, True, fp32, 4),
     )
     scalars = {"n_in": "i32", "n_out": "i32", "k": "i32", "h": "i32", "w": "i32", "out_h": "i32", "out_w": "i32",
-               "scale_h": "fp32", "scale_w": "fp32", "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr"}
+               "scale_h": "fp32", "scale_w": "fp32", "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr",
+               "SUB": "constexpr"}
     specs = []
-    for mode, n_out, upsample, per_clip, dtypes in configs:
-        flags = {"UPSAMPLE": upsample, "PER_CLIP": per_clip}
+    for mode, n_out, upsample, per_clip, dtypes, sub in configs:
+        flags = {"UPSAMPLE": upsample, "PER_CLIP": per_clip, "SUB": sub}
         pointers = {"budgets_ptr": "*i32", "offsets_ptr": "*i32", "out_ptr": "*i32"}
-        if n_out > MAX_TOKENS:
+        if n_out > (MAX_TOKENS if sub == 1 else MAX_SUB_GRID_TOKENS):
             fn, num_warps, flags = _topk_looped_kernel, LOOPED_WARPS, flags | {"CHUNK": CHUNK}
             pointers["keys_ptr"] = "*i32"
         else:
             block, num_warps = _launch_config(n_out)
             fn, flags = _topk_kernel, flags | {"BLOCK": block}
+        divisible = ("n_in", "n_out") if n_out % 16 == 0 else ("n_in",)
         for dtype in dtypes:
             ty = TRITON_DTYPE[dtype]
             specs.append(CompileSpec(
                 f"topk_tokens[{ty},{mode},N={n_out}]", fn,
                 {"scores_ptr": f"*{ty}"} | pointers | scalars | {name: "constexpr" for name in flags},
-                flags, num_warps=num_warps, divisible_by_16=("n_in", "n_out"),
+                flags, num_warps=num_warps, divisible_by_16=divisible,
             ))
     return specs
