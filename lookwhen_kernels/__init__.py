@@ -17,6 +17,7 @@ from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
 from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
 from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness
+from lookwhen_kernels.ops.perturbed_topk import perturbed_topk
 from lookwhen_kernels.ops.score_tokens import score_tokens
 from lookwhen_kernels.ops.topk_tokens import topk_tokens
 from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
@@ -35,6 +36,7 @@ __all__ = [
     "gather_patch_embed",
     "gather_tokens",
     "nn_uniqueness",
+    "perturbed_topk",
     "scatter_tokens",
     "score_tokens",
     "set_deterministic",

@@ -27,6 +27,7 @@ from lookwhen_kernels.ops._common import CompileSpec
 OP_MODULES = (
     "score_tokens",
     "topk_tokens",
+    "perturbed_topk",
     "gather_tokens",
     "gather_patch_embed",
     "nn_uniqueness",

@@ -177,6 +177,52 @@ def topk_tokens(scores: torch.Tensor, k=None, *, budgets=None, grid=None, out_gr
     return indices.to(torch.int32), cu_seqlens_from_lengths(budgets)
 
 
+def _perturbed_selections(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: float):
+    """Each sample's top-K ids ``int64 [B, n, k]`` (ascending) of ``scores +
+    sigma * noise``, formed in float32 as the kernels form them, so the same
+    noise gives the same selections."""
+    batch, n_samples, n_tokens = noise.shape
+    perturbed = scores.float()[:, None, :] + sigma * noise.float()
+    ids = topk_tokens(perturbed.reshape(batch * n_samples, n_tokens), k).long()
+    return ids.reshape(batch, n_samples, k)
+
+
+def _slot_offsets(ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Flat ``slot * N + id`` offsets into a clip's ``[k, N]`` indicators, ``[B, n*k]``."""
+    slots = torch.arange(ids.shape[2], device=ids.device) * n_tokens
+    return (ids + slots).reshape(ids.shape[0], -1)
+
+
+def perturbed_topk(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """STTS's perturbed top-K with the given samples ``noise [B, n, N]``: the
+    mean over samples of the one-hot indicators ``[B, k, N]`` of each
+    sample's ascending top-K ids, in at least float32 (float64 for float64
+    scores). Counts are added per clip, so ``[B, n, k, N]`` never exists."""
+    batch, n_samples, n_tokens = noise.shape
+    work = _work_dtype(scores.dtype)
+    ids = _perturbed_selections(scores, k, noise, sigma)
+    counts = torch.zeros((batch, k * n_tokens), device=scores.device, dtype=work)
+    offsets = _slot_offsets(ids, n_tokens)
+    counts.scatter_add_(1, offsets, torch.ones(offsets.shape, device=scores.device, dtype=work))
+    return (counts / n_samples).reshape(batch, k, n_tokens)
+
+
+def perturbed_topk_backward(grad: torch.Tensor, scores: torch.Tensor, k: int, noise: torch.Tensor,
+                            sigma: float) -> torch.Tensor:
+    """The Monte-Carlo gradient of :func:`perturbed_topk` with respect to the
+    scores over the same samples: ``d[b, t] = sum_j grad[b, j, t] *
+    mean_s(onehot_s[j, t] * noise_s[t]) / sigma`` (STTS's backward), in at
+    least float32; ``[B, N]``."""
+    batch, n_samples, n_tokens = noise.shape
+    work = _work_dtype(scores.dtype)
+    ids = _perturbed_selections(scores, k, noise, sigma)
+    picked = grad.to(work).reshape(batch, k * n_tokens).gather(1, _slot_offsets(ids, n_tokens))
+    noise_at = noise.to(work).gather(2, ids).reshape(batch, -1)
+    out = torch.zeros((batch, n_tokens), device=scores.device, dtype=work)
+    out.scatter_add_(1, ids.reshape(batch, -1), picked * noise_at)
+    return out / (n_samples * sigma)
+
+
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """Rows ``x[b, indices]`` of every clip, packed ``[total, D]``."""
     clips, tokens = patch_rows(indices, cu_seqlens, x.shape[0], x.shape[1], x.device)
