@@ -19,6 +19,8 @@ from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
 from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness
 from lookwhen_kernels.ops.perturbed_topk import perturbed_topk
 from lookwhen_kernels.ops.score_tokens import score_tokens
+from lookwhen_kernels.ops.select_frames import select_frames
+from lookwhen_kernels.ops.select_windows import select_windows
 from lookwhen_kernels.ops.topk_tokens import topk_tokens
 from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
 
@@ -39,6 +41,8 @@ __all__ = [
     "perturbed_topk",
     "scatter_tokens",
     "score_tokens",
+    "select_frames",
+    "select_windows",
     "set_deterministic",
     "topk_tokens",
     "varlen_attention",

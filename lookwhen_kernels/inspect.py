@@ -28,6 +28,8 @@ OP_MODULES = (
     "score_tokens",
     "topk_tokens",
     "perturbed_topk",
+    "select_windows",
+    "select_frames",
     "gather_tokens",
     "gather_patch_embed",
     "nn_uniqueness",

@@ -223,6 +223,43 @@ def perturbed_topk_backward(grad: torch.Tensor, scores: torch.Tensor, k: int, no
     return out / (n_samples * sigma)
 
 
+def select_windows(scores: torch.Tensor, window, *, grid, out_grid) -> torch.Tensor:
+    """Per frame (after upsampling from ``grid`` to ``out_grid``), the ids of
+    the ``window = (h, w)`` tokens with the largest sum, ties to the lowest
+    top-left index: int32 ``[B, T*h*w]``, ascending. Sums are added ``dy``
+    outer, ``dx`` inner in at least float32."""
+    fine = upsample_scores(scores, grid, out_grid)
+    frames, height, width = out_grid
+    win_h, win_w = window
+    planes = fine.reshape(scores.shape[0], frames, height, width)
+    rows, cols = height - win_h + 1, width - win_w + 1
+    sums = torch.zeros((scores.shape[0], frames, rows, cols), device=scores.device, dtype=fine.dtype)
+    for dy in range(win_h):
+        for dx in range(win_w):
+            sums += planes[:, :, dy:dy + rows, dx:dx + cols]
+    best = sums.flatten(2).argmax(dim=2)  # the first maximum: the lowest top-left index
+    top, left = best // cols, best % cols
+    offsets = (torch.arange(win_h, device=scores.device)[:, None] * width
+               + torch.arange(win_w, device=scores.device)[None, :]).flatten()
+    starts = torch.arange(frames, device=scores.device) * (height * width) + top * width + left
+    return (starts[:, :, None] + offsets).flatten(1).to(torch.int32)
+
+
+def frame_tokens(frames: torch.Tensor, plane: int) -> torch.Tensor:
+    """Frame ids ``[B, F]`` -> the ids of all their tokens ``int32 [B, F*plane]``."""
+    ids = frames.long()[:, :, None] * plane + torch.arange(plane, device=frames.device)
+    return ids.flatten(1).to(torch.int32)
+
+
+def select_frames(scores: torch.Tensor, n_frames: int, *, grid, out_grid) -> torch.Tensor:
+    """The ``n_frames`` frames of ``grid`` with the highest total score (ties
+    to the lower frame), as the ids of all their tokens on ``out_grid``:
+    int32 ``[B, n_frames*H*W]``, ascending."""
+    frames, height, width = grid
+    totals = scores.to(_work_dtype(scores.dtype)).reshape(scores.shape[0], frames, height * width).sum(2)
+    return frame_tokens(topk_tokens(totals, n_frames), out_grid[1] * out_grid[2])
+
+
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """Rows ``x[b, indices]`` of every clip, packed ``[total, D]``."""
     clips, tokens = patch_rows(indices, cu_seqlens, x.shape[0], x.shape[1], x.device)

@@ -39,7 +39,8 @@ from lookwhen_kernels.ops._common import (
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _kth_largest_key, _order_key
+from lookwhen_kernels.ops._selection import take_top_k
+from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _order_key
 
 # Samples per program: 500 samples (STTS's setting) are 32 programs per clip,
 # enough to fill a GPU at small batches, and few partial gradients to add.
@@ -82,13 +83,7 @@ def _sample_selection(score, seed, ids, valid, clip, sample, n_samples, n_tokens
     and its output slot (rank among the chosen ids, ascending)."""
     counter = (clip.to(tl.int64) * n_samples + sample) * n_tokens + ids
     noise = _normal(seed, counter)
-    key = _order_key(score + sigma * noise)
-    kth = _kth_largest_key(key, valid, k)
-    above = valid & (key > kth)
-    tied = valid & (key == kth)
-    free_slots = k - tl.sum(above.to(tl.int32), axis=0)
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= free_slots))
-    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    take, slot = take_top_k(_order_key(score + sigma * noise), valid, k)
     return noise, take, slot
 
 
@@ -273,11 +268,11 @@ def compile_specs():
     # STTS's setting at LookWhen's sizes: 784 selector tokens (16 frames of a
     # 7 x 7 grid after the 2x scale-down) and the 3136 fine tokens.
     specs = []
-    for n_tokens in (784, 3136):
+    for n_tokens, dtypes in ((784, (torch.float32,)), (3136, FLOAT_DTYPES)):
         block = next_power_of_2(n_tokens)
         flags = {"SAMPLES": SAMPLES, "BLOCK": block}
         scalars = {"n_tokens": "i32", "k": "i32", "n_samples": "i32", "sigma": "fp32"}
-        for dtype in FLOAT_DTYPES:
+        for dtype in dtypes:
             ty = TRITON_DTYPE[dtype]
             specs.append(CompileSpec(
                 f"perturbed_topk_fwd[{ty},N={n_tokens}]", _perturbed_topk_fwd,
