@@ -13,6 +13,7 @@ from lookwhen_kernels.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
 )
 from lookwhen_kernels.ops._common import deterministic, set_deterministic
+from lookwhen_kernels.ops.budgets_from_scores import budgets_from_scores
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
 from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
@@ -26,6 +27,7 @@ from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dens
 
 __all__ = [
     "block_diagonal_attention",
+    "budgets_from_scores",
     "dense_attention",
     "deterministic",
     "flash_attn_func",

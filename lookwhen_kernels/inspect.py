@@ -30,6 +30,7 @@ OP_MODULES = (
     "perturbed_topk",
     "select_windows",
     "select_frames",
+    "budgets_from_scores",
     "gather_tokens",
     "gather_patch_embed",
     "nn_uniqueness",
