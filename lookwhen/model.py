@@ -65,6 +65,7 @@ class LookWhen(nn.Module):
         budgets=None,
         *,
         indices: Optional[torch.Tensor] = None,
+        budget_mass: Optional[float] = None,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
@@ -72,7 +73,10 @@ class LookWhen(nn.Module):
         ``budgets[b]`` tokens in clip ``b`` (int32 ``[B]``), or exactly the
         token ids ``indices`` (int32 ``[B, K]``, ascending per clip: a
         selection made by another strategy; the selector still supplies its
-        context tokens and scores). ``stage_timer(name)`` returns a context
+        context tokens and scores), or per-clip budgets from the scores:
+        the fewest tokens holding ``budget_mass`` of their softmax
+        (``budgets_from_scores``: concentrated clips get fewer tokens).
+        ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
         "extractor".
 
@@ -82,8 +86,8 @@ class LookWhen(nn.Module):
         transfer), checks them here and sizes every buffer from that copy.
         An external ``indices`` is checked here too (one read of its range)."""
         check_clip(clip, self.config)
-        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices))
-                 if value is not None]
+        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices),
+                                          ("budget_mass", budget_mass)) if value is not None]
         if len(given) > 1:
             names = ", ".join(given[:-1]) + " and " + given[-1]
             raise ValueError(f"{names}: give one way of choosing tokens, not both")
@@ -100,6 +104,8 @@ class LookWhen(nn.Module):
             grids = {"grid": cfg.selector_grid, "out_grid": cfg.grid}
             # The selection is the model's own (scores from the score head,
             # ids from topk): the ops' value checks, host reads, stay off.
+            if budget_mass is not None:
+                budgets = lk.budgets_from_scores(scores, mass=budget_mass, validate=False, **grids)
             if indices is not None:
                 tokens_cu = None
             elif budgets is None:
