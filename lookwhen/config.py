@@ -17,6 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 KINDS = ("lookwhen", "dense")
+SCORE_HEADS = ("mlp", "stts")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ModelConfig:
     selector_downsample: int = 2
     registers: int = 4
     score_hidden: int = 384
+    # Selector score head (issue 14): "mlp" is LookWhen's LayerNorm-MLP
+    # (score_tokens); "stts" is STTS's scorer (local half-features with the
+    # clip-mean of the other half, an MLP, min-max normalised per clip).
+    score_head: str = "mlp"
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     num_classes: int = 0
@@ -74,6 +79,10 @@ class ModelConfig:
             for field in ("selector_width", "selector_depth", "selector_heads", "selector_downsample", "score_hidden"):
                 if getattr(self, field) < 1:
                     problems.append(f"{field} must be positive, got {getattr(self, field)}")
+            if self.score_head not in SCORE_HEADS:
+                problems.append(f"score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")
+            elif self.score_head == "stts" and self.selector_width < 4:
+                problems.append(f"score_head 'stts' needs selector_width >= 4, got {self.selector_width}")
             if self.registers < 0:
                 problems.append(f"registers must be >= 0, got {self.registers}")
             if self.selector_width % max(self.selector_heads, 1):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
@@ -21,7 +22,7 @@ from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
 from lookwhen.selector import Selector
 from lookwhen_kernels.layout import segment_sum
-from lookwhen_kernels.ops.topk_tokens import check_budgets
+from lookwhen_kernels.ops.topk_tokens import check_budgets, keep_ratio_to_k
 
 
 @dataclass
@@ -66,6 +67,8 @@ class LookWhen(nn.Module):
         *,
         indices: Optional[torch.Tensor] = None,
         budget_mass: Optional[float] = None,
+        sigma: Optional[float] = None,
+        n_samples: int = 500,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
@@ -76,7 +79,9 @@ class LookWhen(nn.Module):
         context tokens and scores), or per-clip budgets from the scores:
         the fewest tokens holding ``budget_mass`` of their softmax
         (``budgets_from_scores``: concentrated clips get fewer tokens).
-        ``stage_timer(name)`` returns a context
+        ``sigma`` (training, with a keep ratio): STTS's differentiable top-K
+        instead of the hard one, see :meth:`_soft_tokens`; ``indices`` are
+        then the hard top-K of the same scores. ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
         "extractor".
 
@@ -93,6 +98,8 @@ class LookWhen(nn.Module):
             raise ValueError(f"{names}: give one way of choosing tokens, not both")
         if indices is not None:
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
+        if sigma is not None and (budgets is not None or indices is not None or budget_mass is not None):
+            raise ValueError("sigma: the perturbed top-K keeps a fixed ratio of tokens (no budgets or indices)")
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
@@ -106,7 +113,13 @@ class LookWhen(nn.Module):
             # ids from topk): the ops' value checks, host reads, stay off.
             if budget_mass is not None:
                 budgets = lk.budgets_from_scores(scores, mass=budget_mass, validate=False, **grids)
-            if indices is not None:
+            tokens = None
+            if sigma is not None:
+                k = keep_ratio_to_k(cfg.keep_ratio if keep_ratio is None else keep_ratio, cfg.n_tokens)
+                tokens = self._soft_tokens(clip, scores, k, sigma, n_samples, dtype)
+                indices = lk.topk_tokens(scores, k, validate=False, **grids)
+                tokens_cu = None
+            elif indices is not None:
                 tokens_cu = None
             elif budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
@@ -117,7 +130,8 @@ class LookWhen(nn.Module):
                 indices, tokens_cu = lk.topk_tokens(
                     scores, budgets=budgets, total=total, validate=False, **grids
                 )
-            tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
+            if tokens is None:
+                tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
             prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), context.to(dtype)], 1)
             if tokens_cu is None:
                 layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
@@ -137,6 +151,28 @@ class LookWhen(nn.Module):
                 pooled=pooled,
                 logits=None if head is None else head(embedding),
             )
+
+    def _soft_tokens(self, clip, scores, k: int, sigma: float, n_samples: int, dtype) -> torch.Tensor:
+        """STTS's soft selection on the extractor's candidates, packed
+        ``[B*k, D]``: the coarse scores are upsampled to the fine grid as
+        ``topk_tokens`` does and min-max normalised per clip (as STTS's
+        scorer ends, so ``sigma`` is relative to each clip's score range);
+        ``perturbed_topk`` gives the indicators ``[B, k, N]``, and slot ``j``
+        of a clip is ``indicators[j] @ candidates``, over every candidate
+        token embedded (patch projection + position). The task loss reaches
+        the scores through the indicators' perturbed-maximum gradient; at
+        ``sigma = 0`` the indicators are one-hot and the tokens are exactly
+        the hard top-K's embeddings."""
+        cfg = self.config
+        batch = clip.shape[0]
+        frames, height, width = cfg.selector_grid
+        fine = F.interpolate(scores.view(batch, frames, height, width), size=cfg.grid[1:], mode="bilinear",
+                             align_corners=False).flatten(1)
+        low, high = fine.amin(dim=1, keepdim=True), fine.amax(dim=1, keepdim=True)
+        indicators = lk.perturbed_topk(((fine - low) / (high - low + 1e-5)).contiguous(), k, n_samples=n_samples,
+                                       sigma=sigma, validate=False)
+        candidates = self.extractor.embed(clip, None, None, dtype).view(batch, cfg.n_tokens, -1)
+        return torch.bmm(indicators.to(candidates.dtype), candidates).flatten(0, 1)
 
     def _encode(self, clip, dtype, timer):
         """The selector's token features and context tokens."""
