@@ -94,3 +94,9 @@ def test_cpu_path_is_the_reference(monkeypatch):
 def test_bad_inputs_raise_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+def test_torch_compile_matches_eager():
+    scores = torch.randn(3, 40)
+    compiled = torch.compile(lambda t: budgets_from_scores(t, mass=0.8, validate=False), fullgraph=True)
+    assert torch.equal(compiled(scores), budgets_from_scores(scores, mass=0.8))

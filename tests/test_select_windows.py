@@ -106,3 +106,11 @@ def test_cpu_path_is_the_reference(monkeypatch):
                        reference.select_windows(scores, (2, 3), grid=(3, 4, 5), out_grid=(3, 4, 5)))
     assert torch.equal(torch.ops.lookwhen.select_frames(scores, 2, [3, 4, 5], [3, 4, 5]),
                        reference.select_frames(scores, 2, grid=(3, 4, 5), out_grid=(3, 4, 5)))
+
+
+def test_torch_compile_matches_eager():
+    scores = torch.randn(2, 30)
+    windows = torch.compile(lambda t: select_windows(t, 2, grid=(2, 3, 5), validate=False), fullgraph=True)
+    frames = torch.compile(lambda t: select_frames(t, 1, grid=(2, 3, 5), validate=False), fullgraph=True)
+    assert torch.equal(windows(scores), select_windows(scores, 2, grid=(2, 3, 5)))
+    assert torch.equal(frames(scores), select_frames(scores, 1, grid=(2, 3, 5)))

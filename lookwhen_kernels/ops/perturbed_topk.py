@@ -161,12 +161,37 @@ def _grid(batch: int, n_samples: int):
     return (batch, triton.cdiv(n_samples, SAMPLES))
 
 
+@torch.library.custom_op("lookwhen::perturbed_topk_cpu", mutates_args=())
+def _perturbed_topk_cpu(scores: torch.Tensor, seed: torch.Tensor, k: int, n_samples: int, sigma: float) -> torch.Tensor:
+    """The reference on the noise of ``seed``, opaque to torch.compile (the
+    noise generator reads the seed's value, which tracing must not see)."""
+    noise = sample_noise(seed, scores.shape[0], n_samples, scores.shape[1])
+    return reference.perturbed_topk(scores, k, noise, sigma).to(torch.float32)
+
+
+@_perturbed_topk_cpu.register_fake
+def _perturbed_topk_cpu_fake(scores, seed, k, n_samples, sigma):
+    return scores.new_empty((scores.shape[0], k, scores.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lookwhen::perturbed_topk_backward_cpu", mutates_args=())
+def _perturbed_topk_backward_cpu(
+    grad: torch.Tensor, scores: torch.Tensor, seed: torch.Tensor, k: int, n_samples: int, sigma: float,
+) -> torch.Tensor:
+    noise = sample_noise(seed, scores.shape[0], n_samples, scores.shape[1])
+    return reference.perturbed_topk_backward(grad, scores, k, noise, sigma).to(scores.dtype)
+
+
+@_perturbed_topk_backward_cpu.register_fake
+def _perturbed_topk_backward_cpu_fake(grad, scores, seed, k, n_samples, sigma):
+    return torch.empty_like(scores)
+
+
 @triton_op("lookwhen::perturbed_topk", mutates_args=())
 def _perturbed_topk(scores: torch.Tensor, seed: torch.Tensor, k: int, n_samples: int, sigma: float) -> torch.Tensor:
     batch, n_tokens = scores.shape
     if not use_triton(scores):
-        noise = sample_noise(seed, batch, n_samples, n_tokens)
-        return reference.perturbed_topk(scores, k, noise, sigma).to(torch.float32)
+        return torch.ops.lookwhen.perturbed_topk_cpu(scores, seed, k, n_samples, sigma)
     out = torch.zeros((batch, k, n_tokens), device=scores.device, dtype=torch.float32)
     if out.numel():
         block = next_power_of_2(n_tokens)
@@ -187,8 +212,7 @@ def _perturbed_topk_backward(
         # The hard top-K is piecewise constant: zero gradient almost everywhere.
         return torch.zeros_like(scores)
     if not use_triton(scores):
-        noise = sample_noise(seed, batch, n_samples, n_tokens)
-        return reference.perturbed_topk_backward(grad, scores, k, noise, sigma).to(scores.dtype)
+        return torch.ops.lookwhen.perturbed_topk_backward_cpu(grad, scores, seed, k, n_samples, sigma)
     grid = _grid(batch, n_samples)
     partial = torch.empty((batch, grid[1], n_tokens), device=scores.device, dtype=torch.float32)
     block = next_power_of_2(n_tokens)
