@@ -259,7 +259,7 @@ def select_windows_case(cfg: ModelConfig, batch: int) -> Case:
     grid, out_grid = cfg.selector_grid, cfg.grid
     frames, height, width = out_grid
     window = (height // 2, width // 2)
-    rows, cols = height - window[0] + 1, width - window[1] + 1
+    cols = width - window[1] + 1
 
     def eager(scores):
         planes = F.interpolate(scores.view(batch, frames, *grid[1:]), size=out_grid[1:], mode="bilinear",

@@ -7,7 +7,25 @@ from safetensors import safe_open
 import lookwhen_kernels as lk
 from lookwhen.embed import embed_shards, read_shards
 from lookwhen.video import read_clip
-from test_cli import _cpu_path, files, run  # noqa: F401  (fixtures)
+from lookwhen import build_model
+from lookwhen.checkpoint import save_checkpoint
+from test_cli import TINY, run
+from test_video import make_video
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget_mass")
+    model = build_model("lookwhen-b16", **TINY, seed=5)
+    save_checkpoint(model, root / "tiny.safetensors")
+    return {"checkpoint": str(root / "tiny.safetensors"), "model": model.eval(),
+            "videos": [make_video(root / "a.mp4", 30, 80, 60), make_video(root / "b.mp4", 9, 64, 48),
+                       make_video(root / "c.mp4", 2, 64, 64)]}
 
 
 def _expected(model, paths, mass):
