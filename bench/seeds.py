@@ -12,7 +12,8 @@ synthetic clips of ``bench train`` (:mod:`lookwhen.synthetic`).
    (``select_windows`` on the fine grid); its recall of the moving object's
    fine tokens against a window placed at random.
 3. **Budgets.** ``budgets_from_scores`` at mass 0.9 on that selector's
-   scores: tokens given to clips with one small object and with several.
+   scores, per softmax temperature: tokens given to clips with one small
+   object and with three.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from bench.report import Record, Result, format_table
 WINDOW = (4, 4)
 WINDOW_CLIPS = dict(frames=8, size=96, object_size=16, n_objects=1)
 BUDGET_MASS = 0.9
+TEMPERATURES = (1.0, 0.5, 0.2, 0.1)
 
 
 def add_arguments(parser) -> None:
@@ -102,19 +104,26 @@ def _window_recall(model, samples, device) -> Dict:
 
 
 @torch.no_grad()
-def _budgets(model, device, n: int) -> Dict:
+def _budgets(model, device, n: int) -> List[Dict]:
+    """Mean budgets of clips with one small object and with three, per
+    softmax temperature (the mass a selector's scores put on its objects
+    depends on their scale)."""
     from lookwhen.synthetic import SyntheticDataset
 
     cfg = model.config
-    out = {}
+    scores = {}
     for objects in (1, 3):
         data = SyntheticDataset(n, seed=5, **{**WINDOW_CLIPS, "object_size": 12, "n_objects": objects})
-        clips = torch.stack([data.sample(i).clip for i in range(n)]).to(device)
-        budgets = lk.budgets_from_scores(model.selector_scores(clips), mass=BUDGET_MASS, grid=cfg.selector_grid,
-                                         out_grid=cfg.grid)
-        out[f"budget_{objects}_objects"] = float(budgets.float().mean())
-    out["n_tokens"] = cfg.n_tokens
-    return out
+        scores[objects] = model.selector_scores(torch.stack([data.sample(i).clip for i in range(n)]).to(device))
+    rows = []
+    for temperature in TEMPERATURES:
+        row = {"temperature": temperature, "mass": BUDGET_MASS, "n_tokens": cfg.n_tokens}
+        for objects, values in scores.items():
+            budgets = lk.budgets_from_scores(values, mass=BUDGET_MASS, temperature=temperature,
+                                             grid=cfg.selector_grid, out_grid=cfg.grid)
+            row[f"budget_{objects}_objects"] = float(budgets.float().mean())
+        rows.append(row)
+    return rows
 
 
 def _windows(args, device) -> Dict:
@@ -124,7 +133,7 @@ def _windows(args, device) -> Dict:
     model = args.pretrained_selector.eval()
     held_out = [SyntheticDataset(args.val_clips, seed=2, **WINDOW_CLIPS).sample(i) for i in range(args.val_clips)]
     return {"pretrain_steps": learned["steps"], "selector_recall": learned["recall_after"],
-            **_window_recall(model, held_out, device), **_budgets(model, device, args.val_clips)}
+            **_window_recall(model, held_out, device), "budgets": _budgets(model, device, args.val_clips)}
 
 
 def run(args, device: torch.device) -> Result:
@@ -147,12 +156,17 @@ def run(args, device: torch.device) -> Result:
         w = _windows(args, device)
         payload.append({"part": "windows", **w})
         tables.append(format_table(
-            ("pre-train steps", "selector recall", f"window {WINDOW[0]}x{WINDOW[1]} recall", "random window",
-             f"budget 1 object (mass {BUDGET_MASS})", "budget 3 objects", "tokens"),
+            ("pre-train steps", "selector recall", f"window {WINDOW[0]}x{WINDOW[1]} recall", "random window"),
             [(w["pretrain_steps"], f"{w['selector_recall']:.3f}", f"{w['window_recall']:.3f}",
-              f"{w['window_chance']:.3f}", f"{w['budget_1_objects']:.1f}", f"{w['budget_3_objects']:.1f}",
-              w["n_tokens"])],
-            title="select_windows and budgets_from_scores on the uniqueness-pre-trained selector (held out)"))
+              f"{w['window_chance']:.3f}")],
+            title="select_windows on the uniqueness-pre-trained selector: recall of the moving object (held out)"))
+        tables.append(format_table(
+            ("temperature", "mass", "budget 1 object", "budget 3 objects", "tokens"),
+            [(r["temperature"], r["mass"], f"{r['budget_1_objects']:.1f}", f"{r['budget_3_objects']:.1f}",
+              r["n_tokens"]) for r in w["budgets"]],
+            title="budgets_from_scores on that selector's scores: mean tokens per clip (held out)"))
         records += [Record("seeds", "windows", "recall", m, w["pretrain_steps"], w[m])
-                    for m in ("window_recall", "window_chance", "budget_1_objects", "budget_3_objects")]
+                    for m in ("window_recall", "window_chance")]
+        records += [Record("seeds", f"{objects} objects", "budgets", "tokens", r["temperature"],
+                           r[f"budget_{objects}_objects"]) for r in w["budgets"] for objects in (1, 3)]
     return Result("seeds", "\n\n".join(tables), payload, records)

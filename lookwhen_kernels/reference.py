@@ -260,14 +260,15 @@ def select_frames(scores: torch.Tensor, n_frames: int, *, grid, out_grid) -> tor
     return frame_tokens(topk_tokens(totals, n_frames), out_grid[1] * out_grid[2])
 
 
-def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k: int, grid=None,
-                        out_grid=None) -> torch.Tensor:
+def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k: int, temperature: float = 1.0,
+                        grid=None, out_grid=None) -> torch.Tensor:
     """Per clip, the smallest K whose K highest scores (ties by id, after
-    upsampling from ``grid`` to ``out_grid``) hold ``mass`` of the softmax,
-    clamped to ``[min_k, max_k]``: int32 ``[B]``. In at least float32."""
+    upsampling from ``grid`` to ``out_grid``) hold ``mass`` of
+    ``softmax(scores / temperature)``, clamped to ``[min_k, max_k]``: int32
+    ``[B]``. In at least float32."""
     fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
     fine = fine.to(_work_dtype(scores.dtype))
-    probs = torch.softmax(fine, dim=1)
+    probs = torch.softmax(fine / temperature, dim=1)
     ranked = probs.gather(1, torch.sort(fine, dim=1, descending=True, stable=True).indices)
     before = torch.cumsum(ranked, dim=1) - ranked
     return (before < mass).sum(dim=1).clamp(min_k, max_k).to(torch.int32)

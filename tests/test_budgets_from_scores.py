@@ -62,6 +62,14 @@ def test_budgets_count_upsampled_fine_tokens():
     _assert_smallest_k(budgets, fine, 0.8, 1, 96)
 
 
+def test_temperature_sharpens_the_softmax():
+    scores = torch.randn(2, 60)
+    cold = budgets_from_scores(scores, mass=0.9, temperature=0.25)
+    _assert_smallest_k(cold, scores / 0.25, 0.9, 1, 60)
+    assert bool((cold <= budgets_from_scores(scores, mass=0.9)).all())
+    assert torch.equal(cold, reference.budgets_from_scores(scores, mass=0.9, min_k=1, max_k=60, temperature=0.25))
+
+
 def test_concentrated_clips_get_fewer_tokens():
     scores = torch.randn(2, 64) * 0.1
     scores[0, 5] += 8.0
@@ -87,6 +95,7 @@ def test_cpu_path_is_the_reference(monkeypatch):
         (lambda: budgets_from_scores(torch.zeros(2, 4), mass=0.9, min_k=-1), "min_k"),
         (lambda: budgets_from_scores(torch.zeros(2, 0), mass=0.9), "at least one token"),
         (lambda: budgets_from_scores(torch.zeros(4), mass=0.9), "2-d"),
+        (lambda: budgets_from_scores(torch.zeros(2, 4), mass=0.9, temperature=0.0), "temperature"),
         (lambda: budgets_from_scores(torch.tensor([[float("nan"), 0.0]]), mass=0.9), "NaN"),
         (lambda: budgets_from_scores(torch.zeros(1, 4), mass=0.9, grid=(1, 2, 2), out_grid=(1, 100, 100)), "exceed"),
     ],

@@ -36,7 +36,7 @@ from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _order_key, _resolve_gr
 
 @triton.jit
 def _budgets_kernel(
-    scores_ptr, out_ptr, n_in, n_out, h, w, out_h, out_w, scale_h, scale_w, mass, min_k, max_k,
+    scores_ptr, out_ptr, n_in, n_out, h, w, out_h, out_w, scale_h, scale_w, inv_temperature, mass, min_k, max_k,
     UPSAMPLE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     clip = tl.program_id(0)
@@ -48,7 +48,7 @@ def _budgets_kernel(
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
     top = tl.max(tl.where(valid, score, float("-inf")), axis=0)
-    e = tl.where(valid, tl.exp(score - top), 0.0)
+    e = tl.where(valid, tl.exp((score - top) * inv_temperature), 0.0)
     target = mass * tl.sum(e, axis=0)
     key = _order_key(score)
     # As topk_tokens' _kth_largest_key, with a mass instead of a count.
@@ -74,10 +74,12 @@ def _num_warps(block: int) -> int:
 
 @triton_op("lookwhen::budgets_from_scores", mutates_args=())
 def _budgets_from_scores(
-    scores: torch.Tensor, mass: float, min_k: int, max_k: int, grid: List[int], out_grid: List[int],
+    scores: torch.Tensor, mass: float, temperature: float, min_k: int, max_k: int, grid: List[int],
+    out_grid: List[int],
 ) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.budgets_from_scores(scores, mass=mass, min_k=min_k, max_k=max_k, grid=grid, out_grid=out_grid)
+        return reference.budgets_from_scores(scores, mass=mass, temperature=temperature, min_k=min_k, max_k=max_k,
+                                             grid=grid, out_grid=out_grid)
     batch, n_in = scores.shape
     frames, h, w = grid
     _, out_h, out_w = out_grid
@@ -86,7 +88,7 @@ def _budgets_from_scores(
     if batch:
         block = next_power_of_2(n_out)
         wrap_triton(_budgets_kernel)[(batch,)](
-            scores, out, n_in, n_out, h, w, out_h, out_w, h / out_h, w / out_w, mass, min_k, max_k,
+            scores, out, n_in, n_out, h, w, out_h, out_w, h / out_h, w / out_w, 1.0 / temperature, mass, min_k, max_k,
             UPSAMPLE=tuple(grid) != tuple(out_grid), BLOCK=block, num_warps=_num_warps(block),
         )
     return out
@@ -96,6 +98,7 @@ def budgets_from_scores(
     scores: torch.Tensor,
     *,
     mass: float,
+    temperature: float = 1.0,
     min_k: int = 1,
     max_k: Optional[int] = None,
     grid: Optional[Sequence[int]] = None,
@@ -103,7 +106,7 @@ def budgets_from_scores(
     validate: bool = True,
 ) -> torch.Tensor:
     """Per clip, the smallest K whose top-K tokens hold at least ``mass`` (in
-    (0, 1]) of the softmax of the clip's scores, clamped to ``[min_k,
+    (0, 1]) of ``softmax(scores / temperature)`` over the clip, clamped to ``[min_k,
     max_k]`` (``max_k`` defaults to the tokens per clip): int32 ``[B]``, the
     ``budgets`` of :func:`topk_tokens`'s packed path. Ties rank by token id
     as in topk_tokens. With ``grid``/``out_grid`` the softmax is over the
@@ -122,6 +125,8 @@ def budgets_from_scores(
         raise ValueError(f"out_grid: {n_out} tokens per clip exceed the {MAX_TOKENS} one program holds")
     if isinstance(mass, bool) or not isinstance(mass, Real) or not 0 < mass <= 1:
         raise ValueError(f"mass: expected a float in (0, 1], got {mass!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
     max_k = n_out if max_k is None else max_k
     for name, value in (("min_k", min_k), ("max_k", max_k)):
         if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= n_out:
@@ -132,7 +137,8 @@ def budgets_from_scores(
     if checks_values(validate, scores) and bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
         kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
         raise ValueError(f"scores: contain {kind}")
-    return _budgets_from_scores(scores, float(mass), int(min_k), int(max_k), list(grid), list(out_grid))
+    return _budgets_from_scores(scores, float(mass), float(temperature), int(min_k), int(max_k), list(grid),
+                                list(out_grid))
 
 
 def compile_specs():
@@ -140,7 +146,7 @@ def compile_specs():
     # tokens, and fine scores given directly.
     specs = []
     scalars = {"n_in": "i32", "n_out": "i32", "h": "i32", "w": "i32", "out_h": "i32", "out_w": "i32",
-               "scale_h": "fp32", "scale_w": "fp32", "mass": "fp32", "min_k": "i32", "max_k": "i32"}
+               "scale_h": "fp32", "scale_w": "fp32", "inv_temperature": "fp32", "mass": "fp32", "min_k": "i32", "max_k": "i32"}
     block = next_power_of_2(3136)
     for mode, upsample in (("upsample", True), ("direct", False)):
         flags = {"UPSAMPLE": upsample, "BLOCK": block}
