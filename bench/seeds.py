@@ -47,6 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=positive_int, default=100, help="perturbed top-K samples per clip")
     parser.add_argument("--heads", nargs="+", choices=("mlp", "stts"), default=["mlp", "stts"],
                         help="score heads fine-tuned with the perturbed top-K")
+    parser.add_argument("--control", action="store_true",
+                        help="also fine-tune with the hard top-K from scratch (its score head gets no gradient)")
     parser.add_argument("--skip", nargs="+", choices=("perturbed", "windows"), default=[],
                         help="leave parts out (windows includes the budgets)")
 
@@ -62,11 +64,12 @@ def _perturbed(args, device) -> List[Dict]:
     held_out = [SyntheticDataset(args.val_clips, seed=4, **bench_train.EVENT_CLIPS).sample(i)
                 for i in range(args.val_clips)]
     rows = []
-    for head in args.heads:
+    runs = [(head, "perturbed") for head in args.heads] + ([("mlp", "selector")] if args.control else [])
+    for head, selection in runs:
         model = lookwhen.build_model("lookwhen-b16", **bench_train.LEARNING_MODEL, score_head=head,
                                      num_classes=len(COLOURS)).to(device)
         before = selector_recall(model.eval(), held_out)
-        task = FinetuneTask(model.train(), keep_ratio=keep, selection="perturbed", layer_decay=0.9,
+        task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9,
                             sigma_steps=steps, n_samples=args.samples)
         with tempfile.TemporaryDirectory() as folder:
             settings = TrainSettings(out=folder, steps=steps, batch_size=16, lr=args.finetune_lr, save_every=steps,
@@ -74,7 +77,7 @@ def _perturbed(args, device) -> List[Dict]:
             start = time.perf_counter()
             Trainer(task, train, settings, log=lambda line: None).fit()
             seconds = time.perf_counter() - start
-        rows.append({"head": head, "steps": steps, "keep_ratio": keep, "samples": args.samples,
+        rows.append({"head": head, "selection": selection, "steps": steps, "keep_ratio": keep, "samples": args.samples,
                      "accuracy": bench_train.accuracy(model, held_out, keep, device, task="colour"),
                      "recall_before": before, "recall_after": selector_recall(model.eval(), held_out),
                      "seconds": seconds})
@@ -146,11 +149,12 @@ def run(args, device: torch.device) -> Result:
         rows = _perturbed(args, device)
         payload += [{"part": "perturbed", **row} for row in rows]
         tables.append(format_table(
-            ("head", "steps", "keep", "samples", "val accuracy", "event recall before", "after", "train s"),
-            [(r["head"], r["steps"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
+            ("head", "selection", "steps", "keep", "samples", "val accuracy", "event recall before", "after",
+             "train s"),
+            [(r["head"], "hard top-K" if r["selection"] == "selector" else "perturbed", r["steps"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
               f"{r['recall_before']:.3f}", f"{r['recall_after']:.3f}", f"{r['seconds']:.0f}") for r in rows],
             title="fine-tuning with STTS's perturbed top-K, no pre-training: colour of a brief event (held out)"))
-        records += [Record("seeds", r["head"], "perturbed", m, r["steps"], r[m])
+        records += [Record("seeds", r["head"], r["selection"], m, r["steps"], r[m])
                     for r in rows for m in ("accuracy", "recall_before", "recall_after")]
     if "windows" not in args.skip:
         w = _windows(args, device)
