@@ -3,7 +3,8 @@
 Subcommands: ``e2e`` (LookWhen against the dense baseline), ``ops`` (every
 fused op against the eager composition it replaces), ``roofline`` (floor
 times on named GPUs), ``inspect`` (static sm_90/sm_80 compile report),
-``train`` (pre-training: learning on synthetic clips, training throughput). Each
+``train`` (pre-training: learning on synthetic clips, training throughput), ``seeds``
+(the seed methods' selections on synthetic clips). Each
 prints an aligned table and can write ``--json``, ``--csv`` and ``--plot``.
 """
 from __future__ import annotations
@@ -62,11 +63,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compile_report, e2e, ops, roofline, train
+    from . import compile_report, e2e, ops, roofline, seeds, train
 
     parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
                      "aligned table and can write --json, --csv and --plot files.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect,train}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect,train,seeds}")
     for name, module, help_text in (
         ("e2e", e2e, "LookWhen vs the dense baseline, RLT, motion selection and low resolution: tokens, "
                     "GFLOPs, GMACs, clips/s, speedup, efficiency, time split"),
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("roofline", roofline, "floor time of each op and both models on named GPUs"),
         ("inspect", compile_report, "static compile report: registers, spills, shared memory, tensor cores"),
         ("train", train, "pre-training: selector recall on synthetic clips, training-step throughput vs dense"),
+        ("seeds", seeds, "the seed methods' selections on synthetic clips: perturbed top-K fine-tuning, windows, "
+                         "budgets"),
     ):
         command = sub.add_parser(name, help=help_text, description=help_text)
         _common(command)

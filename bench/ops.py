@@ -277,6 +277,116 @@ def static_tokens_case(cfg: ModelConfig, batch: int) -> Case:
     return Case("static_tokens", f"B{batch} T{frames} {size}px p{patch}", make,
                 _fixed({"fused": fused, "int16 diff+pool+nonzero+cummin": eager}), bytes_moved=traffic)
 
+# seed-method selection strategies (STTS, Uni-AdaFocus) ----------------------
+
+STTS_SAMPLES, STTS_SIGMA = 500, 0.05
+
+
+class _EagerPerturbedTopK(torch.autograd.Function):
+    """STTS's own composition: materialised noise and one-hot indicators
+    ``[B, n, K, N]``, both kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, scores, noise, k, sigma):
+        ids = (scores[:, None, :] + sigma * noise).topk(k, dim=2).indices.sort(dim=2).values
+        onehot = F.one_hot(ids, scores.shape[1]).float()
+        ctx.save_for_backward(onehot, noise)
+        ctx.sigma = sigma
+        return onehot.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        onehot, noise = ctx.saved_tensors
+        expected = torch.einsum("bnkd,bnd->bkd", onehot, noise) / (noise.shape[1] * ctx.sigma)
+        return torch.einsum("bkd,bkd->bd", grad, expected), None, None, None
+
+
+def perturbed_topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
+    # STTS's setting on the selector's coarse scores.
+    from lookwhen_kernels.ops.perturbed_topk import sample_noise
+
+    n = cfg.n_selector_tokens
+    k = keep_ratio_to_k(keep_ratio, n)
+
+    def make(device, dtype):
+        return torch.randn(batch, n, device=device), torch.randint(2**31 - 1, (1,), device=device)
+
+    def fused(scores, seed):
+        return torch.ops.lookwhen.perturbed_topk(scores, seed, k, STTS_SAMPLES, STTS_SIGMA)
+
+    def eager(scores, seed):
+        # The same samples as the op (sample_noise), so only the top-K differs.
+        return _EagerPerturbedTopK.apply(scores, sample_noise(seed, batch, STTS_SAMPLES, n), k, STTS_SIGMA)
+
+    return Case("perturbed_topk", f"B{batch} n{n} K{k} samples{STTS_SAMPLES}", make,
+                _fixed({"fused": fused, "noise+topk+sort+one_hot+mean": eager}),
+                grad_inputs=(0,), bytes_moved=batch * n * 4 * (1 + k))
+
+
+def select_windows_case(cfg: ModelConfig, batch: int) -> Case:
+    # AdaFocus's patch: a quarter of the fine frame, from the coarse scores.
+    grid, out_grid = cfg.score_grid, cfg.grid
+    n_scores = math.prod(grid)
+    frames, height, width = out_grid
+    window = (height // 2, width // 2)
+    cols = width - window[1] + 1
+
+    def eager(scores):
+        planes = F.interpolate(scores.view(batch, frames, *grid[1:]), size=out_grid[1:], mode="bilinear",
+                               align_corners=False)
+        best = F.avg_pool2d(planes, window, stride=1).flatten(2).argmax(dim=2)
+        offsets = (torch.arange(window[0], device=scores.device)[:, None] * width
+                   + torch.arange(window[1], device=scores.device)).flatten()
+        starts = torch.arange(frames, device=scores.device) * (height * width) + (best // cols) * width + best % cols
+        return (starts[:, :, None] + offsets).flatten(1).to(torch.int32)
+
+    return Case("select_windows", f"B{batch} n{n_scores}->{cfg.n_tokens} window{window[0]}x{window[1]}",
+                lambda device, dtype: (torch.randn(batch, n_scores, device=device),),
+                _fixed({"fused": lambda s: lk.select_windows(s, window, grid=grid, out_grid=out_grid),
+                        "interpolate+avg_pool+argmax": eager}),
+                bytes_moved=batch * (n_scores + frames * window[0] * window[1]) * 4)
+
+
+def select_frames_case(cfg: ModelConfig, batch: int) -> Case:
+    # Half of the frames, as token ids of the fine grid.
+    grid, out_grid = cfg.score_grid, cfg.grid
+    n_scores = math.prod(grid)
+    frames, plane = grid[0], out_grid[1] * out_grid[2]
+    keep = max(1, frames // 2)
+
+    def eager(scores):
+        chosen = scores.view(batch, frames, -1).sum(2).topk(keep, dim=1).indices.sort(dim=1).values
+        return (chosen[:, :, None] * plane + torch.arange(plane, device=scores.device)).flatten(1).to(torch.int32)
+
+    return Case("select_frames", f"B{batch} n{n_scores} frames{keep}/{frames}",
+                lambda device, dtype: (torch.randn(batch, n_scores, device=device),),
+                _fixed({"fused": lambda s: lk.select_frames(s, keep, grid=grid, out_grid=out_grid),
+                        "sum+topk+sort+expand": eager}),
+                bytes_moved=batch * (n_scores + keep * plane) * 4)
+
+
+def budgets_case(cfg: ModelConfig, batch: int, mass: float = 0.9) -> Case:
+    grid, out_grid, n_out = cfg.score_grid, cfg.grid, cfg.n_tokens
+    n_scores = math.prod(grid)
+
+    def eager(scores):
+        fine = F.interpolate(scores.view(batch, grid[0], *grid[1:]), size=out_grid[1:], mode="bilinear",
+                             align_corners=False).reshape(batch, n_out)
+        ranked = torch.softmax(fine, dim=1).sort(dim=1, descending=True).values
+        return ((torch.cumsum(ranked, dim=1) - ranked) < mass).sum(dim=1).clamp(1, n_out).to(torch.int32)
+
+    return Case("budgets_from_scores", f"B{batch} n{n_scores}->{n_out} mass{mass}",
+                lambda device, dtype: (torch.randn(batch, n_scores, device=device),),
+                _fixed({"fused": lambda s: lk.budgets_from_scores(s, mass=mass, grid=grid, out_grid=out_grid),
+                        "interpolate+softmax+sort+cumsum": eager}),
+                bytes_moved=batch * (n_scores + 1) * 4)
+
+
+def seed_selection_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
+    """The selection strategies of the seed methods, on the selector's scores."""
+    return [perturbed_topk_case(cfg, batch, keep_ratio), select_windows_case(cfg, batch),
+            select_frames_case(cfg, batch), budgets_case(cfg, batch)]
+
 
 # varlen_attention ------------------------------------------------------------
 
@@ -340,6 +450,7 @@ def cases_for(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
         gather_case(cfg, batch, keep_ratio),
         uniqueness_case(cfg, batch),
         frame_normalize_case(cfg, batch),
+        *seed_selection_cases(cfg, batch, keep_ratio),
     ]
 
 

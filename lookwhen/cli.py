@@ -111,14 +111,25 @@ def _check_output(path: str, suffixes) -> str:
     return suffix
 
 
-def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float]):
+def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float], budget_mass: Optional[float] = None):
     """Embedding, and for LookWhen the selection, of a batch of clips."""
     from lookwhen.model import LookWhen
 
     with torch.inference_mode():
         if isinstance(model, LookWhen):
-            return model(clips, keep_ratio=keep_ratio)
+            return model(clips, keep_ratio=keep_ratio, budget_mass=budget_mass)
         return model(clips)
+
+
+def _check_budget_mass(args, config: ModelConfig) -> None:
+    if args.budget_mass is None:
+        return
+    if config.kind == "dense":
+        raise CommandError(f"--budget-mass: {config.name} is a dense model and keeps every token")
+    if args.keep_ratio is not None:
+        raise CommandError("--budget-mass, --keep-ratio: give one way of choosing how many tokens, not both")
+    if args.selector == "motion":
+        raise CommandError("--budget-mass, --selector motion: budgets come from the learned selector's scores")
 
 
 # embed ----------------------------------------------------------------------
@@ -133,10 +144,10 @@ def cmd_embed(args) -> int:
         raise CommandError("--out: needed with VIDEO files (or use --manifest and --out-dir)")
     suffix = _check_output(args.out, (".npy", ".safetensors"))
     device = _device(args.device)
-    _model_config(args)
+    _check_budget_mass(args, _model_config(args))
     model = _load_model(args, device)
     cfg: ModelConfig = model.config
-    embeddings, indices, scores, done, failures = [], [], [], [], []
+    embeddings, indices, scores, budgets, done, failures = [], [], [], [], [], []
     # disable=None: a bar only on a terminal.
     quiet = True if len(args.videos) < 2 else None
     with tqdm(total=len(args.videos), unit="video", disable=quiet, file=sys.stderr) as bar:
@@ -149,7 +160,7 @@ def cmd_embed(args) -> int:
             failures.extend(batch.failures)
             if batch.clips is not None:
                 if motions is None:
-                    out = _forward(model, batch.clips.to(device), args.keep_ratio)
+                    out = _forward(model, batch.clips.to(device), args.keep_ratio, args.budget_mass)
                 else:
                     with torch.inference_mode():
                         out = motion_forward(model, batch.clips.to(device), motions, args.keep_ratio)
@@ -159,6 +170,7 @@ def cmd_embed(args) -> int:
                     embeddings.append(out.embedding.float().cpu())
                     indices.append(out.indices.cpu())
                     scores.append(out.scores.float().cpu())
+                    budgets.append(out.cu_seqlens.diff().cpu())
                 done.extend(batch.paths)
             bar.update(len(batch.paths) + len(batch.failures))
     if not done:
@@ -173,6 +185,9 @@ def cmd_embed(args) -> int:
         if indices:
             tensors["indices"] = torch.cat(indices).contiguous()
             tensors["scores"] = torch.cat(scores).contiguous()
+            if args.budget_mass is not None:
+                # Packed ids: each clip's count splits them.
+                tensors["budgets"] = torch.cat(budgets).contiguous()
         metadata = {"videos": json.dumps(done), "failed": json.dumps([p for p, _ in failures]), "config": cfg.to_json()}
         save_file(tensors, args.out, metadata=metadata)
     print(f"wrote {len(done)} embeddings of size {table.shape[1]} to {args.out}"
@@ -213,14 +228,14 @@ def _embed_manifest(args) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    _model_config(args)
+    _check_budget_mass(args, _model_config(args))
     model = _load_model(args, device)
     share = sum(len(paths[k * args.shard_size:(k + 1) * args.shard_size])
                 for k in range(rank, -(-len(paths) // args.shard_size), world))
     with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
         summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
-                               workers=args.workers, keep_ratio=args.keep_ratio, with_selection=args.with_selection,
-                               selector=args.selector,
+                               workers=args.workers, keep_ratio=args.keep_ratio, budget_mass=args.budget_mass,
+                               with_selection=args.with_selection, selector=args.selector,
                                device=device, rank=rank, world=world, progress=bar.update,
                                log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
     print(f"rank {rank}: {summary['shards']} shards ({summary['shards_skipped']} already done), embedded "
@@ -357,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out-dir", help="with --manifest: folder of shard-NNNNN.safetensors files")
     embed.add_argument("--shard-size", type=positive_int_arg, default=1000, help="videos per shard")
     embed.add_argument("--with-selection", action="store_true", help="store the selected ids and scores too")
+    embed.add_argument("--budget-mass", type=keep_ratio_arg, default=None, metavar="MASS",
+                       help="per-clip budgets: the fewest tokens holding MASS of the softmax of the scores "
+                            "(fewer for concentrated clips; ids then packed, with their budgets)")
     embed.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     embed.add_argument("--selector", choices=("learned", "motion"), default="learned",
                        help="learned: the model's selector; motion: the fastest-moving tokens by the decoder's "

@@ -212,7 +212,8 @@ def cmd_finetune(args) -> int:
     task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
-                        temperature=args.distill_temperature, alpha=args.distill_alpha)
+                        temperature=args.distill_temperature, alpha=args.distill_alpha, sigma=args.sigma,
+                        sigma_steps=args.steps * args.accumulate, n_samples=args.samples)
     settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
@@ -314,8 +315,13 @@ def add_parsers(sub, positive_int, keep_ratio) -> None:
     choice.add_argument("--keep-ratio", type=keep_ratio, help="LookWhen: tokens kept (default: the model's)")
     choice.add_argument("--keep-range", type=keep_ratio, nargs=2, metavar=("LOW", "HIGH"),
                         help="LookWhen: a keep ratio drawn per clip from this range every step")
-    fine.add_argument("--selection", choices=("selector", "random"), default="selector",
-                      help="random: uniformly random tokens instead of the selector's (a control)")
+    fine.add_argument("--selection", choices=("selector", "random", "perturbed"), default="selector",
+                      help="random: uniformly random tokens instead of the selector's (a control); perturbed: "
+                           "STTS's differentiable top-K, the selector learns from the task loss")
+    fine.add_argument("--sigma", type=float, default=0.05,
+                      help="--selection perturbed: noise at the start, decaying linearly to 0 (default 0.05)")
+    fine.add_argument("--samples", type=positive_int, default=500,
+                      help="--selection perturbed: noisy samples per clip and step (default 500)")
     fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")
     fine.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     fine.add_argument("--label-smoothing", type=float, default=0.1)

@@ -23,6 +23,7 @@ QK_NORMS = ("none", "width", "head")
 MLP_ACTS = ("gelu", "gelu_tanh")
 POS_EMBEDS = ("separable", "joint")
 ATTENTIONS = ("kernels", "sdpa")
+SCORE_HEADS = ("mlp", "stts")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class ModelConfig:
     context_projection: bool = True
     selector_image_size: int = 0
     extractor_cls: bool = True
+    # Selector score head (issue 14): "mlp" is LookWhen's LayerNorm-MLP
+    # (score_tokens); "stts" is STTS's scorer (local half-features with the
+    # clip-mean of the other half, an MLP, min-max normalised per clip).
+    score_head: str = "mlp"
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     # Architecture options (issue 12, fidelity), kept together. Block options
@@ -143,6 +148,13 @@ class ModelConfig:
                 problems.append(
                     f"context_projection=False needs selector_width == width, got {self.selector_width} and {self.width}"
                 )
+            if self.score_head not in SCORE_HEADS:
+                problems.append(f"score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")
+            elif self.score_head == "stts" and self.selector_width < 4:
+                problems.append(f"score_head 'stts' needs selector_width >= 4, got {self.selector_width}")
+            elif self.score_head == "stts" and self.score_outputs != 1:
+                problems.append(f"score_head 'stts' gives one score per token: score_outputs must be 1, "
+                                f"got {self.score_outputs}")
             if self.registers < 0:
                 problems.append(f"registers must be >= 0, got {self.registers}")
             if self.selector_width % max(self.selector_heads, 1):

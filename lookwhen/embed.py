@@ -73,12 +73,14 @@ def _check_run(folder: str, info: Dict) -> None:
 
 @torch.no_grad()
 def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 1000, batch_size: int = 8,
-                 workers: int = 2, keep_ratio: Optional[float] = None, with_selection: bool = False,
-                 selector: str = "learned",
+                 workers: int = 2, keep_ratio: Optional[float] = None, budget_mass: Optional[float] = None,
+                 with_selection: bool = False, selector: str = "learned",
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
                  progress: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> Dict:
     """Embed ``paths`` into shards under ``folder`` (see the module
-    docstring); returns counts and the throughput of this process.
+    docstring); returns counts and the throughput of this process. With
+    ``budget_mass`` each clip keeps the fewest tokens holding that mass of
+    its scores' softmax; stored ids are then packed, with ``budgets``.
     ``selector="motion"`` selects by the decoder's motion vectors
     (:func:`lookwhen.motion.motion_forward`); videos without them fail."""
     from safetensors.torch import save_file
@@ -91,16 +93,21 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
         raise ValueError("no videos to embed")
     cfg = model.config
     lookwhen = isinstance(model, LookWhen)
-    if not lookwhen and (keep_ratio is not None or with_selection or selector != "learned"):
+    if not lookwhen and (keep_ratio is not None or budget_mass is not None or with_selection
+                         or selector != "learned"):
         raise ValueError(f"{cfg.name} is a dense model: it keeps every token and selects nothing")
     if selector not in ("learned", "motion"):
         raise ValueError(f"selector: expected 'learned' or 'motion', got {selector!r}")
+    if selector == "motion" and budget_mass is not None:
+        raise ValueError("budget_mass: budgets come from the learned selector's scores, not selector='motion'")
     os.makedirs(folder, exist_ok=True)
     # Through JSON, so that it compares equal to the file a first run wrote.
     info = json.loads(json.dumps({"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
                                   "count": len(paths), "shard_size": shard_size, "config": cfg.to_dict(),
-                                  "keep_ratio": keep_ratio, "with_selection": with_selection,
-                                  **({"selector": selector} if selector != "learned" else {})}))
+                                  "keep_ratio": keep_ratio, "with_selection": with_selection}
+                                 # Only when set: folders of earlier runs keep matching.
+                                 | ({"selector": selector} if selector != "learned" else {})
+                                 | ({"budget_mass": budget_mass} if budget_mass is not None else {})))
     if rank == 0:
         _check_run(folder, info)
     shards = [k for k in range(rank, -(-len(paths) // shard_size), world)]
@@ -109,7 +116,8 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     if progress is not None and done_before:
         progress(sum(len(paths[k * shard_size:(k + 1) * shard_size]) for k in shards if k not in todo))
     model = model.eval()
-    selection = {"keep_ratio": keep_ratio} if lookwhen and keep_ratio is not None else {}
+    selection = {name: value for name, value in (("keep_ratio", keep_ratio), ("budget_mass", budget_mass))
+                 if lookwhen and value is not None}
     embedded = failed = 0
     start = time.perf_counter()
     for k in todo:
@@ -117,7 +125,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
         motion_grid = cfg.grid if selector == "motion" else None
         loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size, motion_grid),
                                              batch_size=batch_size, num_workers=workers, collate_fn=collate_list)
-        tensors: Dict[str, List[torch.Tensor]] = {"embeddings": [], "indices": [], "scores": []}
+        tensors: Dict[str, List[torch.Tensor]] = {"embeddings": [], "indices": [], "scores": [], "budgets": []}
         good, bad = [], []
         for batch in loader:
             clips = [clip for _, clip, _, _ in batch if clip is not None]
@@ -134,11 +142,14 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
                     tensors["embeddings"].append(out.embedding.float().cpu())
                     tensors["indices"].append(out.indices.cpu())
                     tensors["scores"].append(out.scores.float().cpu())
+                    tensors["budgets"].append(out.cu_seqlens.diff().cpu())
                 else:
                     tensors["embeddings"].append(out.float().cpu())
             if progress is not None:
                 progress(len(batch))
         names = ("embeddings", "indices", "scores") if with_selection else ("embeddings",)
+        if with_selection and budget_mass is not None:
+            names += ("budgets",)
         width = cfg.width
         table = {name: (torch.cat(tensors[name]) if tensors[name] else torch.zeros((0, width))).contiguous()
                  for name in names}

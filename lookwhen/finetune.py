@@ -7,7 +7,11 @@
   ``decay ** (L + 1)``, the final norm and the head at the full rate).
 - LookWhen keeps a fixed ratio of its tokens or draws a budget per clip from
   a range each step; ``selection="random"`` replaces the selector's choice by
-  uniformly random tokens (the control that shows what selection is worth).
+  uniformly random tokens (the control that shows what selection is worth);
+  ``selection="perturbed"`` trains with STTS's differentiable top-K, so the
+  selector learns from the task loss alone: sigma decays linearly from
+  ``sigma`` (0.05) to 0 over the run's ``sigma_steps`` training forwards
+  (steps x accumulation), and evaluation (the saved model) uses the hard top-K.
 - ``linear_probe``: the selector and the extractor are frozen, the head alone
   trains (the papers' LP rows).
 - **Cross-resolution distillation** (ResKD): with a teacher model that sees
@@ -32,7 +36,7 @@ from lookwhen.model import LookWhen
 from lookwhen.train import Task
 from lookwhen.video import fit_clips
 
-SELECTIONS = ("selector", "random")
+SELECTIONS = ("selector", "random", "perturbed")
 
 
 def random_selection(generator: torch.Generator, batch: int, n_tokens: int, k: int) -> torch.Tensor:
@@ -64,9 +68,16 @@ def layer_id(name: str, depth: int) -> int:
 
 class FinetuneModule(nn.Module):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
-                 teacher: Optional[nn.Module], temperature: float, alpha: float):
+                 teacher: Optional[nn.Module], temperature: float, alpha: float,
+                 perturbed: Optional[Tuple[float, int, int]] = None):
         super().__init__()
         self.model = model
+        # (sigma at the start, training forwards over which it decays to 0,
+        # samples); the forwards seen so far are state, so a resumed run
+        # continues the schedule.
+        self.perturbed = perturbed
+        if perturbed is not None:
+            self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))
         self.keep_ratio = keep_ratio
         self.label_smoothing = label_smoothing
         self.temperature = temperature
@@ -82,6 +93,10 @@ class FinetuneModule(nn.Module):
             selection = {k: v.to(device) for k, v in draws.items()}
         else:
             selection = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
+        if self.perturbed is not None and self.training:
+            selection["sigma"] = self.sigma()
+            selection["n_samples"] = self.perturbed[2]
+            self.forwards += 1
         student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()
         parts = {"task": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
@@ -95,12 +110,18 @@ class FinetuneModule(nn.Module):
         loss = (1 - self.alpha) * parts["task"] + self.alpha * parts["distill"]
         return loss, {k: v.detach() for k, v in parts.items()}
 
+    def sigma(self) -> float:
+        """The perturbed top-K's noise level at this point of the run."""
+        start, total, _ = self.perturbed
+        return start * max(0.0, 1.0 - int(self.forwards) / total)
+
 
 class FinetuneTask(Task):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float] = None,
                  keep_range: Optional[Tuple[float, float]] = None, selection: str = "selector",
                  linear_probe: bool = False, layer_decay: float = 0.75, label_smoothing: float = 0.1,
-                 teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5):
+                 teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5,
+                 sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500):
         config = model.config
         if not config.num_classes:
             raise ValueError(f"{config.name}: fine-tuning needs a classifier (num_classes > 0)")
@@ -113,8 +134,14 @@ class FinetuneTask(Task):
             raise ValueError("keep_ratio and keep_range: give one or the other")
         if keep_range is not None and not 0 < keep_range[0] <= keep_range[1] <= 1:
             raise ValueError(f"keep_range: expected 0 < low <= high <= 1, got {keep_range}")
-        if selection == "random" and keep_range is not None:
-            raise ValueError("selection='random' draws a fixed number of tokens per clip: use keep_ratio")
+        if selection in ("random", "perturbed") and keep_range is not None:
+            raise ValueError(f"selection={selection!r} keeps a fixed number of tokens per clip: use keep_ratio")
+        if selection == "perturbed":
+            if not sigma >= 0 or sigma_steps is None or sigma_steps < 1 or n_samples < 1:
+                raise ValueError(f"selection='perturbed' needs sigma >= 0, sigma_steps >= 1 and n_samples >= 1, "
+                                 f"got {sigma}, {sigma_steps} and {n_samples}")
+            if linear_probe:
+                raise ValueError("selection='perturbed' trains the selector: not with linear_probe")
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
         if not 0 <= label_smoothing < 1:
@@ -135,9 +162,10 @@ class FinetuneTask(Task):
         self.selection = selection
         self.linear_probe = linear_probe
         self.layer_decay = layer_decay
+        self.perturbed = (float(sigma), int(sigma_steps), int(n_samples)) if selection == "perturbed" else None
         self.module = FinetuneModule(model, keep_ratio=self.keep_ratio, label_smoothing=label_smoothing,
-                                     teacher=teacher,
-                                     temperature=temperature, alpha=alpha)
+                                     teacher=teacher, temperature=temperature, alpha=alpha,
+                                     perturbed=self.perturbed)
         self._model = model
         self.distilled = teacher is not None
 
@@ -163,5 +191,6 @@ class FinetuneTask(Task):
 
     def run_info(self) -> Dict:
         return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
-                "keep_range": self.keep_range, "selection": self.selection, "linear_probe": self.linear_probe,
+                "keep_range": self.keep_range, "selection": self.selection, "perturbed": self.perturbed,
+                "linear_probe": self.linear_probe,
                 "layer_decay": self.layer_decay, "distilled": self.distilled}

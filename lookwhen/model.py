@@ -9,19 +9,22 @@ context about the parts of the clip it does not see.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
+from lookwhen_kernels import reference
 from lookwhen.config import ModelConfig
 from lookwhen.extractor import Extractor
 from lookwhen.layers import check_clip, compute_dtype
 from lookwhen.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
-from lookwhen_kernels.ops.topk_tokens import check_budgets
+from lookwhen_kernels.ops.topk_tokens import check_budgets, keep_ratio_to_k
 
 
 @dataclass
@@ -68,6 +71,9 @@ class LookWhen(nn.Module):
         *,
         indices: Optional[torch.Tensor] = None,
         run_selector: bool = True,
+        budget_mass: Optional[float] = None,
+        sigma: Optional[float] = None,
+        n_samples: int = 500,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
@@ -78,7 +84,12 @@ class LookWhen(nn.Module):
         context tokens and scores, unless ``run_selector=False``: then the
         selector does not run at all, each extractor sequence is ``[CLS,
         tokens...]`` and ``scores`` is empty ``[B, 0]``, for strategies whose
-        selection costs no model, such as decoder motion vectors).
+        selection costs no model, such as decoder motion vectors), or per-clip
+        budgets from the scores: the fewest tokens holding ``budget_mass`` of
+        their softmax (``budgets_from_scores``: concentrated clips get fewer
+        tokens). ``sigma`` (training, with a keep ratio): STTS's
+        differentiable top-K instead of the hard one, see :meth:`_soft_tokens`;
+        ``indices`` are then the hard top-K of the same scores.
         ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
         "extractor".
@@ -89,8 +100,8 @@ class LookWhen(nn.Module):
         transfer), checks them here and sizes every buffer from that copy.
         An external ``indices`` is checked here too (one read of its range)."""
         check_clip(clip, self.config)
-        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices))
-                 if value is not None]
+        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices),
+                                          ("budget_mass", budget_mass)) if value is not None]
         if len(given) > 1:
             names = ", ".join(given[:-1]) + " and " + given[-1]
             raise ValueError(f"{names}: give one way of choosing tokens, not both")
@@ -98,6 +109,8 @@ class LookWhen(nn.Module):
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
         elif not run_selector:
             raise ValueError("run_selector: False needs a selection made outside the model (indices)")
+        if sigma is not None and (budgets is not None or indices is not None or budget_mass is not None):
+            raise ValueError("sigma: the perturbed top-K keeps a fixed ratio of tokens (no budgets or indices)")
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
@@ -116,7 +129,17 @@ class LookWhen(nn.Module):
             per_frame = frame_scores(scores, cfg) if run_selector else scores
             # The selection is the model's own (scores from the score head,
             # ids from topk): the ops' value checks, host reads, stay off.
-            if indices is not None:
+            if budget_mass is not None:
+                score_map, map_grid = _score_map(per_frame, cfg)
+                budgets = lk.budgets_from_scores(score_map, mass=budget_mass, validate=False, grid=map_grid,
+                                                 out_grid=cfg.grid)
+            tokens = None
+            if sigma is not None:
+                k = keep_ratio_to_k(cfg.keep_ratio if keep_ratio is None else keep_ratio, cfg.n_tokens)
+                tokens = self._soft_tokens(clip, per_frame, k, sigma, n_samples, dtype)
+                indices = lk.topk_tokens(per_frame, k, validate=False, **grids)
+                tokens_cu = None
+            elif indices is not None:
                 tokens_cu = None
             elif budgets is None:
                 ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
@@ -127,7 +150,8 @@ class LookWhen(nn.Module):
                 indices, tokens_cu = lk.topk_tokens(
                     per_frame, budgets=budgets, total=total, validate=False, **grids
                 )
-            tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
+            if tokens is None:
+                tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
             prefix = context.to(dtype)
             if self.extractor.cls_token is not None:
                 prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), prefix], 1)
@@ -150,6 +174,26 @@ class LookWhen(nn.Module):
                 logits=None if head is None else head(embedding),
             )
 
+    def _soft_tokens(self, clip, scores, k: int, sigma: float, n_samples: int, dtype) -> torch.Tensor:
+        """STTS's soft selection on the extractor's candidates, packed
+        ``[B*k, D]``: the coarse scores are upsampled to the fine grid as
+        ``topk_tokens`` does and min-max normalised per clip (as STTS's
+        scorer ends, so ``sigma`` is relative to each clip's score range);
+        ``perturbed_topk`` gives the indicators ``[B, k, N]``, and slot ``j``
+        of a clip is ``indicators[j] @ candidates``, over every candidate
+        token embedded (patch projection + position). The task loss reaches
+        the scores through the indicators' perturbed-maximum gradient; at
+        ``sigma = 0`` the indicators are one-hot and the tokens are exactly
+        the hard top-K's embeddings."""
+        cfg = self.config
+        batch = clip.shape[0]
+        fine = reference.upsample_scores(scores, cfg.score_grid, cfg.grid)
+        low, high = fine.amin(dim=1, keepdim=True), fine.amax(dim=1, keepdim=True)
+        indicators = lk.perturbed_topk(((fine - low) / (high - low + 1e-5)).contiguous(), k, n_samples=n_samples,
+                                       sigma=sigma, validate=False)
+        candidates = self.extractor.embed(clip, None, None, dtype).view(batch, cfg.n_tokens, -1)
+        return torch.bmm(indicators.to(candidates.dtype), candidates).flatten(0, 1)
+
     def _encode(self, clip, dtype, timer):
         """The selector's token features and context tokens."""
         batch = clip.shape[0]
@@ -165,6 +209,17 @@ class LookWhen(nn.Module):
         check_clip(clip, self.config)
         features, _ = self._encode(clip, compute_dtype(self.selector.cls_token), _no_timer)
         return self.selector.score(features)
+
+
+def _score_map(scores: torch.Tensor, config: ModelConfig):
+    """Per-frame scores as one value per cell of their map, and that map's
+    grid: ``[B, n]`` on ``score_grid`` as they are, ``[B, n, r*r]`` laid onto
+    their r-times finer map (for ops that take 2-d scores)."""
+    if scores.dim() == 2:
+        return scores, config.score_grid
+    frames, h, w = config.score_grid
+    r = math.isqrt(scores.shape[2])
+    return reference.sub_grid_map(scores, config.score_grid), (frames, h * r, w * r)
 
 
 def _check_selection(indices, batch: int, n_tokens: int) -> None:

@@ -54,6 +54,30 @@ def frame_scores(scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return per_frame.repeat_interleave(stride, dim=1).flatten(1, 2)
 
 
+class STTSScoreHead(nn.Module):
+    """STTS's scorer (its ``PredictorLG`` plus min-max normalisation):
+    LayerNorm -> Linear -> GELU; each token's first half of the features
+    beside the clip-mean of the second half; Linear-GELU-Linear-GELU-Linear
+    (D -> D/2 -> D/4 -> 1); scores min-max normalised to [0, 1) per clip."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc_in = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                 nn.Linear(dim // 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, n, D]`` -> float32 scores ``[B, n]`` in [0, 1)."""
+        h = F.gelu(self.fc_in(self.norm(x)))
+        half = h.shape[-1] // 2
+        local, rest = h[..., :half], h[..., half:]
+        mixed = torch.cat([local, rest.mean(dim=1, keepdim=True).expand(-1, h.shape[1], -1)], dim=-1)
+        scores = self.mlp(mixed).squeeze(-1).float()
+        low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
+        return (scores - low) / (high - low + 1e-5)
+
+
 class Selector(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -69,7 +93,8 @@ class Selector(nn.Module):
             for _ in range(config.selector_depth)
         )
         self.norm = make_norm(config.norm, dim, config.norm_eps)
-        self.score_head = ScoreHead(dim, config.score_hidden, config.norm_eps, config.score_outputs)
+        self.score_head = (ScoreHead(dim, config.score_hidden, config.norm_eps, config.score_outputs)
+                           if config.score_head == "mlp" else STTSScoreHead(dim, config.norm_eps))
         self.context_proj = nn.Linear(dim, config.width) if config.context_projection else nn.Identity()
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.reg_token, std=1e-6)

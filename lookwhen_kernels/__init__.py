@@ -13,17 +13,22 @@ from lookwhen_kernels.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
 )
 from lookwhen_kernels.ops._common import deterministic, set_deterministic
+from lookwhen_kernels.ops.budgets_from_scores import budgets_from_scores
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
 from lookwhen_kernels.ops.gather_tokens import gather_tokens, scatter_tokens
 from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness
+from lookwhen_kernels.ops.perturbed_topk import perturbed_topk
 from lookwhen_kernels.ops.score_tokens import score_tokens
 from lookwhen_kernels.ops.static_tokens import static_tokens
+from lookwhen_kernels.ops.select_frames import select_frames
+from lookwhen_kernels.ops.select_windows import select_windows
 from lookwhen_kernels.ops.topk_tokens import topk_tokens
 from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
 
 __all__ = [
     "block_diagonal_attention",
+    "budgets_from_scores",
     "dense_attention",
     "deterministic",
     "flash_attn_func",
@@ -36,8 +41,11 @@ __all__ = [
     "gather_patch_embed",
     "gather_tokens",
     "nn_uniqueness",
+    "perturbed_topk",
     "scatter_tokens",
     "score_tokens",
+    "select_frames",
+    "select_windows",
     "set_deterministic",
     "static_tokens",
     "topk_tokens",

@@ -27,6 +27,10 @@ from lookwhen_kernels.ops._common import CompileSpec
 OP_MODULES = (
     "score_tokens",
     "topk_tokens",
+    "perturbed_topk",
+    "select_windows",
+    "select_frames",
+    "budgets_from_scores",
     "gather_tokens",
     "gather_patch_embed",
     "nn_uniqueness",

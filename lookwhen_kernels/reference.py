@@ -241,6 +241,101 @@ def static_tokens(clip, *, patch_size: int, threshold: float, tubelet: int = 1, 
     return pack_static_tokens(
         static_token_mask(clip, patch_size=patch_size, threshold=threshold, tubelet=tubelet, std=std)
     )
+def _perturbed_selections(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: float):
+    """Each sample's top-K ids ``int64 [B, n, k]`` (ascending) of ``scores +
+    sigma * noise``, formed in float32 as the kernels form them, so the same
+    noise gives the same selections."""
+    batch, n_samples, n_tokens = noise.shape
+    perturbed = scores.float()[:, None, :] + sigma * noise.float()
+    ids = topk_tokens(perturbed.reshape(batch * n_samples, n_tokens), k).long()
+    return ids.reshape(batch, n_samples, k)
+
+
+def _slot_offsets(ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Flat ``slot * N + id`` offsets into a clip's ``[k, N]`` indicators, ``[B, n*k]``."""
+    slots = torch.arange(ids.shape[2], device=ids.device) * n_tokens
+    return (ids + slots).reshape(ids.shape[0], -1)
+
+
+def perturbed_topk(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """STTS's perturbed top-K with the given samples ``noise [B, n, N]``: the
+    mean over samples of the one-hot indicators ``[B, k, N]`` of each
+    sample's ascending top-K ids, in at least float32 (float64 for float64
+    scores). Counts are added per clip, so ``[B, n, k, N]`` never exists."""
+    batch, n_samples, n_tokens = noise.shape
+    work = _work_dtype(scores.dtype)
+    ids = _perturbed_selections(scores, k, noise, sigma)
+    counts = torch.zeros((batch, k * n_tokens), device=scores.device, dtype=work)
+    offsets = _slot_offsets(ids, n_tokens)
+    counts.scatter_add_(1, offsets, torch.ones(offsets.shape, device=scores.device, dtype=work))
+    return (counts / n_samples).reshape(batch, k, n_tokens)
+
+
+def perturbed_topk_backward(grad: torch.Tensor, scores: torch.Tensor, k: int, noise: torch.Tensor,
+                            sigma: float) -> torch.Tensor:
+    """The Monte-Carlo gradient of :func:`perturbed_topk` with respect to the
+    scores over the same samples: ``d[b, t] = sum_j grad[b, j, t] *
+    mean_s(onehot_s[j, t] * noise_s[t]) / sigma`` (STTS's backward), in at
+    least float32; ``[B, N]``."""
+    batch, n_samples, n_tokens = noise.shape
+    work = _work_dtype(scores.dtype)
+    ids = _perturbed_selections(scores, k, noise, sigma)
+    picked = grad.to(work).reshape(batch, k * n_tokens).gather(1, _slot_offsets(ids, n_tokens))
+    noise_at = noise.to(work).gather(2, ids).reshape(batch, -1)
+    out = torch.zeros((batch, n_tokens), device=scores.device, dtype=work)
+    out.scatter_add_(1, ids.reshape(batch, -1), picked * noise_at)
+    return out / (n_samples * sigma)
+
+
+def select_windows(scores: torch.Tensor, window, *, grid, out_grid) -> torch.Tensor:
+    """Per frame (after upsampling from ``grid`` to ``out_grid``), the ids of
+    the ``window = (h, w)`` tokens with the largest sum, ties to the lowest
+    top-left index: int32 ``[B, T*h*w]``, ascending. Sums are added ``dy``
+    outer, ``dx`` inner in at least float32."""
+    fine = upsample_scores(scores, grid, out_grid)
+    frames, height, width = out_grid
+    win_h, win_w = window
+    planes = fine.reshape(scores.shape[0], frames, height, width)
+    rows, cols = height - win_h + 1, width - win_w + 1
+    sums = torch.zeros((scores.shape[0], frames, rows, cols), device=scores.device, dtype=fine.dtype)
+    for dy in range(win_h):
+        for dx in range(win_w):
+            sums += planes[:, :, dy:dy + rows, dx:dx + cols]
+    best = sums.flatten(2).argmax(dim=2)  # the first maximum: the lowest top-left index
+    top, left = best // cols, best % cols
+    offsets = (torch.arange(win_h, device=scores.device)[:, None] * width
+               + torch.arange(win_w, device=scores.device)[None, :]).flatten()
+    starts = torch.arange(frames, device=scores.device) * (height * width) + top * width + left
+    return (starts[:, :, None] + offsets).flatten(1).to(torch.int32)
+
+
+def frame_tokens(frames: torch.Tensor, plane: int) -> torch.Tensor:
+    """Frame ids ``[B, F]`` -> the ids of all their tokens ``int32 [B, F*plane]``."""
+    ids = frames.long()[:, :, None] * plane + torch.arange(plane, device=frames.device)
+    return ids.flatten(1).to(torch.int32)
+
+
+def select_frames(scores: torch.Tensor, n_frames: int, *, grid, out_grid) -> torch.Tensor:
+    """The ``n_frames`` frames of ``grid`` with the highest total score (ties
+    to the lower frame), as the ids of all their tokens on ``out_grid``:
+    int32 ``[B, n_frames*H*W]``, ascending."""
+    frames, height, width = grid
+    totals = scores.to(_work_dtype(scores.dtype)).reshape(scores.shape[0], frames, height * width).sum(2)
+    return frame_tokens(topk_tokens(totals, n_frames), out_grid[1] * out_grid[2])
+
+
+def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k: int, temperature: float = 1.0,
+                        grid=None, out_grid=None) -> torch.Tensor:
+    """Per clip, the smallest K whose K highest scores (ties by id, after
+    upsampling from ``grid`` to ``out_grid``) hold ``mass`` of
+    ``softmax(scores / temperature)``, clamped to ``[min_k, max_k]``: int32
+    ``[B]``. In at least float32."""
+    fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
+    fine = fine.to(_work_dtype(scores.dtype))
+    probs = torch.softmax(fine / temperature, dim=1)
+    ranked = probs.gather(1, torch.sort(fine, dim=1, descending=True, stable=True).indices)
+    before = torch.cumsum(ranked, dim=1) - ranked
+    return (before < mass).sum(dim=1).clamp(min_k, max_k).to(torch.int32)
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
