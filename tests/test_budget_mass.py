@@ -9,6 +9,7 @@ from lookwhen.embed import embed_shards, read_shards
 from lookwhen.video import read_clip
 from lookwhen import build_model
 from lookwhen.checkpoint import save_checkpoint
+from lookwhen.selector import frame_scores
 from test_cli import TINY, run
 from test_video import make_video
 
@@ -34,7 +35,8 @@ def _expected(model, paths, mass):
         out = model(clips, budget_mass=mass)
         scores = model.selector_scores(clips)
     cfg = model.config
-    budgets = lk.budgets_from_scores(scores, mass=mass, grid=cfg.selector_grid, out_grid=cfg.grid)
+    # The model's own layout: each selector frame's scores stand for the frames up to the next one.
+    budgets = lk.budgets_from_scores(frame_scores(scores, cfg), mass=mass, grid=cfg.score_grid, out_grid=cfg.grid)
     return out, budgets
 
 

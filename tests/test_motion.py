@@ -99,7 +99,7 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tiny = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,
-                selector_heads=2, score_hidden=16, keep_ratio=0.25)
+                selector_heads=2, score_hidden=16, keep_ratio=0.25, context_projection=True)
     model = build_model("lookwhen-b16", **tiny, seed=5).eval()
     checkpoint = tmp_path / "tiny.safetensors"
     save_checkpoint(model, checkpoint)
@@ -135,7 +135,7 @@ def test_a_selection_from_outside_can_skip_the_selector():
     from lookwhen import build_model, count_flops
 
     model = build_model("lookwhen-b16", frames=2, image_size=64, width=32, depth=1, heads=2, selector_width=16,
-                        selector_depth=1, selector_heads=2, score_hidden=16).eval()
+                        selector_depth=1, selector_heads=2, score_hidden=16, context_projection=True).eval()
     clip = torch.randint(0, 256, (1, 2, 64, 64, 3), dtype=torch.uint8)
     ids = torch.tensor([[0, 3, 17]], dtype=torch.int32)
     with_selector = count_flops(model, clip, indices=ids)

@@ -11,7 +11,8 @@ from lookwhen.synthetic import SyntheticDataset
 from lookwhen.train import Trainer, TrainSettings
 
 TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,
-            selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25, num_classes=3)
+            selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25, num_classes=3,
+            context_projection=True)
 
 
 @pytest.fixture(autouse=True)

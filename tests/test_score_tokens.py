@@ -67,7 +67,7 @@ def test_every_score_written(dtype):
 # that pads the output tile, R = 2; odd D and hidden, a row tail.
 @pytest.mark.parametrize("shape, outputs", [((2, 70, 80, 130), 16), ((1, 5, 33, 17), 3), ((1, 1, 8, 40), 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_several_outputs_per_token(shape, outputs, dtype):
+def test_several_outputs_per_token(shape, outputs, dtype, cpu_backend):
     batch, n_tokens, dim, hidden = shape
     x = _input((batch, n_tokens, dim), dtype)
     params = _head(dim, hidden, dtype, outputs=outputs)
@@ -79,7 +79,9 @@ def test_several_outputs_per_token(shape, outputs, dtype):
     assert_within_reference_error(out, reference.score_tokens(x, *params), oracle, floor=DEFAULT_FLOOR[dtype])
     public = score_tokens(x, *params)
     assert public.shape == (batch, n_tokens, outputs) and public.dtype == torch.float32
-    torch.testing.assert_close(public, out, rtol=0, atol=0)
+    # The native backend has no several-outputs kernel: there the public op runs the reference.
+    expected = reference.score_tokens(x, *params) if cpu_backend == "native" else out
+    torch.testing.assert_close(public, expected, rtol=0, atol=0)
     # Output r of the head is the one-output head with row r of w2.
     one = score_tokens(x, *params[:4], params[4][1:2].contiguous(), params[5][1:2].contiguous())
     torch.testing.assert_close(one, out[..., 1], rtol=1e-5, atol=1e-3 if dtype == torch.float16 else 1e-5)

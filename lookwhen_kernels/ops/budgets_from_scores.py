@@ -44,7 +44,7 @@ def _budgets_kernel(
     valid = ids < n_out
     clip_scores = scores_ptr + clip.to(tl.int64) * n_in
     if UPSAMPLE:
-        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w)
+        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, 1)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
     top = tl.max(tl.where(valid, score, float("-inf")), axis=0)

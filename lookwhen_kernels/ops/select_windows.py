@@ -54,7 +54,7 @@ def _select_windows_kernel(
         for dx in range(win_w):
             ids = first + dy * out_w + dx
             if UPSAMPLE:
-                total += _upsampled_scores(clip_scores, ids, corner, h, w, out_h, out_w, scale_h, scale_w)
+                total += _upsampled_scores(clip_scores, ids, corner, h, w, out_h, out_w, scale_h, scale_w, 1)
             else:
                 total += tl.load(clip_scores + ids, mask=corner, other=0.0).to(tl.float32)
     best = tl.argmax(tl.where(corner, total, float("-inf")), axis=0, tie_break_left=True)
