@@ -1,11 +1,24 @@
 """Triton helpers shared by the selection strategies built on topk_tokens'
-exact, sort-free top-K (perturbed_topk, select_frames)."""
+exact, sort-free top-K (perturbed_topk, select_frames), and their input checks."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from lookwhen_kernels.ops.topk_tokens import _kth_largest_key
+from lookwhen_kernels.ops._common import FLOAT_DTYPES, check_tensor
+from lookwhen_kernels.ops.topk_tokens import _kth_largest_key, _resolve_grids
+
+
+def check_scores_on_grid(op: str, scores: torch.Tensor, grid, out_grid):
+    """The checks of a strategy that reads 2-d scores on a token grid
+    (select_frames, select_windows): ``(grid, out_grid)`` resolved."""
+    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    if scores.shape[1] == 0:
+        raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
+    if grid is None:
+        raise ValueError(f"grid: {op} needs the (T, h, w) token grid of the scores")
+    return _resolve_grids(scores.shape[1], grid, out_grid)
 
 
 @triton.jit

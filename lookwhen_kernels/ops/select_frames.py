@@ -27,13 +27,12 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_int32,
-    check_tensor,
     checks_values,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops._selection import take_top_k
-from lookwhen_kernels.ops.topk_tokens import _order_key, _resolve_grids
+from lookwhen_kernels.ops._selection import check_scores_on_grid, take_top_k
+from lookwhen_kernels.ops.topk_tokens import _order_key
 
 CHUNK = 1024
 # Frames are lanes of one block of totals.
@@ -97,12 +96,7 @@ def select_frames(
     grid). ``validate=True`` refuses non-finite scores (a host read: a frame
     holding +inf and -inf has no total). Not differentiable.
     """
-    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
-    if scores.shape[1] == 0:
-        raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
-    if grid is None:
-        raise ValueError("grid: select_frames needs the (T, h, w) token grid of the scores")
-    grid, out_grid = _resolve_grids(scores.shape[1], grid, out_grid)
+    grid, out_grid = check_scores_on_grid("select_frames", scores, grid, out_grid)
     if grid[0] > MAX_FRAMES:
         raise ValueError(f"grid: {grid[0]} frames exceed the {MAX_FRAMES} one program ranks")
     if isinstance(n_frames, bool) or not isinstance(n_frames, Integral) or not 0 <= n_frames <= grid[0]:

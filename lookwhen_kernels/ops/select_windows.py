@@ -25,12 +25,12 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
-    check_tensor,
     checks_values,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _resolve_grids, _upsampled_scores
+from lookwhen_kernels.ops._selection import check_scores_on_grid
+from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _upsampled_scores
 
 
 @triton.jit
@@ -121,12 +121,7 @@ def select_windows(
     formed in fp32. ``validate=True`` refuses non-finite scores (a host read:
     a window holding +inf and -inf has no sum). Not differentiable.
     """
-    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
-    if scores.shape[1] == 0:
-        raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
-    if grid is None:
-        raise ValueError("grid: select_windows needs the (T, h, w) token grid of the scores")
-    grid, out_grid = _resolve_grids(scores.shape[1], grid, out_grid)
+    grid, out_grid = check_scores_on_grid("select_windows", scores, grid, out_grid)
     if out_grid[1] * out_grid[2] > MAX_TOKENS:
         raise ValueError(f"out_grid: a frame of {out_grid[1] * out_grid[2]} tokens exceeds {MAX_TOKENS}")
     window = check_window(window, out_grid)
