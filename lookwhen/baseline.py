@@ -53,7 +53,7 @@ from lookwhen.layers import (
     init_weights,
     make_norm,
 )
-from lookwhen_kernels.layout import segment_sum
+from lookwhen_kernels.layout import lengths_from_cu_seqlens, packed_batch_ids, segment_sum
 
 # InternVideo2's pooling head uses PyTorch's default LayerNorm epsilon.
 POOL_EPS = 1e-5
@@ -131,8 +131,8 @@ class AttentionPool(nn.Module):
             return self.cross_attn.proj(out.reshape(batch, dim))
         total, dim = x.shape
         batch = cu_seqlens.numel() - 1
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_of_row = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=total)
+        lengths = lengths_from_cu_seqlens(cu_seqlens)
+        seq_of_row = packed_batch_ids(cu_seqlens, total)
         # A GEMM, not index_add_: the same sums on every run.
         mean = (segment_sum(x, seq_of_row, batch) / lengths.clamp(min=1)[:, None]).to(x.dtype)
         q, k, v = self._project(mean, x)

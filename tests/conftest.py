@@ -41,6 +41,14 @@ def _seed(request):
 
 
 @pytest.fixture
+def pytorch_cpu_path(monkeypatch):
+    """The CPU ops' own path (native kernels or the PyTorch reference)
+    instead of the Triton interpreter: for model-level tests (training, the
+    CLI), where the interpreter would only make them slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
 def poisoned_allocations():
     """``torch.empty`` hands out NaN-filled memory (integers: their largest
     value) in deterministic mode, so an output element a kernel never writes

@@ -14,9 +14,7 @@ from test_cli import TINY, run
 from test_video import make_video
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,7 @@ TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=
             selector_heads=2, score_hidden=16, registers=4, keep_ratio=0.25)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 
 
 @pytest.fixture(scope="module")

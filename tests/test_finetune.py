@@ -30,9 +30,7 @@ SET = [f"{k}={v}" for k, v in SMALL.items()]
 DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 
 
 @pytest.fixture(scope="module")

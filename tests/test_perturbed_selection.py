@@ -15,9 +15,7 @@ TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=
             context_projection=True)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 
 
 def _clip(batch=2):

@@ -49,9 +49,7 @@ SET = [f"{k}={v}" for k, v in SMALL.items()]
 TEACHER = dict(name="vit_tiny_patch16_224", image_size=64, depth=2)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 
 
 @pytest.fixture(scope="module")
