@@ -45,6 +45,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 500, --quick 40)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="peak learning rate of fine-tuning")
     parser.add_argument("--samples", type=positive_int, default=100, help="perturbed top-K samples per clip")
+    parser.add_argument("--sigma", type=float, default=0.05,
+                        help="perturbed top-K noise at the start, decaying linearly to 0 (default 0.05, STTS's)")
     parser.add_argument("--heads", nargs="+", choices=("mlp", "stts"), default=["mlp", "stts"],
                         help="score heads fine-tuned with the perturbed top-K")
     parser.add_argument("--control", action="store_true",
@@ -70,7 +72,7 @@ def _perturbed(args, device) -> List[Dict]:
                                      num_classes=len(COLOURS)).to(device)
         before = selector_recall(model.eval(), held_out)
         task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9,
-                            sigma_steps=steps, n_samples=args.samples)
+                            sigma=args.sigma, sigma_steps=steps, n_samples=args.samples)
         with tempfile.TemporaryDirectory() as folder:
             settings = TrainSettings(out=folder, steps=steps, batch_size=16, lr=args.finetune_lr, save_every=steps,
                                      device=str(device), progress=None)
@@ -78,6 +80,7 @@ def _perturbed(args, device) -> List[Dict]:
             Trainer(task, train, settings, log=lambda line: None).fit()
             seconds = time.perf_counter() - start
         rows.append({"head": head, "selection": selection, "steps": steps, "keep_ratio": keep, "samples": args.samples,
+                     "sigma": args.sigma if selection == "perturbed" else 0.0,
                      "accuracy": bench_train.accuracy(model, held_out, keep, device, task="colour"),
                      "recall_before": before, "recall_after": selector_recall(model.eval(), held_out),
                      "seconds": seconds})

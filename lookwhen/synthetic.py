@@ -45,13 +45,16 @@ class SyntheticClip:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         return self.label if task == "direction" else self.colour
 
-    def object_tokens(self, patch_size: int, min_cover: float = 0.0) -> torch.Tensor:
-        """bool ``[T * (S/p) * (S/p)]`` in token order: the patches more than
+    def object_tokens(self, patch_size: int, min_cover: float = 0.0, frame_stride: int = 1) -> torch.Tensor:
+        """bool ``[T' * (S/p) * (S/p)]`` in token order: the patches more than
         ``min_cover`` of whose pixels belong to an object (by default, any
-        pixel: a patch an object only touches changes with it too)."""
-        frames, size, _ = self.object_mask.shape
+        pixel: a patch an object only touches changes with it too), on every
+        ``frame_stride``-th frame (``T' = ceil(T / frame_stride)``: the frames
+        a selector with that stride sees)."""
+        mask = self.object_mask[::frame_stride]
+        frames, size, _ = mask.shape
         side = size // patch_size
-        cover = self.object_mask.float().view(frames, side, patch_size, side, patch_size).mean(dim=(2, 4))
+        cover = mask.float().view(frames, side, patch_size, side, patch_size).mean(dim=(2, 4))
         return (cover > min_cover).flatten()
 
 
@@ -238,7 +241,7 @@ def selector_recall(model, samples: Sequence[SyntheticClip], batch_size: int = 8
     recalls = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
-        truth = [s.object_tokens(window) for s in chunk]
+        truth = [s.object_tokens(window, frame_stride=cfg.selector_frame_stride) for s in chunk]
         scores = model.selector_scores(torch.stack([s.clip for s in chunk]).to(device))
         budgets = torch.tensor([int(t.sum()) for t in truth], dtype=torch.int32, device=device)
         indices, cu = lk.topk_tokens(scores, budgets=budgets)

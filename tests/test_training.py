@@ -326,6 +326,21 @@ def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):
     assert json.load(open(tmp_path / "ddp" / "run.json"))["world_size"] == 2
 
 
+def test_selector_recall_reads_the_frames_a_strided_selector_sees():
+    """With ``selector_frame_stride`` 2 the selector's grid holds frames 0,
+    2, 4, ...: a score map equal to the objects' tokens on those frames has
+    recall 1, and the brief event's frames outside them are not counted."""
+    model = build_model("lookwhen-b16", **{**SMALL, "selector_frame_stride": 2}).eval()
+    samples = [SyntheticDataset(8, seed=5, frames=8, size=64, object_size=12, visible=3).sample(i) for i in range(8)]
+    truth = [s.object_tokens(16, frame_stride=2) for s in samples]
+    assert truth[0].shape == (model.config.n_selector_tokens,)
+    torch.testing.assert_close(truth[0], samples[0].object_tokens(16).view(8, -1)[::2].flatten())
+    model.selector_scores = lambda clips: torch.stack(truth).float()
+    assert selector_recall(model, samples) == 1.0
+    model.selector_scores = lambda clips: 1 - torch.stack(truth).float()
+    assert selector_recall(model, samples) == 0.0
+
+
 def test_selector_learns_to_find_the_moving_objects(files, tmp_path):
     """Selector pre-training on synthetic clips: recall of the objects'
     tokens goes from chance to far above it in a few dozen steps."""
