@@ -3,10 +3,12 @@ synthetic clips of ``bench train`` (:mod:`lookwhen.synthetic`).
 
 1. **Perturbed.** Fine-tuning on the colour of a brief event (``bench
    train``'s task: one 10-px object in 2 of 8 frames, keep ratio 0.1) with
-   STTS's differentiable top-K (``selection="perturbed"``, sigma 0.05 -> 0)
-   and no uniqueness pre-training, for both score heads: held-out accuracy,
-   and the top-K recall of the event object by the selector the task loss
-   alone trained (before: the same at initialisation).
+   STTS's differentiable top-K (``selection="perturbed"``, sigma 0.1 -> 0
+   over the first 80% of the steps, then the hard top-K) and no uniqueness
+   pre-training, for both score heads: held-out accuracy, and the top-K
+   recall of the event object by the selector the task loss alone trained
+   (before: the same at initialisation). ``--control``: the same run with
+   the hard top-K throughout, whose score head no gradient reaches.
 2. **Windows.** The selector pre-trained on uniqueness (``bench train``'s
    learning run): per frame, the window of the largest summed score
    (``select_windows`` on the fine grid); its recall of the moving object's
@@ -36,19 +38,23 @@ TEMPERATURES = (1.0, 0.5, 0.2, 0.1)
 
 
 def add_arguments(parser) -> None:
-    from lookwhen.cli import positive_int_arg as positive_int
+    from lookwhen.cli import keep_ratio_arg as fraction, positive_int_arg as positive_int
 
     parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
     parser.add_argument("--train-clips", type=positive_int, default=256, help="synthetic pre-training clips")
     parser.add_argument("--val-clips", type=positive_int, default=128, help="held-out synthetic clips")
-    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 500, --quick 40)")
+    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 2000, --quick 40)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="peak learning rate of fine-tuning")
     parser.add_argument("--samples", type=positive_int, default=100, help="perturbed top-K samples per clip")
-    parser.add_argument("--sigma", type=float, default=0.05,
-                        help="perturbed top-K noise at the start, decaying linearly to 0 (default 0.05, STTS's)")
-    parser.add_argument("--heads", nargs="+", choices=("mlp", "stts"), default=["mlp", "stts"],
-                        help="score heads fine-tuned with the perturbed top-K")
+    parser.add_argument("--sigma", type=float, default=0.1,
+                        help="perturbed top-K noise at the start, decaying linearly to 0 (default 0.1, STTS's "
+                             "Kinetics configs)")
+    parser.add_argument("--sigma-decay", type=fraction, default=0.8, metavar="FRACTION",
+                        help="sigma reaches 0 after this fraction of the fine-tuning steps, the rest is hard top-K "
+                             "(default 0.8; 1 is STTS's schedule)")
+    parser.add_argument("--heads", nargs="*", choices=("mlp", "stts"), default=["mlp", "stts"],
+                        help="score heads fine-tuned with the perturbed top-K (none: only --control)")
     parser.add_argument("--control", action="store_true",
                         help="also fine-tune with the hard top-K from scratch (its score head gets no gradient)")
     parser.add_argument("--skip", nargs="+", choices=("perturbed", "windows"), default=[],
@@ -60,7 +66,7 @@ def _perturbed(args, device) -> List[Dict]:
     from lookwhen.synthetic import COLOURS, SyntheticDataset, selector_recall
     from lookwhen.train import Trainer, TrainSettings
 
-    steps = args.finetune_steps or (40 if args.quick else 500)
+    steps = args.finetune_steps or (40 if args.quick else 2000)
     keep = 0.1
     train = SyntheticDataset(steps * 16, seed=3, task="colour", **bench_train.EVENT_CLIPS)
     held_out = [SyntheticDataset(args.val_clips, seed=4, **bench_train.EVENT_CLIPS).sample(i)
@@ -72,7 +78,8 @@ def _perturbed(args, device) -> List[Dict]:
                                      num_classes=len(COLOURS)).to(device)
         before = selector_recall(model.eval(), held_out)
         task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9,
-                            sigma=args.sigma, sigma_steps=steps, n_samples=args.samples)
+                            sigma=args.sigma, sigma_steps=max(1, round(args.sigma_decay * steps)),
+                            n_samples=args.samples)
         with tempfile.TemporaryDirectory() as folder:
             settings = TrainSettings(out=folder, steps=steps, batch_size=16, lr=args.finetune_lr, save_every=steps,
                                      device=str(device), progress=None)
@@ -80,7 +87,7 @@ def _perturbed(args, device) -> List[Dict]:
             Trainer(task, train, settings, log=lambda line: None).fit()
             seconds = time.perf_counter() - start
         rows.append({"head": head, "selection": selection, "steps": steps, "keep_ratio": keep, "samples": args.samples,
-                     "sigma": args.sigma if selection == "perturbed" else 0.0,
+                     "sigma": args.sigma if selection == "perturbed" else 0.0, "sigma_decay": args.sigma_decay,
                      "accuracy": bench_train.accuracy(model, held_out, keep, device, task="colour"),
                      "recall_before": before, "recall_after": selector_recall(model.eval(), held_out),
                      "seconds": seconds})
@@ -152,9 +159,10 @@ def run(args, device: torch.device) -> Result:
         rows = _perturbed(args, device)
         payload += [{"part": "perturbed", **row} for row in rows]
         tables.append(format_table(
-            ("head", "selection", "steps", "keep", "samples", "val accuracy", "event recall before", "after",
-             "train s"),
-            [(r["head"], "hard top-K" if r["selection"] == "selector" else "perturbed", r["steps"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
+            ("head", "selection", "steps", "sigma", "decay", "keep", "samples", "val accuracy",
+             "event recall before", "after", "train s"),
+            [(r["head"], "hard top-K" if r["selection"] == "selector" else "perturbed", r["steps"], r["sigma"],
+              r["sigma_decay"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
               f"{r['recall_before']:.3f}", f"{r['recall_after']:.3f}", f"{r['seconds']:.0f}") for r in rows],
             title="fine-tuning with STTS's perturbed top-K, no pre-training: colour of a brief event (held out)"))
         records += [Record("seeds", r["head"], r["selection"], m, r["steps"], r[m])

@@ -39,13 +39,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def keep_ratio_arg(text: str) -> float:
+def _number_arg(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def keep_ratio_arg(text: str) -> float:
+    value = _number_arg(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
+def positive_float_arg(text: str) -> float:
+    value = _number_arg(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
     return value
 
 
@@ -111,18 +122,22 @@ def _check_output(path: str, suffixes) -> str:
     return suffix
 
 
-def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float], budget_mass: Optional[float] = None):
+def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float], budget_mass: Optional[float] = None,
+             budget_temperature: float = 1.0):
     """Embedding, and for LookWhen the selection, of a batch of clips."""
     from lookwhen.model import LookWhen
 
     with torch.inference_mode():
         if isinstance(model, LookWhen):
-            return model(clips, keep_ratio=keep_ratio, budget_mass=budget_mass)
+            return model(clips, keep_ratio=keep_ratio, budget_mass=budget_mass,
+                         budget_temperature=budget_temperature)
         return model(clips)
 
 
 def _check_budget_mass(args, config: ModelConfig) -> None:
     if args.budget_mass is None:
+        if args.budget_temperature != 1.0:
+            raise CommandError("--budget-temperature: only with --budget-mass")
         return
     if config.kind == "dense":
         raise CommandError(f"--budget-mass: {config.name} is a dense model and keeps every token")
@@ -160,7 +175,8 @@ def cmd_embed(args) -> int:
             failures.extend(batch.failures)
             if batch.clips is not None:
                 if motions is None:
-                    out = _forward(model, batch.clips.to(device), args.keep_ratio, args.budget_mass)
+                    out = _forward(model, batch.clips.to(device), args.keep_ratio, args.budget_mass,
+                                   args.budget_temperature)
                 else:
                     with torch.inference_mode():
                         out = motion_forward(model, batch.clips.to(device), motions, args.keep_ratio)
@@ -235,6 +251,7 @@ def _embed_manifest(args) -> int:
     with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
         summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
                                workers=args.workers, keep_ratio=args.keep_ratio, budget_mass=args.budget_mass,
+                               budget_temperature=args.budget_temperature,
                                with_selection=args.with_selection, selector=args.selector,
                                device=device, rank=rank, world=world, progress=bar.update,
                                log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
@@ -375,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--budget-mass", type=keep_ratio_arg, default=None, metavar="MASS",
                        help="per-clip budgets: the fewest tokens holding MASS of the softmax of the scores "
                             "(fewer for concentrated clips; ids then packed, with their budgets)")
+    embed.add_argument("--budget-temperature", type=positive_float_arg, default=1.0, metavar="T",
+                       help="--budget-mass: the softmax's temperature (below 1 sharpens it, for a selector whose "
+                            "scores are too flat to put MASS on its objects; default 1)")
     embed.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     embed.add_argument("--selector", choices=("learned", "motion"), default="learned",
                        help="learned: the model's selector; motion: the fastest-moving tokens by the decoder's "

@@ -213,7 +213,8 @@ def cmd_finetune(args) -> int:
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
                         temperature=args.distill_temperature, alpha=args.distill_alpha, sigma=args.sigma,
-                        sigma_steps=args.steps * args.accumulate, n_samples=args.samples)
+                        sigma_steps=max(1, round(args.sigma_decay * args.steps * args.accumulate)),
+                        n_samples=args.samples)
     settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
@@ -320,6 +321,9 @@ def add_parsers(sub, positive_int, keep_ratio) -> None:
                            "STTS's differentiable top-K, the selector learns from the task loss")
     fine.add_argument("--sigma", type=float, default=0.05,
                       help="--selection perturbed: noise at the start, decaying linearly to 0 (default 0.05)")
+    fine.add_argument("--sigma-decay", type=keep_ratio, default=1.0, metavar="FRACTION",
+                      help="--selection perturbed: sigma reaches 0 after this fraction of the steps; the rest "
+                           "trains on the hard top-K, the tokens evaluation sees (default 1: STTS's schedule)")
     fine.add_argument("--samples", type=positive_int, default=500,
                       help="--selection perturbed: noisy samples per clip and step (default 500)")
     fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")

@@ -74,13 +74,13 @@ def _check_run(folder: str, info: Dict) -> None:
 @torch.no_grad()
 def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 1000, batch_size: int = 8,
                  workers: int = 2, keep_ratio: Optional[float] = None, budget_mass: Optional[float] = None,
-                 with_selection: bool = False, selector: str = "learned",
+                 budget_temperature: float = 1.0, with_selection: bool = False, selector: str = "learned",
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
                  progress: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> Dict:
     """Embed ``paths`` into shards under ``folder`` (see the module
     docstring); returns counts and the throughput of this process. With
     ``budget_mass`` each clip keeps the fewest tokens holding that mass of
-    its scores' softmax; stored ids are then packed, with ``budgets``.
+    its scores' softmax (at ``budget_temperature``); stored ids are then packed, with ``budgets``.
     ``selector="motion"`` selects by the decoder's motion vectors
     (:func:`lookwhen.motion.motion_forward`); videos without them fail."""
     from safetensors.torch import save_file
@@ -107,7 +107,8 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
                                   "keep_ratio": keep_ratio, "with_selection": with_selection}
                                  # Only when set: folders of earlier runs keep matching.
                                  | ({"selector": selector} if selector != "learned" else {})
-                                 | ({"budget_mass": budget_mass} if budget_mass is not None else {})))
+                                 | ({"budget_mass": budget_mass} if budget_mass is not None else {})
+                                 | ({"budget_temperature": budget_temperature} if budget_temperature != 1.0 else {})))
     if rank == 0:
         _check_run(folder, info)
     shards = [k for k in range(rank, -(-len(paths) // shard_size), world)]
@@ -118,6 +119,8 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     model = model.eval()
     selection = {name: value for name, value in (("keep_ratio", keep_ratio), ("budget_mass", budget_mass))
                  if lookwhen and value is not None}
+    if budget_temperature != 1.0:
+        selection["budget_temperature"] = budget_temperature
     embedded = failed = 0
     start = time.perf_counter()
     for k in todo:

@@ -10,8 +10,10 @@
   uniformly random tokens (the control that shows what selection is worth);
   ``selection="perturbed"`` trains with STTS's differentiable top-K, so the
   selector learns from the task loss alone: sigma decays linearly from
-  ``sigma`` (0.05) to 0 over the run's ``sigma_steps`` training forwards
-  (steps x accumulation), and evaluation (the saved model) uses the hard top-K.
+  ``sigma`` (0.05) to 0 over ``sigma_steps`` training forwards (STTS: the
+  whole run, steps x accumulation; ``finetune --sigma-decay`` gives a
+  fraction of it), the forwards after it train on the hard top-K, and
+  evaluation (the saved model) uses the hard top-K.
 - ``linear_probe``: the selector and the extractor are frozen, the head alone
   trains (the papers' LP rows).
 - **Cross-resolution distillation** (ResKD): with a teacher model that sees
@@ -94,8 +96,12 @@ class FinetuneModule(nn.Module):
         else:
             selection = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
         if self.perturbed is not None and self.training:
-            selection["sigma"] = self.sigma()
-            selection["n_samples"] = self.perturbed[2]
+            sigma = self.sigma()
+            # Past the decay the hard top-K's own path gives the same tokens
+            # without embedding every candidate.
+            if sigma > 0:
+                selection["sigma"] = sigma
+                selection["n_samples"] = self.perturbed[2]
             self.forwards += 1
         student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()

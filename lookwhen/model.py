@@ -71,6 +71,7 @@ class LookWhen(nn.Module):
         indices: Optional[torch.Tensor] = None,
         run_selector: bool = True,
         budget_mass: Optional[float] = None,
+        budget_temperature: float = 1.0,
         sigma: Optional[float] = None,
         n_samples: int = 500,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
@@ -85,8 +86,8 @@ class LookWhen(nn.Module):
         tokens...]`` and ``scores`` is empty ``[B, 0]``, for strategies whose
         selection costs no model, such as decoder motion vectors), or per-clip
         budgets from the scores: the fewest tokens holding ``budget_mass`` of
-        their softmax (``budgets_from_scores``: concentrated clips get fewer
-        tokens). ``sigma`` (training, with a keep ratio): STTS's
+        their softmax at ``budget_temperature`` (``budgets_from_scores``:
+        concentrated clips get fewer tokens). ``sigma`` (training, with a keep ratio): STTS's
         differentiable top-K instead of the hard one, see :meth:`_soft_tokens`;
         ``indices`` are then the hard top-K of the same scores.
         ``stage_timer(name)`` returns a context
@@ -108,6 +109,8 @@ class LookWhen(nn.Module):
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
         elif not run_selector:
             raise ValueError("run_selector: False needs a selection made outside the model (indices)")
+        if budget_temperature != 1.0 and budget_mass is None:
+            raise ValueError("budget_temperature: only with budget_mass")
         if sigma is not None and (budgets is not None or indices is not None or budget_mass is not None):
             raise ValueError("sigma: the perturbed top-K keeps a fixed ratio of tokens (no budgets or indices)")
         timer = stage_timer or _no_timer
@@ -130,8 +133,8 @@ class LookWhen(nn.Module):
             # ids from topk): the ops' value checks, host reads, stay off.
             if budget_mass is not None:
                 score_map, map_grid = _score_map(per_frame, cfg)
-                budgets = lk.budgets_from_scores(score_map, mass=budget_mass, validate=False, grid=map_grid,
-                                                 out_grid=cfg.grid)
+                budgets = lk.budgets_from_scores(score_map, mass=budget_mass, temperature=budget_temperature,
+                                                 validate=False, grid=map_grid, out_grid=cfg.grid)
             tokens = None
             if sigma is not None:
                 k = keep_ratio_to_k(cfg.keep_ratio if keep_ratio is None else keep_ratio, cfg.n_tokens)

@@ -27,14 +27,15 @@ def files(tmp_path_factory):
                        make_video(root / "c.mp4", 2, 64, 64)]}
 
 
-def _expected(model, paths, mass):
+def _expected(model, paths, mass, temperature=1.0):
     clips = torch.stack([read_clip(p, 4, 64) for p in paths])
     with torch.no_grad():
-        out = model(clips, budget_mass=mass)
+        out = model(clips, budget_mass=mass, budget_temperature=temperature)
         scores = model.selector_scores(clips)
     cfg = model.config
     # The model's own layout: each selector frame's scores stand for the frames up to the next one.
-    budgets = lk.budgets_from_scores(frame_scores(scores, cfg), mass=mass, grid=cfg.score_grid, out_grid=cfg.grid)
+    budgets = lk.budgets_from_scores(frame_scores(scores, cfg), mass=mass, temperature=temperature,
+                                     grid=cfg.score_grid, out_grid=cfg.grid)
     return out, budgets
 
 
@@ -52,19 +53,38 @@ def test_embed_budget_mass_stores_packed_ids_and_their_budgets(files, capsys, tm
         torch.testing.assert_close(handle.get_tensor("embeddings"), out.embedding, rtol=1e-4, atol=1e-5)
 
 
-def test_sharded_embedding_with_budget_mass(files, tmp_path):
+@pytest.mark.parametrize("temperature", [1.0, 1e-6])
+def test_sharded_embedding_with_budget_mass(files, tmp_path, temperature):
+    """A sharper softmax (temperature below 1) reaches the mass with fewer
+    tokens; the shards hold the model's own budgets either way."""
     videos = files["videos"]
     summary = embed_shards(files["model"], videos, str(tmp_path), shard_size=2, batch_size=2, workers=0,
-                           budget_mass=0.5, with_selection=True, log=lambda line: None)
+                           budget_mass=0.5, budget_temperature=temperature, with_selection=True,
+                           log=lambda line: None)
     assert summary["embedded"] == 3
     table = read_shards(str(tmp_path))
-    out, budgets = _expected(files["model"], videos, 0.5)
+    out, budgets = _expected(files["model"], videos, 0.5, temperature)
     assert torch.equal(table["budgets"], budgets) and torch.equal(table["indices"], out.indices)
+    if temperature != 1.0:
+        assert (budgets < _expected(files["model"], videos, 0.5)[1]).all()
+
+
+def test_embed_budget_temperature(files, capsys, tmp_path):
+    out_file = tmp_path / "t.safetensors"
+    code, _, err = run(capsys, "embed", *files["videos"][:2], "--checkpoint", files["checkpoint"], "--batch-size",
+                       "2", "--budget-mass", "0.5", "--budget-temperature", "1e-6", "--with-selection",
+                       "--out", str(out_file))
+    assert code == 0, err
+    with safe_open(str(out_file), "pt") as handle:
+        assert torch.equal(handle.get_tensor("budgets"), _expected(files["model"], files["videos"][:2], 0.5, 1e-6)[1])
+    with pytest.raises(ValueError, match="budget_temperature"):
+        files["model"](torch.zeros(1, 4, 64, 64, 3, dtype=torch.uint8), budget_temperature=0.5)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--budget-mass", "0.9", "--keep-ratio", "0.2"], "not both"),
     (["--budget-mass", "0.9", "--preset", "internvideo2-b14"], "dense model"),
+    (["--budget-temperature", "0.5"], "only with --budget-mass"),
 ])
 def test_bad_budget_mass_gives_one_line(files, capsys, tmp_path, argv, message):
     checkpoint = [] if "--preset" in argv else ["--checkpoint", files["checkpoint"]]

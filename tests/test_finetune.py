@@ -109,6 +109,23 @@ def test_finetune_command_from_a_checkpoint_and_linear_probe(files, tmp_path, ca
     assert "fixed number of tokens" in capsys.readouterr().err
 
 
+def test_finetune_command_perturbed_with_a_hard_phase(files, tmp_path):
+    """``--sigma-decay 0.5``: sigma reaches 0 halfway; the run's record says
+    so, and the score head trained (only the perturbed top-K reaches it)."""
+    out = tmp_path / "stts"
+    assert main(["finetune", "--data", files["data"], "--steps", "4", "--batch-size", "2", "--stride", "1",
+                 "--init", files["pretrained"], "--out", str(out), "--selection", "perturbed", "--sigma", "0.1",
+                 "--sigma-decay", "0.5", "--samples", "8", "--keep-ratio", "0.2"]) == 0
+    assert json.load(open(out / "run.json"))["perturbed"] == [0.1, 2, 8]
+    tuned, source = load_checkpoint(out / "model.safetensors"), load_checkpoint(files["pretrained"])
+    head = [k for k in source.state_dict() if k.startswith("selector.score_head.")]
+    assert head and any(not torch.equal(tuned.state_dict()[k], source.state_dict()[k]) for k in head)
+    with pytest.raises(SystemExit) as usage:
+        main(["finetune", "--data", files["data"], "--steps", "4", "--out", str(tmp_path / "bad"),
+              "--selection", "perturbed", "--sigma-decay", "0"])
+    assert usage.value.code == 2
+
+
 def test_reskd_distills_a_low_resolution_student(files, tmp_path, capsys):
     teacher = build_model("internvideo2-b14", **{k.split("=")[0]: int(k.split("=")[1]) for k in DENSE},
                           num_classes=4)
