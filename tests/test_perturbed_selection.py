@@ -79,11 +79,17 @@ def test_finetune_perturbed_decays_sigma_and_resumes_the_schedule(tmp_path):
                             resume=True)
     Trainer(again, data, resumed, log=lambda line: None).fit()
     assert int(again.module.forwards) == 4 and again.module.sigma() == 0.0
+    # Past the decay a training forward takes the hard top-K's own path (no candidate embedding).
+    batch = {"clips": torch.stack([data[i]["clip"] for i in range(2)]), "labels": torch.tensor([0, 1])}
+    def no_soft_tokens(*args, **kwargs):
+        raise AssertionError("the soft selection ran at sigma 0")
+    again.model()._soft_tokens = no_soft_tokens
+    again.module.train()(batch, None)
+    assert int(again.module.forwards) == 5
     # Evaluation (eval mode) takes the hard top-K and leaves the schedule alone.
     again.module.eval()
-    batch = {"clips": torch.stack([data[i]["clip"] for i in range(2)]), "labels": torch.tensor([0, 1])}
     again.module(batch, None)
-    assert int(again.module.forwards) == 4
+    assert int(again.module.forwards) == 5
 
 
 @pytest.mark.parametrize("kwargs, message", [
