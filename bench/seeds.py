@@ -64,7 +64,7 @@ def add_arguments(parser) -> None:
 
 
 def _perturbed(args, device) -> List[Dict]:
-    from lookwhen.finetune import FinetuneTask
+    from lookwhen.finetune import FinetuneTask, sigma_decay_steps
     from lookwhen.synthetic import COLOURS, SyntheticDataset, selector_recall
     from lookwhen.train import Trainer, TrainSettings
 
@@ -80,7 +80,7 @@ def _perturbed(args, device) -> List[Dict]:
                                      num_classes=len(COLOURS), seed=args.seed).to(device)
         before = selector_recall(model.eval(), held_out)
         task = FinetuneTask(model.train(), keep_ratio=keep, selection=selection, layer_decay=0.9,
-                            sigma=args.sigma, sigma_steps=max(1, round(args.sigma_decay * steps)),
+                            sigma=args.sigma, sigma_steps=sigma_decay_steps(args.sigma_decay, steps),
                             n_samples=args.samples)
         with tempfile.TemporaryDirectory() as folder:
             settings = TrainSettings(out=folder, steps=steps, batch_size=16, lr=args.finetune_lr, save_every=steps,
@@ -88,8 +88,9 @@ def _perturbed(args, device) -> List[Dict]:
             start = time.perf_counter()
             Trainer(task, train, settings, log=lambda line: None).fit()
             seconds = time.perf_counter() - start
-        rows.append({"head": head, "selection": selection, "seed": args.seed, "steps": steps, "keep_ratio": keep, "samples": args.samples,
-                     "sigma": args.sigma if selection == "perturbed" else 0.0, "sigma_decay": args.sigma_decay,
+        rows.append({"head": head, "selection": selection, "seed": args.seed, "steps": steps, "keep_ratio": keep,
+                     "samples": args.samples, "sigma": args.sigma if selection == "perturbed" else 0.0,
+                     "sigma_decay": args.sigma_decay,
                      "accuracy": bench_train.accuracy(model, held_out, keep, device, task="colour"),
                      "recall_before": before, "recall_after": selector_recall(model.eval(), held_out),
                      "seconds": seconds})
@@ -164,8 +165,7 @@ def run(args, device: torch.device) -> Result:
             ("head", "selection", "seed", "steps", "sigma", "decay", "keep", "samples", "val accuracy",
              "event recall before", "after", "train s"),
             [(r["head"], "hard top-K" if r["selection"] == "selector" else "perturbed", r["seed"], r["steps"],
-              r["sigma"],
-              r["sigma_decay"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
+              r["sigma"], r["sigma_decay"], r["keep_ratio"], r["samples"], f"{100 * r['accuracy']:.1f}%",
               f"{r['recall_before']:.3f}", f"{r['recall_after']:.3f}", f"{r['seconds']:.0f}") for r in rows],
             title="fine-tuning with STTS's perturbed top-K, no pre-training: colour of a brief event (held out)"))
         records += [Record("seeds", r["head"], r["selection"], m, r["steps"], r[m])

@@ -196,7 +196,7 @@ def _finetune_model(args, num_classes: int):
 def cmd_finetune(args) -> int:
     from lookwhen.checkpoint import load_checkpoint
     from lookwhen.data import Sampling, VideoDataset
-    from lookwhen.finetune import FinetuneTask
+    from lookwhen.finetune import FinetuneTask, sigma_decay_steps
     from lookwhen.train import Trainer
 
     device = _device(args.device)
@@ -213,7 +213,7 @@ def cmd_finetune(args) -> int:
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
                         temperature=args.distill_temperature, alpha=args.distill_alpha, sigma=args.sigma,
-                        sigma_steps=max(1, round(args.sigma_decay * args.steps * args.accumulate)),
+                        sigma_steps=sigma_decay_steps(args.sigma_decay, args.steps * args.accumulate),
                         n_samples=args.samples)
     settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)

@@ -80,7 +80,8 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     """Embed ``paths`` into shards under ``folder`` (see the module
     docstring); returns counts and the throughput of this process. With
     ``budget_mass`` each clip keeps the fewest tokens holding that mass of
-    its scores' softmax (at ``budget_temperature``); stored ids are then packed, with ``budgets``.
+    its scores' softmax (at ``budget_temperature``); stored ids are then
+    packed, with ``budgets``.
     ``selector="motion"`` selects by the decoder's motion vectors
     (:func:`lookwhen.motion.motion_forward`); videos without them fail."""
     from safetensors.torch import save_file
@@ -98,6 +99,8 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
         raise ValueError(f"{cfg.name} is a dense model: it keeps every token and selects nothing")
     if selector not in ("learned", "motion"):
         raise ValueError(f"selector: expected 'learned' or 'motion', got {selector!r}")
+    if budget_mass is None and budget_temperature != 1.0:
+        raise ValueError("budget_temperature: only with budget_mass")
     if selector == "motion" and budget_mass is not None:
         raise ValueError("budget_mass: budgets come from the learned selector's scores, not selector='motion'")
     os.makedirs(folder, exist_ok=True)
@@ -119,7 +122,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     model = model.eval()
     selection = {name: value for name, value in (("keep_ratio", keep_ratio), ("budget_mass", budget_mass))
                  if lookwhen and value is not None}
-    if budget_temperature != 1.0:
+    if budget_mass is not None:
         selection["budget_temperature"] = budget_temperature
     embedded = failed = 0
     start = time.perf_counter()

@@ -41,6 +41,12 @@ from lookwhen.video import fit_clips
 SELECTIONS = ("selector", "random", "perturbed")
 
 
+def sigma_decay_steps(fraction: float, forwards: int) -> int:
+    """The training forwards over which sigma decays: ``fraction`` of the
+    run's ``forwards`` (steps x accumulation), at least one."""
+    return max(1, round(fraction * forwards))
+
+
 def random_selection(generator: torch.Generator, batch: int, n_tokens: int, k: int) -> torch.Tensor:
     """int32 ``[batch, k]``: ``k`` distinct token ids per clip, uniformly at
     random, ascending (the selection contract)."""

@@ -87,8 +87,9 @@ class LookWhen(nn.Module):
         selection costs no model, such as decoder motion vectors), or per-clip
         budgets from the scores: the fewest tokens holding ``budget_mass`` of
         their softmax at ``budget_temperature`` (``budgets_from_scores``:
-        concentrated clips get fewer tokens). ``sigma`` (training, with a keep ratio): STTS's
-        differentiable top-K instead of the hard one, see :meth:`_soft_tokens`;
+        concentrated clips get fewer tokens). ``sigma`` (training, with a
+        keep ratio): STTS's differentiable top-K instead of the hard one,
+        see :meth:`_soft_tokens`;
         ``indices`` are then the hard top-K of the same scores.
         ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and

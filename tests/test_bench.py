@@ -147,6 +147,25 @@ def test_train_cli(tmp_path):
     assert {r["metric"] for r in rows} >= {"recall_after", "clips_per_s"}
 
 
+def test_seeds_cli(tmp_path):
+    """The perturbed rows with their schedule, the control, and the window
+    and budget parts, on a few steps (that it runs, and what it records)."""
+    json_path = tmp_path / "seeds.json"
+    proc = run_cli("seeds", "--quick", "--steps", "2", "--finetune-steps", "3", "--train-clips", "16",
+                   "--val-clips", "4", "--heads", "stts", "--control", "--seed", "1", "--sigma-decay", "0.5",
+                   "--json", str(json_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    parts = json.load(open(json_path))["seeds"]
+    perturbed, control, windows = parts
+    assert (perturbed["head"], perturbed["selection"], perturbed["seed"]) == ("stts", "perturbed", 1)
+    assert perturbed["sigma"] == 0.2 and perturbed["sigma_decay"] == 0.5 and perturbed["steps"] == 3
+    assert control["selection"] == "selector" and control["sigma"] == 0.0
+    assert all(0 <= r[k] <= 1 for r in (perturbed, control) for k in ("accuracy", "recall_before", "recall_after"))
+    assert windows["part"] == "windows" and all(0 <= windows[k] <= 1 for k in ("window_recall", "window_chance"))
+    assert len(windows["budgets"]) == 4 and "budget 3 objects" in proc.stdout
+    assert run_cli("seeds", "--sigma-decay", "0").returncode == 2
+
+
 def test_e2e_plain_cpu_setup(tmp_path):
     path = str(tmp_path / "out.json")
     proc = run_cli("e2e", "--quick", "--keep-ratio", "0.5", "--min-run-time", "0.01", "--passes", "2",

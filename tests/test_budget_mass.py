@@ -79,6 +79,8 @@ def test_embed_budget_temperature(files, capsys, tmp_path):
         assert torch.equal(handle.get_tensor("budgets"), _expected(files["model"], files["videos"][:2], 0.5, 1e-6)[1])
     with pytest.raises(ValueError, match="budget_temperature"):
         files["model"](torch.zeros(1, 4, 64, 64, 3, dtype=torch.uint8), budget_temperature=0.5)
+    with pytest.raises(ValueError, match="budget_temperature"):
+        embed_shards(files["model"], files["videos"][:1], str(tmp_path / "shards"), budget_temperature=0.5)
 
 
 @pytest.mark.parametrize("argv, message", [
