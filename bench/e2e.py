@@ -24,6 +24,7 @@ background, one moving object) written to H.264 and decoded back.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -44,6 +45,8 @@ from .timing import StageTimer, Stats, rotating, sample, synchronize
 from lookwhen.config import ModelConfig
 from lookwhen.cpu_inference import onednn_available, prepack_linears
 from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
+from lookwhen.synthetic import synthetic_clip, write_video
+from lookwhen.video import fit_clips, read_clips
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
@@ -152,14 +155,23 @@ def _video_paths(folder: str) -> List[str]:
     return paths
 
 
-def _synthetic_videos(folder: str, count: int, frames: int, size: int):
-    """``count`` synthetic clips (static background, one moving object)
-    written as H.264 with a real motion search (the motion selector reads
-    its vectors): their paths and the clips (which know their object)."""
-    from lookwhen.synthetic import synthetic_clip, write_video
+def _video_codecs_installed() -> bool:
+    """PyAV writes the synthetic videos and decord reads them back; a GPU
+    machine may have neither (the ``video`` extra is optional)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("av", "decord"))
 
+
+def _synthetic_samples(count: int, frames: int, size: int):
+    """``count`` synthetic clips (static background, one moving object),
+    which know their object."""
     generator = np.random.default_rng(0)
-    samples = [synthetic_clip(generator, frames=frames, size=size) for _ in range(count)]
+    return [synthetic_clip(generator, frames=frames, size=size) for _ in range(count)]
+
+
+def _synthetic_videos(folder: str, count: int, frames: int, size: int):
+    """The synthetic clips written as H.264 with a real motion search (the
+    motion selector reads its vectors): their paths and the clips."""
+    samples = _synthetic_samples(count, frames, size)
     paths = [write_video(os.path.join(folder, f"{i:03d}.mp4"), sample.clip, preset="medium")
              for i, sample in enumerate(samples)]
     return paths, samples
@@ -209,13 +221,17 @@ def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelCo
 def _decoded(paths: Sequence[str], cfg: ModelConfig, batch: int, device) -> List[Tuple[torch.Tensor]]:
     """The videos read at ``cfg``'s frames and size, in batches of
     ``batch`` (the list cycled where it is short)."""
-    from lookwhen.video import read_clips
-
     read = read_clips(paths, cfg.frames, cfg.image_size)
     if read.failures:
         raise BenchError(f"cannot decode {read.failures[0][1]}")
-    clips = read.clips
-    count = -(-len(paths) // batch) * batch
+    return _batches(read.clips, cfg, batch, device)
+
+
+def _batches(clips: torch.Tensor, cfg: ModelConfig, batch: int, device) -> List[Tuple[torch.Tensor]]:
+    """uint8 clips resampled to ``cfg``'s frames and size, in batches of
+    ``batch`` on ``device`` (the clips cycled where they are short)."""
+    clips = fit_clips(clips, cfg.frames, cfg.image_size)
+    count = -(-clips.shape[0] // batch) * batch
     clips = clips[torch.arange(count) % clips.shape[0]]
     return [(clips[i: i + batch].to(device),) for i in range(0, count, batch)]
 
@@ -268,8 +284,6 @@ def run(args, device: torch.device) -> Result:
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
         if args.videos:
-            from lookwhen.video import read_clips
-
             found = _video_paths(args.videos)
             # One frame of each tells the readable files apart.
             paths = read_clips(found, 1, 8).paths
@@ -280,13 +294,24 @@ def run(args, device: torch.device) -> Result:
             samples = None
         else:
             frames = max(cfg_lw.frames, cfg_base.frames)
-            paths, samples = _synthetic_videos(scratch, batch * args.rotate, frames,
-                                               max(cfg_lw.image_size, cfg_base.image_size))
-            source = (f"{len(paths)} synthetic clips (static background, one moving object; H.264, decoded); "
-                      "give --videos DIR for real ones")
-        lw_clips, base_clips = _decoded(paths, cfg_lw, batch, device), _decoded(paths, cfg_base, batch, device)
-        low_clips = {size: _decoded(paths, cfg, batch, device) for size, cfg in low_res.items()}
-        motions, motion_note = _motions(paths, cfg_lw.grid)
+            count, size = batch * args.rotate, max(cfg_lw.image_size, cfg_base.image_size)
+            if _video_codecs_installed():
+                paths, samples = _synthetic_videos(scratch, count, frames, size)
+                source = (f"{len(paths)} synthetic clips (static background, one moving object; H.264, decoded); "
+                          "give --videos DIR for real ones")
+            else:
+                paths, samples = None, _synthetic_samples(count, frames, size)
+                source = (f"{count} synthetic clips (static background, one moving object) as tensors: "
+                          "PyAV or decord is not installed, so no H.264 round trip")
+        if paths is None:
+            clips = torch.stack([sample.clip for sample in samples])
+            lw_clips, base_clips = _batches(clips, cfg_lw, batch, device), _batches(clips, cfg_base, batch, device)
+            low_clips = {size: _batches(clips, cfg, batch, device) for size, cfg in low_res.items()}
+            motions, motion_note = None, "motion selector skipped: it reads the decoder's motion vectors (needs PyAV)"
+        else:
+            lw_clips, base_clips = _decoded(paths, cfg_lw, batch, device), _decoded(paths, cfg_base, batch, device)
+            low_clips = {size: _decoded(paths, cfg, batch, device) for size, cfg in low_res.items()}
+            motions, motion_note = _motions(paths, cfg_lw.grid)
 
     lw = lookwhen.build_model(cfg_lw).to(device).eval()
     base = lookwhen.build_model(cfg_base).to(device).eval()

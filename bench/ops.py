@@ -507,7 +507,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
                         help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")
-    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA, 8 with --quick)")
     parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, help="keep ratios (default: each config's)")
     parser.add_argument("--kernels", nargs="+", default=[], metavar="WORD", help="only kernels containing a word")
     parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="L",
@@ -537,7 +537,8 @@ def _time_all(timed: List[Timed], device, dtype, *, min_run_time: float, rotate:
 def run(args, device: torch.device) -> Result:
     dtype = DTYPES[args.dtype]
     configs = parse_shapes(args.shapes, parse_overrides(args.set))
-    batches = args.batch or ([1, 8, 32] if device.type == "cuda" else [1])
+    # --quick on a GPU: the middle batch alone (three batches time 600-odd cases).
+    batches = args.batch or (([8] if args.quick else [1, 8, 32]) if device.type == "cuda" else [1])
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     cases = [(cfg.name, case) for cfg in configs for batch in batches
              for ratio in (args.keep_ratio or [cfg.keep_ratio]) for case in cases_for(cfg, batch, ratio)]

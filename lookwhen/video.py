@@ -24,10 +24,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import decord
-from decord._ffi.base import DECORDError
 
-decord.logging.set_level(decord.logging.QUIET)
+
+def _decord():
+    """decord, imported on first use: the model layer, the CLI and the benchmark
+    import this module and must work where only the ops' dependencies are
+    installed (a GPU box without the ``video`` extra)."""
+    try:
+        import decord
+    except ImportError as error:
+        raise ImportError("reading video files needs decord: pip install 'lookwhen-kernels[video]'") from error
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
+def _decord_error() -> type:
+    from decord._ffi.base import DECORDError
+
+    return DECORDError
 
 
 class VideoError(ValueError):
@@ -55,9 +69,10 @@ def _open(path) -> "decord.VideoReader":
         raise VideoError(path, "is a directory, not a video file")
     if os.path.getsize(path) == 0:
         raise VideoError(path, "the file is empty")
+    decord = _decord()
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0))
-    except (DECORDError, RuntimeError):
+    except (_decord_error(), RuntimeError):
         # decord's message is an internal check failure; the cause is the file.
         raise VideoError(path, "not a readable video (unknown format, or the file is truncated or corrupt)") from None
     if len(reader) == 0:
@@ -105,6 +120,7 @@ def _frame_window(reader, path, start: Optional[float], end: Optional[float]) ->
 
 
 def _decode(reader, path, indices: Sequence[int]) -> np.ndarray:
+    DECORDError = _decord_error()
     try:
         return reader.get_batch(list(indices)).asnumpy()
     except DECORDError:

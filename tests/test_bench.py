@@ -178,6 +178,24 @@ def test_e2e_plain_cpu_setup(tmp_path):
     assert document["baseline"]["attention"] == "sdpa" and "(attention: sdpa)" in proc.stdout
 
 
+def test_e2e_without_video_libraries(tmp_path):
+    """The GPU machine's image has neither PyAV nor decord: the synthetic
+    clips are timed as tensors and the motion selector, which needs the
+    decoder's vectors, is left out with a note."""
+    path = str(tmp_path / "out.json")
+    hide = "import runpy, sys; sys.modules.update(av=None, decord=None); sys.argv[0] = 'bench'; runpy.run_module('bench', run_name='__main__')"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", hide, "e2e", "--quick", "--keep-ratio", "0.1", "--min-run-time",
+                           "0.01", "--passes", "2", "--set", *TINY, "--json", path],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as handle:
+        document = json.load(handle)
+    assert "as tensors" in document["clips"] and "motion selector skipped" in proc.stdout
+    check_methods(document, proc.stdout, motion=False)
+    assert document["synthetic_proof"].startswith("synthetic proof: RLT keeps frame 0 (256) + ")
+
+
 def test_ops_cli(tmp_path):
     stdout, document, rows = run_with_outputs(
         tmp_path, "ops", "--quick", "--shapes", "lookwhen-b16", "--min-run-time", "0.001", "--rotate", "1",
