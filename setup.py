@@ -1,10 +1,21 @@
 """Packaging. ``pip install lookwhen-kernels`` gives the ops (torch and triton
 alone); the extras add the model layer, video input, training, the benchmark
-and the test suite. Building also compiles the optional native CPU backend
-(``csrc/``, through ``CMakeLists.txt``) when CMake and a C++ compiler are at
-hand; without them, or if the build fails, installation goes on and the CPU
-ops run their PyTorch reference (``python -m lookwhen_kernels.native`` says
-which). ``LOOKWHEN_NATIVE_BUILD=0`` skips the build."""
+and the test suite.
+
+Installing also compiles the optional native CPU backend (``csrc/``, through
+``CMakeLists.txt``) against the torch the package will run with: the
+environment's own torch when it has one, otherwise the torch that
+``pyproject.toml`` puts in pip's build environment, which is the release pip
+then installs beside the package. CMake and Ninja come from the build
+requirements; a C++ compiler must be on the machine. Without one, or if the
+build fails, installation goes on and the CPU ops run their PyTorch reference
+(``python -m lookwhen_kernels.native`` says which). The library records the
+torch it was built for and is not loaded under another.
+
+Environment: ``LOOKWHEN_NATIVE_BUILD=0`` skips the build;
+``LOOKWHEN_NATIVE_ARCH=native`` (or any ``-march`` value, e.g. ``x86-64-v3``)
+compiles for that CPU instead of the portable default, so a wheel built with
+the default runs on any machine of the same architecture."""
 import os
 import shutil
 import subprocess
@@ -16,22 +27,21 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _torch_cmake_prefix():
-    """Torch's CMake package of the environment being installed into. pip
-    builds in an isolated environment without torch (the default without
-    ``--no-build-isolation``), so the interpreter is asked again without the
-    isolation's path overlay: the torch the library must match is the one it
-    will be loaded into."""
-    try:
-        import torch
-
-        return torch.utils.cmake_prefix_path
-    except ImportError:
-        pass
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
-    query = [sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"]
-    result = subprocess.run(query, env=env, capture_output=True, text=True)
-    return result.stdout.strip() or None if result.returncode == 0 else None
+def _torch_of_target():
+    """``(cmake prefix, version)`` of the torch the package will be loaded
+    into, or ``None``. pip builds in an isolated environment (the default
+    without ``--no-build-isolation``) whose path overlay hides the target
+    environment: that environment is asked first, without the overlay, and
+    the build environment's torch serves only where the target has none yet
+    (a fresh environment, where pip installs that same release next)."""
+    query = [sys.executable, "-c", "import torch, torch.utils; print(torch.utils.cmake_prefix_path); print(torch.__version__)"]
+    bare = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    for env in (bare, None):
+        result = subprocess.run(query, env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            prefix, version = result.stdout.split()
+            return prefix, version
+    return None
 
 
 class CMakeExtension(Extension):
@@ -54,12 +64,17 @@ class CMakeBuild(build_ext):
         if cmake is None:
             self._skip("not built: no cmake on PATH")
             return
-        prefix = _torch_cmake_prefix()
-        if prefix is None:
+        torch = _torch_of_target()
+        if torch is None:
             self._skip("not built: torch is not installed for this interpreter")
             return
-        build_dir = os.path.join(HERE, "build", "native")
-        configure = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"]
+        prefix, torch_version = torch
+        arch = os.environ.get("LOOKWHEN_NATIVE_ARCH", "")
+        # One build folder per torch release and target: CMake caches where it
+        # found torch and what the target CPU can do.
+        build_dir = os.path.join(HERE, "build", f"native-torch-{torch_version}-{arch or 'portable'}")
+        configure = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}",
+                     f"-DLOOKWHEN_NATIVE_ARCH={arch}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             configure += ["-G", "Ninja"]
         # Two translation units: more jobs would not help.
@@ -73,6 +88,10 @@ class CMakeBuild(build_ext):
         target = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(os.path.join(build_dir, "_native.so"), target)
+        # A library built against one torch release does not load (or worse,
+        # misbehaves) under another: the loader compares this stamp first.
+        with open(os.path.join(os.path.dirname(target), "_native.torch"), "w", encoding="utf-8") as stamp:
+            stamp.write(torch_version + "\n")
 
     @staticmethod
     def _skip(why: str) -> None:
@@ -92,6 +111,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    package_data={"lookwhen_kernels": ["_native.torch"]},
     packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench"],
     # The benchmark lives in bench/ (``python -m bench`` from a checkout) and
     # installs under a name of ours.

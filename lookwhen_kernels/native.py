@@ -1,6 +1,7 @@
 """The native CPU backend: C++ kernels from ``csrc/`` (built by
 ``CMakeLists.txt`` into ``lookwhen_kernels/_native*.so`` when the package is
-installed on a machine with a C++ compiler), registered as
+installed on a machine with a C++ compiler, against the torch it will run
+with), registered as
 ``torch.ops.lookwhen_native.<op>``.
 
 Optional: without the library every CPU op runs its PyTorch reference, and
@@ -30,9 +31,13 @@ def _load() -> bool:
         status = "disabled (LOOKWHEN_NATIVE=0): CPU ops run their PyTorch reference"
     else:
         found = sorted(glob.glob(os.path.join(_HERE, "_native*.so")))
+        built_for = _built_for()
         if not found:
-            status = ("not built: CPU ops run their PyTorch reference (reinstall with a C++ compiler and "
-                      "CMake, `pip install -e .`, to build csrc/)")
+            status = ("not built: CPU ops run their PyTorch reference (reinstall with a C++ compiler, "
+                      "`pip install -e .`, to build csrc/)")
+        elif built_for is not None and built_for != torch.__version__:
+            status = (f"built for torch {built_for}, not the torch {torch.__version__} running: CPU ops run their "
+                      "PyTorch reference (reinstall the package to rebuild it)")
         else:
             try:
                 torch.ops.load_library(found[0])
@@ -41,6 +46,17 @@ def _load() -> bool:
                 status = f"not loadable ({found[0]}: {error}): CPU ops run their PyTorch reference"
     _state["loaded"], _state["status"] = loaded, status
     return loaded
+
+
+def _built_for() -> Optional[str]:
+    """The torch release the installed library was compiled against (the
+    stamp ``setup.py`` writes beside it); ``None`` for a library built by
+    hand, which is loaded on trust."""
+    try:
+        with open(os.path.join(_HERE, "_native.torch"), encoding="utf-8") as stamp:
+            return stamp.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def available() -> bool:

@@ -79,6 +79,17 @@ def test_missing_library_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert native.status().startswith("not built")
 
 
+def test_library_built_for_another_torch_is_not_loaded(monkeypatch, tmp_path):
+    # Loading it would fail on missing symbols at best: the stamp is read first.
+    (tmp_path / "_native.so").write_bytes(b"not a library")
+    (tmp_path / "_native.torch").write_text("1.0.0\n")
+    monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_HERE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
+    assert not native.available()
+    assert native.status().startswith(f"built for torch 1.0.0, not the torch {torch.__version__} running")
+
+
 def test_environment_variable_disables_the_backend_silently():
     code = ("import warnings, torch; warnings.simplefilter('error'); import lookwhen_kernels as lk; "
             "from lookwhen_kernels import native; assert not native.available(); "
