@@ -9,8 +9,8 @@ environment's own torch when it has one, otherwise the torch that
 then installs beside the package. CMake and Ninja come from the build
 requirements; a C++ compiler must be on the machine. Without one, or if the
 build fails, installation goes on and the CPU ops run their PyTorch reference
-(``python -m lookwhen_kernels.native`` says which). The library records the
-torch it was built for and is not loaded under another.
+(``python -m lookwhen_kernels.native`` says which). The library's name holds
+the torch release it was built for; it is not loaded under another.
 
 Environment: ``LOOKWHEN_NATIVE_BUILD=0`` skips the build;
 ``LOOKWHEN_NATIVE_ARCH=native`` (or any ``-march`` value, e.g. ``x86-64-v3``)
@@ -85,13 +85,13 @@ class CMakeBuild(build_ext):
         except (OSError, subprocess.CalledProcessError) as error:
             self._skip(f"not built: the CMake build failed ({error})")
             return
-        target = self.get_ext_fullpath(ext.name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.join(build_dir, "_native.so"), target)
-        # A library built against one torch release does not load (or worse,
-        # misbehaves) under another: the loader compares this stamp first.
-        with open(os.path.join(os.path.dirname(target), "_native.torch"), "w", encoding="utf-8") as stamp:
-            stamp.write(torch_version + "\n")
+        # Named for the torch release it was compiled against: a library built
+        # for one release does not load (or worse, misbehaves) under another,
+        # and environments with different torch releases can share an
+        # editable checkout, each loading its own build.
+        folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(os.path.join(build_dir, "_native.so"), os.path.join(folder, f"_native-torch{torch_version}.so"))
 
     @staticmethod
     def _skip(why: str) -> None:
@@ -111,7 +111,6 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    package_data={"lookwhen_kernels": ["_native.torch"]},
     packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench"],
     # The benchmark lives in bench/ (``python -m bench`` from a checkout) and
     # installs under a name of ours.

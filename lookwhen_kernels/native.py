@@ -1,8 +1,7 @@
 """The native CPU backend: C++ kernels from ``csrc/`` (built by
-``CMakeLists.txt`` into ``lookwhen_kernels/_native*.so`` when the package is
-installed on a machine with a C++ compiler, against the torch it will run
-with), registered as
-``torch.ops.lookwhen_native.<op>``.
+``CMakeLists.txt`` into ``lookwhen_kernels/_native-torch<release>.so`` when
+the package is installed on a machine with a C++ compiler, against the torch
+it will run with), registered as ``torch.ops.lookwhen_native.<op>``.
 
 Optional: without the library every CPU op runs its PyTorch reference, and
 the first CPU op to do so says once (a warning) that the backend is not built.
@@ -30,33 +29,26 @@ def _load() -> bool:
     if os.environ.get("LOOKWHEN_NATIVE", "1") in ("0", ""):
         status = "disabled (LOOKWHEN_NATIVE=0): CPU ops run their PyTorch reference"
     else:
-        found = sorted(glob.glob(os.path.join(_HERE, "_native*.so")))
-        built_for = _built_for()
-        if not found:
-            status = ("not built: CPU ops run their PyTorch reference (reinstall with a C++ compiler, "
-                      "`pip install -e .`, to build csrc/)")
-        elif built_for is not None and built_for != torch.__version__:
-            status = (f"built for torch {built_for}, not the torch {torch.__version__} running: CPU ops run their "
-                      "PyTorch reference (reinstall the package to rebuild it)")
-        else:
+        # setup.py names each build for its torch release; a library built by
+        # hand with CMake (``_native.so``) is loaded on trust.
+        candidates = [os.path.join(_HERE, f"_native-torch{torch.__version__}.so"), os.path.join(_HERE, "_native.so")]
+        found = [path for path in candidates if os.path.exists(path)]
+        others = sorted(glob.glob(os.path.join(_HERE, "_native-torch*.so")))
+        if found:
             try:
                 torch.ops.load_library(found[0])
                 loaded, status = True, f"built: {found[0]}"
             except (OSError, RuntimeError) as error:
                 status = f"not loadable ({found[0]}: {error}): CPU ops run their PyTorch reference"
+        elif others:
+            releases = ", ".join(os.path.basename(path)[len("_native-torch"):-len(".so")] for path in others)
+            status = (f"built for torch {releases}, not the torch {torch.__version__} running: CPU ops run their "
+                      "PyTorch reference (reinstall the package to build it for this torch)")
+        else:
+            status = ("not built: CPU ops run their PyTorch reference (reinstall with a C++ compiler, "
+                      "`pip install -e .`, to build csrc/)")
     _state["loaded"], _state["status"] = loaded, status
     return loaded
-
-
-def _built_for() -> Optional[str]:
-    """The torch release the installed library was compiled against (the
-    stamp ``setup.py`` writes beside it); ``None`` for a library built by
-    hand, which is loaded on trust."""
-    try:
-        with open(os.path.join(_HERE, "_native.torch"), encoding="utf-8") as stamp:
-            return stamp.read().strip()
-    except FileNotFoundError:
-        return None
 
 
 def available() -> bool:

@@ -80,9 +80,8 @@ def test_missing_library_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_library_built_for_another_torch_is_not_loaded(monkeypatch, tmp_path):
-    # Loading it would fail on missing symbols at best: the stamp is read first.
-    (tmp_path / "_native.so").write_bytes(b"not a library")
-    (tmp_path / "_native.torch").write_text("1.0.0\n")
+    # Loading it would fail on missing symbols at best: its name says the release.
+    (tmp_path / "_native-torch1.0.0.so").write_bytes(b"not a library")
     monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
     monkeypatch.setattr(native, "_HERE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
