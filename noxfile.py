@@ -1,0 +1,54 @@
+"""The version matrix: the suite and the compile report on every torch/Triton
+pair the package declares, each in its own environment.
+
+    python -m pip install nox
+    nox                                   # every pair: tests, then inspect
+    nox -s "tests(torch='2.11.0')"        # one pair's suite
+    nox -s tests -- tests/test_topk_tokens.py -x   # arguments after -- go to pytest
+
+CI runs the suite on one pair only (``.ci/run``); docs/versions.md holds the
+table this gives. The lowest pair here is ``install_requires``' floor.
+"""
+import nox
+
+# torch, torchvision, triton. 2.11 + 3.6 is the GPU machine's image.
+PAIRS = [
+    ("2.11.0", "0.26.0", "3.6.0"),
+    ("2.14.1", "0.29.1", "3.8.0"),
+    ("2.15.0", None, "3.9.0"),
+]
+IDS = [torch for torch, _, _ in PAIRS]
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "inspect"]
+
+
+def _install(session, torch, torchvision, triton):
+    """The pair, then the package built against it (no build isolation: the
+    native library must be compiled for this environment's torch, and
+    editable installs of several environments coexist, each loading the
+    library named for its own release)."""
+    pins = [f"torch=={torch}", f"triton=={triton}"]
+    # Where the registry has no torchvision for a new torch yet, pip picks
+    # whichever release the pins allow.
+    if torchvision:
+        pins.append(f"torchvision=={torchvision}")
+    session.install("setuptools>=64", "wheel", "cmake>=3.18", "ninja", *pins)
+    session.install("--no-build-isolation", "-e", ".[test]", *pins)
+    session.run("python", "-m", "lookwhen_kernels.native")
+
+
+@nox.session
+@nox.parametrize("torch,torchvision,triton", PAIRS, ids=IDS)
+def tests(session, torch, torchvision, triton):
+    _install(session, torch, torchvision, triton)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("torch,torchvision,triton", PAIRS, ids=IDS)
+def inspect(session, torch, torchvision, triton):
+    _install(session, torch, torchvision, triton)
+    session.run("python", "-m", "lookwhen_kernels.inspect", "--json", f"docs/results/inspect-triton-{triton}.json",
+                env={"TRITON_INTERPRET": "0"})
