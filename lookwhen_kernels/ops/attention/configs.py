@@ -73,6 +73,17 @@ HALF_MOD_CONFIGS = {
 }
 PREPROCESS_BLOCK_M = 64
 
+# Triton before 3.8 allocates registers less tightly: under 3.6 these tiles
+# spill for sm_80 (and fp32's for sm_90 too). Each is swapped for the nearest
+# tile that compiles clean for both on that Triton; 3.8 and later keep the
+# tiles above. The version matrix's compile report checks every pair.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+if TRITON_VERSION < (3, 8):
+    HALF_CONFIGS["fwd"][64] = (_config(128, 64, 8, 3), _config(128, 128, 8, 3))
+    HALF_CONFIGS["dkdv"][128] = (_config(32, 64, 8, 2), _config(16, 64, 8, 2))
+    HALF_MOD_CONFIGS["dkdv"][64] = (_config(16, 128, 8, 2), _config(16, 64, 4, 2))
+    FP32_CONFIGS["fwd"][128] = (_config(16, 32, 8, 2),)
+
 
 def block_d_for(head_dim: int) -> int:
     """The tile width a head dim runs in: a power of two, at least 16 (the K of an MMA)."""
