@@ -18,6 +18,9 @@ PAIRS = [
     ("2.15.0", "0.29.2", "3.9.0"),
 ]
 IDS = [torch for torch, _, _ in PAIRS]
+# Triton's interpreter before 3.8 converts one-element arrays to Python ints,
+# which NumPy 2.4 refuses: every kernel loop over a runtime bound fails there.
+INTERPRETER_NEEDS = {"3.6.0": ["numpy<2.4"]}
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -34,6 +37,7 @@ def _install(session, torch, torchvision, triton):
     # whichever release the pins allow.
     if torchvision:
         pins.append(f"torchvision=={torchvision}")
+    pins += INTERPRETER_NEEDS.get(triton, [])
     session.install("setuptools>=64", "wheel", "cmake>=3.18", "ninja", *pins)
     session.install("--no-build-isolation", "-e", ".[test]", *pins)
     session.run("python", "-m", "lookwhen_kernels.native")

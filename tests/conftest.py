@@ -16,8 +16,23 @@ import zlib
 if os.environ.get("LOOKWHEN_TEST_DEVICE", "cpu") != "cuda":
     os.environ["TRITON_INTERPRET"] = "1"
 
+import numpy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+
+
+def _major_minor(version: str):
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def pytest_configure(config):
+    # Otherwise every kernel loop over a runtime bound fails with "only
+    # 0-dimensional arrays can be converted to Python scalars", hundreds of times.
+    if (os.environ.get("TRITON_INTERPRET") == "1" and _major_minor(triton.__version__) < (3, 8)
+            and _major_minor(numpy.__version__) >= (2, 4)):
+        pytest.exit(f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__}: "
+                    "install 'numpy<2.4' (or Triton 3.8 or later)", returncode=4)
 
 DEFAULT_SEED = 0
 
