@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from . import BenchError
-from lookwhen.cli import positive_int_arg as positive_int
+from lookwhen.cli.main import positive_int_arg as positive_int
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 

@@ -1,4 +1,4 @@
-"""Model shapes the benchmarks run at: presets of ``lookwhen.config`` with
+"""Model shapes the benchmarks run at: presets of ``lookwhen.models.config`` with
 ``KEY=VALUE`` overrides from the command line."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from . import BenchError
-from lookwhen import config
-from lookwhen.config import ModelConfig, get_config
+from lookwhen.models import config
+from lookwhen.models.config import ModelConfig, get_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

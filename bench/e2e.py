@@ -42,11 +42,11 @@ from . import BenchError
 from .configs import DTYPES, autocast, parse_overrides, resolve
 from .report import Record, Result, format_table
 from .timing import StageTimer, Stats, rotating, sample, synchronize
-from lookwhen.config import ModelConfig
-from lookwhen.cpu_inference import onednn_available, prepack_linears
-from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
-from lookwhen.synthetic import synthetic_clip, write_video
-from lookwhen.video import fit_clips, read_clips
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.cpu_inference import onednn_available, prepack_linears
+from lookwhen.models.rlt import DEFAULT_THRESHOLD, RLTDense
+from lookwhen.data.synthetic import synthetic_clip, write_video
+from lookwhen.data.video import fit_clips, read_clips
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
@@ -55,7 +55,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
 def add_arguments(parser) -> None:
     from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
+    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, default=[0.05, 0.1, 0.2, 0.3],
                         help="keep ratios to sweep (default: 0.05 0.1 0.2 0.3)")
@@ -81,7 +81,7 @@ def add_arguments(parser) -> None:
                              "the patch; sizes not below the baseline's are left out)")
     parser.add_argument("--cpu-linear", choices=("onednn", "aten"), default="onednn",
                         help="linear layers of both models on CPU: oneDNN with prepacked weights "
-                             "(lookwhen.cpu_inference, the default where PyTorch has it) or plain ATen")
+                             "(lookwhen.models.cpu_inference, the default where PyTorch has it) or plain ATen")
 
 
 @dataclass
@@ -180,7 +180,7 @@ def _synthetic_videos(folder: str, count: int, frames: int, size: int):
 def _object_tokens(sample, grid) -> torch.Tensor:
     """bool ``[T, h*w]``: the tokens of a model's grid (its sampled frames,
     its resized square) that the object covers any pixel of."""
-    from lookwhen.video import sample_indices
+    from lookwhen.data.video import sample_indices
 
     frames, grid_h, grid_w = grid
     mask = sample.object_mask[sample_indices(sample.object_mask.shape[0], frames)].float()
@@ -191,7 +191,7 @@ def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelCo
     """What RLT keeps and what the motion selector finds on the first batch
     of synthetic clips, against the objects' known tokens."""
     import lookwhen_kernels as lk
-    from lookwhen.motion import fill_unmeasured, object_recall
+    from lookwhen.data.motion import fill_unmeasured, object_recall
 
     batch = clips.shape[0]
     spatial = rlt.config.grid[1] * rlt.config.grid[2]
@@ -238,8 +238,8 @@ def _batches(clips: torch.Tensor, cfg: ModelConfig, batch: int, device) -> List[
 
 def _motions(paths: Sequence[str], grid) -> Tuple[Optional[list], str]:
     """Motion scores of every video, or ``None`` and why not."""
-    from lookwhen.motion import motion_scores
-    from lookwhen.video import VideoError
+    from lookwhen.data.motion import motion_scores
+    from lookwhen.data.video import VideoError
 
     try:
         return [motion_scores(path, grid) for path in paths], ""
@@ -328,7 +328,7 @@ def run(args, device: torch.device) -> Result:
                       rotating(lambda clip, r=r: lw(clip, keep_ratio=r), lw_clips)) for r in ratios}
     motion_sets = {}
     if motions is not None:
-        from lookwhen.motion import motion_selection
+        from lookwhen.data.motion import motion_selection
 
         sets = [motions[(i * batch + j) % len(motions)] for i in range(len(lw_clips)) for j in range(batch)]
         for r in ratios:

@@ -24,7 +24,7 @@ from . import BenchError, attention
 from .configs import DTYPES, parse_overrides, parse_shapes
 from .report import Record, Result, format_table
 from .timing import Stats, noise, peak_memory, rotating, sample
-from lookwhen.config import ModelConfig
+from lookwhen.models.config import ModelConfig
 from lookwhen_kernels.ops._common import set_cpu_backend
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
@@ -503,7 +503,7 @@ def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype:
 
 def add_arguments(parser) -> None:
     from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
+    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
                         help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")

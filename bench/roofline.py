@@ -73,7 +73,7 @@ def floor_seconds(flops: float, bytes_moved: float, gpu: GPU):
 
 def add_arguments(parser) -> None:
     from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
+    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--gpu", nargs="+", default=list(GPUS), metavar="NAME",
                         help=f"GPUs from the datasheet table (default: all of {', '.join(GPUS)})")

@@ -1,5 +1,5 @@
 """``python -m bench seeds``: the seed methods' selection strategies on the
-synthetic clips of ``bench train`` (:mod:`lookwhen.synthetic`).
+synthetic clips of ``bench train`` (:mod:`lookwhen.data.synthetic`).
 
 1. **Perturbed.** Fine-tuning on the colour of a brief event (``bench
    train``'s task: one 10-px object in 2 of 8 frames, keep ratio 0.1) with
@@ -38,7 +38,7 @@ TEMPERATURES = (1.0, 0.5, 0.2, 0.1)
 
 
 def add_arguments(parser) -> None:
-    from lookwhen.cli import keep_ratio_arg as fraction, positive_int_arg as positive_int
+    from lookwhen.cli.main import keep_ratio_arg as fraction, positive_int_arg as positive_int
 
     parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
@@ -64,9 +64,9 @@ def add_arguments(parser) -> None:
 
 
 def _perturbed(args, device) -> List[Dict]:
-    from lookwhen.finetune import FinetuneTask, sigma_decay_steps
-    from lookwhen.synthetic import COLOURS, SyntheticDataset, selector_recall
-    from lookwhen.train import Trainer, TrainSettings
+    from lookwhen.training.finetune import FinetuneTask, sigma_decay_steps
+    from lookwhen.data.synthetic import COLOURS, SyntheticDataset, selector_recall
+    from lookwhen.training.engine import Trainer, TrainSettings
 
     steps = args.finetune_steps or (40 if args.quick else 2000)
     keep = 0.1
@@ -124,7 +124,7 @@ def _budgets(model, device, n: int) -> List[Dict]:
     """Mean budgets of clips with one small object and with three, per
     softmax temperature (the mass a selector's scores put on its objects
     depends on their scale)."""
-    from lookwhen.synthetic import SyntheticDataset
+    from lookwhen.data.synthetic import SyntheticDataset
 
     cfg = model.config
     scores = {}
@@ -143,7 +143,7 @@ def _budgets(model, device, n: int) -> List[Dict]:
 
 
 def _windows(args, device) -> Dict:
-    from lookwhen.synthetic import SyntheticDataset
+    from lookwhen.data.synthetic import SyntheticDataset
 
     learned = bench_train._learning(args, device)
     model = args.pretrained_selector.eval()

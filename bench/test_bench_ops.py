@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from .ops import cases_for, make_step
-from lookwhen.config import get_config
+from lookwhen.models.config import get_config
 
 TINY = dict(frames=2, depth=1, width=128, heads=2, pool_heads=2, selector_width=64, context_projection=True, selector_heads=2, score_hidden=64)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

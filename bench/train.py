@@ -2,13 +2,13 @@
 training step cost.
 
 1. **Learning.** Selector pre-training (uniqueness target, KL loss) on
-   synthetic clips with known moving objects (:mod:`lookwhen.synthetic`): the
+   synthetic clips with known moving objects (:mod:`lookwhen.data.synthetic`): the
    selector's top-K recall of the objects' tokens on held-out clips, before
    and after, against chance. The image teacher is a randomly initialised
    timm ViT made in-process (nothing can be downloaded): on these clips a
    background patch repeats exactly across frames whatever the weights, so
    uniqueness singles out the objects all the same. Its targets are computed
-   once into a :class:`~lookwhen.teachers.TargetCache`, as a real run would.
+   once into a :class:`~lookwhen.training.teachers.TargetCache`, as a real run would.
 2. **Throughput.** Clips/s of one LookWhen pre-training step (forward with
    per-clip budgets, every loss, backward, AdamW; teacher targets cached)
    against a dense-baseline step (forward, a distillation MSE, backward,
@@ -43,7 +43,7 @@ TEACHER = dict(name="vit_tiny_patch16_224", image_size=192, depth=4)
 
 
 def add_arguments(parser) -> None:
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
+    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
 
     parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the learning run")
@@ -64,11 +64,11 @@ def _learning(args, device) -> Dict:
     import timm
     from safetensors.torch import save_file
 
-    from lookwhen.losses import LossWeights
-    from lookwhen.pretrain import PretrainTask
-    from lookwhen.synthetic import SyntheticDataset, selector_recall
-    from lookwhen.teachers import ImageTeacher, TeacherTargets, TargetCache, write_cache
-    from lookwhen.train import Trainer, TrainSettings
+    from lookwhen.training.losses import LossWeights
+    from lookwhen.training.pretrain import PretrainTask
+    from lookwhen.data.synthetic import SyntheticDataset, selector_recall
+    from lookwhen.training.teachers import ImageTeacher, TeacherTargets, TargetCache, write_cache
+    from lookwhen.training.engine import Trainer, TrainSettings
 
     steps = args.steps or (60 if args.quick else 300)
     model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL).to(device)
@@ -112,7 +112,7 @@ def _learning(args, device) -> Dict:
 
 @torch.no_grad()
 def accuracy(model, samples, keep_ratio: float, device, batch_size: int = 16, task: str = "direction") -> float:
-    from lookwhen.finetune import logits_of
+    from lookwhen.training.finetune import logits_of
 
     model = model.eval()
     correct = 0
@@ -128,9 +128,9 @@ def _finetuning(args, device) -> Dict:
     """Fine-tune on the colour of a brief event (3 classes: a small object
     seen in 2 of the 8 frames) at a keep ratio of 0.1, from the pre-trained
     selector, and the same with random tokens."""
-    from lookwhen.finetune import FinetuneTask
-    from lookwhen.synthetic import COLOURS, SyntheticDataset
-    from lookwhen.train import Trainer, TrainSettings
+    from lookwhen.training.finetune import FinetuneTask
+    from lookwhen.data.synthetic import COLOURS, SyntheticDataset
+    from lookwhen.training.engine import Trainer, TrainSettings
 
     steps = args.finetune_steps or (40 if args.quick else 500)
     keep = 0.1
@@ -156,10 +156,10 @@ def _finetuning(args, device) -> Dict:
 
 
 def _lookwhen_step(cfg, batch, keep, device):
-    from lookwhen.losses import LossWeights
-    from lookwhen.pretrain import PretrainModule, PretrainTask
-    from lookwhen.teachers import TeacherTargets
-    from lookwhen.train import make_optimizer, TrainSettings
+    from lookwhen.training.losses import LossWeights
+    from lookwhen.training.pretrain import PretrainModule, PretrainTask
+    from lookwhen.training.teachers import TeacherTargets
+    from lookwhen.training.engine import make_optimizer, TrainSettings
 
     model = lookwhen.build_model(cfg).to(device).train()
     image_dim = video_dim = cfg.width
@@ -196,7 +196,7 @@ def _lookwhen_step(cfg, batch, keep, device):
 
 
 def _dense_step(cfg, batch, device):
-    from lookwhen.train import make_optimizer, TrainSettings
+    from lookwhen.training.engine import make_optimizer, TrainSettings
 
     model = lookwhen.build_model(cfg).to(device).train()
     head = torch.nn.Linear(cfg.width, cfg.width).to(device)

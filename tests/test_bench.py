@@ -17,8 +17,8 @@ from bench.__main__ import main
 from bench.ops import cases_for
 from bench.report import CSV_FIELDS
 from bench.roofline import GPUS, find_gpu, floor_seconds
-from lookwhen.config import get_config, parse_overrides
-from lookwhen.cpu_inference import onednn_available
+from lookwhen.models.config import get_config, parse_overrides
+from lookwhen.models.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "context_projection=true", "selector_heads=2",
@@ -111,7 +111,7 @@ def test_e2e_methods_on_a_folder_of_videos(tmp_path):
     the motion rows off (and says so), an unreadable one is skipped."""
     import numpy as np
 
-    from lookwhen.synthetic import synthetic_clip, write_video
+    from lookwhen.data.synthetic import synthetic_clip, write_video
     from test_motion import encode
 
     rng = np.random.default_rng(0)

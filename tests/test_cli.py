@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from lookwhen import build_model
-from lookwhen.checkpoint import save_checkpoint
-from lookwhen.cli import DIM, GAP, main
-from lookwhen.video import read_clip
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.cli.main import DIM, GAP, main
+from lookwhen.data.video import read_clip
 from test_video import make_video
 
 TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, context_projection=True, selector_depth=1,

@@ -1,4 +1,4 @@
-"""lookwhen.cpu_inference: the prepacked oneDNN linear computes nn.Linear's
+"""lookwhen.models.cpu_inference: the prepacked oneDNN linear computes nn.Linear's
 function, takes its fast path only where it may, and follows its weights."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lookwhen import build_model, count_flops
-from lookwhen.cpu_inference import PrepackedLinear, onednn_available, prepack_linears
+from lookwhen.models.cpu_inference import PrepackedLinear, onednn_available, prepack_linears
 from lookwhen_kernels.testing import assert_within_reference_error
 
 TINY = {

@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 
 from lookwhen import build_model
-from lookwhen.checkpoint import load_checkpoint, save_checkpoint
-from lookwhen.cli import main
-from lookwhen.embed import read_shards
-from lookwhen.evaluate import spatial_crops, view_indices
-from lookwhen.finetune import FinetuneTask, layer_id, random_selection
-from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
-from lookwhen.train import Trainer, TrainSettings
+from lookwhen.io.checkpoint import load_checkpoint, save_checkpoint
+from lookwhen.cli.main import main
+from lookwhen.training.embed import read_shards
+from lookwhen.training.evaluate import spatial_crops, view_indices
+from lookwhen.training.finetune import FinetuneTask, layer_id, random_selection
+from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
+from lookwhen.training.engine import Trainer, TrainSettings
 
 # The light preset's selector layout (every frame, projected context): the
 # learning test below widens the extractor alone.

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import lookwhen
 from lookwhen import DenseBaseline, LookWhen, build_model, count_flops, get_config
-from lookwhen.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from lookwhen.config import PRESETS
-from lookwhen.timm_weights import load_timm_state_dict, timm_state_dict
+from lookwhen.io.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from lookwhen.models.config import PRESETS
+from lookwhen.models.timm_weights import load_timm_state_dict, timm_state_dict
 from lookwhen_kernels.testing import assert_within_reference_error
 
 TINY = {
@@ -389,7 +389,7 @@ def test_real_size_forward_and_the_defaults_cost(monkeypatch):
     far too slow for ViT-B), with its FLOPs counted on the way."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lookwhen.flops import gmacs
+    from lookwhen.models.flops import gmacs
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = build_model("lookwhen-b16").eval()
@@ -477,7 +477,7 @@ def test_timm_mapping_resamples_position_grid_and_refuses_misfits():
 
 
 def test_position_table_is_kept_in_inference_and_rebuilt_for_training():
-    from lookwhen.layers import SeparablePosEmbed
+    from lookwhen.models.layers import SeparablePosEmbed
 
     pos = SeparablePosEmbed(3, 5, 4)
     expected = lambda: (pos.temporal[:, None] + pos.spatial[None]).flatten(0, 1).detach()  # noqa: E731

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lookwhen.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
-from lookwhen.synthetic import synthetic_clip
-from lookwhen.video import VideoError, sample_indices
+from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
+from lookwhen.data.synthetic import synthetic_clip
+from lookwhen.data.video import VideoError, sample_indices
 
 
 def encode(path, clip, codec="libx264", options=None, pix_fmt="yuv420p"):
@@ -92,10 +92,10 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
 
     from lookwhen import build_model
-    from lookwhen.checkpoint import save_checkpoint
-    from lookwhen.cli import main
-    from lookwhen.embed import embed_shards, read_shards
-    from lookwhen.video import read_clip
+    from lookwhen.io.checkpoint import save_checkpoint
+    from lookwhen.cli.main import main
+    from lookwhen.training.embed import embed_shards, read_shards
+    from lookwhen.data.video import read_clip
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tiny = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lookwhen import build_model
-from lookwhen.rlt import RLTDense
-from lookwhen.synthetic import synthetic_clip
+from lookwhen.models.rlt import RLTDense
+from lookwhen.data.synthetic import synthetic_clip
 
 TINY = dict(frames=3, image_size=56, width=64, depth=2, heads=2, pool_heads=2)
 

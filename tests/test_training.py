@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lookwhen import build_model, get_config
-from lookwhen.cli import main
-from lookwhen.data import DatasetError, Sampling, SkipReport, VideoDataset, collate
-from lookwhen.losses import (
+from lookwhen.cli.main import main
+from lookwhen.data.datasets import DatasetError, Sampling, SkipReport, VideoDataset, collate
+from lookwhen.training.losses import (
     DistillHeads,
     LossWeights,
     draw_budgets,
@@ -27,9 +27,9 @@ from lookwhen.losses import (
     selector_loss,
     uniqueness_target,
 )
-from lookwhen.pretrain import PretrainTask
-from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
-from lookwhen.teachers import (
+from lookwhen.training.pretrain import PretrainTask
+from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
+from lookwhen.training.teachers import (
     ImageTeacher,
     TargetCache,
     TeacherTargets,
@@ -38,7 +38,7 @@ from lookwhen.teachers import (
     cache_fingerprint,
     write_cache,
 )
-from lookwhen.train import Trainer, TrainSettings, lr_factor
+from lookwhen.training.engine import Trainer, TrainSettings, lr_factor
 
 # 8 frames of 64 px, 8-px patches: an 8 x 8 extractor grid, a 4 x 4 selector
 # grid on every frame (the synthetic objects move between frames).

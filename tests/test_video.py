@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lookwhen.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
+from lookwhen.data.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
 
 CODECS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
 

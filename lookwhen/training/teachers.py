@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lookwhen.video import fit_clips
+from lookwhen.data.video import fit_clips
 
 
 @dataclass
@@ -194,13 +194,13 @@ class VideoTeacher(nn.Module):
     def from_checkpoint(cls, path, device="cpu", *, config: str = "internvideo2-b14",
                         **overrides) -> "VideoTeacher":
         """The teacher in a weights file: a lookwhen checkpoint (safetensors
-        with its config, :mod:`lookwhen.checkpoint`) rebuilds its own model;
+        with its config, :mod:`lookwhen.io.checkpoint`) rebuilds its own model;
         any other file is an official InternVideo2 checkpoint, loaded into
         the faithful ``config`` preset (with ``overrides``) by
-        :func:`lookwhen.baseline.load_internvideo2`, which refuses missing or
+        :func:`lookwhen.models.baseline.load_internvideo2`, which refuses missing or
         unexpected keys (its classifier is left out)."""
-        from lookwhen.baseline import load_internvideo2
-        from lookwhen.checkpoint import CheckpointError, load_checkpoint, read_config
+        from lookwhen.models.baseline import load_internvideo2
+        from lookwhen.io.checkpoint import CheckpointError, load_checkpoint, read_config
 
         try:
             read_config(path)

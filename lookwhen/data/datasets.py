@@ -10,7 +10,7 @@ Sampling. Training: ``frames`` frames ``stride`` apart from a random start
 which frames repeat), the short side resized to a random length in
 ``scale x size`` and a random ``size x size`` crop, flipped horizontally
 with probability 1/2. Evaluation: uniform segments and a centre crop
-(:func:`lookwhen.video.read_clip`'s rule). Every random choice comes from a
+(:func:`lookwhen.data.video.read_clip`'s rule). Every random choice comes from a
 generator seeded by ``(seed, view, index)``, so a clip depends only on its
 index and view, not on the worker that decodes it: runs resume exactly, and
 cached teacher targets (keyed by index and view) match their clips.
@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lookwhen.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
+from lookwhen.data.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 

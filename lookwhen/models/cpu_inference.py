@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lookwhen.layers import tensor_state, untracked_eager
+from lookwhen.models.layers import tensor_state, untracked_eager
 
 __all__ = ["PrepackedLinear", "onednn_available", "prepack_linears"]
 

@@ -158,7 +158,7 @@ def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafas
     (needs PyAV: ``pip install av``). x264's ``preset`` sets how hard it
     searches for motion: ``ultrafast`` leaves most moving blocks without a
     vector, ``medium`` (x264's default) finds them, for
-    :mod:`lookwhen.motion`."""
+    :mod:`lookwhen.data.motion`."""
     import av
 
     frames, height, width, _ = clip.shape
@@ -177,7 +177,7 @@ def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafas
 def write_dataset(root, per_class: int, *, seed: int = 0, task: str = "direction", **clip_kwargs) -> List[str]:
     """A folder tree ``root/<class>/<i>.mp4`` of synthetic clips (classes:
     :data:`DIRECTIONS` or :data:`COLOURS`, per ``task``), the layout
-    :class:`lookwhen.data.VideoDataset` reads. Returns the paths."""
+    :class:`lookwhen.data.datasets.VideoDataset` reads. Returns the paths."""
     generator = np.random.default_rng(seed)
     names = DIRECTIONS if task == "direction" else COLOURS
     paths = []
@@ -193,7 +193,7 @@ def write_dataset(root, per_class: int, *, seed: int = 0, task: str = "direction
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """``n`` synthetic clips, each made on demand from ``(seed, index)``, in
-    the sample format of :class:`lookwhen.data.VideoDataset` (``view`` is
+    the sample format of :class:`lookwhen.data.datasets.VideoDataset` (``view`` is
     always 0: a synthetic clip has one sampling), labelled for ``task``
     ("direction" or "colour"). ``n_objects`` may be a ``(low, high)`` range
     drawn per clip."""

@@ -8,7 +8,7 @@ displacement ``motion_x / motion_scale`` pixels). Decoding every frame is
 needed anyway (each predicted frame depends on the previous ones), so the
 vectors cost no more than the decode.
 
-Scores follow the clip's geometry and sampling (:mod:`lookwhen.video`): the
+Scores follow the clip's geometry and sampling (:mod:`lookwhen.data.video`): the
 video is cut into T equal segments (the frames around each sampled frame), a
 frame's motion field (vector magnitude per pixel) is cropped to the centred
 square and averaged onto the ``h x w`` token cells, and a token's score is
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import lookwhen_kernels as lk
-from lookwhen.video import VideoError, sample_indices
+from lookwhen.data.video import VideoError, sample_indices
 
 # FFmpeg's motion vectors sit on a grid of 4-pixel blocks (H.264's smallest
 # partition); fields are rasterised at that resolution.
@@ -102,7 +102,7 @@ def motion_scores(path_or_reader, grid: Sequence[int]) -> MotionScores:
     """Per-token motion magnitude on the token grid ``(T, h, w)`` from the
     decoder's motion vectors (see the module docstring). ``path_or_reader``:
     a file path or an opened PyAV input container (not yet decoded from).
-    Raises :class:`lookwhen.video.VideoError` for a file that cannot be
+    Raises :class:`lookwhen.data.video.VideoError` for a file that cannot be
     decoded, and for one whose codec carries no motion vectors (intra-only
     codecs such as MJPEG, or a video of I-frames only)."""
     import av

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen.config import ModelConfig
-from lookwhen.layers import Block, PatchEmbed, SeparablePosEmbed, block_options, init_weights, make_norm
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.layers import Block, PatchEmbed, SeparablePosEmbed, block_options, init_weights, make_norm
 
 
 class ScoreHead(nn.Module):

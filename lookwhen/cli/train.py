@@ -1,6 +1,6 @@
 """The training verbs of the ``lookwhen`` command: ``pretrain`` and
 ``cache-targets``. Under ``torchrun`` every rank runs the same command; the
-engine (:mod:`lookwhen.train`) splits the work."""
+engine (:mod:`lookwhen.training.engine`) splits the work."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from lookwhen.config import DEFAULT_PRESET, PRESETS, parse_overrides
+from lookwhen.models.config import DEFAULT_PRESET, PRESETS, parse_overrides
 
 
 class _Usage(ValueError):
@@ -33,7 +33,7 @@ def _key_values(items) -> Dict[str, object]:
 
 
 def _device(name: str) -> torch.device:
-    from lookwhen.cli import _device as checked
+    from lookwhen.cli.main import _device as checked
 
     device = checked(name)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -45,7 +45,7 @@ def _device(name: str) -> torch.device:
 
 def _model(args):
     from lookwhen import build_model
-    from lookwhen.checkpoint import load_checkpoint
+    from lookwhen.io.checkpoint import load_checkpoint
 
     if args.init:
         if args.set:
@@ -58,14 +58,14 @@ def _model(args):
 
 
 def _dataset(args, config, views: Optional[int] = None):
-    from lookwhen.data import Sampling, VideoDataset
+    from lookwhen.data.datasets import Sampling, VideoDataset
 
     sampling = Sampling(frames=config.frames, size=config.image_size, stride=args.stride)
     return VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed, views=views)
 
 
 def _teachers(args, device):
-    from lookwhen.teachers import ImageTeacher, Teachers, VideoTeacher
+    from lookwhen.training.teachers import ImageTeacher, Teachers, VideoTeacher
 
     if not args.image_teacher or not args.image_teacher_weights:
         raise _Usage("--image-teacher and --image-teacher-weights are needed (or --targets with cached targets)")
@@ -77,7 +77,7 @@ def _teachers(args, device):
 
 def _settings(args, device):
     """The loop's settings from the options :func:`_loop_options` adds."""
-    from lookwhen.train import TrainSettings
+    from lookwhen.training.engine import TrainSettings
 
     return TrainSettings(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
@@ -94,10 +94,10 @@ def _teacher_names(args):
 
 
 def cmd_pretrain(args) -> int:
-    from lookwhen.losses import LossWeights
-    from lookwhen.pretrain import PretrainTask
-    from lookwhen.teachers import TargetCache
-    from lookwhen.train import Trainer
+    from lookwhen.training.losses import LossWeights
+    from lookwhen.training.pretrain import PretrainTask
+    from lookwhen.training.teachers import TargetCache
+    from lookwhen.training.engine import Trainer
 
     device = _device(args.device)
     model = _model(args)
@@ -126,9 +126,9 @@ def cmd_pretrain(args) -> int:
 def cmd_cache_targets(args) -> int:
     from tqdm import tqdm
 
-    from lookwhen.data import SkipReport
-    from lookwhen.teachers import TeacherTargets, cache_fingerprint, cached_keys, write_cache
-    from lookwhen.video import VideoError
+    from lookwhen.data.datasets import SkipReport
+    from lookwhen.training.teachers import TeacherTargets, cache_fingerprint, cached_keys, write_cache
+    from lookwhen.data.video import VideoError
 
     device = _device(args.device)
     config = _model(args).config
@@ -171,8 +171,8 @@ def _finetune_model(args, num_classes: int):
     """The model to fine-tune: a preset (random), or a checkpoint's weights
     with its config given ``num_classes`` (a new head when they differ)."""
     from lookwhen import build_model
-    from lookwhen.checkpoint import load_checkpoint
-    from lookwhen.config import get_config
+    from lookwhen.io.checkpoint import load_checkpoint
+    from lookwhen.models.config import get_config
 
     overrides = parse_overrides(args.set) if args.set else {}
     overrides.setdefault("num_classes", num_classes)
@@ -194,10 +194,10 @@ def _finetune_model(args, num_classes: int):
 
 
 def cmd_finetune(args) -> int:
-    from lookwhen.checkpoint import load_checkpoint
-    from lookwhen.data import Sampling, VideoDataset
-    from lookwhen.finetune import FinetuneTask, sigma_decay_steps
-    from lookwhen.train import Trainer
+    from lookwhen.io.checkpoint import load_checkpoint
+    from lookwhen.data.datasets import Sampling, VideoDataset
+    from lookwhen.training.finetune import FinetuneTask, sigma_decay_steps
+    from lookwhen.training.engine import Trainer
 
     device = _device(args.device)
     probe = VideoDataset(args.data, root=args.root, check=False)
@@ -229,9 +229,9 @@ def cmd_evaluate(args) -> int:
 
     from tqdm import tqdm
 
-    from lookwhen.checkpoint import load_checkpoint
-    from lookwhen.data import VideoDataset
-    from lookwhen.evaluate import evaluate, format_evaluation, parse_views
+    from lookwhen.io.checkpoint import load_checkpoint
+    from lookwhen.data.datasets import VideoDataset
+    from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
 
     views = parse_views(args.views)
     device = _device(args.device)

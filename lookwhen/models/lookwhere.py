@@ -37,8 +37,8 @@ from typing import Dict, Mapping, Union
 
 import torch
 
-from lookwhen.baseline import LoadReport
-from lookwhen.model import LookWhen
+from lookwhen.models.baseline import LoadReport
+from lookwhen.models.lookwhen import LookWhen
 
 PRESET = "lookwhere-dinov2"
 # Their keys the forward never reads.
@@ -94,7 +94,7 @@ def _targets(key: str):
 def load_lookwhere_state_dict(model: LookWhen, checkpoint: Mapping, *, strict: bool = True) -> LoadReport:
     """Copy a checkpoint in the layout of ``lookwhere_dinov2.pt`` into
     ``model`` (built from ``lookwhere-dinov2``, possibly resized). Returns
-    the :class:`~lookwhen.baseline.LoadReport`: ``missing`` (our parameters
+    the :class:`~lookwhen.models.baseline.LoadReport`: ``missing`` (our parameters
     the file does not give; the temporal position factors are set to zero,
     not missing), ``unexpected`` (its keys with no place here) and
     ``skipped`` (its keys the authors' forward never reads). With

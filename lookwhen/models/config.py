@@ -17,7 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 KINDS = ("lookwhen", "dense")
-# Choices of the architecture options (the names lookwhen.layers checks too).
+# Choices of the architecture options (the names lookwhen.models.layers checks too).
 NORMS = ("layernorm", "rmsnorm")
 QK_NORMS = ("none", "width", "head")
 MLP_ACTS = ("gelu", "gelu_tanh")
@@ -75,7 +75,7 @@ class ModelConfig:
     # Dense baseline: heads of its attention-pooling head.
     pool_heads: int = 12
     # Architecture options (issue 12, fidelity), kept together. Block options
-    # of every trunk (lookwhen.layers.Block; the defaults are timm's plain
+    # of every trunk (lookwhen.models.layers.Block; the defaults are timm's plain
     # ViT): "layernorm" or "rmsnorm"; qkv bias; qk-norm "none", "width"
     # (InternVideo2) or "head" (timm); LayerScale initial value (0: none);
     # MLP activation "gelu" or "gelu_tanh". Dense baseline only: position
@@ -263,7 +263,7 @@ PRESETS: Dict[str, ModelConfig] = {
     "lookwhere-b16": ModelConfig(
         name="lookwhere-b16", selector_width=768, selector_heads=12, score_hidden=768
     ),
-    # LookWhere's released image model (lookwhen.lookwhere loads
+    # LookWhere's released image model (lookwhen.models.lookwhere loads
     # lookwhere_dinov2.pt): DINOv2-B/14 with 4 registers and LayerScale as
     # selector (3 blocks on the image resized to 154 px: 11 x 11 tokens, a
     # 4 x 4 logit head) and extractor (12 blocks at 518 px: 37 x 37), the

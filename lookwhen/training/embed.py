@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from lookwhen.data import collate_list
-from lookwhen.motion import motion_forward, motion_scores
-from lookwhen.video import VideoError, read_clip
+from lookwhen.data.datasets import collate_list
+from lookwhen.data.motion import motion_forward, motion_scores
+from lookwhen.data.video import VideoError, read_clip
 
 RUN_FILE = "run.json"
 
@@ -83,10 +83,10 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     its scores' softmax (at ``budget_temperature``); stored ids are then
     packed, with ``budgets``.
     ``selector="motion"`` selects by the decoder's motion vectors
-    (:func:`lookwhen.motion.motion_forward`); videos without them fail."""
+    (:func:`lookwhen.data.motion.motion_forward`); videos without them fail."""
     from safetensors.torch import save_file
 
-    from lookwhen.model import LookWhen
+    from lookwhen.models.lookwhen import LookWhen
 
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")

@@ -3,7 +3,7 @@
 LookWhen extractor and a dense baseline configured as a plain ViT
 (``pos_embed="separable"``, ``final_norm=True`` and the block options
 timm's ViT has; the ``internvideo2-b14`` preset itself loads InternVideo2's
-own checkpoints, :func:`lookwhen.baseline.load_internvideo2_state_dict`).
+own checkpoints, :func:`lookwhen.models.baseline.load_internvideo2_state_dict`).
 Nothing is ever downloaded.
 
 Key by key: ``patch_embed.proj.*``, ``blocks.<i>.*`` (``norm1``,

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen.losses import draw_budgets
-from lookwhen.model import LookWhen
-from lookwhen.train import Task
-from lookwhen.video import fit_clips
+from lookwhen.training.losses import draw_budgets
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.training.engine import Task
+from lookwhen.data.video import fit_clips
 
 SELECTIONS = ("selector", "random", "perturbed")
 

@@ -4,7 +4,7 @@ dense baseline.
 Parameter names follow timm's ``VisionTransformer`` (``norm1``, ``attn.qkv``,
 ``attn.q_norm``, ``attn.k_norm``, ``attn.proj``, ``ls1.gamma``, ``norm2``,
 ``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``, ``patch_embed.proj``) so a timm state
-dict maps onto them key for key (see :mod:`lookwhen.timm_weights`); the
+dict maps onto them key for key (see :mod:`lookwhen.models.timm_weights`); the
 block options (norm, qkv bias, qk-norm, LayerScale, MLP activation) cover
 timm's ViTs, DINOv2 and InternVideo2.
 A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.layers import Mlp, trunc_normal_
 
 import lookwhen_kernels as lk
-from lookwhen.config import MLP_ACTS, NORMS, QK_NORMS
+from lookwhen.models.config import MLP_ACTS, NORMS, QK_NORMS
 
 
 def compute_dtype(reference: torch.Tensor) -> torch.dtype:

@@ -28,7 +28,7 @@ sequence per clip). ``attention="sdpa"`` runs PyTorch's
 ``scaled_dot_product_attention`` on dense ``[B, L, D]`` batches instead.
 Other configs (``norm``, ``pos_embed="separable"``, ``final_norm``, ...)
 give plain-ViT variants, which is what timm image weights load into
-(:mod:`lookwhen.timm_weights`).
+(:mod:`lookwhen.models.timm_weights`).
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen.config import ModelConfig
-from lookwhen.layers import (
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.layers import (
     Block,
     PatchEmbed,
     SeparablePosEmbed,
@@ -299,7 +299,7 @@ def load_internvideo2(path, config="internvideo2-b14", *, strict: bool = True, *
     unwrapped): ``(model, report)``. The classifier is kept when
     ``num_classes`` (an override) matches the checkpoint's."""
     from lookwhen import build_model
-    from lookwhen.teachers import load_state_dict_file
+    from lookwhen.training.teachers import load_state_dict_file
 
     model = build_model(config, **overrides)
     report = load_internvideo2_state_dict(model, load_state_dict_file(path), strict=strict)

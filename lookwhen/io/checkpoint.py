@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lookwhen.config import ModelConfig
+from lookwhen.models.config import ModelConfig
 
 CONFIG_KEY = "lookwhen_config"
 

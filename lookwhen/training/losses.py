@@ -41,9 +41,9 @@ from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen_kernels.layout import packed_batch_ids
-from lookwhen.config import ModelConfig
-from lookwhen.model import LookWhenOutput
-from lookwhen.teachers import TeacherTargets
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.lookwhen import LookWhenOutput
+from lookwhen.training.teachers import TeacherTargets
 
 
 @dataclass(frozen=True)

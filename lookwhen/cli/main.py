@@ -1,5 +1,5 @@
 """The ``lookwhen`` command: ``embed``, ``show`` and ``info``; the training
-verbs ``pretrain`` and ``cache-targets`` live in :mod:`lookwhen.cli_train`.
+verbs ``pretrain`` and ``cache-targets`` live in :mod:`lookwhen.cli.train`.
 
 Every failure caused by the input (a bad argument, an unreadable video or
 checkpoint, an unwritable output) ends with one line on stderr and a non-zero
@@ -18,9 +18,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from lookwhen.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
-from lookwhen.cpu_inference import prepack_linears
-from lookwhen.motion import motion_forward, motion_scores
+from lookwhen.models.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
+from lookwhen.models.cpu_inference import prepack_linears
+from lookwhen.data.motion import motion_forward, motion_scores
 
 PROG = "lookwhen"
 EXIT_USAGE = 2
@@ -85,8 +85,8 @@ def _device(name: str) -> torch.device:
 def _model_config(args) -> ModelConfig:
     """The config of the model the command will run, without building it
     (so bad input is reported before the slow part)."""
-    from lookwhen.checkpoint import read_config
-    from lookwhen.config import get_config
+    from lookwhen.io.checkpoint import read_config
+    from lookwhen.models.config import get_config
 
     config = read_config(args.checkpoint) if args.checkpoint else get_config(args.preset)
     if config.kind == "dense" and args.keep_ratio is not None:
@@ -98,7 +98,7 @@ def _model_config(args) -> ModelConfig:
 
 def _load_model(args, device: torch.device) -> torch.nn.Module:
     from lookwhen import build_model
-    from lookwhen.checkpoint import load_checkpoint
+    from lookwhen.io.checkpoint import load_checkpoint
 
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, device)
@@ -125,7 +125,7 @@ def _check_output(path: str, suffixes) -> str:
 def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float], budget_mass: Optional[float] = None,
              budget_temperature: float = 1.0):
     """Embedding, and for LookWhen the selection, of a batch of clips."""
-    from lookwhen.model import LookWhen
+    from lookwhen.models.lookwhen import LookWhen
 
     with torch.inference_mode():
         if isinstance(model, LookWhen):
@@ -151,7 +151,7 @@ def _check_budget_mass(args, config: ModelConfig) -> None:
 def cmd_embed(args) -> int:
     from tqdm import tqdm
 
-    from lookwhen.video import iter_clip_batches
+    from lookwhen.data.video import iter_clip_batches
 
     if args.manifest:
         return _embed_manifest(args)
@@ -214,7 +214,7 @@ def cmd_embed(args) -> int:
 def _with_motion(batch, cfg: ModelConfig):
     """The batch's clips whose videos carry motion vectors, and their motion
     scores; the others join the batch's failures."""
-    from lookwhen.video import ClipBatch, VideoError
+    from lookwhen.data.video import ClipBatch, VideoError
 
     motions, kept, failures = [], [], list(batch.failures)
     for row, path in enumerate(batch.paths):
@@ -228,12 +228,12 @@ def _with_motion(batch, cfg: ModelConfig):
 
 
 def _embed_manifest(args) -> int:
-    """``embed --manifest``: shards under ``--out-dir`` (:mod:`lookwhen.embed`);
+    """``embed --manifest``: shards under ``--out-dir`` (:mod:`lookwhen.training.embed`);
     under torchrun each rank embeds its own shards."""
     from tqdm import tqdm
 
-    from lookwhen.data import read_manifest
-    from lookwhen.embed import embed_shards
+    from lookwhen.data.datasets import read_manifest
+    from lookwhen.training.embed import embed_shards
 
     if args.videos or args.out:
         raise CommandError("--manifest: give --out-dir, not VIDEO files or --out")
@@ -273,7 +273,7 @@ def selection_picture(clip: torch.Tensor, indices: torch.Tensor, scores: torch.T
     ``W = 2 * cols * S + GAP`` for ``S``-pixel frames."""
     from matplotlib import colormaps
 
-    from lookwhen.selector import frame_scores
+    from lookwhen.models.selector import frame_scores
     from lookwhen_kernels.reference import upsample_scores
 
     frames, height, width, _ = clip.shape
@@ -305,7 +305,7 @@ def selection_picture(clip: torch.Tensor, indices: torch.Tensor, scores: torch.T
 def cmd_show(args) -> int:
     from PIL import Image
 
-    from lookwhen.video import read_clip
+    from lookwhen.data.video import read_clip
 
     _check_output(args.out, (".png",))
     device = _device(args.device)
@@ -329,8 +329,8 @@ def _millions(module: torch.nn.Module) -> float:
 
 def cmd_info(args) -> int:
     from lookwhen import build_model
-    from lookwhen.flops import count_flops, gmacs
-    from lookwhen.model import LookWhen
+    from lookwhen.models.flops import count_flops, gmacs
+    from lookwhen.models.lookwhen import LookWhen
     from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
     generator = torch.Generator().manual_seed(0)
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         presets = list(PRESETS) if allow_dense else [n for n, c in PRESETS.items() if c.kind == "lookwhen"]
         group = p.add_mutually_exclusive_group()
         group.add_argument("--preset", default=DEFAULT_PRESET, choices=presets, help="model preset (random weights)")
-        group.add_argument("--checkpoint", help="a safetensors checkpoint saved by lookwhen.checkpoint")
+        group.add_argument("--checkpoint", help="a safetensors checkpoint saved by lookwhen.io.checkpoint")
         p.add_argument("--keep-ratio", type=keep_ratio_arg, default=None,
                        help="fraction of tokens the extractor keeps (default: the model's)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

@@ -18,10 +18,10 @@ from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen_kernels import reference
-from lookwhen.config import ModelConfig
-from lookwhen.extractor import Extractor
-from lookwhen.layers import check_clip, compute_dtype
-from lookwhen.selector import Selector, frame_scores
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.extractor import Extractor
+from lookwhen.models.layers import check_clip, compute_dtype
+from lookwhen.models.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops.topk_tokens import check_budgets, keep_ratio_to_k
 

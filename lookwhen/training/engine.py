@@ -48,8 +48,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lookwhen.checkpoint import save_checkpoint
-from lookwhen.data import SkipReport, collate
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.data.datasets import SkipReport, collate
 
 STATE_FILE = "train-state.pt"
 MODEL_FILE = "model.safetensors"

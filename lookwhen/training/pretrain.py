@@ -1,6 +1,6 @@
 """LookWhen pre-training: the selector learns to predict uniqueness, the
 extractor distils the teachers from the tokens the selector picks (see
-:mod:`lookwhen.losses`), each clip of a batch with its own token budget
+:mod:`lookwhen.training.losses`), each clip of a batch with its own token budget
 drawn from ``keep_range`` (the per-clip budgets path, packed varlen).
 
 ``train="selector"`` trains the selector's score path alone (the extractor
@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from lookwhen.losses import (
+from lookwhen.training.losses import (
     DistillHeads,
     LossWeights,
     draw_budgets,
@@ -23,9 +23,9 @@ from lookwhen.losses import (
     total_loss,
     uniqueness_target,
 )
-from lookwhen.model import LookWhen
-from lookwhen.teachers import TargetCache, Teachers
-from lookwhen.train import Task
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.training.teachers import TargetCache, Teachers
+from lookwhen.training.engine import Task
 
 TRAIN_PARTS = ("all", "selector")
 

@@ -24,9 +24,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen.baseline import DenseBaseline
-from lookwhen.layers import SeparablePosEmbed, check_clip, compute_dtype
-from lookwhen.model import _VarlenLayout
+from lookwhen.models.baseline import DenseBaseline
+from lookwhen.models.layers import SeparablePosEmbed, check_clip, compute_dtype
+from lookwhen.models.lookwhen import _VarlenLayout
 from lookwhen_kernels.layout import lengths_from_cu_seqlens
 
 # RLT's default: 0.1 on the scale of ImageNet-normalised pixels (its

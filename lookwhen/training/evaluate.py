@@ -18,10 +18,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lookwhen.data import collate_list
-from lookwhen.finetune import logits_of
-from lookwhen.model import LookWhen
-from lookwhen.video import VideoError, decode_frames, resize_short_side, sample_indices
+from lookwhen.data.datasets import collate_list
+from lookwhen.training.finetune import logits_of
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
 
 
 def parse_views(text: str) -> Tuple[int, int]:
@@ -110,7 +110,7 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
              device: torch.device = torch.device("cpu"), progress=None) -> Evaluation:
     """Top-1 / top-5 of ``model`` over ``(path, label)`` items; unreadable
     videos are left out and listed in ``failures``."""
-    from lookwhen.flops import count_flops
+    from lookwhen.models.flops import count_flops
 
     cfg = model.config
     if not cfg.num_classes:
