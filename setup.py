@@ -80,7 +80,7 @@ class CMakeBuild(build_ext):
               file=sys.stderr)
 
 
-MODEL = ["timm>=1.0", "safetensors>=0.4", "numpy>=1.24"]
+MODEL = ["timm>=1.0", "safetensors>=0.4", "numpy>=1.24", "einops>=0.7"]
 VIDEO = ["decord2>=3.0", "av>=12.0", "pillow>=9.0", "numpy>=1.24"]
 TRAIN = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7", "pytest-benchmark>=4.0"]

@@ -27,6 +27,7 @@ from .timing import Stats, noise, peak_memory, rotating, sample
 from lookwhen.models.config import ModelConfig
 from lookwhen_kernels.ops._common import set_cpu_backend
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOAT_BYTES = 2  # the roofline assumes fp16/bf16 tensors on the GPU
@@ -502,20 +503,17 @@ def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype:
 
 
 def add_arguments(parser) -> None:
-    from .__main__ import positive_float
-    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
-
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
                         help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")
-    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA, 8 with --quick)")
-    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, help="keep ratios (default: each config's)")
+    parser.add_argument("--batch", nargs="+", type=positive_int_arg, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA, 8 with --quick)")
+    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio_arg, help="keep ratios (default: each config's)")
     parser.add_argument("--kernels", nargs="+", default=[], metavar="WORD", help="only kernels containing a word")
-    parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="L",
+    parser.add_argument("--lengths", nargs="+", type=positive_int_arg, metavar="L",
                         help="also time varlen_attention over sequences of these lengths "
                              "(heads and head dim of the first --shapes model)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--min-run-time", type=positive_float, help="seconds per timing (default: 0.3, --quick 0.05)")
-    parser.add_argument("--rotate", type=positive_int, default=3, help="input sets cycled through (default: 3)")
+    parser.add_argument("--min-run-time", type=positive_float_arg, help="seconds per timing (default: 0.3, --quick 0.05)")
+    parser.add_argument("--rotate", type=positive_int_arg, default=3, help="input sets cycled through (default: 3)")
 
 
 def _time_all(timed: List[Timed], device, dtype, *, min_run_time: float, rotate: int, progress) -> None:

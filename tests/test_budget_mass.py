@@ -10,9 +10,10 @@ from lookwhen.data.video import read_clip
 from lookwhen import build_model
 from lookwhen.io.checkpoint import save_checkpoint
 from lookwhen.models.selector import frame_scores
-from test_cli import TINY, run
-from test_video import make_video
+from helpers import TINY as BASE, make_video, run
 
+
+TINY = dict(BASE, frames=4, depth=1, registers=4)
 
 pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 

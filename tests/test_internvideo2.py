@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lookwhen.models.layers import Block
 from lookwhen_kernels.testing import assert_within_reference_error
+from helpers import DENSE_TINY
 
 
 def _rms(x, norm):
@@ -101,7 +102,7 @@ def test_configs_refuse_bad_architecture_options(preset, bad, match):
 # InternVideo2-B --------------------------------------------------------------------------
 # A tiny InternVideo2 with the official model's proportions: 2 frames of 28 px
 # (2 x 2 x 2 tokens + CLS), 2 blocks 32 wide, 2 heads, a 4-head pooling head.
-IV2 = dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=4)
+IV2 = dict(DENSE_TINY, pool_heads=4)
 
 
 def official_state_dict(width=32, depth=2, frames=2, side=2, patch=14, classes=5, seed=0):
@@ -216,7 +217,7 @@ def test_preset_is_internvideo2_b14():
 
 
 def test_official_checkpoint_layout_loads_and_runs_like_internvideo2(tmp_path):
-    from lookwhen.models.baseline import load_internvideo2
+    from lookwhen.io.weights import load_internvideo2
 
     state = official_state_dict()
     path = tmp_path / "internvideo2_b14.pt"

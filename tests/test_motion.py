@@ -9,21 +9,7 @@ import torch
 from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
 from lookwhen.data.synthetic import synthetic_clip
 from lookwhen.data.video import VideoError, sample_indices
-
-
-def encode(path, clip, codec="libx264", options=None, pix_fmt="yuv420p"):
-    """uint8 ``[T, S, S, 3]`` -> a video file (H.264 with a real motion search
-    by default: ultrafast x264 leaves most moving blocks with zero vectors)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], pix_fmt
-        stream.options = {"crf": "18", "preset": "medium"} if options is None else options
-        for image in clip.numpy():
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+from helpers import encode
 
 
 def test_motion_selector_recalls_the_moving_object(tmp_path):
@@ -93,7 +79,7 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
 
     from lookwhen import build_model
     from lookwhen.io.checkpoint import save_checkpoint
-    from lookwhen.cli.main import main
+    from lookwhen.cli import main
     from lookwhen.training.embed import embed_shards, read_shards
     from lookwhen.data.video import read_clip
 

@@ -8,98 +8,69 @@ file, still writes the embeddings of the others, and exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
 from typing import List, Optional
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
-from lookwhen.models.config import BASELINE_PRESET, DEFAULT_PRESET, PRESETS, ModelConfig
+from lookwhen.cli import train as cli_train
+from lookwhen.cli.args import (
+    EXIT_USAGE,
+    CommandError,
+    Parser,
+    checked_device,
+    keep_ratio_arg,
+    positive_float_arg,
+    positive_int_arg,
+)
+from lookwhen.data.datasets import read_manifest
+from lookwhen.data.video import read_clip
+from lookwhen.io.checkpoint import load_checkpoint, read_config
+from lookwhen.models import build_model
+from lookwhen.models.config import DEFAULT_PRESET, PRESETS, ModelConfig, get_config
+from lookwhen.models.costs import cost_table
 from lookwhen.models.cpu_inference import prepack_linears
-from lookwhen.data.motion import motion_forward, motion_scores
+from lookwhen.models.picture import selection_picture
+from lookwhen.models.selection import Selection
+from lookwhen.training.distributed import local_device, rank_and_world
+from lookwhen.training.embed import (
+    FILE_SUFFIXES,
+    embed_batch,
+    embed_files,
+    embed_shards,
+    rank_share,
+    write_embeddings,
+)
 
 PROG = "lookwhen"
-EXIT_USAGE = 2
-# Brightness of the patches the extractor never sees, in `show`.
-DIM = 0.3
-# White columns between the frames and the heat-maps, in `show`.
-GAP = 8
 
 
-class CommandError(Exception):
-    """A problem with the user's input: reported as one line."""
+def _option(field: str) -> str:
+    """A Selection field as the option that sets it, in error messages."""
+    return {"motion": "--selector motion"}.get(field, "--" + field.replace("_", "-"))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _number_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def keep_ratio_arg(text: str) -> float:
-    value = _number_arg(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return value
-
-
-def positive_float_arg(text: str) -> float:
-    value = _number_arg(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
-    return value
-
-
-def positive_int_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise CommandError(f"--device: only cpu and cuda are supported, got {name!r}")
-    return device
+def _selection(args, config: ModelConfig) -> Selection:
+    """What the options ask the model to select, checked against the model
+    (a dense model keeps every token)."""
+    motion = getattr(args, "selector", "learned") == "motion"
+    selection = Selection(keep_ratio=args.keep_ratio, budget_mass=getattr(args, "budget_mass", None),
+                          budget_temperature=getattr(args, "budget_temperature", 1.0), motion=motion, spell=_option)
+    if config.kind == "dense" and selection.chooses:
+        given = [_option(f) for f in ("keep_ratio", "budget_mass", "motion") if getattr(selection, f) not in (None, False)]
+        raise CommandError(f"{', '.join(given)}: {config.name} is a dense model and keeps every token")
+    return selection
 
 
 def _model_config(args) -> ModelConfig:
     """The config of the model the command will run, without building it
     (so bad input is reported before the slow part)."""
-    from lookwhen.io.checkpoint import read_config
-    from lookwhen.models.config import get_config
-
-    config = read_config(args.checkpoint) if args.checkpoint else get_config(args.preset)
-    if config.kind == "dense" and args.keep_ratio is not None:
-        raise CommandError(f"--keep-ratio: {config.name} is a dense model and keeps every token")
-    if config.kind == "dense" and getattr(args, "selector", "learned") != "learned":
-        raise CommandError(f"--selector: {config.name} is a dense model and selects nothing")
-    return config
+    return read_config(args.checkpoint) if args.checkpoint else get_config(args.preset)
 
 
 def _load_model(args, device: torch.device) -> torch.nn.Module:
-    from lookwhen import build_model
-    from lookwhen.io.checkpoint import load_checkpoint
-
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, device)
     else:
@@ -122,137 +93,48 @@ def _check_output(path: str, suffixes) -> str:
     return suffix
 
 
-def _forward(model, clips: torch.Tensor, keep_ratio: Optional[float], budget_mass: Optional[float] = None,
-             budget_temperature: float = 1.0):
-    """Embedding, and for LookWhen the selection, of a batch of clips."""
-    from lookwhen.models.lookwhen import LookWhen
-
-    with torch.inference_mode():
-        if isinstance(model, LookWhen):
-            return model(clips, keep_ratio=keep_ratio, budget_mass=budget_mass,
-                         budget_temperature=budget_temperature)
-        return model(clips)
-
-
-def _check_budget_mass(args, config: ModelConfig) -> None:
-    if args.budget_mass is None:
-        if args.budget_temperature != 1.0:
-            raise CommandError("--budget-temperature: only with --budget-mass")
-        return
-    if config.kind == "dense":
-        raise CommandError(f"--budget-mass: {config.name} is a dense model and keeps every token")
-    if args.keep_ratio is not None:
-        raise CommandError("--budget-mass, --keep-ratio: give one way of choosing how many tokens, not both")
-    if args.selector == "motion":
-        raise CommandError("--budget-mass, --selector motion: budgets come from the learned selector's scores")
-
-
 # embed ----------------------------------------------------------------------
 def cmd_embed(args) -> int:
-    from tqdm import tqdm
-
-    from lookwhen.data.video import iter_clip_batches
-
     if args.manifest:
         return _embed_manifest(args)
     if not args.out:
         raise CommandError("--out: needed with VIDEO files (or use --manifest and --out-dir)")
-    suffix = _check_output(args.out, (".npy", ".safetensors"))
-    device = _device(args.device)
-    _check_budget_mass(args, _model_config(args))
+    _check_output(args.out, FILE_SUFFIXES)
+    device = checked_device(args.device)
+    selection = _selection(args, _model_config(args))
     model = _load_model(args, device)
-    cfg: ModelConfig = model.config
-    embeddings, indices, scores, budgets, done, failures = [], [], [], [], [], []
     # disable=None: a bar only on a terminal.
     quiet = True if len(args.videos) < 2 else None
     with tqdm(total=len(args.videos), unit="video", disable=quiet, file=sys.stderr) as bar:
-        for batch in iter_clip_batches(args.videos, args.batch_size, cfg.frames, cfg.image_size):
-            motions = None
-            if args.selector == "motion" and batch.clips is not None:
-                batch, motions = _with_motion(batch, cfg)
-            for path, message in batch.failures:
-                bar.write(f"{PROG} embed: skipped {message}", file=sys.stderr)
-            failures.extend(batch.failures)
-            if batch.clips is not None:
-                if motions is None:
-                    out = _forward(model, batch.clips.to(device), args.keep_ratio, args.budget_mass,
-                                   args.budget_temperature)
-                else:
-                    with torch.inference_mode():
-                        out = motion_forward(model, batch.clips.to(device), motions, args.keep_ratio)
-                if isinstance(out, torch.Tensor):
-                    embeddings.append(out.float().cpu())
-                else:
-                    embeddings.append(out.embedding.float().cpu())
-                    indices.append(out.indices.cpu())
-                    scores.append(out.scores.float().cpu())
-                    budgets.append(out.cu_seqlens.diff().cpu())
-                done.extend(batch.paths)
-            bar.update(len(batch.paths) + len(batch.failures))
+        embedded, done, failures = embed_files(
+            model, args.videos, selection=selection, batch_size=args.batch_size, device=device,
+            skipped=lambda path, message: bar.write(f"{PROG} embed: skipped {message}", file=sys.stderr),
+            progress=bar.update)
     if not done:
         raise CommandError(f"none of the {len(args.videos)} videos could be read; nothing written")
-    table = torch.cat(embeddings)
-    if suffix == ".npy":
-        np.save(args.out, table.numpy())
-    else:
-        from safetensors.torch import save_file
-
-        tensors = {"embeddings": table.contiguous()}
-        if indices:
-            tensors["indices"] = torch.cat(indices).contiguous()
-            tensors["scores"] = torch.cat(scores).contiguous()
-            if args.budget_mass is not None:
-                # Packed ids: each clip's count splits them.
-                tensors["budgets"] = torch.cat(budgets).contiguous()
-        metadata = {"videos": json.dumps(done), "failed": json.dumps([p for p, _ in failures]), "config": cfg.to_json()}
-        save_file(tensors, args.out, metadata=metadata)
-    print(f"wrote {len(done)} embeddings of size {table.shape[1]} to {args.out}"
+    write_embeddings(args.out, embedded, model.config, done, failures, budgets=args.budget_mass is not None)
+    print(f"wrote {len(done)} embeddings of size {model.config.width} to {args.out}"
           + (f" ({len(failures)} videos skipped)" if failures else ""))
     return 1 if failures else 0
 
 
-def _with_motion(batch, cfg: ModelConfig):
-    """The batch's clips whose videos carry motion vectors, and their motion
-    scores; the others join the batch's failures."""
-    from lookwhen.data.video import ClipBatch, VideoError
-
-    motions, kept, failures = [], [], list(batch.failures)
-    for row, path in enumerate(batch.paths):
-        try:
-            motions.append(motion_scores(path, cfg.grid))
-            kept.append(row)
-        except VideoError as error:
-            failures.append((error.path, str(error)))
-    clips = batch.clips[kept] if kept else None
-    return ClipBatch(clips, [batch.paths[row] for row in kept], failures), motions
-
-
 def _embed_manifest(args) -> int:
-    """``embed --manifest``: shards under ``--out-dir`` (:mod:`lookwhen.training.embed`);
-    under torchrun each rank embeds its own shards."""
-    from tqdm import tqdm
-
-    from lookwhen.data.datasets import read_manifest
-    from lookwhen.training.embed import embed_shards
-
+    """``embed --manifest``: shards under ``--out-dir``
+    (:mod:`lookwhen.training.embed`); under torchrun each rank embeds its
+    own shards."""
     if args.videos or args.out:
         raise CommandError("--manifest: give --out-dir, not VIDEO files or --out")
     if not args.out_dir:
         raise CommandError("--manifest needs --out-dir (the folder of shards)")
     paths = [path for path, _ in read_manifest(args.manifest, args.root, labels=False)]
-    device = _device(args.device)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    _check_budget_mass(args, _model_config(args))
+    device = local_device(checked_device(args.device))
+    rank, world = rank_and_world()
+    selection = _selection(args, _model_config(args))
     model = _load_model(args, device)
-    share = sum(len(paths[k * args.shard_size:(k + 1) * args.shard_size])
-                for k in range(rank, -(-len(paths) // args.shard_size), world))
+    share = rank_share(paths, args.shard_size, rank, world)
     with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
         summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
-                               workers=args.workers, keep_ratio=args.keep_ratio, budget_mass=args.budget_mass,
-                               budget_temperature=args.budget_temperature,
-                               with_selection=args.with_selection, selector=args.selector,
+                               workers=args.workers, selection=selection, with_selection=args.with_selection,
                                device=device, rank=rank, world=world, progress=bar.update,
                                log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
     print(f"rank {rank}: {summary['shards']} shards ({summary['shards_skipped']} already done), embedded "
@@ -263,58 +145,19 @@ def _embed_manifest(args) -> int:
 
 
 # show -----------------------------------------------------------------------
-def selection_picture(clip: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
-                      config: ModelConfig) -> np.ndarray:
-    """RGB picture (uint8 ``[H, W, 3]``): on the left the clip's frames in a
-    grid of ``cols = ceil(sqrt(T))`` columns, the selected patches at full
-    brightness and the rest dimmed; on the right, after ``GAP`` white
-    columns, the selector's scores (bilinearly upsampled to the extractor's
-    grid) as a heat-map in the same grid. ``H = rows * S``,
-    ``W = 2 * cols * S + GAP`` for ``S``-pixel frames."""
-    from matplotlib import colormaps
-
-    from lookwhen.models.selector import frame_scores
-    from lookwhen_kernels.reference import upsample_scores
-
-    frames, height, width, _ = clip.shape
-    _, grid_h, grid_w = config.grid
-    patch = config.patch_size
-    selected = torch.zeros(frames * grid_h * grid_w, dtype=torch.bool)
-    selected[indices.reshape(-1).long()] = True
-    keep = selected.view(frames, grid_h, grid_w).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
-    shaded = clip.float() * torch.where(keep, 1.0, DIM)[..., None]
-
-    per_frame = frame_scores(scores.float()[None], config)
-    fine = upsample_scores(per_frame, config.score_grid, config.grid).view(frames, grid_h, grid_w)
-    span = (fine.max() - fine.min()).clamp(min=1e-12)
-    level = ((fine - fine.min()) / span).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
-    heat = torch.from_numpy(colormaps["inferno"](level.numpy())[..., :3]).float() * 255
-
-    cols = math.ceil(math.sqrt(frames))
-    rows = math.ceil(frames / cols)
-    panel_w = cols * width
-    picture = np.full((rows * height, 2 * panel_w + GAP, 3), 255, dtype=np.uint8)
-    for t in range(frames):
-        top, left = (t // cols) * height, (t % cols) * width
-        picture[top: top + height, left: left + width] = shaded[t].round().byte().numpy()
-        left += panel_w + GAP
-        picture[top: top + height, left: left + width] = heat[t].round().byte().numpy()
-    return picture
-
-
 def cmd_show(args) -> int:
+    # PIL (the video extra) only to write the PNG.
     from PIL import Image
 
-    from lookwhen.data.video import read_clip
-
     _check_output(args.out, (".png",))
-    device = _device(args.device)
+    device = checked_device(args.device)
     cfg = _model_config(args)
     if cfg.kind != "lookwhen":
         raise CommandError(f"{cfg.name} is a dense model; it selects nothing to show")
+    selection = _selection(args, cfg)
     clip = read_clip(args.video, cfg.frames, cfg.image_size)
     model = _load_model(args, device)
-    out = _forward(model, clip[None].to(device), args.keep_ratio)
+    out = embed_batch(model, clip[None].to(device), selection)
     picture = selection_picture(clip, out.indices[0].cpu(), out.scores[0].cpu(), cfg)
     Image.fromarray(picture).save(args.out)
     kept = out.indices.shape[-1]
@@ -323,51 +166,23 @@ def cmd_show(args) -> int:
 
 
 # info -----------------------------------------------------------------------
-def _millions(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
-
-
 def cmd_info(args) -> int:
-    from lookwhen import build_model
-    from lookwhen.models.flops import count_flops, gmacs
-    from lookwhen.models.lookwhen import LookWhen
-    from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
-
-    generator = torch.Generator().manual_seed(0)
-    names = [args.preset] + ([BASELINE_PRESET] if args.preset != BASELINE_PRESET else [])
-    rows, flops = [], {}
-    for name in names:
-        model = build_model(name).eval()
-        cfg = model.config
-        clip = torch.randint(0, 256, (1, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8,
-                             generator=generator)
-        if isinstance(model, LookWhen):
-            ratio = cfg.keep_ratio if args.keep_ratio is None else args.keep_ratio
-            kept = keep_ratio_to_k(ratio, cfg.n_tokens)
-            flops[name] = count_flops(model, clip, keep_ratio=ratio)
-            params = (f"{_millions(model):.1f}M (selector {_millions(model.selector):.1f}M, "
-                      f"extractor {_millions(model.extractor):.1f}M)")
-            tokens = f"{cfg.n_tokens} (selector {cfg.n_selector_tokens})"
-            kept_text = f"{kept} ({ratio:g}) + {cfg.n_context} context"
-        else:
-            flops[name] = count_flops(model, clip)
-            params = f"{_millions(model):.1f}M"
-            tokens = f"{cfg.n_tokens} + CLS"
-            kept_text = "all"
-        rows.append((name, params, tokens, kept_text, f"{flops[name] / 1e9:.1f}", f"{gmacs(flops[name]):.1f}"))
+    rows = cost_table(args.preset, args.keep_ratio)
     header = ("model", "parameters", "tokens in", "tokens kept", "GFLOPs/clip", "GMACs/clip")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
+    cells = [(r.name, r.parameters, r.tokens_in, r.tokens_kept, f"{r.gflops:.1f}", f"{r.gmacs:.1f}") for r in rows]
+    widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
+    for row in [header] + cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    if len(names) == 2:
-        print(f"FLOPs ratio {BASELINE_PRESET} / {args.preset}: {flops[BASELINE_PRESET] / flops[args.preset]:.2f}x")
+    if len(rows) == 2:
+        model, baseline = rows
+        print(f"FLOPs ratio {baseline.name} / {model.name}: {baseline.flops / model.flops:.2f}x")
     return 0
 
 
 # entry point ------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="LookWhen video embeddings: select tokens, then compute only those.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="LookWhen video embeddings: select tokens, then compute only those.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def model_options(p, allow_dense=True):
         presets = list(PRESETS) if allow_dense else [n for n, c in PRESETS.items() if c.kind == "lookwhen"]
@@ -377,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--keep-ratio", type=keep_ratio_arg, default=None,
                        help="fraction of tokens the extractor keeps (default: the model's)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-
     embed = sub.add_parser("embed", help="write video embeddings (.npy, or .safetensors with the selection); "
                                          "--manifest: a collection of any size, in resumable shards")
     embed.add_argument("videos", nargs="*", metavar="VIDEO")
@@ -412,9 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--keep-ratio", type=keep_ratio_arg, default=None)
     info.set_defaults(func=cmd_info)
 
-    from lookwhen import cli_train
-
-    cli_train.add_parsers(sub, positive_int_arg, keep_ratio_arg)
+    cli_train.add_parsers(sub)
     return parser
 
 

@@ -3,72 +3,77 @@
 engine (:mod:`lookwhen.training.engine`) splits the work."""
 from __future__ import annotations
 
-import ast
+import json
 import os
 import sys
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
+from tqdm import tqdm
 
-from lookwhen.models.config import DEFAULT_PRESET, PRESETS, parse_overrides
+from lookwhen.cli.args import (
+    CommandError,
+    checked_device,
+    keep_ratio_arg,
+    parse_key_values,
+    parse_overrides,
+    positive_int_arg,
+)
+from lookwhen.data.datasets import Sampling, SkipReport, VideoDataset
+from lookwhen.io.checkpoint import load_checkpoint
+from lookwhen.models import build_model
+from lookwhen.models.config import DEFAULT_PRESET, PRESETS
+from lookwhen.training.distributed import is_main_process, local_device
+from lookwhen.training.engine import Trainer, TrainSettings
+from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
+from lookwhen.training.finetune import FinetuneTask, finetune_model, sigma_decay_steps
+from lookwhen.training.losses import LossWeights
+from lookwhen.training.pretrain import PretrainTask
+from lookwhen.training.targets import TargetCache, cache_fingerprint, cached_keys, teacher_targets, write_cache
+from lookwhen.training.teachers import ImageTeacher, Teachers, VideoTeacher
 
 
-class _Usage(ValueError):
-    pass
-
-
-def _key_values(items) -> Dict[str, object]:
-    """``KEY=VALUE`` items with Python literals as values (``depth=4``,
-    ``dynamic_img_size=True``); anything else stays a string."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise _Usage(f"{item!r}: expected KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+def _key_values(items):
+    try:
+        return parse_key_values(items)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _device(name: str) -> torch.device:
-    from lookwhen.cli.main import _device as checked
-
-    device = checked(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device = local_device(checked_device(name))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
 
-def _model(args):
-    from lookwhen import build_model
-    from lookwhen.io.checkpoint import load_checkpoint
+def _overrides(args):
+    try:
+        return parse_overrides(args.set)
+    except ValueError as error:
+        raise CommandError(f"--set: {error}") from None
 
+
+def _model(args):
     if args.init:
         if args.set:
-            raise _Usage("--set: the model comes from --init; its config cannot be changed")
+            raise CommandError("--set: the model comes from --init; its config cannot be changed")
         return load_checkpoint(args.init)
+    overrides = _overrides(args)
     try:
-        return build_model(args.preset, **parse_overrides(args.set))
+        return build_model(args.preset, **overrides)
     except ValueError as error:
-        raise _Usage(f"--set: {error}") from None
+        raise CommandError(f"--set: {error}") from None
 
 
 def _dataset(args, config, views: Optional[int] = None):
-    from lookwhen.data.datasets import Sampling, VideoDataset
-
     sampling = Sampling(frames=config.frames, size=config.image_size, stride=args.stride)
     return VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed, views=views)
 
 
 def _teachers(args, device):
-    from lookwhen.training.teachers import ImageTeacher, Teachers, VideoTeacher
-
     if not args.image_teacher or not args.image_teacher_weights:
-        raise _Usage("--image-teacher and --image-teacher-weights are needed (or --targets with cached targets)")
+        raise CommandError("--image-teacher and --image-teacher-weights are needed (or --targets with cached targets)")
     image = ImageTeacher(args.image_teacher, args.image_teacher_weights, image_size=args.image_teacher_size,
                          **_key_values(args.image_teacher_arg))
     video = VideoTeacher.from_checkpoint(args.video_teacher) if args.video_teacher else None
@@ -77,8 +82,6 @@ def _teachers(args, device):
 
 def _settings(args, device):
     """The loop's settings from the options :func:`_loop_options` adds."""
-    from lookwhen.training.engine import TrainSettings
-
     return TrainSettings(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -94,16 +97,11 @@ def _teacher_names(args):
 
 
 def cmd_pretrain(args) -> int:
-    from lookwhen.training.losses import LossWeights
-    from lookwhen.training.pretrain import PretrainTask
-    from lookwhen.training.teachers import TargetCache
-    from lookwhen.training.engine import Trainer
-
     device = _device(args.device)
     model = _model(args)
     config = model.config
     if config.kind != "lookwhen":
-        raise _Usage(f"{config.name} is a dense model; pretrain trains LookWhen models")
+        raise CommandError(f"{config.name} is a dense model; pretrain trains LookWhen models")
     weights = LossWeights(**{**_key_values(args.loss_weight), "temperature": args.temperature})
     settings = _settings(args, device)
     dataset = _dataset(args, config)
@@ -116,7 +114,7 @@ def cmd_pretrain(args) -> int:
                             keep_range=tuple(args.keep_range), train=args.train)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         final = os.path.join(args.out, "model.safetensors")
         print(f"trained {config.name} for {settings.steps} steps (final loss {last.get('loss', float('nan')):.4g}); "
               f"model in {final}, log in {os.path.join(args.out, 'log.jsonl')}")
@@ -124,12 +122,6 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_cache_targets(args) -> int:
-    from tqdm import tqdm
-
-    from lookwhen.data.datasets import SkipReport
-    from lookwhen.training.teachers import TeacherTargets, cache_fingerprint, cached_keys, write_cache
-    from lookwhen.data.video import VideoError
-
     device = _device(args.device)
     config = _model(args).config
     dataset = _dataset(args, config, args.views)
@@ -140,25 +132,14 @@ def cmd_cache_targets(args) -> int:
     skips = SkipReport(lambda line: tqdm.write(line, file=sys.stderr))
     bar = tqdm(total=len(todo), unit="clip", file=sys.stderr, disable=None)
 
-    def entries():
-        for start in range(0, len(todo), args.batch_size):
-            chunk, clips = [], []
-            for index, view in todo[start: start + args.batch_size]:
-                try:
-                    clips.append(dataset.clip(index, view))
-                    chunk.append((index, view))
-                except VideoError as error:
-                    skips.add([(error.path, error.reason)])
-                    bar.update(1)
-            if not clips:
-                continue
-            targets = teachers(torch.stack(clips).to(device), config.grid[1:])
-            for b, (index, view) in enumerate(chunk):
-                video = None if targets.video is None else targets.video[b]
-                yield index, view, TeacherTargets(targets.patches[b], targets.frames[b], video)
+    def skipped(path, reason):
+        skips.add([(path, reason)])
+        bar.update(1)
 
+    entries = teacher_targets(teachers, todo, dataset.clip, config.grid[1:], batch_size=args.batch_size,
+                              device=device, skipped=skipped)
     try:
-        count = write_cache(args.out, entries(), fingerprint, args.views, shard_size=args.shard_size,
+        count = write_cache(args.out, entries, fingerprint, args.views, shard_size=args.shard_size,
                             progress=bar.update)
     finally:
         bar.close()
@@ -167,42 +148,17 @@ def cmd_cache_targets(args) -> int:
     return 0
 
 
-def _finetune_model(args, num_classes: int):
-    """The model to fine-tune: a preset (random), or a checkpoint's weights
-    with its config given ``num_classes`` (a new head when they differ)."""
-    from lookwhen import build_model
-    from lookwhen.io.checkpoint import load_checkpoint
-    from lookwhen.models.config import get_config
-
-    overrides = parse_overrides(args.set) if args.set else {}
-    overrides.setdefault("num_classes", num_classes)
-    if not args.init:
-        try:
-            return build_model(args.preset, **overrides)
-        except ValueError as error:
-            raise _Usage(f"--set: {error}") from None
-    source = load_checkpoint(args.init)
-    model = build_model(get_config(source.config, **overrides))
-    state = {k: v for k, v in source.state_dict().items() if not k.endswith(("head.weight", "head.bias"))
-             or model.state_dict()[k].shape == v.shape}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    new = [k for k in missing if not k.endswith(("head.weight", "head.bias"))]
-    if new or unexpected:
-        raise _Usage(f"--init {args.init}: its weights do not fit the fine-tuning config "
-                     f"(missing {new[:3]}, unexpected {unexpected[:3]})")
-    return model
-
-
 def cmd_finetune(args) -> int:
-    from lookwhen.io.checkpoint import load_checkpoint
-    from lookwhen.data.datasets import Sampling, VideoDataset
-    from lookwhen.training.finetune import FinetuneTask, sigma_decay_steps
-    from lookwhen.training.engine import Trainer
-
     device = _device(args.device)
     probe = VideoDataset(args.data, root=args.root, check=False)
     num_classes = args.num_classes or max(label for _, label in probe.items) + 1
-    model = _finetune_model(args, num_classes)
+    overrides = _overrides(args)
+    try:
+        model = finetune_model(num_classes, preset=args.preset, init=args.init, overrides=overrides)
+    except ValueError as error:
+        if args.init:
+            raise  # the message names the checkpoint
+        raise CommandError(f"--set: {error}") from None
     config = model.config
     teacher = load_checkpoint(args.distill_from, device) if args.distill_from else None
     size = max(config.image_size, teacher.config.image_size if teacher is not None else 0)
@@ -218,27 +174,19 @@ def cmd_finetune(args) -> int:
     settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"fine-tuned {config.name} ({num_classes} classes) for {settings.steps} steps (final loss "
               f"{last.get('loss', float('nan')):.4g}); model in {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
-    from tqdm import tqdm
-
-    from lookwhen.io.checkpoint import load_checkpoint
-    from lookwhen.data.datasets import VideoDataset
-    from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
-
     views = parse_views(args.views)
     device = _device(args.device)
     dataset = VideoDataset(args.data, root=args.root, check=False)
     model = load_checkpoint(args.checkpoint, device)
     if args.keep_ratio is not None and model.config.kind != "lookwhen":
-        raise _Usage(f"--keep-ratio: {model.config.name} is a dense model and keeps every token")
+        raise CommandError(f"--keep-ratio: {model.config.name} is a dense model and keeps every token")
     with tqdm(total=len(dataset), unit="video", file=sys.stderr, disable=None) as bar:
         result = evaluate(model, dataset.items, views=views, keep_ratio=args.keep_ratio,
                           batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update)
@@ -275,7 +223,8 @@ def _teacher_options(p) -> None:
                    "(internvideo2_base_patch14_224, built as the internvideo2-b14 preset) or a lookwhen checkpoint")
 
 
-def _loop_options(p, positive_int) -> None:
+def _loop_options(p) -> None:
+    positive_int = positive_int_arg
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, run.json, model.safetensors")
     p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps")
     p.add_argument("--batch-size", type=positive_int, default=8, help="clips per optimiser step, over all ranks")
@@ -292,13 +241,14 @@ def _loop_options(p, positive_int) -> None:
     p.add_argument("--plot", help="draw the loss curves to this PNG at the end")
 
 
-def add_parsers(sub, positive_int, keep_ratio) -> None:
+def add_parsers(sub) -> None:
+    positive_int, keep_ratio = positive_int_arg, keep_ratio_arg
     pre = sub.add_parser("pretrain", help="pre-train LookWhen: uniqueness for the selector, distillation for the "
                                           "extractor")
     _data_options(pre)
     _teacher_options(pre)
     pre.add_argument("--targets", help="a folder of cached teacher targets (lookwhen cache-targets) instead of teachers")
-    _loop_options(pre, positive_int)
+    _loop_options(pre)
     pre.add_argument("--keep-range", type=keep_ratio, nargs=2, default=[0.05, 0.3], metavar=("LOW", "HIGH"),
                      help="per-clip keep ratio drawn uniformly from this range every step")
     pre.add_argument("--train", choices=("all", "selector"), default="all",
@@ -310,7 +260,7 @@ def add_parsers(sub, positive_int, keep_ratio) -> None:
 
     fine = sub.add_parser("finetune", help="fine-tune a classifier on the embedding (or a linear probe)")
     _data_options(fine)
-    _loop_options(fine, positive_int)
+    _loop_options(fine)
     fine.add_argument("--num-classes", type=positive_int, help="default: the dataset's (largest label + 1)")
     choice = fine.add_mutually_exclusive_group()
     choice.add_argument("--keep-ratio", type=keep_ratio, help="LookWhen: tokens kept (default: the model's)")

@@ -55,6 +55,8 @@ class MotionScores:
 
 
 def _open(path_or_reader):
+    # PyAV (the video extra) only where motion vectors are read: the embedding
+    # loops and the benchmark import this module without it.
     import av
 
     if not isinstance(path_or_reader, (str, os.PathLike)):
@@ -105,7 +107,7 @@ def motion_scores(path_or_reader, grid: Sequence[int]) -> MotionScores:
     Raises :class:`lookwhen.data.video.VideoError` for a file that cannot be
     decoded, and for one whose codec carries no motion vectors (intra-only
     codecs such as MJPEG, or a video of I-frames only)."""
-    import av
+    import av  # the video extra, as in _open
 
     if len(grid) != 3 or not all(isinstance(g, int) and g >= 1 for g in grid):
         raise ValueError(f"grid: expected three positive ints (T, h, w), got {grid!r}")

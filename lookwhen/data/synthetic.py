@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+import lookwhen_kernels as lk
+
 DIRECTIONS = ("right", "left", "down", "up")
 # The strongest channel of the moving objects' colour.
 COLOURS = ("red", "green", "blue")
@@ -149,16 +151,13 @@ def synthetic_clip(
     return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask), colour)
 
 
-def synthetic_batch(generator: np.random.Generator, batch: int, **kwargs) -> List[SyntheticClip]:
-    return [synthetic_clip(generator, **kwargs) for _ in range(batch)]
-
-
 def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafast") -> str:
     """Encode uint8 ``[T, H, W, 3]`` as H.264 at near-lossless quality
     (needs PyAV: ``pip install av``). x264's ``preset`` sets how hard it
     searches for motion: ``ultrafast`` leaves most moving blocks without a
     vector, ``medium`` (x264's default) finds them, for
     :mod:`lookwhen.data.motion`."""
+    # PyAV (the video extra) only to encode files; clips as tensors need none.
     import av
 
     frames, height, width, _ = clip.shape
@@ -233,8 +232,6 @@ def selector_recall(model, samples: Sequence[SyntheticClip], batch_size: int = 8
     selector's own token grid: per clip, K is the number of selector tokens
     the objects touch, and the recall is the fraction of them among the K
     best-scored tokens (chance: K / n)."""
-    import lookwhen_kernels as lk
-
     cfg = model.config
     window = cfg.patch_size * cfg.selector_downsample
     device = next(model.parameters()).device

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lookwhen.models import build_model
 from lookwhen.models.config import ModelConfig
 
 CONFIG_KEY = "lookwhen_config"
@@ -44,8 +45,6 @@ def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
 
 def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """Rebuild the model saved by :func:`save_checkpoint`, weights included."""
-    from lookwhen import build_model
-
     config = read_config(path)
     model = build_model(config)
     tensors = load_file(os.fspath(path))

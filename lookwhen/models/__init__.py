@@ -13,18 +13,6 @@ from lookwhen.models.cpu_inference import prepack_linears
 from lookwhen.models.flops import count_flops
 from lookwhen.models.lookwhen import LookWhen, LookWhenOutput
 
-__all__ = [
-    "PRESETS",
-    "ModelConfig",
-    "get_config",
-    "build_model",
-    "LookWhen",
-    "LookWhenOutput",
-    "DenseBaseline",
-    "count_flops",
-    "prepack_linears",
-]
-
 
 def build_model(name_or_config: Union[str, ModelConfig] = "lookwhen-b16", **overrides) -> torch.nn.Module:
     """A randomly initialised ``LookWhen`` or ``DenseBaseline``. The weights

@@ -16,7 +16,8 @@ to that embedding by the caller. Random initialisation is theirs too: CLS
 ``trunc_normal(0.02)``, output projections shrunk with depth.
 
 Parameter names are theirs, so their checkpoints load key for key
-(:func:`load_internvideo2_state_dict`); only the patch projection differs in
+(:func:`load_internvideo2_state_dict`; from a file,
+:func:`lookwhen.io.weights.load_internvideo2`); only the patch projection differs in
 shape (their ``Conv3d`` with a one-frame kernel is our ``Conv2d``).
 
 Attention runs through ``lookwhen_kernels.varlen_attention`` by default
@@ -38,6 +39,7 @@ from typing import List, Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -126,7 +128,7 @@ class AttentionPool(nn.Module):
         if cu_seqlens is None:
             batch, length, dim = x.shape
             q, k, v = self._project(x.mean(1, keepdim=True), x)
-            q, k, v = (t.view(batch, -1, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v)
             return self.cross_attn.proj(out.reshape(batch, dim))
         total, dim = x.shape
@@ -184,12 +186,12 @@ class DenseBaseline(nn.Module):
         added. A subset of its rows, packed, is what :meth:`forward_packed`
         takes."""
         check_clip(clip, self.config)
-        batch, frames, height, width, _ = clip.shape
-        frames_chw = clip.permute(0, 1, 4, 2, 3).reshape(batch * frames, 3, height, width)
+        batch = clip.shape[0]
+        frames_chw = rearrange(clip, "b t h w c -> (b t) c h w")
         pixels = torch.addcmul(self.pixel_shift, frames_chw.to(self.pixel_scale.dtype), self.pixel_scale)
         patches = self.patch_embed.proj(pixels)
         dtype = compute_dtype(self.cls_token)
-        x = patches.flatten(2).transpose(1, 2).reshape(batch, -1, self.config.width).to(dtype)
+        x = rearrange(patches, "(b t) d h w -> b (t h w) d", b=batch).to(dtype)
         cls = self.cls_token.to(dtype).expand(batch, -1, -1)
         if isinstance(self.pos_embed, SeparablePosEmbed):
             return torch.cat([cls, x + self.pos_embed.table().to(dtype)], dim=1)
@@ -291,17 +293,4 @@ def load_internvideo2_state_dict(model: DenseBaseline, state_dict: Mapping[str, 
                          f"unexpected keys {report.unexpected[:8]}")
     model.load_state_dict({k: v for k, v in theirs.items() if k in ours}, strict=False)
     return report
-
-
-def load_internvideo2(path, config="internvideo2-b14", *, strict: bool = True, **overrides):
-    """An InternVideo2 model from an official checkpoint file (safetensors or
-    torch state dict; ``{"model": ...}`` and ``module.`` wrappers are
-    unwrapped): ``(model, report)``. The classifier is kept when
-    ``num_classes`` (an override) matches the checkpoint's."""
-    from lookwhen import build_model
-    from lookwhen.training.teachers import load_state_dict_file
-
-    model = build_model(config, **overrides)
-    report = load_internvideo2_state_dict(model, load_state_dict_file(path), strict=strict)
-    return model, report
 

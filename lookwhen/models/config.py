@@ -306,7 +306,13 @@ def get_config(name_or_config: Union[str, ModelConfig] = DEFAULT_PRESET, **overr
 _KIND = {bool: "true or false", int: "an integer", float: "a number", tuple: "numbers separated by /", str: "a string"}
 
 
-def _coerce(key: str, text: str, current):
+def coerce_field(key: str, text: str):
+    """The value of config field ``key`` written as ``text`` on a command
+    line (``true``, ``4``, ``0.5``, ``0.5/0.5/0.5``), typed as the field."""
+    defaults = dataclasses.asdict(PRESETS[DEFAULT_PRESET])
+    if key not in defaults or key == "name":
+        raise ValueError(f"{key!r}: not a config field (choose from {', '.join(k for k in defaults if k != 'name')})")
+    current = defaults[key]
     try:
         if isinstance(current, bool):
             if text.lower() not in ("true", "false", "1", "0"):
@@ -317,19 +323,3 @@ def _coerce(key: str, text: str, current):
         return type(current)(text)
     except ValueError:
         raise ValueError(f"{key}={text}: expected {_KIND[type(current)]}") from None
-
-
-def parse_overrides(items) -> Dict[str, object]:
-    """``["depth=2", "frames=4"]`` (command-line ``KEY=VALUE`` items) ->
-    typed config overrides."""
-    defaults = dataclasses.asdict(PRESETS[DEFAULT_PRESET])
-    out: Dict[str, object] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r}: expected KEY=VALUE")
-        if key not in defaults or key == "name":
-            raise ValueError(f"{key!r}: not a config field (choose from {', '.join(k for k in defaults if k != 'name')})")
-        out[key] = _coerce(key, value, defaults[key])
-    return out
-

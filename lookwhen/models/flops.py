@@ -43,3 +43,4 @@ def gmacs(flops: float) -> float:
     """GMACs (billions of multiply-adds, the papers' unit) of a FLOP count
     from :func:`count_flops`, which counts each multiply-add as two FLOPs."""
     return flops / 2e9
+

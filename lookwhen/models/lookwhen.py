@@ -21,6 +21,7 @@ from lookwhen_kernels import reference
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.extractor import Extractor
 from lookwhen.models.layers import check_clip, compute_dtype
+from lookwhen.models.selection import Selection, selection_of
 from lookwhen.models.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
 from lookwhen_kernels.ops.topk_tokens import check_budgets, keep_ratio_to_k
@@ -75,6 +76,7 @@ class LookWhen(nn.Module):
         sigma: Optional[float] = None,
         n_samples: int = 500,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
+        selection: Optional[Selection] = None,
     ) -> LookWhenOutput:
         """``clip uint8 [B, T, H, W, 3]``. Keep ``keep_ratio`` of the
         extractor's tokens in every clip (default: the config's), or
@@ -93,7 +95,9 @@ class LookWhen(nn.Module):
         ``indices`` are then the hard top-K of the same scores.
         ``stage_timer(name)`` returns a context
         manager wrapped around the stages "selection", "selector" and
-        "extractor".
+        "extractor". ``selection``: the same choice as one
+        :class:`~lookwhen.models.selection.Selection` (instead of the keyword
+        arguments).
 
         Host syncs: at a keep ratio the forward reads nothing back from the
         device. With budgets it reads them once (none when they are given
@@ -101,19 +105,17 @@ class LookWhen(nn.Module):
         transfer), checks them here and sizes every buffer from that copy.
         An external ``indices`` is checked here too (one read of its range)."""
         check_clip(clip, self.config)
-        given = [name for name, value in (("keep_ratio", keep_ratio), ("budgets", budgets), ("indices", indices),
-                                          ("budget_mass", budget_mass)) if value is not None]
-        if len(given) > 1:
-            names = ", ".join(given[:-1]) + " and " + given[-1]
-            raise ValueError(f"{names}: give one way of choosing tokens, not both")
+        selection = selection_of(selection, keep_ratio=keep_ratio, budgets=budgets, indices=indices,
+                                 run_selector=run_selector, budget_mass=budget_mass,
+                                 budget_temperature=budget_temperature, sigma=sigma, n_samples=n_samples)
+        if selection.motion:
+            raise ValueError("motion: the decoder's motion vectors choose the tokens outside the model "
+                             "(lookwhen.data.motion.motion_forward)")
+        keep_ratio, budgets, indices = selection.keep_ratio, selection.budgets, selection.indices
+        budget_mass, budget_temperature = selection.budget_mass, selection.budget_temperature
+        sigma, n_samples, run_selector = selection.sigma, selection.n_samples, selection.run_selector
         if indices is not None:
             _check_selection(indices, clip.shape[0], self.config.n_tokens)
-        elif not run_selector:
-            raise ValueError("run_selector: False needs a selection made outside the model (indices)")
-        if budget_temperature != 1.0 and budget_mass is None:
-            raise ValueError("budget_temperature: only with budget_mass")
-        if sigma is not None and (budgets is not None or indices is not None or budget_mass is not None):
-            raise ValueError("sigma: the perturbed top-K keeps a fixed ratio of tokens (no budgets or indices)")
         timer = stage_timer or _no_timer
         cfg = self.config
         batch = clip.shape[0]
@@ -159,9 +161,9 @@ class LookWhen(nn.Module):
             if self.extractor.cls_token is not None:
                 prefix = torch.cat([self.extractor.cls_token.to(dtype).expand(batch, -1, -1), prefix], 1)
             if tokens_cu is None:
-                layout = _FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
+                layout = FixedLayout(batch, prefix.shape[1], indices.shape[1], clip.device)
             else:
-                layout = _VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], longest)
+                layout = VarlenLayout.build(tokens_cu, prefix.shape[1], tokens.shape[0], longest)
             x = layout.pack(prefix, tokens)
         with timer("extractor"):
             x = self.extractor(x, layout.seq_cu, layout.max_seqlen)
@@ -254,7 +256,7 @@ def _checked_budgets(budgets, batch: int, n_tokens: int, device: torch.device):
 
 
 @dataclass
-class _FixedLayout:
+class FixedLayout:
     """Every clip keeps K tokens: the packed sequences are a plain
     ``[B, P + K, D]`` concatenation, offsets are multiples of ``P + K``."""
 
@@ -287,7 +289,7 @@ class _FixedLayout:
 
 
 @dataclass
-class _VarlenLayout:
+class VarlenLayout:
     """Per-clip budgets: each clip's ``P`` prefix rows go in front of its
     tokens, so offsets shift by ``P`` per clip; all index arithmetic stays on
     the device (only the longest budget is read on the host)."""

@@ -32,8 +32,7 @@ which is not reproduced: a table that does not fit the config is refused.
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping
 
 import torch
 
@@ -132,13 +131,3 @@ def load_lookwhere_state_dict(model: LookWhen, checkpoint: Mapping, *, strict: b
     model.load_state_dict(new, strict=False)
     return report
 
-
-def load_lookwhere(path: Union[str, os.PathLike], *, strict: bool = True, **overrides):
-    """LookWhere's released model from ``lookwhere_dinov2.pt`` (a
-    ``torch.save`` file, read with ``weights_only=True``): ``(model,
-    report)``. ``overrides`` resize the preset (``keep_ratio``, ...)."""
-    from lookwhen import build_model
-
-    model = build_model(PRESET, **overrides)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return model, load_lookwhere_state_dict(model, checkpoint, strict=strict)

@@ -26,7 +26,7 @@ from torch import nn
 import lookwhen_kernels as lk
 from lookwhen.models.baseline import DenseBaseline
 from lookwhen.models.layers import SeparablePosEmbed, check_clip, compute_dtype
-from lookwhen.models.lookwhen import _VarlenLayout
+from lookwhen.models.lookwhen import VarlenLayout
 from lookwhen_kernels.layout import lengths_from_cu_seqlens
 
 # RLT's default: 0.1 on the scale of ImageNet-normalised pixels (its
@@ -100,7 +100,7 @@ class RLTDense(nn.Module):
         ``[B, D]``."""
         base = self.baseline
         batch = cu_seqlens.numel() - 1
-        layout = _VarlenLayout.build(cu_seqlens, 1, tokens.shape[0], longest)
+        layout = VarlenLayout.build(cu_seqlens, 1, tokens.shape[0], longest)
         cls = base.cls_token.to(tokens.dtype)
         cls_position = self._positions(tokens.dtype)[0]
         if cls_position is not None:

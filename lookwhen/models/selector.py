@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import lookwhen_kernels as lk
@@ -127,14 +128,14 @@ class Selector(nn.Module):
         then the selector's) instead of reading pixels in the op."""
         cfg = self.config
         proj = self.patch_embed.proj
-        batch, frames = clip.shape[:2]
+        batch = clip.shape[0]
         mean = torch.tensor(cfg.mean, device=clip.device, dtype=torch.float32)
         std = torch.tensor(cfg.std, device=clip.device, dtype=torch.float32)
-        pixels = ((clip.float() / 255 - mean) / std).flatten(0, 1).permute(0, 3, 1, 2)
+        pixels = rearrange((clip.float() / 255 - mean) / std, "b t h w c -> (b t) c h w")
         size = cfg.selector_image_size
         small = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
         tokens = F.conv2d(small.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), stride=cfg.patch_size)
-        tokens = tokens.flatten(2).transpose(1, 2).reshape(batch, -1, tokens.shape[1])
+        tokens = rearrange(tokens, "(b t) d h w -> b (t h w) d", b=batch)
         return (tokens + self.pos_embed.table().to(dtype)).flatten(0, 1)
 
     def encode(self, tokens: torch.Tensor):

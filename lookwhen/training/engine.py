@@ -47,9 +47,12 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
-from lookwhen.io.checkpoint import save_checkpoint
 from lookwhen.data.datasets import SkipReport, collate
+from lookwhen.io.atomic import atomic_folder, write_json, write_text
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.training.distributed import Distributed
 
 STATE_FILE = "train-state.pt"
 MODEL_FILE = "model.safetensors"
@@ -128,32 +131,6 @@ class Task(abc.ABC):
         return {}
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def start(cls, device: torch.device) -> "Distributed":
-        """From torchrun's environment; a process group is started only when
-        there is more than one process."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
 def _no_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim < 2 or name.endswith(".bias") or "token" in name or "pos_embed" in name
 
@@ -209,12 +186,6 @@ class _Position:
     step: int = 0
     epoch: int = 0
     micro: int = 0  # micro-batches of this epoch already consumed
-
-
-def _atomic_save(obj, path: str) -> None:
-    temporary = path + ".tmp"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 class Trainer:
@@ -273,16 +244,10 @@ class Trainer:
         name = f"step-{self.position.step:06d}"
         final = os.path.join(self.checkpoints, name)
         if self.dist.main:
-            temporary = os.path.join(self.checkpoints, f".{name}.tmp")
-            shutil.rmtree(temporary, ignore_errors=True)
-            os.makedirs(temporary)
-            save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE))
-            torch.save(self._state(), os.path.join(temporary, STATE_FILE))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            with open(os.path.join(self.checkpoints, "latest.tmp"), "w") as handle:
-                handle.write(name)
-            os.replace(os.path.join(self.checkpoints, "latest.tmp"), os.path.join(self.checkpoints, "latest"))
+            with atomic_folder(final) as temporary:
+                save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE))
+                torch.save(self._state(), os.path.join(temporary, STATE_FILE))
+            write_text(os.path.join(self.checkpoints, "latest"), name)
             kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
             for old in kept[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(os.path.join(self.checkpoints, old), ignore_errors=True)
@@ -323,9 +288,7 @@ class Trainer:
             raise ValueError(f"{self.folder} already holds a run; pass --resume to continue it or use a new --out")
         if self.dist.main:
             os.makedirs(self.checkpoints, exist_ok=True)
-            with open(run_file + ".tmp", "w") as handle:
-                json.dump(info, handle, indent=2, default=str)
-            os.replace(run_file + ".tmp", run_file)
+            write_json(run_file, info, indent=2, default=str)
             self._trim_log()
         self.dist.barrier()
 
@@ -365,8 +328,6 @@ class Trainer:
         return drawn[self.dist.rank:: self.dist.world].contiguous()
 
     def fit(self) -> Dict:
-        from tqdm import tqdm
-
         self._prepare_folder()
         settings = self.settings
         forward = self.module
@@ -478,6 +439,7 @@ def read_log(path: str) -> List[Dict]:
 def plot_log(log_path: str, out_path: str) -> None:
     """Loss curves of a run (total and each part, log scale) and its
     learning rate, from ``log.jsonl``."""
+    # matplotlib (the train extra) only when a plot is asked for.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,6 +22,7 @@ from lookwhen.data.datasets import collate_list
 from lookwhen.training.finetune import logits_of
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
+from lookwhen.models.flops import count_flops
 
 
 def parse_views(text: str) -> Tuple[int, int]:
@@ -110,8 +111,6 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
              device: torch.device = torch.device("cpu"), progress=None) -> Evaluation:
     """Top-1 / top-5 of ``model`` over ``(path, label)`` items; unreadable
     videos are left out and listed in ``failures``."""
-    from lookwhen.models.flops import count_flops
-
     cfg = model.config
     if not cfg.num_classes:
         raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")

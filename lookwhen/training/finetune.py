@@ -33,10 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen.training.losses import draw_budgets
+from lookwhen.data.video import fit_clips
+from lookwhen.io.checkpoint import load_checkpoint
+from lookwhen.models import build_model
+from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.engine import Task
-from lookwhen.data.video import fit_clips
+from lookwhen.training.losses import draw_budgets
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 SELECTIONS = ("selector", "random", "perturbed")
 
@@ -72,6 +76,30 @@ def layer_id(name: str, depth: int) -> int:
     if block:
         return int(block.group(1)) + 1
     return depth + 1
+
+
+_HEAD = ("head.weight", "head.bias")
+
+
+def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Optional[str] = None,
+                   overrides: Optional[Dict] = None) -> nn.Module:
+    """The model to fine-tune: ``preset`` (random), or the weights of the
+    checkpoint ``init`` with its config given ``num_classes`` (a new
+    classifier when the count differs); ``overrides`` change the config
+    either way (a ``num_classes`` among them wins)."""
+    overrides = {"num_classes": num_classes, **(overrides or {})}
+    if init is None:
+        return build_model(preset, **overrides)
+    source = load_checkpoint(init)
+    model = build_model(get_config(source.config, **overrides))
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith(_HEAD)
+             or model.state_dict()[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if not k.endswith(_HEAD)]
+    if new or unexpected:
+        raise ValueError(f"{init}: its weights do not fit the fine-tuning config "
+                         f"(missing {new[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 class FinetuneModule(nn.Module):
@@ -188,8 +216,6 @@ class FinetuneTask(Task):
         if self.keep_range is not None:
             return {"budgets": draw_budgets(generator, batch, self.keep_range, n_tokens)}
         if self.selection == "random":
-            from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
-
             return {"indices": random_selection(generator, batch, n_tokens, keep_ratio_to_k(self.keep_ratio, n_tokens))}
         return None
 

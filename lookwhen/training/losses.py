@@ -37,10 +37,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen_kernels.layout import packed_batch_ids
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.lookwhen import LookWhenOutput
 from lookwhen.training.teachers import TeacherTargets
@@ -82,10 +84,8 @@ def uniqueness_target(patches: torch.Tensor, config: ModelConfig) -> torch.Tenso
     r = math.isqrt(config.score_outputs)
     if r == 1:
         return volume.reshape(batch, -1)
-    frames, map_h, map_w = map_grid
     # The inverse of the sub-grid layout: (t, i*r + a, j*r + b) -> [token (t, i, j), a*r + b].
-    cells = volume.view(batch, frames, map_h // r, r, map_w // r, r).permute(0, 1, 2, 4, 3, 5)
-    return cells.reshape(batch, -1, r * r)
+    return rearrange(volume, "b t (i a) (j c) -> b (t i j) (a c)", a=r, c=r)
 
 
 def _standardise(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
@@ -160,8 +160,6 @@ def draw_budgets(generator: torch.Generator, batch: int, keep_range: Tuple[float
                  ) -> torch.Tensor:
     """int32 ``[batch]`` token budgets, uniform over the whole numbers
     between ``keep_range`` (keep ratios) times ``n_tokens``."""
-    from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
-
     low, high = (keep_ratio_to_k(r, n_tokens) for r in keep_range)
     return torch.randint(low, high + 1, (batch,), generator=generator, dtype=torch.int32)
 

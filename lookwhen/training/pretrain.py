@@ -24,7 +24,8 @@ from lookwhen.training.losses import (
     uniqueness_target,
 )
 from lookwhen.models.lookwhen import LookWhen
-from lookwhen.training.teachers import TargetCache, Teachers
+from lookwhen.training.targets import TargetCache
+from lookwhen.training.teachers import Teachers
 from lookwhen.training.engine import Task
 
 TRAIN_PARTS = ("all", "selector")

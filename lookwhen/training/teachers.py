@@ -11,25 +11,25 @@
   checkpoint. The clip is resampled to the frames and size the teacher was
   built for.
 
-Teachers are frozen and run under ``no_grad``, in bf16 on a GPU.
-:class:`TargetCache` stores their outputs per ``(video index, view)`` in
-safetensors shards, so a many-epoch run pays for the teachers once
-(``lookwhen cache-targets``).
+Teachers are frozen and run under ``no_grad``, in bf16 on a GPU; their
+outputs can be computed once and cached (:mod:`lookwhen.training.targets`).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lookwhen.data.video import fit_clips
+from lookwhen.io.checkpoint import CheckpointError, load_checkpoint, read_config
+from lookwhen.io.weights import load_internvideo2, load_state_dict_file
 
 
 @dataclass
@@ -44,30 +44,6 @@ class TeacherTargets:
 
     def to(self, device) -> "TeacherTargets":
         return TeacherTargets(*(None if t is None else t.to(device) for t in (self.patches, self.frames, self.video)))
-
-
-def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a torch file (``weights_only``;
-    a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper and DDP's
-    ``module.`` prefix are unwrapped)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such weights file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many kinds for a bad file
-            raise ValueError(f"{path}: not a safetensors or torch state-dict file ({error})") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-                state = state[key]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -102,8 +78,6 @@ class ImageTeacher(nn.Module):
     def __init__(self, name: str, weights, *, image_size: Optional[int] = None,
                  frame_chunk: int = 64, **model_kwargs):
         super().__init__()
-        import timm
-
         kwargs = dict(model_kwargs)
         if image_size is not None:
             kwargs["img_size"] = image_size
@@ -197,11 +171,8 @@ class VideoTeacher(nn.Module):
         with its config, :mod:`lookwhen.io.checkpoint`) rebuilds its own model;
         any other file is an official InternVideo2 checkpoint, loaded into
         the faithful ``config`` preset (with ``overrides``) by
-        :func:`lookwhen.models.baseline.load_internvideo2`, which refuses missing or
+        :func:`lookwhen.io.weights.load_internvideo2`, which refuses missing or
         unexpected keys (its classifier is left out)."""
-        from lookwhen.models.baseline import load_internvideo2
-        from lookwhen.io.checkpoint import CheckpointError, load_checkpoint, read_config
-
         try:
             read_config(path)
         except CheckpointError:
@@ -234,146 +205,3 @@ class Teachers:
     def __call__(self, clip: torch.Tensor, grid: Tuple[int, int]) -> TeacherTargets:
         patches, frames = self.image(clip, grid)
         return TeacherTargets(patches, frames, None if self.video is None else self.video(clip))
-
-
-# The cache ---------------------------------------------------------------------
-CACHE_INDEX = "index.json"
-
-
-class TargetCache:
-    """Teacher outputs per ``(video index, view)`` in safetensors shards
-    ``shard-XXXXX.safetensors`` under ``folder``, with ``index.json`` naming
-    the shard of every key and the dataset, sampling and grid they were made
-    for (a cache made for other clips is refused, not silently misused).
-    Patch features are stored in float16 (they are regression targets; the
-    loss standardises them first)."""
-
-    def __init__(self, folder, fingerprint: Dict):
-        self.folder = os.fspath(folder)
-        path = os.path.join(self.folder, CACHE_INDEX)
-        if not os.path.isfile(path):
-            raise ValueError(f"{self.folder}: not a target cache (no {CACHE_INDEX}; make one with lookwhen cache-targets)")
-        with open(path, encoding="utf-8") as handle:
-            index = json.load(handle)
-        if index["fingerprint"] != fingerprint:
-            differ = sorted(k for k in set(index["fingerprint"]) | set(fingerprint)
-                            if index["fingerprint"].get(k) != fingerprint.get(k))
-            raise ValueError(f"{self.folder}: the cache was made for other clips or teachers (differs in {differ})")
-        self.views = index["views"]
-        self.shard_of = index["shards"]
-        self._open: Dict[str, object] = {}
-
-    @classmethod
-    def for_dataset(cls, folder, dataset, grid: Sequence[int]) -> "TargetCache":
-        """The cache in ``folder``, checked against the dataset's videos and
-        sampling and the token grid (the teachers are the cache's own)."""
-        path = os.path.join(os.fspath(folder), CACHE_INDEX)
-        if not os.path.isfile(path):
-            raise ValueError(f"{os.fspath(folder)}: not a target cache (no {CACHE_INDEX}; make one with "
-                             "lookwhen cache-targets)")
-        with open(path, encoding="utf-8") as handle:
-            teachers = json.load(handle)["fingerprint"]["teachers"]
-        return cls(folder, cache_fingerprint(dataset, grid, teachers))
-
-    def first(self) -> TeacherTargets:
-        """One entry (for the targets' widths)."""
-        index, view = next(iter(self.shard_of)).split("/")
-        return self.get([int(index)], [int(view)])
-
-    @staticmethod
-    def key(index: int, view: int) -> str:
-        return f"{int(index)}/{int(view)}"
-
-    def get(self, indices: Iterable[int], views: Iterable[int]) -> TeacherTargets:
-        from safetensors import safe_open
-
-        parts: Dict[str, List[torch.Tensor]] = {"patches": [], "frames": [], "video": []}
-        for index, view in zip(indices, views):
-            key = self.key(index, view)
-            if key not in self.shard_of:
-                raise ValueError(f"{self.folder}: no cached targets for video {index}, view {view}")
-            shard = self.shard_of[key]
-            if shard not in self._open:
-                self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
-            handle = self._open[shard]
-            for name in parts:
-                if f"{key}/{name}" in handle.keys():
-                    parts[name].append(handle.get_tensor(f"{key}/{name}").float())
-        video = torch.stack(parts["video"]) if parts["video"] else None
-        return TeacherTargets(torch.stack(parts["patches"]), torch.stack(parts["frames"]), video)
-
-
-def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fingerprint: Dict, views: int,
-                *, shard_size: int = 256, progress=None) -> int:
-    """Write ``(video index, view, single-clip targets)`` entries as shards;
-    finished shards are kept, so an interrupted run restarted with the same
-    fingerprint recomputes only what is missing (``done`` keys are skipped
-    by the caller through :func:`cached_keys`). Returns the entry count."""
-    from safetensors.torch import save_file
-
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    shard_of = cached_keys(folder, fingerprint)
-    pending: Dict[str, torch.Tensor] = {}
-    keys: List[str] = []
-    count = 0
-
-    def flush():
-        if not keys:
-            return
-        name = f"shard-{len(set(shard_of.values())):05d}.safetensors"
-        temporary = os.path.join(folder, name + ".tmp")
-        save_file(pending, temporary)
-        os.replace(temporary, os.path.join(folder, name))
-        shard_of.update({key: name for key in keys})
-        _write_index(folder, fingerprint, views, shard_of)
-        pending.clear()
-        keys.clear()
-
-    for index, view, targets in entries:
-        key = TargetCache.key(index, view)
-        pending[f"{key}/patches"] = targets.patches.to("cpu", torch.float16).contiguous()
-        pending[f"{key}/frames"] = targets.frames.to("cpu", torch.float32).contiguous()
-        if targets.video is not None:
-            pending[f"{key}/video"] = targets.video.to("cpu", torch.float32).contiguous()
-        keys.append(key)
-        count += 1
-        if progress is not None:
-            progress(1)
-        if len(keys) >= shard_size:
-            flush()
-    flush()
-    _write_index(folder, fingerprint, views, shard_of)
-    return count
-
-
-def cached_keys(folder, fingerprint: Dict) -> Dict[str, str]:
-    """``key -> shard`` of what ``folder`` already holds for this fingerprint
-    (empty for a new folder; a folder made for something else is refused)."""
-    path = os.path.join(os.fspath(folder), CACHE_INDEX)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        index = json.load(handle)
-    if index.get("fingerprint") != fingerprint:
-        raise ValueError(f"{os.fspath(folder)}: holds a cache made for other clips or teachers; use a new folder")
-    return dict(index["shards"])
-
-
-def _write_index(folder: str, fingerprint: Dict, views: int, shard_of: Dict[str, str]) -> None:
-    temporary = os.path.join(folder, CACHE_INDEX + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"fingerprint": fingerprint, "views": views, "shards": shard_of}, handle)
-    os.replace(temporary, os.path.join(folder, CACHE_INDEX))
-
-
-def cache_fingerprint(dataset, grid: Sequence[int], teacher_names: Sequence[str]) -> Dict:
-    """What cached targets depend on: the videos, their sampling and seed,
-    the token grid and the teachers."""
-    import dataclasses
-    import hashlib
-
-    videos = hashlib.sha1("\n".join(f"{p},{l}" for p, l in dataset.items).encode()).hexdigest()
-    # Through JSON, so it compares equal to what the index file holds.
-    return json.loads(json.dumps({"videos": videos, "sampling": dataclasses.asdict(dataset.sampling),
-                                  "seed": dataset.seed, "grid": list(grid), "teachers": list(teacher_names)}))

@@ -8,7 +8,7 @@ training step cost.
    timm ViT made in-process (nothing can be downloaded): on these clips a
    background patch repeats exactly across frames whatever the weights, so
    uniqueness singles out the objects all the same. Its targets are computed
-   once into a :class:`~lookwhen.training.teachers.TargetCache`, as a real run would.
+   once into a :class:`~lookwhen.training.targets.TargetCache`, as a real run would.
 2. **Throughput.** Clips/s of one LookWhen pre-training step (forward with
    per-clip budgets, every loss, backward, AdamW; teacher targets cached)
    against a dense-baseline step (forward, a distillation MSE, backward,
@@ -27,11 +27,19 @@ from typing import Dict, List
 import torch
 
 import lookwhen
-from . import BenchError
-from .configs import parse_overrides, resolve
-from .report import Record, Result, format_table
-from .timing import Stats, sample
+from .. import BenchError
+from ..configs import parse_overrides, resolve
+from ..report import Record, Result, format_table
+from ..timing import Stats, sample
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen.cli.args import keep_ratio_arg, positive_int_arg
+from lookwhen.data.synthetic import COLOURS, SyntheticDataset, selector_recall
+from lookwhen.training.engine import TrainSettings, Trainer, make_optimizer
+from lookwhen.training.finetune import FinetuneTask, logits_of
+from lookwhen.training.losses import LossWeights
+from lookwhen.training.pretrain import PretrainModule, PretrainTask
+from lookwhen.training.targets import TargetCache, teacher_targets, write_cache
+from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers
 
 LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=64, depth=2, heads=2, selector_width=64,
                       selector_depth=2, selector_heads=2, score_hidden=64, registers=2)
@@ -43,18 +51,16 @@ TEACHER = dict(name="vit_tiny_patch16_224", image_size=192, depth=4)
 
 
 def add_arguments(parser) -> None:
-    from lookwhen.cli.main import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
-
-    parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
+    parser.add_argument("--steps", type=positive_int_arg, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the learning run")
-    parser.add_argument("--train-clips", type=positive_int, default=256, help="synthetic training clips")
-    parser.add_argument("--val-clips", type=positive_int, default=128, help="held-out synthetic clips")
-    parser.add_argument("--keep-ratio", type=keep_ratio, default=0.1, help="budget of the timed LookWhen step")
-    parser.add_argument("--batch", type=positive_int, default=1, help="clips per timed training step")
+    parser.add_argument("--train-clips", type=positive_int_arg, default=256, help="synthetic training clips")
+    parser.add_argument("--val-clips", type=positive_int_arg, default=128, help="held-out synthetic clips")
+    parser.add_argument("--keep-ratio", type=keep_ratio_arg, default=0.1, help="budget of the timed LookWhen step")
+    parser.add_argument("--batch", type=positive_int_arg, default=1, help="clips per timed training step")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET")
-    parser.add_argument("--passes", type=positive_int, help="interleaved timing passes (default 3, --quick 2)")
-    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 500, --quick 40)")
+    parser.add_argument("--passes", type=positive_int_arg, help="interleaved timing passes (default 3, --quick 2)")
+    parser.add_argument("--finetune-steps", type=positive_int_arg, help="fine-tuning steps (default 500, --quick 40)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="peak learning rate of fine-tuning")
     parser.add_argument("--skip", nargs="+", choices=("learning", "finetune", "throughput"), default=[],
                         help="leave parts out")
@@ -63,12 +69,6 @@ def add_arguments(parser) -> None:
 def _learning(args, device) -> Dict:
     import timm
     from safetensors.torch import save_file
-
-    from lookwhen.training.losses import LossWeights
-    from lookwhen.training.pretrain import PretrainTask
-    from lookwhen.data.synthetic import SyntheticDataset, selector_recall
-    from lookwhen.training.teachers import ImageTeacher, TeacherTargets, TargetCache, write_cache
-    from lookwhen.training.engine import Trainer, TrainSettings
 
     steps = args.steps or (60 if args.quick else 300)
     model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL).to(device)
@@ -87,13 +87,11 @@ def _learning(args, device) -> Dict:
                                depth=TEACHER["depth"]).to(device)
         start = time.perf_counter()
 
-        def entries():
-            for index in range(len(train)):
-                patches, frames = teacher(train[index]["clip"][None].to(device), model.config.grid[1:])
-                yield index, 0, TeacherTargets(patches[0], frames[0])
-
+        entries = teacher_targets(Teachers(teacher), [(index, 0) for index in range(len(train))],
+                                  lambda index, view: train[index]["clip"], model.config.grid[1:], batch_size=1,
+                                  device=device)
         fingerprint = {"synthetic": [args.train_clips, TEACHER["name"]]}
-        write_cache(os.path.join(folder, "cache"), entries(), fingerprint, 1)
+        write_cache(os.path.join(folder, "cache"), entries, fingerprint, 1)
         cache_s = time.perf_counter() - start
         before = selector_recall(model.eval(), held_out)
         task = PretrainTask(model.train(), cache=TargetCache(os.path.join(folder, "cache"), fingerprint),
@@ -112,8 +110,6 @@ def _learning(args, device) -> Dict:
 
 @torch.no_grad()
 def accuracy(model, samples, keep_ratio: float, device, batch_size: int = 16, task: str = "direction") -> float:
-    from lookwhen.training.finetune import logits_of
-
     model = model.eval()
     correct = 0
     for start in range(0, len(samples), batch_size):
@@ -128,10 +124,6 @@ def _finetuning(args, device) -> Dict:
     """Fine-tune on the colour of a brief event (3 classes: a small object
     seen in 2 of the 8 frames) at a keep ratio of 0.1, from the pre-trained
     selector, and the same with random tokens."""
-    from lookwhen.training.finetune import FinetuneTask
-    from lookwhen.data.synthetic import COLOURS, SyntheticDataset
-    from lookwhen.training.engine import Trainer, TrainSettings
-
     steps = args.finetune_steps or (40 if args.quick else 500)
     keep = 0.1
     # Fresh clips all along: a few hundred would be memorised (backgrounds).
@@ -156,11 +148,6 @@ def _finetuning(args, device) -> Dict:
 
 
 def _lookwhen_step(cfg, batch, keep, device):
-    from lookwhen.training.losses import LossWeights
-    from lookwhen.training.pretrain import PretrainModule, PretrainTask
-    from lookwhen.training.teachers import TeacherTargets
-    from lookwhen.training.engine import make_optimizer, TrainSettings
-
     model = lookwhen.build_model(cfg).to(device).train()
     image_dim = video_dim = cfg.width
     frames, h, w = cfg.grid
@@ -196,8 +183,6 @@ def _lookwhen_step(cfg, batch, keep, device):
 
 
 def _dense_step(cfg, batch, device):
-    from lookwhen.training.engine import make_optimizer, TrainSettings
-
     model = lookwhen.build_model(cfg).to(device).train()
     head = torch.nn.Linear(cfg.width, cfg.width).to(device)
     module = torch.nn.ModuleDict({"model": model, "head": head})

@@ -1,5 +1,6 @@
-"""pytest-benchmark suite of the ops at tiny CPU shapes (``pytest bench
---benchmark-only``); separate from the test suite, which never times.
+"""pytest-benchmark suite of the ops at tiny CPU shapes (``pytest
+bench_tests --benchmark-only``); separate from the test suite, which never
+times.
 
 Every case of ``python -m bench ops`` for a shrunken LookWhen and dense
 baseline, each provider in each mode, grouped so that pytest-benchmark
@@ -8,7 +9,7 @@ compares the fused op with its alternatives side by side.
 import pytest
 import torch
 
-from .ops import cases_for, make_step
+from bench.ops import cases_for, make_step
 from lookwhen.models.config import get_config
 
 TINY = dict(frames=2, depth=1, width=128, heads=2, pool_heads=2, selector_width=64, context_projection=True, selector_heads=2, score_hidden=64)

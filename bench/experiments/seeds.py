@@ -28,8 +28,13 @@ import torch
 
 import lookwhen
 import lookwhen_kernels as lk
-from . import BenchError, train as bench_train
-from .report import Record, Result, format_table
+from .. import BenchError
+from ..report import Record, Result, format_table
+from . import train as bench_train
+from lookwhen.cli.args import keep_ratio_arg, positive_int_arg
+from lookwhen.data.synthetic import COLOURS, SyntheticDataset, selector_recall
+from lookwhen.training.engine import TrainSettings, Trainer
+from lookwhen.training.finetune import FinetuneTask, sigma_decay_steps
 
 WINDOW = (4, 4)
 WINDOW_CLIPS = dict(frames=8, size=96, object_size=16, n_objects=1)
@@ -38,19 +43,17 @@ TEMPERATURES = (1.0, 0.5, 0.2, 0.1)
 
 
 def add_arguments(parser) -> None:
-    from lookwhen.cli.main import keep_ratio_arg as fraction, positive_int_arg as positive_int
-
-    parser.add_argument("--steps", type=positive_int, help="selector pre-training steps (default 300, --quick 60)")
+    parser.add_argument("--steps", type=positive_int_arg, help="selector pre-training steps (default 300, --quick 60)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of pre-training")
-    parser.add_argument("--train-clips", type=positive_int, default=256, help="synthetic pre-training clips")
-    parser.add_argument("--val-clips", type=positive_int, default=128, help="held-out synthetic clips")
-    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 2000, --quick 40)")
+    parser.add_argument("--train-clips", type=positive_int_arg, default=256, help="synthetic pre-training clips")
+    parser.add_argument("--val-clips", type=positive_int_arg, default=128, help="held-out synthetic clips")
+    parser.add_argument("--finetune-steps", type=positive_int_arg, help="fine-tuning steps (default 2000, --quick 40)")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="peak learning rate of fine-tuning")
-    parser.add_argument("--samples", type=positive_int, default=100, help="perturbed top-K samples per clip")
+    parser.add_argument("--samples", type=positive_int_arg, default=100, help="perturbed top-K samples per clip")
     parser.add_argument("--sigma", type=float, default=0.2,
                         help="perturbed top-K noise at the start, decaying linearly to 0 (default 0.2; STTS "
                              "uses 0.05 and 0.1)")
-    parser.add_argument("--sigma-decay", type=fraction, default=0.8, metavar="FRACTION",
+    parser.add_argument("--sigma-decay", type=keep_ratio_arg, default=0.8, metavar="FRACTION",
                         help="sigma reaches 0 after this fraction of the fine-tuning steps, the rest is hard top-K "
                              "(default 0.8; 1 is STTS's schedule)")
     parser.add_argument("--heads", nargs="*", choices=("mlp", "stts"), default=["mlp", "stts"],
@@ -64,10 +67,6 @@ def add_arguments(parser) -> None:
 
 
 def _perturbed(args, device) -> List[Dict]:
-    from lookwhen.training.finetune import FinetuneTask, sigma_decay_steps
-    from lookwhen.data.synthetic import COLOURS, SyntheticDataset, selector_recall
-    from lookwhen.training.engine import Trainer, TrainSettings
-
     steps = args.finetune_steps or (40 if args.quick else 2000)
     keep = 0.1
     train = SyntheticDataset(steps * 16, seed=3, task="colour", **bench_train.EVENT_CLIPS)
@@ -124,8 +123,6 @@ def _budgets(model, device, n: int) -> List[Dict]:
     """Mean budgets of clips with one small object and with three, per
     softmax temperature (the mass a selector's scores put on its objects
     depends on their scale)."""
-    from lookwhen.data.synthetic import SyntheticDataset
-
     cfg = model.config
     scores = {}
     for objects in (1, 3):
@@ -143,8 +140,6 @@ def _budgets(model, device, n: int) -> List[Dict]:
 
 
 def _windows(args, device) -> Dict:
-    from lookwhen.data.synthetic import SyntheticDataset
-
     learned = bench_train._learning(args, device)
     model = args.pretrained_selector.eval()
     held_out = [SyntheticDataset(args.val_clips, seed=2, **WINDOW_CLIPS).sample(i) for i in range(args.val_clips)]
