@@ -38,19 +38,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen
+import lookwhen_kernels as lk
 from . import BenchError
 from .configs import DTYPES, autocast, parse_overrides, resolve
 from .report import Record, Result, format_table
 from .timing import StageTimer, Stats, rotating, sample, synchronize
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
+from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
+from lookwhen.data.synthetic import synthetic_clip, write_video
+from lookwhen.data.video import VideoError, fit_clips, read_clips, sample_indices
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.cpu_inference import onednn_available, prepack_linears
 from lookwhen.models.rlt import DEFAULT_THRESHOLD, RLTDense
-from lookwhen.data.synthetic import synthetic_clip, write_video
-from lookwhen.data.video import fit_clips, read_clips
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
-from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
-from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
-from lookwhen.data.video import VideoError, sample_indices
 
 STAGES = ("selector", "selection", "extractor")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -188,8 +188,6 @@ def _object_tokens(sample, grid) -> torch.Tensor:
 def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelConfig) -> str:
     """What RLT keeps and what the motion selector finds on the first batch
     of synthetic clips, against the objects' known tokens."""
-    import lookwhen_kernels as lk
-
     batch = clips.shape[0]
     spatial = rlt.config.grid[1] * rlt.config.grid[2]
     indices, cu, _ = rlt.select(clips)

@@ -24,10 +24,11 @@ from . import BenchError, attention
 from .configs import DTYPES, parse_overrides, parse_shapes
 from .report import Record, Result, format_table
 from .timing import Stats, noise, peak_memory, rotating, sample
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
 from lookwhen.models.config import ModelConfig
 from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels.ops.perturbed_topk import sample_noise
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
-from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOAT_BYTES = 2  # the roofline assumes fp16/bf16 tensors on the GPU
@@ -304,8 +305,6 @@ class _EagerPerturbedTopK(torch.autograd.Function):
 
 def perturbed_topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
     # STTS's setting on the selector's coarse scores.
-    from lookwhen_kernels.ops.perturbed_topk import sample_noise
-
     n = cfg.n_selector_tokens
     k = keep_ratio_to_k(keep_ratio, n)
 

@@ -31,7 +31,6 @@ from .. import BenchError
 from ..configs import parse_overrides, resolve
 from ..report import Record, Result, format_table
 from ..timing import Stats, sample
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 from lookwhen.cli.args import keep_ratio_arg, positive_int_arg
 from lookwhen.data.synthetic import COLOURS, SyntheticDataset, selector_recall
 from lookwhen.training.engine import TrainSettings, Trainer, make_optimizer
@@ -40,6 +39,7 @@ from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainModule, PretrainTask
 from lookwhen.training.targets import TargetCache, teacher_targets, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=64, depth=2, heads=2, selector_width=64,
                       selector_depth=2, selector_heads=2, score_hidden=64, registers=2)
