@@ -92,7 +92,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench"],
+    packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench",
+              "lookwhen_bench.experiments"],
     # The benchmark lives in bench/ (``python -m bench`` from a checkout) and
     # installs under a name of ours.
     package_dir={"lookwhen_bench": "bench"},

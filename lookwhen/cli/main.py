@@ -1,5 +1,7 @@
 """The ``lookwhen`` command: ``embed``, ``show`` and ``info``; the training
-verbs ``pretrain`` and ``cache-targets`` live in :mod:`lookwhen.cli.train`.
+verbs (``pretrain``, ``finetune``, ``evaluate``, ``cache-targets``) live in
+:mod:`lookwhen.cli.train`. Parsing and printing only: the work is done by
+the library.
 
 Every failure caused by the input (a bad argument, an unreadable video or
 checkpoint, an unwritable output) ends with one line on stderr and a non-zero
@@ -58,9 +60,7 @@ def _selection(args, config: ModelConfig) -> Selection:
     motion = getattr(args, "selector", "learned") == "motion"
     selection = Selection(keep_ratio=args.keep_ratio, budget_mass=getattr(args, "budget_mass", None),
                           budget_temperature=getattr(args, "budget_temperature", 1.0), motion=motion, spell=_option)
-    if config.kind == "dense" and selection.chooses:
-        given = [_option(f) for f in ("keep_ratio", "budget_mass", "motion") if getattr(selection, f) not in (None, False)]
-        raise CommandError(f"{', '.join(given)}: {config.name} is a dense model and keeps every token")
+    selection.check_model(config)
     return selection
 
 

@@ -1,5 +1,5 @@
-"""The training verbs of the ``lookwhen`` command: ``pretrain`` and
-``cache-targets``. Under ``torchrun`` every rank runs the same command; the
+"""The training verbs of the ``lookwhen`` command: ``pretrain``,
+``finetune``, ``evaluate`` and ``cache-targets``. Under ``torchrun`` every rank runs the same command; the
 engine (:mod:`lookwhen.training.engine`) splits the work."""
 from __future__ import annotations
 

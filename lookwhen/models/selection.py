@@ -10,7 +10,6 @@ vectors (:func:`lookwhen.data.motion.motion_forward` turns them into
 ``indices``) instead of the selector's."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -77,9 +76,6 @@ class Selection:
         """Refuse a selection for a dense model, which keeps every token."""
         if config.kind != "lookwhen" and self.chooses:
             raise ValueError(f"{config.name} is a dense model: it keeps every token and selects nothing")
-
-    def replace(self, **changes) -> "Selection":
-        return dataclasses.replace(self, **changes)
 
 
 def selection_of(selection: Optional[Selection], **fields) -> Selection:

@@ -89,12 +89,6 @@ class Embedded:
                 for name in names}
 
 
-def checked_selection(model, selection: Selection) -> Selection:
-    """``selection`` for ``model``: refused for a dense model, which keeps every token."""
-    selection.check_model(model.config)
-    return selection
-
-
 def with_motion(batch: ClipBatch, grid) -> Tuple[ClipBatch, List[MotionScores]]:
     """The batch's clips whose videos carry motion vectors, and their motion
     scores on ``grid``; the others join the batch's failures."""
@@ -117,7 +111,7 @@ def embed_files(model, paths: Sequence[str], *, selection: Selection = Selection
     of each file that could not be)``; ``skipped(path, message)`` hears of
     each bad file as it happens and ``progress(n)`` of every file done."""
     cfg = model.config
-    selection = checked_selection(model, selection)
+    selection.check_model(cfg)
     embedded, done, failures = Embedded(cfg.width), [], []
     for batch in iter_clip_batches(paths, batch_size, cfg.frames, cfg.image_size):
         motions = None
@@ -205,7 +199,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     cfg = model.config
     if not isinstance(model, LookWhen) and with_selection:
         raise ValueError(f"{cfg.name} is a dense model: it keeps every token and selects nothing")
-    selection = checked_selection(model, selection)
+    selection.check_model(cfg)
     os.makedirs(folder, exist_ok=True)
     # Through JSON, so that it compares equal to the file a first run wrote.
     info = json.loads(json.dumps({"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
