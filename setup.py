@@ -99,7 +99,7 @@ class CMakeBuild(build_ext):
               file=sys.stderr)
 
 
-MODEL = ["timm>=1.0", "safetensors>=0.4", "numpy>=1.24"]
+MODEL = ["timm>=1.0", "safetensors>=0.4", "numpy>=1.24", "einops>=0.7"]
 VIDEO = ["decord2>=3.0", "av>=12.0", "pillow>=9.0", "numpy>=1.24"]
 TRAIN = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7", "pytest-benchmark>=4.0"]
@@ -111,7 +111,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench"],
+    packages=[*find_packages(include=["lookwhen_kernels*", "lookwhen", "lookwhen.*"]), "lookwhen_bench",
+              "lookwhen_bench.experiments"],
     # The benchmark lives in bench/ (``python -m bench`` from a checkout) and
     # installs under a name of ours.
     package_dir={"lookwhen_bench": "bench"},

@@ -14,8 +14,10 @@ import os
 import sys
 from typing import List, Optional
 
-from . import BenchError
-from lookwhen.cli import positive_int_arg as positive_int
+from . import BenchError, compile_report, e2e, ops, report, roofline
+from .experiments import seeds, train
+from .timing import retain_freed_memory
+from lookwhen.cli.args import positive_int_arg
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
@@ -27,20 +29,10 @@ class _Parser(argparse.ArgumentParser):
         raise BenchError(f"{self.prog}: {message}")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="default: cuda when available, else cpu")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=positive_int_arg, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--json", metavar="FILE", help="write every number, the device, versions and git commit")
     parser.add_argument("--csv", metavar="FILE",
                         help="long-format rows: kernel, provider, mode, metric, x, median, q20, q80, device, version")
@@ -63,8 +55,6 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compile_report, e2e, ops, roofline, seeds, train
-
     parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
                      "aligned table and can write --json, --csv and --plot files.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect,train,seeds}")
@@ -114,10 +104,6 @@ def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for option in ("json", "csv", "plot"):
         _check_output(f"--{option}", getattr(args, option))
-    import torch
-
-    from . import report
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args)
@@ -127,8 +113,6 @@ def run(argv: Optional[List[str]] = None) -> int:
         raise BenchError("unset TRITON_INTERPRET: under Triton's interpreter the timings mean nothing")
     malloc = None
     if device.type == "cpu" and args.command != "inspect":
-        from .timing import retain_freed_memory
-
         malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
         args.malloc = malloc
     result = args.module.run(args, device)

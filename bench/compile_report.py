@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from . import BenchError
 from .report import Record, Result
+from lookwhen_kernels import inspect as compile_inspect
 
 METRICS = ("registers", "spill_bytes", "shared_bytes", "tensor_core_instructions")
 
@@ -19,8 +20,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args, device) -> Result:
-    from lookwhen_kernels import inspect as compile_inspect
-
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise BenchError("inspect: unset TRITON_INTERPRET (the interpreter cannot compile for a GPU)")
     specs = compile_inspect.collect_specs(args.only)

@@ -1,4 +1,4 @@
-"""Model shapes the benchmarks run at: presets of ``lookwhen.config`` with
+"""Model shapes the benchmarks run at: presets of ``lookwhen.models.config`` with
 ``KEY=VALUE`` overrides from the command line."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from . import BenchError
-from lookwhen import config
-from lookwhen.config import ModelConfig, get_config
+from lookwhen.cli.args import parse_overrides as parse_config_overrides
+from lookwhen.models.config import ModelConfig, get_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -26,7 +26,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def parse_overrides(items: Sequence[str]) -> Dict[str, object]:
     """``["depth=2", "frames=4"]`` -> typed config overrides."""
     try:
-        return config.parse_overrides(items)
+        return parse_config_overrides(items)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
 

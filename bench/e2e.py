@@ -38,15 +38,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lookwhen
+import lookwhen_kernels as lk
 from . import BenchError
 from .configs import DTYPES, autocast, parse_overrides, resolve
 from .report import Record, Result, format_table
 from .timing import StageTimer, Stats, rotating, sample, synchronize
-from lookwhen.config import ModelConfig
-from lookwhen.cpu_inference import onednn_available, prepack_linears
-from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
-from lookwhen.synthetic import synthetic_clip, write_video
-from lookwhen.video import fit_clips, read_clips
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
+from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
+from lookwhen.data.synthetic import synthetic_clip, write_video
+from lookwhen.data.video import VideoError, fit_clips, read_clips, sample_indices
+from lookwhen.models.config import ModelConfig
+from lookwhen.models.cpu_inference import onednn_available, prepack_linears
+from lookwhen.models.rlt import DEFAULT_THRESHOLD, RLTDense
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
@@ -54,34 +57,31 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
 
 def add_arguments(parser) -> None:
-    from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
-
-    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, default=[0.05, 0.1, 0.2, 0.3],
+    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio_arg, default=[0.05, 0.1, 0.2, 0.3],
                         help="keep ratios to sweep (default: 0.05 0.1 0.2 0.3)")
-    parser.add_argument("--batch", type=positive_int, help="clips per forward (default: 2 on CPU, 16 on CUDA)")
+    parser.add_argument("--batch", type=positive_int_arg, help="clips per forward (default: 2 on CPU, 16 on CUDA)")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET", help="default: lookwhen-b16")
     parser.add_argument("--baseline", default="internvideo2-b14", metavar="PRESET", help="default: internvideo2-b14")
     parser.add_argument("--attention", choices=("kernels", "sdpa"), default="kernels",
                         help="the baseline's attention: lookwhen_kernels.varlen_attention like LookWhen's "
                              "extractor (default), or PyTorch's scaled_dot_product_attention")
-    parser.add_argument("--min-run-time", type=positive_float,
+    parser.add_argument("--min-run-time", type=positive_float_arg,
                         help="seconds per timing on CPU (default: 0.5, --quick 0.2), at least one call")
-    parser.add_argument("--passes", type=positive_int,
+    parser.add_argument("--passes", type=positive_int_arg,
                         help="times every model is measured, interleaved (default: 6, --quick 2); "
                              "the median pass counts, their spread is the noise band")
-    parser.add_argument("--rotate", type=positive_int, default=3, help="input clips cycled through (default: 3)")
+    parser.add_argument("--rotate", type=positive_int_arg, default=3, help="input clips cycled through (default: 3)")
     parser.add_argument("--videos", metavar="DIR",
                         help="time on clips decoded from the videos in DIR (default: synthetic clips with a static "
                              "background, encoded and decoded); RLT's token count depends on the content")
     parser.add_argument("--rlt-threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"RLT's threshold on normalised pixels (default: RLT's {DEFAULT_THRESHOLD})")
-    parser.add_argument("--low-res", nargs="*", type=positive_int, default=[112, 160], metavar="PX",
+    parser.add_argument("--low-res", nargs="*", type=positive_int_arg, default=[112, 160], metavar="PX",
                         help="sizes the dense baseline also runs at (default: 112 160; rounded to a multiple of "
                              "the patch; sizes not below the baseline's are left out)")
     parser.add_argument("--cpu-linear", choices=("onednn", "aten"), default="onednn",
                         help="linear layers of both models on CPU: oneDNN with prepacked weights "
-                             "(lookwhen.cpu_inference, the default where PyTorch has it) or plain ATen")
+                             "(lookwhen.models.cpu_inference, the default where PyTorch has it) or plain ATen")
 
 
 @dataclass
@@ -180,8 +180,6 @@ def _synthetic_videos(folder: str, count: int, frames: int, size: int):
 def _object_tokens(sample, grid) -> torch.Tensor:
     """bool ``[T, h*w]``: the tokens of a model's grid (its sampled frames,
     its resized square) that the object covers any pixel of."""
-    from lookwhen.video import sample_indices
-
     frames, grid_h, grid_w = grid
     mask = sample.object_mask[sample_indices(sample.object_mask.shape[0], frames)].float()
     return (F.adaptive_max_pool2d(mask[:, None], (grid_h, grid_w)) > 0).view(frames, -1)
@@ -190,9 +188,6 @@ def _object_tokens(sample, grid) -> torch.Tensor:
 def _synthetic_proof(samples, rlt, clips: torch.Tensor, motions, cfg_lw: ModelConfig) -> str:
     """What RLT keeps and what the motion selector finds on the first batch
     of synthetic clips, against the objects' known tokens."""
-    import lookwhen_kernels as lk
-    from lookwhen.motion import fill_unmeasured, object_recall
-
     batch = clips.shape[0]
     spatial = rlt.config.grid[1] * rlt.config.grid[2]
     indices, cu, _ = rlt.select(clips)
@@ -238,9 +233,6 @@ def _batches(clips: torch.Tensor, cfg: ModelConfig, batch: int, device) -> List[
 
 def _motions(paths: Sequence[str], grid) -> Tuple[Optional[list], str]:
     """Motion scores of every video, or ``None`` and why not."""
-    from lookwhen.motion import motion_scores
-    from lookwhen.video import VideoError
-
     try:
         return [motion_scores(path, grid) for path in paths], ""
     except VideoError as error:
@@ -328,8 +320,6 @@ def run(args, device: torch.device) -> Result:
                       rotating(lambda clip, r=r: lw(clip, keep_ratio=r), lw_clips)) for r in ratios}
     motion_sets = {}
     if motions is not None:
-        from lookwhen.motion import motion_selection
-
         sets = [motions[(i * batch + j) % len(motions)] for i in range(len(lw_clips)) for j in range(batch)]
         for r in ratios:
             motion_sets[r] = [(clip[0], motion_selection(sets[i * batch:(i + 1) * batch], r)[0].to(device))

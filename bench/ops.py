@@ -24,8 +24,10 @@ from . import BenchError, attention
 from .configs import DTYPES, parse_overrides, parse_shapes
 from .report import Record, Result, format_table
 from .timing import Stats, noise, peak_memory, rotating, sample
-from lookwhen.config import ModelConfig
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
+from lookwhen.models.config import ModelConfig
 from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels.ops.perturbed_topk import sample_noise
 from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -303,8 +305,6 @@ class _EagerPerturbedTopK(torch.autograd.Function):
 
 def perturbed_topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
     # STTS's setting on the selector's coarse scores.
-    from lookwhen_kernels.ops.perturbed_topk import sample_noise
-
     n = cfg.n_selector_tokens
     k = keep_ratio_to_k(keep_ratio, n)
 
@@ -502,20 +502,17 @@ def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype:
 
 
 def add_arguments(parser) -> None:
-    from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
-
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]",
                         help="model shapes to run each op at (default: lookwhen-b16 internvideo2-b14)")
-    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA, 8 with --quick)")
-    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, help="keep ratios (default: each config's)")
+    parser.add_argument("--batch", nargs="+", type=positive_int_arg, help="batch sizes (default: 1 on CPU, 1 8 32 on CUDA, 8 with --quick)")
+    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio_arg, help="keep ratios (default: each config's)")
     parser.add_argument("--kernels", nargs="+", default=[], metavar="WORD", help="only kernels containing a word")
-    parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="L",
+    parser.add_argument("--lengths", nargs="+", type=positive_int_arg, metavar="L",
                         help="also time varlen_attention over sequences of these lengths "
                              "(heads and head dim of the first --shapes model)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--min-run-time", type=positive_float, help="seconds per timing (default: 0.3, --quick 0.05)")
-    parser.add_argument("--rotate", type=positive_int, default=3, help="input sets cycled through (default: 3)")
+    parser.add_argument("--min-run-time", type=positive_float_arg, help="seconds per timing (default: 0.3, --quick 0.05)")
+    parser.add_argument("--rotate", type=positive_int_arg, default=3, help="input sets cycled through (default: 3)")
 
 
 def _time_all(timed: List[Timed], device, dtype, *, min_run_time: float, rotate: int, progress) -> None:

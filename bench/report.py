@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import triton
+
+import lookwhen_kernels
 
 CSV_FIELDS = ("kernel", "provider", "mode", "metric", "x", "median", "q20", "q80", "device", "version")
 
@@ -63,10 +66,6 @@ def device_string(device: torch.device) -> str:
 
 
 def versions() -> Dict[str, str]:
-    import triton
-
-    import lookwhen_kernels
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

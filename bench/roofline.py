@@ -23,6 +23,7 @@ from .configs import DTYPES, autocast, parse_overrides, parse_shapes
 from .ops import FLOAT_BYTES, cases_for, make_step
 from .report import Record, Result, format_table
 from .timing import Stats, rotating, sample
+from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,12 @@ def floor_seconds(flops: float, bytes_moved: float, gpu: GPU):
 
 
 def add_arguments(parser) -> None:
-    from .__main__ import positive_float
-    from lookwhen.cli import keep_ratio_arg as keep_ratio, positive_int_arg as positive_int
-
     parser.add_argument("--gpu", nargs="+", default=list(GPUS), metavar="NAME",
                         help=f"GPUs from the datasheet table (default: all of {', '.join(GPUS)})")
     parser.add_argument("--shapes", nargs="+", default=["lookwhen-b16", "internvideo2-b14"], metavar="PRESET[:K=V,...]")
-    parser.add_argument("--batch", type=positive_int, help="clips (default: 1 on CPU, 16 on CUDA)")
-    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio, help="keep ratios (default: each config's)")
-    parser.add_argument("--min-run-time", type=positive_float, help="seconds per measurement on a GPU (default: 0.3)")
+    parser.add_argument("--batch", type=positive_int_arg, help="clips (default: 1 on CPU, 16 on CUDA)")
+    parser.add_argument("--keep-ratio", nargs="+", type=keep_ratio_arg, help="keep ratios (default: each config's)")
+    parser.add_argument("--min-run-time", type=positive_float_arg, help="seconds per measurement on a GPU (default: 0.3)")
 
 
 @dataclass

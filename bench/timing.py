@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from lookwhen.video import native_stderr_silenced
+from lookwhen.data.video import native_stderr_silenced
 
 
 @dataclass(frozen=True)

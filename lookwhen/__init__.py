@@ -1,17 +1,23 @@
 """lookwhen: the thin model layer over ``lookwhen_kernels``: the LookWhen
 selector-extractor model, the dense baseline it is measured against, video
-input, checkpoints and the ``lookwhen`` command."""
-from __future__ import annotations
+input, checkpoints and the ``lookwhen`` command.
 
-from typing import Union
-
-import torch
-
-from lookwhen.config import PRESETS, ModelConfig, get_config
-from lookwhen.baseline import DenseBaseline
-from lookwhen.cpu_inference import prepack_linears
-from lookwhen.flops import count_flops
-from lookwhen.model import LookWhen, LookWhenOutput
+Subpackages, each importing only those before it: ``models`` (the networks,
+presets, ``build_model``), ``data`` (video decoding, datasets, synthetic
+clips), ``io`` (checkpoints, weight files, atomic writes), ``training``
+(engine, losses, teachers, pre-training, fine-tuning, evaluation,
+embedding) and ``cli`` (the command: parsing and printing)."""
+from lookwhen.models import (
+    PRESETS,
+    DenseBaseline,
+    LookWhen,
+    LookWhenOutput,
+    ModelConfig,
+    build_model,
+    count_flops,
+    get_config,
+    prepack_linears,
+)
 
 __all__ = [
     "PRESETS",
@@ -24,14 +30,3 @@ __all__ = [
     "count_flops",
     "prepack_linears",
 ]
-
-
-def build_model(name_or_config: Union[str, ModelConfig] = "lookwhen-b16", **overrides) -> torch.nn.Module:
-    """A randomly initialised ``LookWhen`` or ``DenseBaseline``. The weights
-    depend only on the config (its ``seed``), not on the global RNG, which is
-    left untouched."""
-    config = get_config(name_or_config, **overrides)
-    cls = LookWhen if config.kind == "lookwhen" else DenseBaseline
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return cls(config)

@@ -1,5 +1,5 @@
 import sys
 
-from lookwhen.cli import main
+from lookwhen.cli.main import main
 
 sys.exit(main())

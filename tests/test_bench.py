@@ -17,8 +17,9 @@ from bench.__main__ import main
 from bench.ops import cases_for
 from bench.report import CSV_FIELDS
 from bench.roofline import GPUS, find_gpu, floor_seconds
-from lookwhen.config import get_config, parse_overrides
-from lookwhen.cpu_inference import onednn_available
+from lookwhen.cli.args import parse_overrides
+from lookwhen.models.config import get_config
+from lookwhen.models.cpu_inference import onednn_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["frames=2", "depth=1", "width=64", "heads=2", "pool_heads=2", "selector_width=32", "context_projection=true", "selector_heads=2",
@@ -111,8 +112,8 @@ def test_e2e_methods_on_a_folder_of_videos(tmp_path):
     the motion rows off (and says so), an unreadable one is skipped."""
     import numpy as np
 
-    from lookwhen.synthetic import synthetic_clip, write_video
-    from test_motion import encode
+    from lookwhen.data.synthetic import synthetic_clip, write_video
+    from helpers import encode
 
     rng = np.random.default_rng(0)
     write_video(tmp_path / "a.mp4", synthetic_clip(rng, frames=4, size=64).clip, preset="medium")

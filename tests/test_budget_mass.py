@@ -5,14 +5,15 @@ import torch
 from safetensors import safe_open
 
 import lookwhen_kernels as lk
-from lookwhen.embed import embed_shards, read_shards
-from lookwhen.video import read_clip
+from lookwhen.training.embed import embed_shards, read_shards
+from lookwhen.data.video import read_clip
 from lookwhen import build_model
-from lookwhen.checkpoint import save_checkpoint
-from lookwhen.selector import frame_scores
-from test_cli import TINY, run
-from test_video import make_video
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.models.selector import frame_scores
+from helpers import TINY as BASE, make_video, run
 
+
+TINY = dict(BASE, frames=4, depth=1, registers=4)
 
 pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
 

@@ -17,13 +17,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from lookwhen import build_model
-from lookwhen.checkpoint import save_checkpoint
-from lookwhen.cli import DIM, GAP, main
-from lookwhen.video import read_clip
-from test_video import make_video
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.models.picture import DIM, GAP
+from lookwhen.data.video import read_clip
+from helpers import TINY as BASE, make_video, run
 
-TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, context_projection=True, selector_depth=1,
-            selector_heads=2, score_hidden=16, registers=4, keep_ratio=0.25)
+TINY = dict(BASE, frames=4, depth=1, registers=4)
 
 
 pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
@@ -45,16 +44,6 @@ def files(tmp_path_factory):
         "bad": str(bad),
         "root": root,
     }
-
-
-def run(capsys, *argv):
-    """Exit status, stdout and stderr lines of one command."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def test_embed_npy_skips_bad_files_and_keeps_the_rest(files, capsys, tmp_path):

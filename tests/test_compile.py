@@ -11,6 +11,7 @@ import lookwhen_kernels as lk
 from lookwhen import build_model
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
 from lookwhen_kernels.testing import magnitude_floor
+from helpers import MICRO
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -105,8 +106,7 @@ def test_nn_uniqueness_and_frame_normalize():
     _assert_compiled_matches_eager(lk.frame_normalize, [torch.randn(2, 2, 5, 3)])
 
 
-TINY = dict(frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8, context_projection=True, selector_depth=1,
-            selector_heads=2, score_hidden=8, registers=1, keep_ratio=0.25)
+TINY = MICRO
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

@@ -1,4 +1,4 @@
-"""lookwhen.cpu_inference: the prepacked oneDNN linear computes nn.Linear's
+"""lookwhen.models.cpu_inference: the prepacked oneDNN linear computes nn.Linear's
 function, takes its fast path only where it may, and follows its weights."""
 import pytest
 import torch
@@ -6,14 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lookwhen import build_model, count_flops
-from lookwhen.cpu_inference import PrepackedLinear, onednn_available, prepack_linears
+from lookwhen.models.cpu_inference import PrepackedLinear, onednn_available, prepack_linears
 from lookwhen_kernels.testing import assert_within_reference_error
+from helpers import DENSE_TINY, TINY as LOOKWHEN_TINY
 
-TINY = {
-    "lookwhen-b16": dict(frames=2, image_size=64, width=32, depth=2, heads=2, selector_width=16, context_projection=True,
-                         selector_depth=1, selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25),
-    "internvideo2-b14": dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=2),
-}
+TINY = {"lookwhen-b16": LOOKWHEN_TINY, "internvideo2-b14": DENSE_TINY}
 
 
 def tiny(name):

@@ -127,7 +127,7 @@ def test_whole_model_forward_and_backward(dtype):
 
 @pytest.mark.parametrize("patch, tubelet, std", [(14, 1, STD), (16, 2, None)])
 def test_static_tokens_and_rlt(patch, tubelet, std):
-    from lookwhen.rlt import RLTDense
+    from lookwhen.models.rlt import RLTDense
 
     clip = torch.randint(0, 256, (3, 8, 224, 224, 3), dtype=torch.uint8)
     clip[:, 1:, :, :112] = clip[:, :1, :, :112]  # a static left half

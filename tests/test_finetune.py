@@ -13,19 +13,18 @@ import torch
 from safetensors import safe_open
 
 from lookwhen import build_model
-from lookwhen.checkpoint import load_checkpoint, save_checkpoint
+from lookwhen.io.checkpoint import load_checkpoint, save_checkpoint
 from lookwhen.cli import main
-from lookwhen.embed import read_shards
-from lookwhen.evaluate import spatial_crops, view_indices
-from lookwhen.finetune import FinetuneTask, layer_id, random_selection
-from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
-from lookwhen.train import Trainer, TrainSettings
+from lookwhen.training.embed import read_shards
+from lookwhen.training.evaluate import spatial_crops, view_indices
+from lookwhen.training.finetune import FinetuneTask, layer_id, random_selection
+from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
+from lookwhen.training.engine import Trainer, TrainSettings
+from helpers import SMALL as BASE
 
 # The light preset's selector layout (every frame, projected context): the
 # learning test below widens the extractor alone.
-SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=2, heads=2, selector_width=32,
-             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25,
-             selector_frame_stride=1, context_projection=True)
+SMALL = dict(BASE, depth=2, context_projection=True)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
 
@@ -77,7 +76,7 @@ def test_external_selection_reaches_the_extractor():
 def test_finetune_learns_the_colour_of_the_moving_object(tmp_path):
     """A small model fine-tuned from scratch at keep ratio 0.25 beats chance
     (1/3) by far on held-out clips."""
-    from bench.train import accuracy
+    from bench.experiments.train import accuracy
 
     clip_args = dict(frames=8, size=64, object_size=16, task="colour")
     model = build_model("lookwhen-b16", **{**SMALL, "width": 64}, num_classes=3)

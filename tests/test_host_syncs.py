@@ -10,9 +10,9 @@ import lookwhen_kernels as lk
 from lookwhen import build_model
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
 from lookwhen_kernels.testing import count_host_reads
+from helpers import MICRO
 
-TINY = dict(frames=2, image_size=32, width=16, depth=1, heads=2, selector_width=8, context_projection=True, selector_depth=1,
-            selector_heads=2, score_hidden=8, registers=1, keep_ratio=0.25)
+TINY = MICRO
 
 
 @pytest.fixture(scope="module")

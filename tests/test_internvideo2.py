@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lookwhen.layers import Block
+from lookwhen.models.layers import Block
 from lookwhen_kernels.testing import assert_within_reference_error
+from helpers import DENSE_TINY
 
 
 def _rms(x, norm):
@@ -101,7 +102,7 @@ def test_configs_refuse_bad_architecture_options(preset, bad, match):
 # InternVideo2-B --------------------------------------------------------------------------
 # A tiny InternVideo2 with the official model's proportions: 2 frames of 28 px
 # (2 x 2 x 2 tokens + CLS), 2 blocks 32 wide, 2 heads, a 4-head pooling head.
-IV2 = dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=4)
+IV2 = dict(DENSE_TINY, pool_heads=4)
 
 
 def official_state_dict(width=32, depth=2, frames=2, side=2, patch=14, classes=5, seed=0):
@@ -216,7 +217,7 @@ def test_preset_is_internvideo2_b14():
 
 
 def test_official_checkpoint_layout_loads_and_runs_like_internvideo2(tmp_path):
-    from lookwhen.baseline import load_internvideo2
+    from lookwhen.io.weights import load_internvideo2
 
     state = official_state_dict()
     path = tmp_path / "internvideo2_b14.pt"
@@ -240,7 +241,7 @@ def test_official_checkpoint_layout_loads_and_runs_like_internvideo2(tmp_path):
 
 
 def test_official_loader_reports_missing_unexpected_and_bad_shapes():
-    from lookwhen.baseline import load_internvideo2_state_dict
+    from lookwhen.models.baseline import load_internvideo2_state_dict
 
     model = _iv2()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -298,7 +299,7 @@ def test_forward_packed_runs_each_token_set_like_its_own_clip():
 
 
 def test_timm_loader_refuses_the_joint_position_table():
-    from lookwhen.timm_weights import load_timm_state_dict, timm_state_dict
+    from lookwhen.models.timm_weights import load_timm_state_dict, timm_state_dict
 
     model = _iv2()
     with pytest.raises(ValueError, match="joint position table"):
@@ -310,9 +311,9 @@ def test_timm_loader_refuses_the_joint_position_table():
 def test_video_teacher_builds_internvideo2_from_an_official_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from lookwhen.baseline import load_internvideo2_state_dict
-    from lookwhen.checkpoint import save_checkpoint
-    from lookwhen.teachers import VideoTeacher
+    from lookwhen.models.baseline import load_internvideo2_state_dict
+    from lookwhen.io.checkpoint import save_checkpoint
+    from lookwhen.training.teachers import VideoTeacher
 
     state = official_state_dict()
     official = tmp_path / "official.safetensors"
@@ -344,7 +345,7 @@ def test_dino_image_teachers_match_timm(tmp_path, name, size, own_size, patch, p
     import timm
     from safetensors.torch import save_file
 
-    from lookwhen.teachers import ImageTeacher
+    from lookwhen.training.teachers import ImageTeacher
 
     tiny = dict(depth=1, embed_dim=32, num_heads=2)
     reference = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **tiny).eval()

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lookwhen import build_model
-from lookwhen.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS
-from lookwhen.lookwhere import load_lookwhere, load_lookwhere_state_dict
+from lookwhen.models.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+from lookwhen.io.weights import load_lookwhere
+from lookwhen.models.lookwhere import load_lookwhere_state_dict
 from lookwhen_kernels import reference
 
 # A small LookWhere: 70-px images (5 x 5 patches of 14 px), the selector on

@@ -14,23 +14,21 @@ import torch.nn.functional as F
 
 import lookwhen
 from lookwhen import DenseBaseline, LookWhen, build_model, count_flops, get_config
-from lookwhen.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from lookwhen.config import PRESETS
-from lookwhen.timm_weights import load_timm_state_dict, timm_state_dict
+from lookwhen.io.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from lookwhen.models.config import PRESETS
+from lookwhen.models.timm_weights import load_timm_state_dict, timm_state_dict
 from lookwhen_kernels.testing import assert_within_reference_error
+from helpers import DENSE_TINY, TINY as LOOKWHEN_TINY
 
 TINY = {
     # The default shrunk; its selector stays on every second frame, the
     # narrower selector needs the projection.
-    "lookwhen-b16": dict(frames=2, image_size=64, width=32, depth=2, heads=2, selector_width=16,
-                         context_projection=True, selector_depth=1, selector_heads=2, score_hidden=16, registers=2,
-                         keep_ratio=0.25),
-    "lookwhen-b16-light": dict(frames=2, image_size=64, width=32, depth=2, heads=2, selector_width=16,
-                               selector_depth=1, selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25),
+    "lookwhen-b16": LOOKWHEN_TINY,
+    "lookwhen-b16-light": LOOKWHEN_TINY,
     # The same shrink, keeping this preset's point: a selector as wide as the extractor.
-    "lookwhere-b16": dict(frames=3, image_size=64, width=32, depth=1, heads=2, selector_width=32,
-                          selector_depth=2, selector_heads=2, score_hidden=32, registers=4, keep_ratio=0.25),
-    "internvideo2-b14": dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_heads=2),
+    "lookwhere-b16": dict(LOOKWHEN_TINY, frames=3, depth=1, selector_width=32, selector_depth=2, score_hidden=32,
+                          registers=4),
+    "internvideo2-b14": DENSE_TINY,
 }
 # The default's own points at test size: a selector as wide as the extractor,
 # unprojected, on every second of 4 frames; and with LookWhere's 2 x 2 head.
@@ -389,7 +387,7 @@ def test_real_size_forward_and_the_defaults_cost(monkeypatch):
     far too slow for ViT-B), with its FLOPs counted on the way."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lookwhen.flops import gmacs
+    from lookwhen.models.flops import gmacs
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = build_model("lookwhen-b16").eval()
@@ -477,7 +475,7 @@ def test_timm_mapping_resamples_position_grid_and_refuses_misfits():
 
 
 def test_position_table_is_kept_in_inference_and_rebuilt_for_training():
-    from lookwhen.layers import SeparablePosEmbed
+    from lookwhen.models.layers import SeparablePosEmbed
 
     pos = SeparablePosEmbed(3, 5, 4)
     expected = lambda: (pos.temporal[:, None] + pos.spatial[None]).flatten(0, 1).detach()  # noqa: E731

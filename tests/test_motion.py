@@ -6,24 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lookwhen.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
-from lookwhen.synthetic import synthetic_clip
-from lookwhen.video import VideoError, sample_indices
-
-
-def encode(path, clip, codec="libx264", options=None, pix_fmt="yuv420p"):
-    """uint8 ``[T, S, S, 3]`` -> a video file (H.264 with a real motion search
-    by default: ultrafast x264 leaves most moving blocks with zero vectors)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], pix_fmt
-        stream.options = {"crf": "18", "preset": "medium"} if options is None else options
-        for image in clip.numpy():
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
+from lookwhen.data.synthetic import synthetic_clip
+from lookwhen.data.video import VideoError, sample_indices
+from helpers import encode
 
 
 def test_motion_selector_recalls_the_moving_object(tmp_path):
@@ -92,10 +78,10 @@ def test_embed_with_the_motion_selector(tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
 
     from lookwhen import build_model
-    from lookwhen.checkpoint import save_checkpoint
+    from lookwhen.io.checkpoint import save_checkpoint
     from lookwhen.cli import main
-    from lookwhen.embed import embed_shards, read_shards
-    from lookwhen.video import read_clip
+    from lookwhen.training.embed import embed_shards, read_shards
+    from lookwhen.data.video import read_clip
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tiny = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,

@@ -4,15 +4,14 @@ import pytest
 import torch
 
 from lookwhen import build_model
-from lookwhen.config import get_config
-from lookwhen.finetune import FinetuneTask
-from lookwhen.selector import STTSScoreHead
-from lookwhen.synthetic import SyntheticDataset
-from lookwhen.train import Trainer, TrainSettings
+from lookwhen.models.config import get_config
+from lookwhen.training.finetune import FinetuneTask
+from lookwhen.models.selector import STTSScoreHead
+from lookwhen.data.synthetic import SyntheticDataset
+from lookwhen.training.engine import Trainer, TrainSettings
+from helpers import TINY as BASE
 
-TINY = dict(frames=4, image_size=64, width=32, depth=1, heads=2, selector_width=16, selector_depth=1,
-            selector_heads=2, score_hidden=16, registers=2, keep_ratio=0.25, num_classes=3,
-            context_projection=True)
+TINY = dict(BASE, frames=4, depth=1, num_classes=3)
 
 
 pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")

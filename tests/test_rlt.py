@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lookwhen import build_model
-from lookwhen.rlt import RLTDense
-from lookwhen.synthetic import synthetic_clip
+from lookwhen.models.rlt import RLTDense
+from lookwhen.data.synthetic import synthetic_clip
+from helpers import DENSE_TINY
 
-TINY = dict(frames=3, image_size=56, width=64, depth=2, heads=2, pool_heads=2)
+TINY = dict(DENSE_TINY, frames=3, image_size=56, width=64)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lookwhen_kernels as lk
-from lookwhen.synthetic import synthetic_clip
+from lookwhen.data.synthetic import synthetic_clip
 from lookwhen_kernels import reference
 from lookwhen_kernels.testing import assert_fully_written
 

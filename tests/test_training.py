@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from lookwhen import build_model, get_config
 from lookwhen.cli import main
-from lookwhen.data import DatasetError, Sampling, SkipReport, VideoDataset, collate
-from lookwhen.losses import (
+from lookwhen.data.datasets import DatasetError, Sampling, SkipReport, VideoDataset, collate
+from lookwhen.training.losses import (
     DistillHeads,
     LossWeights,
     draw_budgets,
@@ -27,24 +27,13 @@ from lookwhen.losses import (
     selector_loss,
     uniqueness_target,
 )
-from lookwhen.pretrain import PretrainTask
-from lookwhen.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
-from lookwhen.teachers import (
-    ImageTeacher,
-    TargetCache,
-    TeacherTargets,
-    Teachers,
-    VideoTeacher,
-    cache_fingerprint,
-    write_cache,
-)
-from lookwhen.train import Trainer, TrainSettings, lr_factor
+from lookwhen.training.pretrain import PretrainTask
+from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
+from lookwhen.training.targets import TargetCache, cache_fingerprint, write_cache
+from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers, VideoTeacher
+from lookwhen.training.engine import Trainer, TrainSettings, lr_factor
+from helpers import SMALL
 
-# 8 frames of 64 px, 8-px patches: an 8 x 8 extractor grid, a 4 x 4 selector
-# grid on every frame (the synthetic objects move between frames).
-SMALL = dict(frames=8, image_size=64, patch_size=8, width=32, depth=1, heads=2, selector_width=32,
-             selector_depth=1, selector_heads=2, score_hidden=32, registers=2, keep_ratio=0.25,
-             selector_frame_stride=1)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 TEACHER = dict(name="vit_tiny_patch16_224", image_size=64, depth=2)
 

@@ -1,9 +1,8 @@
 """Video input: exact frame sampling, geometry and bad files.
 
-Every test video is made here with PyAV. Each frame carries its index in its
-pixels: the top half is gray level ``16 * (i // 16) + 8`` and the bottom half
-``16 * (i % 16) + 8`` (flat areas survive lossy coding within a few levels),
-so the decoded clip says which frames were sampled.
+Every test video is made with PyAV (``helpers.make_video``). Each frame
+carries its index in its pixels, so the decoded clip says which frames were
+sampled (``helpers.decode_indices``).
 """
 
 import av
@@ -11,40 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lookwhen.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
-
-CODECS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
-
-
-def make_video(path, n_frames, width, height, codec="h264", fps=10):
-    """Write a video whose frame ``i`` encodes ``i`` (see the module docstring)."""
-    encoder, _ = CODECS[codec]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "h264":
-            stream.options = {"crf": "1", "preset": "ultrafast"}
-        else:
-            stream.options = {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"}
-        for i in range(n_frames):
-            image = np.empty((height, width, 3), np.uint8)
-            image[: height // 2] = 16 * (i // 16) + 8
-            image[height // 2:] = 16 * (i % 16) + 8
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
-def decode_indices(clip: torch.Tensor) -> list:
-    """Frame indices encoded in a clip ``[T, S, S, 3]``: the mean level of the
-    top and bottom quarters (away from the seam)."""
-    quarter = clip.shape[1] // 4
-    top = clip[:, :quarter].double().mean(dim=(1, 2, 3))
-    bottom = clip[:, -quarter:].double().mean(dim=(1, 2, 3))
-    return (16 * torch.round((top - 8) / 16) + torch.round((bottom - 8) / 16)).long().tolist()
-
+from lookwhen.data.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
+from helpers import CODECS, decode_indices, make_video
 
 @pytest.mark.parametrize(
     "codec, n_frames, width, height",

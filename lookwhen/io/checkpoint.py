@@ -1,0 +1,56 @@
+"""Checkpoints: one safetensors file holding the weights, with the model's
+config as JSON in the file's metadata (key ``"lookwhen_config"``), so a
+checkpoint alone rebuilds its model."""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from lookwhen.models import build_model
+from lookwhen.models.config import ModelConfig
+
+CONFIG_KEY = "lookwhen_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message names the file."""
+
+
+def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
+    # safetensors stores each tensor on its own: contiguous, on the CPU.
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={CONFIG_KEY: model.config.to_json()})
+
+
+def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{path}: a safetensors file without a lookwhen config (not saved by save_checkpoint)")
+    try:
+        return ModelConfig.from_json(metadata[CONFIG_KEY])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: bad config in the checkpoint: {error}") from None
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """Rebuild the model saved by :func:`save_checkpoint`, weights included."""
+    config = read_config(path)
+    model = build_model(config)
+    tensors = load_file(os.fspath(path))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"{os.fspath(path)}: weights do not fit the config: {reason[:300]}") from None
+    return model.to(device)

@@ -1,0 +1,3 @@
+"""Training and running models over data: the engine, pre-training targets
+and losses, teachers and their target cache, pre-training, fine-tuning,
+evaluation and embedding collections."""

@@ -1,0 +1,467 @@
+"""The training engine: one loop for every training task.
+
+A task (:class:`Task`) owns the trainable modules and turns a batch into a
+loss; the engine does the rest: AdamW (no weight decay on biases, norms,
+tokens and position tables), linear warm-up then cosine decay, gradient
+clipping and accumulation, bf16 autocast on a GPU, ``torch.compile`` as an
+option, data-parallel training under ``torchrun`` (DistributedDataParallel:
+NCCL on GPUs, gloo on CPU; nothing here launches processes), checkpoints,
+exact resume, a progress bar, a JSON-lines log and loss plots.
+
+Run folder (``--out``)::
+
+    run.json                    the run's settings and model config
+    log.jsonl                   one JSON object per optimiser step
+    checkpoints/step-000100/    model.safetensors (the inference model) and
+                                train-state.pt (heads, optimiser, schedule,
+                                step, data position, RNG states)
+    checkpoints/latest          the name of the newest complete checkpoint
+    model.safetensors           the final inference model
+
+Checkpoints are written to a temporary folder and renamed into place, so a
+crash never leaves a half-written one behind; Ctrl-C saves one before
+exiting. Resuming restores everything the next step depends on (the data
+order is a function of the seed and epoch, the clips of ``(seed, index,
+view)``, the budgets of a saved generator), so on CPU a run stopped and
+resumed ends with the same parameters as an uninterrupted one.
+
+Batches: ``batch_size`` clips per optimiser step in all, split evenly over
+ranks and accumulation steps. Every rank draws the random budgets of the
+whole batch from the same generator and takes its own share, so any number
+of ranks computes the same step as one process.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from lookwhen.data.datasets import SkipReport, collate
+from lookwhen.io.atomic import atomic_folder, write_json, write_text
+from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.training.distributed import Distributed
+
+STATE_FILE = "train-state.pt"
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainSettings:
+    out: str
+    steps: int
+    batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: Optional[int] = None  # default: 5 % of the steps
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = 1.0
+    accumulate: int = 1
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    workers: int = 0
+    compile: bool = False
+    device: str = "cpu"
+    resume: bool = False
+    plot: Optional[str] = None
+    progress: Optional[bool] = None  # None: a bar on a terminal
+    extra: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accumulate", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive (or None for no clipping), got {self.clip_grad}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, round(0.05 * self.steps))
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must lie in [0, steps], got {self.warmup_steps}")
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak learning rate before optimiser step ``step``:
+    linear warm-up over ``warmup`` steps, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Task(abc.ABC):
+    """What the engine trains. ``module`` holds every trainable parameter
+    (it is what DistributedDataParallel wraps); its ``forward(batch, draws)``
+    returns ``(weighted loss, {name: unweighted loss part})``. ``draw(generator,
+    batch)`` returns the random inputs of a whole (global) micro-batch, of
+    which each rank's forward sees its own share."""
+
+    module: nn.Module
+
+    def draw(self, generator: torch.Generator, batch: int):
+        return None
+
+    @abc.abstractmethod
+    def model(self) -> nn.Module:
+        """The inference model to save (no training-only parts)."""
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of ``module``'s parameter ``name``."""
+        return 1.0
+
+    def run_info(self) -> Dict:
+        return {}
+
+
+def _no_decay(name: str, parameter: nn.Parameter) -> bool:
+    return parameter.ndim < 2 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+
+
+def make_optimizer(module: nn.Module, settings: TrainSettings,
+                   lr_scale: Optional[Callable[[str], float]] = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: no weight decay on biases,
+    norms, tokens and position tables; ``lr_scale(name)`` multiplies a
+    parameter's learning rate (layer-wise decay), schedules included."""
+    groups: Dict[tuple, List[nn.Parameter]] = {}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            key = (not _no_decay(name, parameter), 1.0 if lr_scale is None else float(lr_scale(name)))
+            groups.setdefault(key, []).append(parameter)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": settings.weight_decay if decay else 0.0, "lr": settings.lr * scale}
+         for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][1], item[0][0]))],
+        lr=settings.lr, betas=(0.9, 0.999))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Shard(torch.utils.data.Sampler):
+    """One rank's indices of one epoch, from ``start`` on: the epoch's
+    permutation (seeded by seed and epoch), dealt to the ranks round-robin
+    (DistributedSampler's rule), the incomplete tail dropped."""
+
+    def __init__(self, length: int, per_epoch: int, seed: int, epoch: int, rank: int, world: int, start: int):
+        self.indices = self._indices(length, per_epoch, seed, epoch, rank, world)[start:]
+
+    @staticmethod
+    def _indices(length, per_epoch, seed, epoch, rank, world) -> List[int]:
+        sampler = torch.utils.data.DistributedSampler(
+            range(length), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)[:per_epoch]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # micro-batches of this epoch already consumed
+
+
+class Trainer:
+    def __init__(self, task: Task, dataset, settings: TrainSettings, *, log: Callable[[str], None] = None):
+        self.task = task
+        self.dataset = dataset
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dist = Distributed.start(self.device)
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        world, accumulate = self.dist.world, settings.accumulate
+        if settings.batch_size % (world * accumulate):
+            raise ValueError(f"batch_size {settings.batch_size} must be divisible by ranks x accumulate = "
+                             f"{world} x {accumulate}")
+        self.micro = settings.batch_size // (world * accumulate)
+        self.steps_per_epoch = len(dataset) // settings.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the dataset has {len(dataset)} videos, fewer than one batch of {settings.batch_size}")
+        self.module = task.module.to(self.device)
+        self.optimizer = make_optimizer(self.module, settings, task.lr_scale)
+        warmup, total, floor = settings.warmup_steps, settings.steps, settings.min_lr / settings.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total, floor))
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.position = _Position()
+        self._snapshot_rng()
+        self.skips = SkipReport(self.log)
+        self.folder = settings.out
+        self.checkpoints = os.path.join(self.folder, "checkpoints")
+
+    # Checkpoints -----------------------------------------------------------
+    def _snapshot_rng(self) -> None:
+        """RNG states as of the last completed step: what a checkpoint taken
+        later (on Ctrl-C, in the middle of a step) must restore."""
+        self._rng_at_step = {
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def _state(self) -> Dict:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": dataclasses.asdict(self.position),
+            "generator": self._rng_at_step["generator"],
+            "torch_rng": self._rng_at_step["torch"],
+            "cuda_rng": self._rng_at_step["cuda"],
+            "skipped": dict(self.skips.seen),
+        }
+
+    def save(self) -> str:
+        """Write a checkpoint of the current step (main rank), keep the newest
+        ``keep_checkpoints``. Returns its folder."""
+        name = f"step-{self.position.step:06d}"
+        final = os.path.join(self.checkpoints, name)
+        if self.dist.main:
+            with atomic_folder(final) as temporary:
+                save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE))
+                torch.save(self._state(), os.path.join(temporary, STATE_FILE))
+            write_text(os.path.join(self.checkpoints, "latest"), name)
+            kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
+            for old in kept[: -self.settings.keep_checkpoints]:
+                shutil.rmtree(os.path.join(self.checkpoints, old), ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def latest_checkpoint(self) -> Optional[str]:
+        pointer = os.path.join(self.checkpoints, "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as handle:
+            return os.path.join(self.checkpoints, handle.read().strip())
+
+    def restore(self, folder: str) -> None:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position = _Position(**state["position"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.skips.seen.update(state["skipped"])
+        self._snapshot_rng()
+
+    # Run folder --------------------------------------------------------------
+    def _prepare_folder(self) -> None:
+        run_file = os.path.join(self.folder, "run.json")
+        info = {"settings": dataclasses.asdict(self.settings), **self.task.run_info(), "world_size": self.dist.world}
+        if self.settings.resume:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise ValueError(f"--resume: {self.checkpoints} holds no checkpoint to resume from")
+            self.restore(latest)
+            self.log(f"resumed from {latest} (step {self.position.step})")
+        elif self.latest_checkpoint() is not None:
+            raise ValueError(f"{self.folder} already holds a run; pass --resume to continue it or use a new --out")
+        if self.dist.main:
+            os.makedirs(self.checkpoints, exist_ok=True)
+            write_json(run_file, info, indent=2, default=str)
+            self._trim_log()
+        self.dist.barrier()
+
+    @property
+    def log_file(self) -> str:
+        return os.path.join(self.folder, "log.jsonl")
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the restored step (written after the
+        checkpoint a resumed run starts from)."""
+        if not os.path.isfile(self.log_file):
+            return
+        with open(self.log_file) as handle:
+            lines = [line for line in handle if line.strip() and json.loads(line)["step"] <= self.position.step]
+        with open(self.log_file, "w") as handle:
+            handle.writelines(lines)
+
+    # The loop ------------------------------------------------------------------
+    def _loader(self) -> torch.utils.data.DataLoader:
+        epoch, micro = self.position.epoch, self.position.micro
+        self.dataset.set_epoch(epoch)
+        per_epoch = self.steps_per_epoch * self.settings.batch_size // self.dist.world
+        sampler = _Shard(len(self.dataset), per_epoch, self.settings.seed, epoch, self.dist.rank, self.dist.world,
+                         micro * self.micro)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.micro, sampler=sampler, num_workers=self.settings.workers,
+            collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda")
+
+    def _share(self, drawn):
+        """This rank's share of the draws for a global micro-batch (the
+        round-robin dealing of :class:`_Shard`): a tensor, or a dict of them,
+        sliced along its first dimension."""
+        if drawn is None or self.dist.world == 1:
+            return drawn
+        if isinstance(drawn, dict):
+            return {key: self._share(value) for key, value in drawn.items()}
+        return drawn[self.dist.rank:: self.dist.world].contiguous()
+
+    def fit(self) -> Dict:
+        self._prepare_folder()
+        settings = self.settings
+        forward = self.module
+        if self.dist.world > 1:
+            forward = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if settings.compile:
+            forward = torch.compile(forward)
+        # tqdm's disable=None: a bar only on a terminal.
+        disable = True if not self.dist.main else None if settings.progress is None else not settings.progress
+        bar = tqdm(total=settings.steps, initial=self.position.step, unit="step", file=sys.stderr,
+                   disable=disable, dynamic_ncols=True)
+        last = {}
+        try:
+            while self.position.step < settings.steps:
+                last = self._epoch(forward, bar) or last
+        except KeyboardInterrupt:
+            folder = self.save()
+            self.log(f"interrupted at step {self.position.step}: checkpoint saved in {folder}; "
+                     "run again with --resume to continue")
+            raise
+        finally:
+            bar.close()
+        # The last epoch may end part-way: its skips are reported all the same.
+        message = self.skips.end_epoch(self.position.epoch)
+        if message and self.dist.main:
+            self.log(message)
+        if self.position.step % settings.save_every:
+            self.save()
+        if self.dist.main:
+            save_checkpoint(self.task.model(), os.path.join(self.folder, MODEL_FILE))
+            if settings.plot:
+                plot_log(self.log_file, settings.plot)
+        self.dist.barrier()
+        return last
+
+    def _epoch(self, forward, bar) -> Dict:
+        settings, position = self.settings, self.position
+        accumulate = settings.accumulate
+        window_start, window_clips, last = time.perf_counter(), 0, {}
+        parts_sum: Dict[str, float] = {}
+        loss_sum = 0.0
+        consumed = position.micro
+        for batch in self._loader():
+            self.skips.add(batch["skipped"])
+            drawn = self._share(self.task.draw(self.generator, self.micro * self.dist.world))
+            sync = consumed % accumulate == accumulate - 1
+            context = forward.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
+            with context:
+                with autocast(self.device):
+                    loss, parts = forward(batch, drawn)
+                (loss / accumulate).backward()
+            loss_sum += float(loss.detach()) / accumulate
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / accumulate
+            consumed += 1
+            window_clips += len(batch["clips"]) * self.dist.world
+            if not sync:
+                continue
+            grad_norm = None
+            if settings.clip_grad is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad))
+            lr = max(group["lr"] for group in self.optimizer.param_groups)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            position.micro = consumed
+            self._snapshot_rng()
+            now = time.perf_counter()
+            rate = window_clips / max(now - window_start, 1e-9)
+            window_start, window_clips = now, 0
+            last = {"step": position.step, "epoch": position.epoch, "lr": lr, "loss": self._reduce(loss_sum),
+                    "losses": {k: self._reduce(v) for k, v in parts_sum.items()},
+                    "grad_norm": grad_norm, "clips_per_s": rate, "time": time.time()}
+            parts_sum, loss_sum = {}, 0.0
+            if self.dist.main:
+                with open(self.log_file, "a") as handle:
+                    handle.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.4g}", clips_s=f"{rate:.2f}", refresh=False)
+            bar.update(1)
+            if position.step % settings.save_every == 0:
+                self.save()
+            if position.step >= settings.steps:
+                return last
+        message = self.skips.end_epoch(position.epoch)
+        if message and self.dist.main:
+            self.log(message)
+        position.epoch += 1
+        position.micro = 0
+        return last
+
+    def _reduce(self, value: float) -> float:
+        """The mean over ranks (what the averaged gradients optimise)."""
+        if self.dist.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)
+        return float(tensor) / self.dist.world
+
+
+def read_log(path: str) -> List[Dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_log(log_path: str, out_path: str) -> None:
+    """Loss curves of a run (total and each part, log scale) and its
+    learning rate, from ``log.jsonl``."""
+    # matplotlib (the train extra) only when a plot is asked for.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    if not rows:
+        raise ValueError(f"{log_path}: the log is empty; nothing to plot")
+    steps = [r["step"] for r in rows]
+    figure, (losses, rate) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    losses.plot(steps, [r["loss"] for r in rows], label="total (weighted)", color="black", linewidth=2)
+    for name in rows[-1]["losses"]:
+        losses.plot(steps, [r["losses"].get(name, float("nan")) for r in rows], label=name, alpha=0.8)
+    losses.set_yscale("log")
+    losses.set_ylabel("loss")
+    losses.legend(loc="upper right", fontsize="small")
+    losses.grid(True, which="both", alpha=0.3)
+    rate.plot(steps, [r["lr"] for r in rows], color="tab:gray")
+    rate.set_ylabel("learning rate")
+    rate.set_xlabel("optimiser step")
+    rate.grid(True, alpha=0.3)
+    figure.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))) or "training")
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,178 @@
+"""Evaluation the way video papers report it: top-1 and top-5 accuracy with
+the multi-view protocol (``4x3``: 4 temporal clips x 3 spatial crops, the
+views' logits averaged per video), with the cost beside it: clips/s and
+GFLOPs (and GMACs, the papers' unit: one multiply-add) per view.
+
+Views. Temporal clip ``i`` of ``n`` takes ``frames`` frames by the uniform
+rule inside the ``i``-th of ``n`` equal parts of the video. Spatial crop
+``j`` of ``m``: the short side resized to ``size`` and ``m`` squares spread
+evenly along the long side (for ``m = 1`` the centre; for 3, the two ends and
+the centre). The protocol is deterministic: a second run gives the same
+numbers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lookwhen.data.datasets import collate_list
+from lookwhen.training.finetune import logits_of
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
+from lookwhen.models.flops import count_flops
+
+
+def parse_views(text: str) -> Tuple[int, int]:
+    """``"4x3"`` -> ``(4, 3)`` (temporal clips, spatial crops)."""
+    parts = text.lower().split("x")
+    try:
+        temporal, spatial = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"views: expected TEMPORALxSPATIAL such as 4x3, got {text!r}") from None
+    if temporal < 1 or spatial < 1:
+        raise ValueError(f"views: both counts must be at least 1, got {text!r}")
+    return temporal, spatial
+
+
+def view_indices(n_frames: int, frames: int, temporal: int) -> List[int]:
+    """Frame indices of every temporal clip, concatenated."""
+    out = []
+    for i in range(temporal):
+        first, stop = (i * n_frames) // temporal, ((i + 1) * n_frames) // temporal
+        out += sample_indices(max(stop - first, 1), frames, min(first, n_frames - 1))
+    return out
+
+
+def spatial_crops(frames: torch.Tensor, size: int, count: int) -> torch.Tensor:
+    """uint8 ``[F, H, W, 3]`` -> ``[count, F, size, size, 3]``."""
+    x = resize_short_side(frames, size)
+    _, new_h, new_w, _ = x.shape
+    crops = []
+    for j in range(count):
+        at = 0.5 if count == 1 else j / (count - 1)
+        top, left = round((new_h - size) * at), round((new_w - size) * at)
+        if new_h > new_w:
+            left = (new_w - size) // 2
+        else:
+            top = (new_h - size) // 2
+        crops.append(x[:, top: top + size, left: left + size])
+    return torch.stack(crops).contiguous()
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Every view of one video per item: ``views uint8 [V, T, S, S, 3]``
+    (temporal-major), or ``None`` with the failure for an unreadable file."""
+
+    def __init__(self, items: Sequence[Tuple[str, int]], frames: int, size: int, views: Tuple[int, int]):
+        self.items, self.frames, self.size, self.views = list(items), frames, size, views
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Dict:
+        path, label = self.items[index]
+        temporal, spatial = self.views
+        try:
+            decoded = decode_frames(path, lambda n: view_indices(n, self.frames, temporal))
+        except VideoError as error:
+            return {"views": None, "label": label, "path": path, "error": str(error)}
+        crops = spatial_crops(decoded, self.size, spatial)  # [spatial, temporal * T, S, S, 3]
+        crops = crops.unflatten(1, (temporal, self.frames)).transpose(0, 1).flatten(0, 1)
+        return {"views": crops, "label": label, "path": path, "error": None}
+
+
+@dataclass
+class Evaluation:
+    top1: float
+    top5: float
+    videos: int
+    views_per_video: int
+    clips_per_s: float
+    gflops_per_view: float
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+    predictions: List[int] = field(default_factory=list)
+
+    @property
+    def gmacs_per_view(self) -> float:
+        return self.gflops_per_view / 2
+
+    def as_dict(self) -> Dict:
+        return {"top1": self.top1, "top5": self.top5, "videos": self.videos, "views_per_video": self.views_per_video,
+                "clips_per_s": self.clips_per_s, "gflops_per_view": self.gflops_per_view,
+                "gmacs_per_view": self.gmacs_per_view, "failures": [list(f) for f in self.failures]}
+
+
+@torch.no_grad()
+def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] = (1, 1),
+             keep_ratio: Optional[float] = None, batch_size: int = 4, workers: int = 0,
+             device: torch.device = torch.device("cpu"), progress=None) -> Evaluation:
+    """Top-1 / top-5 of ``model`` over ``(path, label)`` items; unreadable
+    videos are left out and listed in ``failures``."""
+    cfg = model.config
+    if not cfg.num_classes:
+        raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")
+    if keep_ratio is not None and not isinstance(model, LookWhen):
+        raise ValueError(f"keep_ratio: {cfg.name} is a dense model and keeps every token")
+    model = model.eval()
+    selection = {"keep_ratio": keep_ratio} if isinstance(model, LookWhen) and keep_ratio is not None else {}
+    loader = torch.utils.data.DataLoader(ViewDataset(items, cfg.frames, cfg.image_size, views), batch_size=1,
+                                         num_workers=workers, collate_fn=collate_list)
+    per_video = views[0] * views[1]
+    correct1 = correct5 = 0
+    failures, predictions = [], []
+    pending: List[Dict] = []
+    compute_s, n_views = 0.0, 0
+
+    def flush():
+        nonlocal correct1, correct5, compute_s, n_views
+        if not pending:
+            return
+        clips = torch.cat([p["views"] for p in pending]).to(device)
+        start = time.perf_counter()
+        logits = torch.cat([logits_of(model, clips[i: i + batch_size], **selection).float()
+                            for i in range(0, len(clips), batch_size)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compute_s += time.perf_counter() - start
+        n_views += len(clips)
+        scores = logits.view(len(pending), per_video, -1).softmax(-1).mean(1)
+        labels = torch.tensor([p["label"] for p in pending], device=scores.device)
+        top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(-1).sum())
+        predictions.extend(top[:, 0].tolist())
+        pending.clear()
+
+    for (sample,) in loader:
+        if sample["views"] is None:
+            failures.append((sample["path"], sample["error"]))
+        else:
+            pending.append(sample)
+            if len(pending) * per_video >= batch_size:
+                flush()
+        if progress is not None:
+            progress(1)
+    flush()
+    videos = len(items) - len(failures)
+    if videos == 0:
+        raise ValueError(f"none of the {len(items)} videos could be read")
+    probe = torch.zeros((1, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, device=device)
+    flops = count_flops(model, probe, **selection) if isinstance(model, LookWhen) else count_flops(model, probe)
+    return Evaluation(top1=correct1 / videos, top5=correct5 / videos, videos=videos, views_per_video=per_video,
+                      clips_per_s=n_views / max(compute_s, 1e-9), gflops_per_view=flops / 1e9,
+                      failures=failures, predictions=predictions)
+
+
+def format_evaluation(name: str, result: Evaluation, views: Tuple[int, int], keep_ratio) -> str:
+    header = ("model", "views", "keep", "videos", "top-1", "top-5", "GFLOPs/view", "GMACs/view", "views/s")
+    row = (name, f"{views[0]}x{views[1]}", "all" if keep_ratio is None else f"{keep_ratio:g}", str(result.videos),
+           f"{100 * result.top1:.2f}", f"{100 * result.top5:.2f}", f"{result.gflops_per_view:.2f}",
+           f"{result.gmacs_per_view:.2f}", f"{result.clips_per_s:.2f}")
+    widths = [max(len(a), len(b)) for a, b in zip(header, row)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in (header, row)]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), lines[1]]) + (
+        f"\n{len(result.failures)} unreadable videos left out" if result.failures else "")
+

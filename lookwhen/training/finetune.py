@@ -1,0 +1,234 @@
+"""Fine-tuning for classification, on the training engine.
+
+- A classifier on the embedding (the model's ``num_classes`` head),
+  cross-entropy with label smoothing, AdamW with **layer-wise learning-rate
+  decay** (the usual ViT recipe: block ``i`` of ``L`` learns at
+  ``decay ** (L - i)`` times the rate, the embeddings and the selector at
+  ``decay ** (L + 1)``, the final norm and the head at the full rate).
+- LookWhen keeps a fixed ratio of its tokens or draws a budget per clip from
+  a range each step; ``selection="random"`` replaces the selector's choice by
+  uniformly random tokens (the control that shows what selection is worth);
+  ``selection="perturbed"`` trains with STTS's differentiable top-K, so the
+  selector learns from the task loss alone: sigma decays linearly from
+  ``sigma`` (0.05) to 0 over ``sigma_steps`` training forwards (STTS: the
+  whole run, steps x accumulation; ``finetune --sigma-decay`` gives a
+  fraction of it), the forwards after it train on the hard top-K, and
+  evaluation (the saved model) uses the hard top-K.
+- ``linear_probe``: the selector and the extractor are frozen, the head alone
+  trains (the papers' LP rows).
+- **Cross-resolution distillation** (ResKD): with a teacher model that sees
+  the clip at a higher resolution, the loss is ``(1 - alpha) * CE(student,
+  labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
+  the data are sampled at the teacher's resolution and the student's input is
+  the same clip resized down to its own. Dense students (the baseline at 112
+  px from the same at 224 px) and LookWhen students both work.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lookwhen_kernels as lk
+from lookwhen.data.video import fit_clips
+from lookwhen.io.checkpoint import load_checkpoint
+from lookwhen.models import build_model
+from lookwhen.models.config import get_config
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.training.engine import Task
+from lookwhen.training.losses import draw_budgets
+from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+
+SELECTIONS = ("selector", "random", "perturbed")
+
+
+def sigma_decay_steps(fraction: float, forwards: int) -> int:
+    """The training forwards over which sigma decays: ``fraction`` of the
+    run's ``forwards`` (steps x accumulation), at least one."""
+    return max(1, round(fraction * forwards))
+
+
+def random_selection(generator: torch.Generator, batch: int, n_tokens: int, k: int) -> torch.Tensor:
+    """int32 ``[batch, k]``: ``k`` distinct token ids per clip, uniformly at
+    random, ascending (the selection contract)."""
+    noise = torch.rand((batch, n_tokens), generator=generator)
+    return lk.topk_tokens(noise, k)
+
+
+def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tensor:
+    """Class logits of either model kind (LookWhen takes ``keep_ratio``,
+    ``budgets`` or ``indices``; a dense model takes none)."""
+    if isinstance(model, LookWhen):
+        return model(clips, **selection).logits
+    return model.head(model(clips))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer of a LookWhen or dense-model parameter for layer-wise decay:
+    0 for the embeddings and the selector, ``i + 1`` for block ``i``,
+    ``depth + 1`` for the final norm, the pooling head and the classifier."""
+    block = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    if name.startswith("selector.") or not block and re.search(r"(patch_embed|pos_embed|cls_token)", name):
+        return 0
+    if block:
+        return int(block.group(1)) + 1
+    return depth + 1
+
+
+_HEAD = ("head.weight", "head.bias")
+
+
+def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Optional[str] = None,
+                   overrides: Optional[Dict] = None) -> nn.Module:
+    """The model to fine-tune: ``preset`` (random), or the weights of the
+    checkpoint ``init`` with its config given ``num_classes`` (a new
+    classifier when the count differs); ``overrides`` change the config
+    either way (a ``num_classes`` among them wins)."""
+    overrides = {"num_classes": num_classes, **(overrides or {})}
+    if init is None:
+        return build_model(preset, **overrides)
+    source = load_checkpoint(init)
+    model = build_model(get_config(source.config, **overrides))
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith(_HEAD)
+             or model.state_dict()[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if not k.endswith(_HEAD)]
+    if new or unexpected:
+        raise ValueError(f"{init}: its weights do not fit the fine-tuning config "
+                         f"(missing {new[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+class FinetuneModule(nn.Module):
+    def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
+                 teacher: Optional[nn.Module], temperature: float, alpha: float,
+                 perturbed: Optional[Tuple[float, int, int]] = None):
+        super().__init__()
+        self.model = model
+        # (sigma at the start, training forwards over which it decays to 0,
+        # samples); the forwards seen so far are state, so a resumed run
+        # continues the schedule.
+        self.perturbed = perturbed
+        if perturbed is not None:
+            self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))
+        self.keep_ratio = keep_ratio
+        self.label_smoothing = label_smoothing
+        self.temperature = temperature
+        self.alpha = alpha
+        # Frozen and never saved with the student.
+        self.__dict__["teacher"] = teacher
+
+    def forward(self, batch: Dict, draws: Optional[Dict]):
+        device = next(self.model.parameters()).device
+        clips = batch["clips"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device)
+        if draws is not None:
+            selection = {k: v.to(device) for k, v in draws.items()}
+        else:
+            selection = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
+        if self.perturbed is not None and self.training:
+            sigma = self.sigma()
+            # Past the decay the hard top-K's own path gives the same tokens
+            # without embedding every candidate.
+            if sigma > 0:
+                selection["sigma"] = sigma
+                selection["n_samples"] = self.perturbed[2]
+            self.forwards += 1
+        student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
+        logits = logits_of(self.model, student_clips, **selection).float()
+        parts = {"task": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
+        if self.teacher is None:
+            return parts["task"], {k: v.detach() for k, v in parts.items()}
+        with torch.no_grad():
+            target = logits_of(self.teacher, fit_clips(clips, self.teacher.config.frames, self.teacher.config.image_size)).float()
+        t = self.temperature
+        parts["distill"] = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1),
+                                    log_target=True, reduction="batchmean") * t * t
+        loss = (1 - self.alpha) * parts["task"] + self.alpha * parts["distill"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def sigma(self) -> float:
+        """The perturbed top-K's noise level at this point of the run."""
+        start, total, _ = self.perturbed
+        return start * max(0.0, 1.0 - int(self.forwards) / total)
+
+
+class FinetuneTask(Task):
+    def __init__(self, model: nn.Module, *, keep_ratio: Optional[float] = None,
+                 keep_range: Optional[Tuple[float, float]] = None, selection: str = "selector",
+                 linear_probe: bool = False, layer_decay: float = 0.75, label_smoothing: float = 0.1,
+                 teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5,
+                 sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500):
+        config = model.config
+        if not config.num_classes:
+            raise ValueError(f"{config.name}: fine-tuning needs a classifier (num_classes > 0)")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        lookwhen = isinstance(model, LookWhen)
+        if not lookwhen and (keep_ratio is not None or keep_range is not None or selection != "selector"):
+            raise ValueError(f"{config.name} is a dense model: it keeps every token")
+        if keep_ratio is not None and keep_range is not None:
+            raise ValueError("keep_ratio and keep_range: give one or the other")
+        if keep_range is not None and not 0 < keep_range[0] <= keep_range[1] <= 1:
+            raise ValueError(f"keep_range: expected 0 < low <= high <= 1, got {keep_range}")
+        if selection in ("random", "perturbed") and keep_range is not None:
+            raise ValueError(f"selection={selection!r} keeps a fixed number of tokens per clip: use keep_ratio")
+        if selection == "perturbed":
+            if not sigma >= 0 or sigma_steps is None or sigma_steps < 1 or n_samples < 1:
+                raise ValueError(f"selection='perturbed' needs sigma >= 0, sigma_steps >= 1 and n_samples >= 1, "
+                                 f"got {sigma}, {sigma_steps} and {n_samples}")
+            if linear_probe:
+                raise ValueError("selection='perturbed' trains the selector: not with linear_probe")
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if teacher is not None:
+            if teacher.config.num_classes != config.num_classes:
+                raise ValueError(f"the teacher has {teacher.config.num_classes} classes, the student "
+                                 f"{config.num_classes}")
+            if not 0 <= alpha <= 1 or not temperature > 0:
+                raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha} and {temperature}")
+            teacher.eval().requires_grad_(False)
+        if linear_probe:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith(("extractor.head.", "head.")))
+        self.lookwhen = lookwhen
+        self.keep_ratio = None if not lookwhen else keep_ratio if keep_ratio is not None else config.keep_ratio
+        self.keep_range = keep_range
+        self.selection = selection
+        self.linear_probe = linear_probe
+        self.layer_decay = layer_decay
+        self.perturbed = (float(sigma), int(sigma_steps), int(n_samples)) if selection == "perturbed" else None
+        self.module = FinetuneModule(model, keep_ratio=self.keep_ratio, label_smoothing=label_smoothing,
+                                     teacher=teacher, temperature=temperature, alpha=alpha,
+                                     perturbed=self.perturbed)
+        self._model = model
+        self.distilled = teacher is not None
+
+    def draw(self, generator: torch.Generator, batch: int):
+        if not self.lookwhen:
+            return None
+        n_tokens = self._model.config.n_tokens
+        if self.keep_range is not None:
+            return {"budgets": draw_budgets(generator, batch, self.keep_range, n_tokens)}
+        if self.selection == "random":
+            return {"indices": random_selection(generator, batch, n_tokens, keep_ratio_to_k(self.keep_ratio, n_tokens))}
+        return None
+
+    def lr_scale(self, name: str) -> float:
+        depth = self._model.config.depth
+        local = name[len("model."):] if name.startswith("model.") else name
+        return self.layer_decay ** (depth + 1 - layer_id(local.removeprefix("extractor."), depth))
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def run_info(self) -> Dict:
+        return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
+                "keep_range": self.keep_range, "selection": self.selection, "perturbed": self.perturbed,
+                "linear_probe": self.linear_probe,
+                "layer_decay": self.layer_decay, "distilled": self.distilled}

@@ -1,0 +1,171 @@
+"""A disk cache of the teachers' outputs, so a many-epoch run pays for the
+teachers once (``lookwhen cache-targets``).
+
+:class:`TargetCache` reads teacher outputs per ``(video index, view)`` from
+safetensors shards ``shard-XXXXX.safetensors`` under a folder, with
+``index.json`` naming the shard of every key and pinning the dataset,
+sampling, grid and teachers they were made for (a cache made for other clips
+is refused, not silently misused). :func:`write_cache` writes them,
+:func:`teacher_targets` computes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+
+from lookwhen.data.video import VideoError
+from lookwhen.io.atomic import check_pinned, shard_name, write_json, write_tensors
+from lookwhen.training.teachers import TeacherTargets, Teachers
+
+CACHE_INDEX = "index.json"
+# What check_pinned says a folder made for other inputs holds.
+OTHER_CACHE = "a cache made for other clips or teachers"
+
+
+def _index_path(folder) -> str:
+    """The index of the cache in ``folder``, which must exist."""
+    path = os.path.join(os.fspath(folder), CACHE_INDEX)
+    if not os.path.isfile(path):
+        raise ValueError(f"{os.fspath(folder)}: not a target cache (no {CACHE_INDEX}; make one with "
+                         "lookwhen cache-targets)")
+    return path
+
+
+class TargetCache:
+    """Teacher outputs per ``(video index, view)`` (see the module
+    docstring). Patch features are stored in float16 (they are regression
+    targets; the loss standardises them first)."""
+
+    def __init__(self, folder, fingerprint: Dict):
+        self.folder = os.fspath(folder)
+        index = check_pinned(_index_path(self.folder), fingerprint, what=OTHER_CACHE, key="fingerprint")
+        self.views = index["views"]
+        self.shard_of = index["shards"]
+        self._open: Dict[str, object] = {}
+
+    @classmethod
+    def for_dataset(cls, folder, dataset, grid: Sequence[int]) -> "TargetCache":
+        """The cache in ``folder``, checked against the dataset's videos and
+        sampling and the token grid (the teachers are the cache's own)."""
+        with open(_index_path(folder), encoding="utf-8") as handle:
+            teachers = json.load(handle)["fingerprint"]["teachers"]
+        return cls(folder, cache_fingerprint(dataset, grid, teachers))
+
+    def first(self) -> TeacherTargets:
+        """One entry (for the targets' widths)."""
+        index, view = next(iter(self.shard_of)).split("/")
+        return self.get([int(index)], [int(view)])
+
+    @staticmethod
+    def key(index: int, view: int) -> str:
+        return f"{int(index)}/{int(view)}"
+
+    def get(self, indices: Iterable[int], views: Iterable[int]) -> TeacherTargets:
+        parts: Dict[str, List[torch.Tensor]] = {"patches": [], "frames": [], "video": []}
+        for index, view in zip(indices, views):
+            key = self.key(index, view)
+            if key not in self.shard_of:
+                raise ValueError(f"{self.folder}: no cached targets for video {index}, view {view}")
+            shard = self.shard_of[key]
+            if shard not in self._open:
+                self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
+            handle = self._open[shard]
+            for name in parts:
+                if f"{key}/{name}" in handle.keys():
+                    parts[name].append(handle.get_tensor(f"{key}/{name}").float())
+        video = torch.stack(parts["video"]) if parts["video"] else None
+        return TeacherTargets(torch.stack(parts["patches"]), torch.stack(parts["frames"]), video)
+
+
+def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fingerprint: Dict, views: int,
+                *, shard_size: int = 256, progress=None) -> int:
+    """Write ``(video index, view, single-clip targets)`` entries as shards;
+    finished shards are kept, so an interrupted run restarted with the same
+    fingerprint recomputes only what is missing (``done`` keys are skipped
+    by the caller through :func:`cached_keys`). Returns the entry count."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    shard_of = cached_keys(folder, fingerprint)
+    pending: Dict[str, torch.Tensor] = {}
+    keys: List[str] = []
+    count = 0
+
+    def flush():
+        if not keys:
+            return
+        name = shard_name(len(set(shard_of.values())))
+        write_tensors(os.path.join(folder, name), pending)
+        shard_of.update({key: name for key in keys})
+        _write_index(folder, fingerprint, views, shard_of)
+        pending.clear()
+        keys.clear()
+
+    for index, view, targets in entries:
+        key = TargetCache.key(index, view)
+        pending[f"{key}/patches"] = targets.patches.to("cpu", torch.float16).contiguous()
+        pending[f"{key}/frames"] = targets.frames.to("cpu", torch.float32).contiguous()
+        if targets.video is not None:
+            pending[f"{key}/video"] = targets.video.to("cpu", torch.float32).contiguous()
+        keys.append(key)
+        count += 1
+        if progress is not None:
+            progress(1)
+        if len(keys) >= shard_size:
+            flush()
+    flush()
+    _write_index(folder, fingerprint, views, shard_of)
+    return count
+
+
+def cached_keys(folder, fingerprint: Dict) -> Dict[str, str]:
+    """``key -> shard`` of what ``folder`` already holds for this fingerprint
+    (empty for a new folder; a folder made for something else is refused)."""
+    index = check_pinned(os.path.join(os.fspath(folder), CACHE_INDEX), fingerprint, what=OTHER_CACHE,
+                         key="fingerprint")
+    return {} if index is None else dict(index["shards"])
+
+
+def _write_index(folder: str, fingerprint: Dict, views: int, shard_of: Dict[str, str]) -> None:
+    write_json(os.path.join(folder, CACHE_INDEX), {"fingerprint": fingerprint, "views": views, "shards": shard_of})
+
+
+def teacher_targets(teachers: Teachers, keys: Sequence[Tuple[int, int]], clip: Callable[[int, int], torch.Tensor],
+                    grid: Sequence[int], *, batch_size: int = 8, device: torch.device = torch.device("cpu"),
+                    skipped: Optional[Callable[[str, str], None]] = None,
+                    ) -> Iterator[Tuple[int, int, TeacherTargets]]:
+    """What :func:`write_cache` takes: ``(video index, view, single-clip
+    targets)`` for every ``(index, view)`` of ``keys``, the clips
+    ``clip(index, view)`` run through the teachers ``batch_size`` at a time
+    on the ``grid = (h, w)`` token grid. A clip that cannot be read
+    (:class:`VideoError`) is reported to ``skipped(path, reason)`` and left
+    out."""
+    for start in range(0, len(keys), batch_size):
+        chunk, clips = [], []
+        for index, view in keys[start: start + batch_size]:
+            try:
+                clips.append(clip(index, view))
+                chunk.append((index, view))
+            except VideoError as error:
+                if skipped is not None:
+                    skipped(error.path, error.reason)
+        if not clips:
+            continue
+        targets = teachers(torch.stack(clips).to(device), tuple(grid))
+        for b, (index, view) in enumerate(chunk):
+            video = None if targets.video is None else targets.video[b]
+            yield index, view, TeacherTargets(targets.patches[b], targets.frames[b], video)
+
+
+def cache_fingerprint(dataset, grid: Sequence[int], teacher_names: Sequence[str]) -> Dict:
+    """What cached targets depend on: the videos, their sampling and seed,
+    the token grid and the teachers."""
+    videos = hashlib.sha1("\n".join(f"{p},{l}" for p, l in dataset.items).encode()).hexdigest()
+    # Through JSON, so it compares equal to what the index file holds.
+    return json.loads(json.dumps({"videos": videos, "sampling": dataclasses.asdict(dataset.sampling),
+                                  "seed": dataset.seed, "grid": list(grid), "teachers": list(teacher_names)}))
