@@ -47,7 +47,7 @@ from lookwhen.cpu_inference import onednn_available, prepack_linears
 from lookwhen.rlt import DEFAULT_THRESHOLD, RLTDense
 from lookwhen.synthetic import synthetic_clip, write_video
 from lookwhen.video import fit_clips, read_clips
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")

@@ -25,8 +25,7 @@ from .configs import DTYPES, parse_overrides, parse_shapes
 from .report import Record, Result, format_table
 from .timing import Stats, noise, peak_memory, rotating, sample
 from lookwhen.config import ModelConfig
-from lookwhen_kernels.ops._common import set_cpu_backend
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k, set_cpu_backend, sub_grid_map
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOAT_BYTES = 2  # the roofline assumes fp16/bf16 tensors on the GPU
@@ -126,7 +125,7 @@ def topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
 
     def eager(scores):
         if scores.dim() == 3:
-            scores = reference.sub_grid_map(scores, grid)
+            scores = sub_grid_map(scores, grid)
         r = math.isqrt(outputs)
         frames, h, w = grid
         planes = scores.view(batch, frames, h * r, w * r)

@@ -31,7 +31,7 @@ from . import BenchError
 from .configs import parse_overrides, resolve
 from .report import Record, Result, format_table
 from .timing import Stats, sample
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=64, depth=2, heads=2, selector_width=64,
                       selector_depth=2, selector_heads=2, score_hidden=64, registers=2)

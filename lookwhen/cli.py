@@ -274,7 +274,7 @@ def selection_picture(clip: torch.Tensor, indices: torch.Tensor, scores: torch.T
     from matplotlib import colormaps
 
     from lookwhen.selector import frame_scores
-    from lookwhen_kernels.reference import upsample_scores
+    from lookwhen_kernels import upsample_scores
 
     frames, height, width, _ = clip.shape
     _, grid_h, grid_w = config.grid
@@ -331,7 +331,7 @@ def cmd_info(args) -> int:
     from lookwhen import build_model
     from lookwhen.flops import count_flops, gmacs
     from lookwhen.model import LookWhen
-    from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+    from lookwhen_kernels import keep_ratio_to_k
 
     generator = torch.Generator().manual_seed(0)
     names = [args.preset] + ([BASELINE_PRESET] if args.preset != BASELINE_PRESET else [])

@@ -188,7 +188,7 @@ class FinetuneTask(Task):
         if self.keep_range is not None:
             return {"budgets": draw_budgets(generator, batch, self.keep_range, n_tokens)}
         if self.selection == "random":
-            from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+            from lookwhen_kernels import keep_ratio_to_k
 
             return {"indices": random_selection(generator, batch, n_tokens, keep_ratio_to_k(self.keep_ratio, n_tokens))}
         return None

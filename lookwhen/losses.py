@@ -160,7 +160,7 @@ def draw_budgets(generator: torch.Generator, batch: int, keep_range: Tuple[float
                  ) -> torch.Tensor:
     """int32 ``[batch]`` token budgets, uniform over the whole numbers
     between ``keep_range`` (keep ratios) times ``n_tokens``."""
-    from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+    from lookwhen_kernels import keep_ratio_to_k
 
     low, high = (keep_ratio_to_k(r, n_tokens) for r in keep_range)
     return torch.randint(low, high + 1, (batch,), generator=generator, dtype=torch.int32)

@@ -32,9 +32,10 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_shape,
+    check_real,
     check_tensor,
+    cpu_dispatch,
     dot_precision,
-    native_kernel,
     next_power_of_2,
     use_triton,
 )
@@ -161,10 +162,8 @@ def _score_tokens(
     eps: float,
 ) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("score_tokens", x, handles=w2.shape[0] == 1)
-        if native is not None:
-            return native(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
-        return reference.score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+        args = (x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+        return cpu_dispatch("score_tokens", args, reference.score_tokens, handles=w2.shape[0] == 1)
     out = torch.empty(_out_shape(x, w2), device=x.device, dtype=torch.float32)
     return _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
 
@@ -176,9 +175,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    native = native_kernel("score_tokens_backward", grad, handles=grad.dim() == 2)
-    backward = native if native is not None else reference.score_tokens_backward
-    return (*backward(grad, *ctx.saved_tensors, ctx.eps), None)
+    args = (grad, *ctx.saved_tensors, ctx.eps)
+    return (*cpu_dispatch("score_tokens_backward", args, reference.score_tokens_backward, handles=grad.dim() == 2),
+            None)
 
 
 _score_tokens.register_autograd(_backward, setup_context=_setup_context)
@@ -237,9 +236,7 @@ def score_tokens(
     ):
         check_tensor(name, tensor, dtypes=(x.dtype,), device=x.device, contiguous=True)
         check_shape(name, tensor, shape)
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps}")
-    return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, float(eps))
+    return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, check_real("eps", eps, "(0, inf]"))
 
 
 def _compile_spec(dtype: torch.dtype, aligned: bool, outputs: int = 1) -> CompileSpec:
