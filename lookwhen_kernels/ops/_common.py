@@ -25,8 +25,6 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from lookwhen_kernels import native
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,6 +100,11 @@ def native_kernel(name: str, tensor: torch.Tensor, handles: bool = True):
     does not have (``handles=False``: several scores per token)."""
     if not handles or tensor.device.type != "cpu" or _CPU_BACKEND == "reference" or _tracing(tensor):
         return None
+    # Imported on first use: `python -m lookwhen_kernels.native` runs that
+    # module as __main__, and runpy warns when importing the package has
+    # already imported it.
+    from lookwhen_kernels import native
+
     return native.kernel(name)
 
 

@@ -3,7 +3,7 @@ reaches a target (Uni-AdaFocus's sample-wise dynamic computation): clips whose
 scores are concentrated get fewer tokens.
 
 One program owns one clip (its fine scores in registers, read through
-topk_tokens' upsampling when an ``out_grid`` is given). With ``e = exp(s -
+the selection core's upsampling when an ``out_grid`` is given). With ``e = exp(s -
 max s)`` the top-K of the clip reaches the mass when their ``e`` sum to at
 least ``mass * sum(e)``. No sort: the K-th largest order key is found bit by
 bit as in topk_tokens, keeping a bit while the ``e`` of the keys at or above

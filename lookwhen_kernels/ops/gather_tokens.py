@@ -89,7 +89,7 @@ def _blocks(dim: int) -> Tuple[int, int]:
     return max(1, min(64, 2048 // block_d)), block_d
 
 
-def _move_rows(
+def move_rows(
     src: torch.Tensor, dst: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
     n_tokens: int, scatter: bool,
 ) -> None:
@@ -114,7 +114,7 @@ def _gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[
         return cpu_dispatch(None, (x, indices, cu_seqlens), reference.gather_tokens)
     x = x.contiguous()
     out = x.new_empty((indices.numel(), x.shape[2]))
-    _move_rows(x, out, indices, cu_seqlens, x.shape[1], scatter=False)
+    move_rows(x, out, indices, cu_seqlens, x.shape[1], scatter=False)
     return out
 
 
@@ -127,7 +127,7 @@ def _scatter_tokens(
     packed = packed.contiguous()
     batch = indices.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     out = packed.new_zeros((batch, n_tokens, packed.shape[1]))
-    _move_rows(packed, out, indices, cu_seqlens, n_tokens, scatter=True)
+    move_rows(packed, out, indices, cu_seqlens, n_tokens, scatter=True)
     return out
 
 

@@ -137,7 +137,7 @@ def _nn_uniqueness_fwd(
     tl.store(out_ptr + clip_rows + queries, distance, mask=q_ok)
 
 
-def _nn_uniqueness_into(out, x, metric):
+def nn_uniqueness_into(out, x, metric):
     """Launch into a preallocated float32 ``out [B, N]`` (tests poison it first)."""
     batch, n_tokens, dim = x.shape
     if out.numel() == 0:
@@ -161,7 +161,7 @@ def _nn_uniqueness(x: torch.Tensor, metric: str) -> torch.Tensor:
     if not use_triton(x):
         return cpu_dispatch("nn_uniqueness", (x, metric), reference.nn_uniqueness)
     out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
-    return _nn_uniqueness_into(out, x, metric)
+    return nn_uniqueness_into(out, x, metric)
 
 
 @register_flop_formula(torch.ops.lookwhen.nn_uniqueness)

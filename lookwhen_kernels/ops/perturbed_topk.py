@@ -11,7 +11,7 @@ from Philox (``tl.rand4x`` and Box-Muller), counter ``(clip * n_samples + sample
 token`` under one seed drawn from the caller's generator, so the backward
 kernel draws exactly the forward's noise again: neither the noise nor the
 per-sample selections (``[n, K, N]``) are ever stored. Each sample's top-K is
-topk_tokens' exact, sort-free selection (order keys, bitwise K-th largest,
+the selection core's exact, sort-free top-K (order keys, bitwise K-th largest,
 ties to the lowest id); its ascending output slot is a prefix count. The
 forward adds 1.0 per hit with atomics into a zeroed ``[B, K, N]`` float32
 buffer: integer counts below 2**24 add exactly in any order, so the result is

@@ -2,7 +2,7 @@
 (Uni-AdaFocus's temporal policy as a hard selection).
 
 One program owns one clip: it adds each frame's scores (fp32, chunk-wise),
-keeps the ``n_frames`` largest totals with topk_tokens' exact selection (ties
+keeps the ``n_frames`` largest totals with the selection core's exact top-K (ties
 to the lower frame) and writes all token ids of the chosen frames, frame
 after frame, so they come out ascending.
 

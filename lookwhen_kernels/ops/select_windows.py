@@ -5,7 +5,7 @@ token grid).
 One program owns one frame of one clip. Every candidate top-left corner is a
 lane; the box filter adds the window's scores lane-wise (``dy`` outer, ``dx``
 inner, in fp32, the order the reference uses, so equal inputs give equal sums),
-reading the scores straight from the coarse grid through topk_tokens'
+reading the scores straight from the coarse grid through the selection core's
 bilinear upsampling when an ``out_grid`` is given. ``tl.argmax`` with its
 left tie-break picks the lowest top-left index, and the window's ids are
 written row by row, so they come out ascending.

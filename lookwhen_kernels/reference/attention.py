@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from lookwhen_kernels.ops._common import work_dtype
+
 
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``q [..., H, Lq, Dh]``, ``k [..., H_kv, Lk, Dh]`` -> ``[..., H, Lq]``
     natural-log sum-exp of the scaled scores, in at least float32."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     kv_heads = k.shape[-3]
     grouped = q.to(work).unflatten(-3, (kv_heads, q.shape[-3] // kv_heads))
     scores = grouped @ k.to(work).unsqueeze(-3).transpose(-1, -2) * scale
@@ -78,7 +80,7 @@ def _attend_explicit(q, k, v, scale, window_size, softcap, slopes):
     float32. Differentiable in q, k, v through ``out`` and ``lse``; queries
     that see no key give zeros and ``lse = -inf`` with zero gradients."""
     len_q, len_k = q.shape[0], k.shape[0]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     kb, vb = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
     scores, _ = _score_mods((q.transpose(0, 1) @ kb.transpose(-1, -2)).to(work) * scale, window_size, softcap,
@@ -129,7 +131,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
         cu_seqlens_k = cu_seqlens_q
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     heads, head_dim = q.shape[1], q.shape[2]
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = work_dtype(q.dtype)
     segments, uniform = _attention_segments(cu_seqlens_q, cu_seqlens_k)
     if uses_score_mods(causal, window_size, softcap, alibi_slopes):
         window = _window(causal, window_size)
@@ -202,7 +204,7 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
                 full[rows] = grad[0].transpose(0, 1)
         return dq, dk, dv
 
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q.dtype)
     heads, kv_heads = q.shape[1], k.shape[1]
     group = heads // kv_heads
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
