@@ -5,8 +5,9 @@ coarse grid, grid resolution, the per-clip limits and launch sizes.
 
 - ``keys``: Triton helpers, order keys and the bitwise K-th largest.
 - ``upsample``: Triton helpers reading upsampled scores straight from the
-  coarse grid, and the same upsampling in PyTorch (what the model calls on
-  the CPU-side paths and the reference shares).
+  coarse grid, and the same upsampling in PyTorch, differentiable (for
+  callers that need the fine scores themselves, such as the model's
+  perturbed top-K; the reference shares it).
 - ``grids``: host-side checks and sizes (grids, budgets, keep ratios,
   limits, warps per clip).
 """
