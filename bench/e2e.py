@@ -50,7 +50,7 @@ from lookwhen.data.video import VideoError, fit_clips, read_clips, sample_indice
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.cpu_inference import onednn_available, prepack_linears
 from lookwhen.models.rlt import DEFAULT_THRESHOLD, RLTDense
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 STAGES = ("selector", "selection", "extractor")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")

@@ -26,9 +26,8 @@ from .report import Record, Result, format_table
 from .timing import Stats, noise, peak_memory, rotating, sample
 from lookwhen.cli.args import keep_ratio_arg, positive_float_arg, positive_int_arg
 from lookwhen.models.config import ModelConfig
-from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels import keep_ratio_to_k, set_cpu_backend, sub_grid_map
 from lookwhen_kernels.ops.perturbed_topk import sample_noise
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOAT_BYTES = 2  # the roofline assumes fp16/bf16 tensors on the GPU
@@ -128,7 +127,7 @@ def topk_case(cfg: ModelConfig, batch: int, keep_ratio: float) -> Case:
 
     def eager(scores):
         if scores.dim() == 3:
-            scores = reference.sub_grid_map(scores, grid)
+            scores = sub_grid_map(scores, grid)
         r = math.isqrt(outputs)
         frames, h, w = grid
         planes = scores.view(batch, frames, h * r, w * r)

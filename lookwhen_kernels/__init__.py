@@ -12,7 +12,7 @@ from lookwhen_kernels.flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from lookwhen_kernels.ops._common import deterministic, set_deterministic
+from lookwhen_kernels.ops._common import deterministic, set_cpu_backend, set_deterministic
 from lookwhen_kernels.ops.budgets_from_scores import budgets_from_scores
 from lookwhen_kernels.ops.frame_normalize import frame_normalize
 from lookwhen_kernels.ops.gather_patch_embed import gather_patch_embed
@@ -23,8 +23,9 @@ from lookwhen_kernels.ops.score_tokens import score_tokens
 from lookwhen_kernels.ops.static_tokens import static_tokens
 from lookwhen_kernels.ops.select_frames import select_frames
 from lookwhen_kernels.ops.select_windows import select_windows
-from lookwhen_kernels.ops.topk_tokens import topk_tokens
-from lookwhen_kernels.ops.varlen_attention import block_diagonal_attention, dense_attention, varlen_attention
+from lookwhen_kernels.ops.selection import keep_ratio_to_k, sub_grid_map, upsample_scores
+from lookwhen_kernels.ops.topk_tokens import topk_tokens, topk_tokens_budgets
+from lookwhen_kernels.ops.attention import block_diagonal_attention, dense_attention, varlen_attention
 
 __all__ = [
     "block_diagonal_attention",
@@ -40,15 +41,20 @@ __all__ = [
     "frame_normalize",
     "gather_patch_embed",
     "gather_tokens",
+    "keep_ratio_to_k",
     "nn_uniqueness",
     "perturbed_topk",
     "scatter_tokens",
     "score_tokens",
     "select_frames",
     "select_windows",
+    "set_cpu_backend",
     "set_deterministic",
     "static_tokens",
+    "sub_grid_map",
     "topk_tokens",
+    "topk_tokens_budgets",
+    "upsample_scores",
     "varlen_attention",
 ]
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ OP_MODULES = (
     "gather_patch_embed",
     "nn_uniqueness",
     "frame_normalize",
-    "varlen_attention",
+    "attention",
     "static_tokens",
 )
 

@@ -3,7 +3,7 @@
 ``x [total, D]`` holds the tokens of every clip back to back;
 ``cu_seqlens int32 [B+1]`` holds the offsets ``0, K_0, K_0+K_1, ...``.
 These helpers convert between that layout and padded ``[B, L, D]`` tensors
-(for references, baselines and user code); the ops never need them.
+(for references, baselines and user code), and the rows of a selection.
 """
 from __future__ import annotations
 
@@ -42,6 +42,27 @@ def packed_batch_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(
         torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total
     )
+
+
+def patch_rows(indices, cu_seqlens, batch: int, n_tokens: int, device=None):
+    """``(clip index, token id)`` of every packed row of a selection (the
+    rows ``gather_patch_embed`` and ``gather_tokens`` write), as int64
+    ``[total]`` tensors. ``indices`` is
+    ``[B, K]``, packed ``[total]`` (with ``cu_seqlens``) or ``None`` (every
+    token of every clip, in order)."""
+    if indices is None:
+        tokens = torch.arange(n_tokens, device=device).repeat(batch)
+        clips = torch.arange(batch, device=device).repeat_interleave(n_tokens)
+        return clips, tokens
+    tokens = indices.reshape(-1).long()
+    if indices.dim() == 2:
+        clips = torch.arange(batch, device=indices.device).repeat_interleave(indices.shape[1])
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        clips = torch.arange(batch, device=indices.device).repeat_interleave(
+            lengths, output_size=tokens.numel()
+        )
+    return clips, tokens
 
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ def kernel(name: str) -> Optional[object]:
         return getattr(torch.ops.lookwhen_native, name)
     if not _state["warned"] and not _state["status"].startswith("disabled"):
         _state["warned"] = True
-        warnings.warn(f"lookwhen_kernels native CPU backend {_state['status']}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lookwhen_kernels native CPU backend {_state['status']}", RuntimeWarning, stacklevel=4)
     return None
 
 

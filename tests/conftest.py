@@ -84,7 +84,7 @@ def cpu_backend(request):
     the library is not built or ``LOOKWHEN_NATIVE=0``). Op test modules use
     it for every test."""
     from lookwhen_kernels import native
-    from lookwhen_kernels.ops._common import set_cpu_backend
+    from lookwhen_kernels import set_cpu_backend
 
     if request.param == "native" and not native.available():
         pytest.skip(f"native CPU backend {native.status()}")

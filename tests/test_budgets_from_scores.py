@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lookwhen_kernels import budgets_from_scores, reference, topk_tokens
+from lookwhen_kernels import budgets_from_scores, reference, topk_tokens_budgets
 
 # Unwritten output elements show as NaN (see conftest).
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
@@ -50,7 +50,7 @@ def test_clamps_and_empty_budgets_feed_the_packed_top_k():
     assert budgets.tolist() == [1, 20, 20]
     assert budgets_from_scores(scores, mass=0.9, min_k=4, max_k=20).tolist() == [4, 20, 20]
     zero = budgets_from_scores(scores, mass=0.9, min_k=0, max_k=0)
-    indices, cu_seqlens = topk_tokens(scores, budgets=zero)
+    indices, cu_seqlens, _ = topk_tokens_budgets(scores, zero)
     assert indices.numel() == 0 and cu_seqlens.tolist() == [0, 0, 0, 0]
 
 

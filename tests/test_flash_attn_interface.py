@@ -188,7 +188,7 @@ def test_unsupported_arguments_raise_value_error(call, message):
 
 @pytest.mark.parametrize("window_size", [(-1, 0), (3, 1), (0, -1), (2, 2)])
 def test_flops_count_the_pairs_the_window_keeps(window_size):
-    from lookwhen_kernels.ops.varlen_attention import attention_flops
+    from lookwhen_kernels.ops.attention import attention_flops
 
     lengths_q, lengths_k = [5, 1, 9, 0], [8, 7, 3, 2]
     pairs = sum(int(reference.attention_mask(a, b, window_size).sum()) for a, b in zip(lengths_q, lengths_k))

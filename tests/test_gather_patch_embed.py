@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen_kernels import gather_patch_embed, reference
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
-from lookwhen_kernels.ops.gather_patch_embed import _forward_into, _window_grad_into
+from lookwhen_kernels.ops.gather_patch_embed import forward_into, window_grad_into
 from lookwhen_kernels.testing import assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
@@ -78,7 +78,7 @@ def test_forward_writes_every_output_element(case):
     expected = reference.gather_patch_embed(clip, indices, *params, **options)
     out = poison_(torch.empty_like(expected))
     mean, std = options["mean"], options["std"]
-    _forward_into(out, clip, indices, *params, mean, std, options["cu_seqlens"], options["patch_size"],
+    forward_into(out, clip, indices, *params, mean, std, options["cu_seqlens"], options["patch_size"],
                   options["downsample"])
     assert_fully_written(out)
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-2)
@@ -90,7 +90,7 @@ def test_backward_kernel_writes_every_element(case):
     dim, patch, downsample = params[0].shape[0], options["patch_size"], options["downsample"]
     rows = clip.shape[0] * params[2].shape[0] if indices is None else indices.numel()
     g = poison_(torch.empty(3 * patch * patch * downsample, dim))
-    _window_grad_into(g, torch.randn(rows, dim), clip, indices, options["cu_seqlens"], patch, downsample)
+    window_grad_into(g, torch.randn(rows, dim), clip, indices, options["cu_seqlens"], patch, downsample)
     assert_fully_written(g)
 
 

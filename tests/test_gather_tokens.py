@@ -62,7 +62,7 @@ def test_gather_writes_every_output_element():
         indices, cu_seqlens = _selection(3, 40, k)
         x = torch.randn(3, 40, 70)
         out = poison_(torch.empty(indices.numel(), 70))
-        gather_module._move_rows(x, out, indices, cu_seqlens, 40, scatter=False)
+        gather_module.move_rows(x, out, indices, cu_seqlens, 40, scatter=False)
         assert_fully_written(out)
         assert torch.equal(out, reference.gather_tokens(x, indices, cu_seqlens))
 
@@ -71,7 +71,7 @@ def test_scatter_touches_only_selected_rows():
     indices, cu_seqlens = _packed(4, 30)
     out = poison_(torch.empty(4, 30, 9))
     rows = torch.randn(indices.numel(), 9)
-    gather_module._move_rows(rows, out, indices, cu_seqlens, 30, scatter=True)
+    gather_module.move_rows(rows, out, indices, cu_seqlens, 30, scatter=True)
     expected = reference.scatter_tokens(rows, indices, 30, cu_seqlens)
     selected = reference.scatter_tokens(torch.ones(indices.numel(), 1), indices, 30, cu_seqlens).bool()[..., 0]
     assert torch.equal(out[selected], expected[selected])

@@ -40,7 +40,8 @@ def test_the_counter_sees_reads():
     assert reads, "topk_tokens' NaN scan (validate=True) reads the scores"
     with count_host_reads() as reads:
         lk.topk_tokens(scores, keep_ratio=0.25, validate=False)
-        lk.varlen_attention(*(torch.randn(6, 2, 16) for _ in range(3)), cu_seqlens_from_lengths([2, 4]), None, 4, 4)
+        lk.varlen_attention(*(torch.randn(6, 2, 16) for _ in range(3)), cu_seqlens_from_lengths([2, 4]), None, 4, 4,
+                            validate=False)
     assert reads == []
 
 

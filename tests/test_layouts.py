@@ -72,7 +72,7 @@ def test_score_tokens():
 def test_topk_tokens():
     args = dict(scores=torch.randn(3, 16), k=4)
     _check_arguments(lk.topk_tokens, args)
-    _check_arguments(lambda **a: lk.topk_tokens(**a, grid=(1, 2, 2), out_grid=(1, 4, 4)),
+    _check_arguments(lambda **a: lk.topk_tokens_budgets(**a, grid=(1, 2, 2), out_grid=(1, 4, 4))[:2],
                      dict(scores=torch.randn(3, 4), budgets=torch.tensor([3, 0, 16], dtype=torch.int32)))
 
 
@@ -192,4 +192,4 @@ def test_counts_past_int32_offsets_are_refused():
                               patch_size=4, mean=MEAN, std=STD, validate=False)
     budgets = torch.empty(1, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="^budgets: the sum of the budgets"):
-        lk.topk_tokens(torch.empty(1, 8, device="meta"), budgets=budgets, total=big, validate=False)
+        lk.topk_tokens_budgets(torch.empty(1, 8, device="meta"), budgets, total=big, max_seqlen=8, validate=False)

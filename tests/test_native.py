@@ -11,7 +11,7 @@ import torch
 
 import lookwhen_kernels as lk
 from lookwhen_kernels import native, reference
-from lookwhen_kernels.ops._common import set_cpu_backend
+from lookwhen_kernels import set_cpu_backend
 from lookwhen_kernels.testing import assert_within_reference_error
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU backend {native.status()}")
@@ -27,7 +27,7 @@ def _every_op():
     clip = torch.randint(0, 256, (1, 2, 16, 16, 3), dtype=torch.uint8)
     scores = torch.randn(2, 3 * 2 * 2)
     lk.topk_tokens(scores, 5, grid=(3, 2, 2), out_grid=(3, 4, 4))
-    lk.topk_tokens(scores, budgets=torch.tensor([3, 0], dtype=torch.int32))
+    lk.topk_tokens_budgets(scores, torch.tensor([3, 0], dtype=torch.int32))
     weight = torch.randn(8, 3, 4, 4, requires_grad=True)
     lk.gather_patch_embed(clip, torch.tensor([[0, 3]], dtype=torch.int32), weight, torch.randn(8),
                           torch.randn(32, 8), patch_size=4, mean=(0.5,) * 3, std=(0.2,) * 3).sum().backward()

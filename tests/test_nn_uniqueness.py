@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen_kernels import nn_uniqueness, reference
-from lookwhen_kernels.ops.nn_uniqueness import _nn_uniqueness_into
+from lookwhen_kernels.ops.nn_uniqueness import nn_uniqueness_into
 from lookwhen_kernels.testing import assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
@@ -51,7 +51,7 @@ def test_reference_matches_brute_force_pairwise_distances(metric):
 def test_every_distance_written(metric, dtype):
     x = _input((2, 67, 40), dtype)
     out = poison_(torch.empty(2, 67))
-    _nn_uniqueness_into(out, x, metric)
+    nn_uniqueness_into(out, x, metric)
     assert_fully_written(out, "distances")
     oracle = reference.nn_uniqueness(x.double(), metric)
     assert_within_reference_error(out, reference.nn_uniqueness(x, metric), oracle, floor=FLOOR)

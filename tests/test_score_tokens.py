@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen_kernels import reference, score_tokens
-from lookwhen_kernels.ops.score_tokens import _score_tokens_into
+from lookwhen_kernels.ops.score_tokens import score_tokens_into
 from lookwhen_kernels.testing import DEFAULT_FLOOR, assert_fully_written, assert_within_reference_error, poison_
 
 # Unwritten output elements show as NaN (see conftest).
@@ -55,7 +55,7 @@ def test_every_score_written(dtype):
     x = _input((2, 67, 40), dtype)
     params = _head(40, 150, dtype)
     out = poison_(torch.empty(2, 67))
-    _score_tokens_into(out, x, *params, 1e-6)
+    score_tokens_into(out, x, *params, 1e-6)
     assert_fully_written(out, "scores")
     oracle = reference.score_tokens(x.double(), *_double(params))
     # The score is float32 whatever the input, so the floor follows the input
@@ -72,7 +72,7 @@ def test_several_outputs_per_token(shape, outputs, dtype, cpu_backend):
     x = _input((batch, n_tokens, dim), dtype)
     params = _head(dim, hidden, dtype, outputs=outputs)
     out = poison_(torch.empty(batch, n_tokens, outputs))
-    _score_tokens_into(out, x, *params, 1e-6)
+    score_tokens_into(out, x, *params, 1e-6)
     assert_fully_written(out, "scores")
     oracle = reference.score_tokens(x.double(), *_double(params))
     assert oracle.shape == (batch, n_tokens, outputs)

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from lookwhen_kernels import reference, topk_tokens
+from lookwhen_kernels import keep_ratio_to_k, reference, topk_tokens, topk_tokens_budgets
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
-from lookwhen_kernels.ops import topk_tokens as topk_module
+from lookwhen_kernels.ops.topk_tokens import launch as topk_launch
 from lookwhen_kernels.testing import assert_fully_written, poison_
 
 # Unwritten output elements show as NaN (see conftest).
@@ -134,8 +134,8 @@ def test_budgets_match_reference(upsample):
     n_out = math.prod(out_grid)
     budgets = torch.tensor([0, n_out, 1, *torch.randint(0, n_out + 1, (2,)).tolist()], dtype=torch.int32)
     kwargs = {"grid": grid, "out_grid": out_grid} if upsample else {}
-    indices, cu_seqlens = topk_tokens(scores, budgets=budgets, **kwargs)
-    ref_indices, ref_cu = reference.topk_tokens(scores, budgets=budgets, **kwargs)
+    indices, cu_seqlens, _ = topk_tokens_budgets(scores, budgets, **kwargs)
+    ref_indices, ref_cu = reference.topk_tokens_budgets(scores, budgets, **kwargs)
     assert torch.equal(cu_seqlens, ref_cu) and indices.shape == ref_indices.shape
     for b, count in enumerate(budgets.tolist()):
         clip = indices[cu_seqlens[b]:cu_seqlens[b + 1]]
@@ -146,7 +146,7 @@ def test_budgets_match_reference(upsample):
 
 
 def test_budgets_all_zero_and_empty_batch():
-    indices, cu_seqlens = topk_tokens(torch.randn(3, 8), budgets=torch.zeros(3, dtype=torch.int32))
+    indices, cu_seqlens, _ = topk_tokens_budgets(torch.randn(3, 8), torch.zeros(3, dtype=torch.int32))
     assert indices.shape == (0,) and torch.equal(cu_seqlens, torch.zeros(4, dtype=torch.int32))
     assert topk_tokens(torch.randn(0, 8), 3).shape == (0, 3)
 
@@ -154,13 +154,13 @@ def test_budgets_all_zero_and_empty_batch():
 @pytest.mark.parametrize("ratio, n_out, expected", [(0.1, 3136, 314), (0.25, 10, 2), (1e-9, 49, 1), (1.0, 49, 49)])
 def test_keep_ratio_rounding(ratio, n_out, expected):
     # 0.25 * 10 = 2.5 rounds half to even (Python's round).
-    assert topk_module.keep_ratio_to_k(ratio, n_out) == expected
+    assert keep_ratio_to_k(ratio, n_out) == expected
 
 
 def test_keep_ratio_counts_fine_tokens():
     scores = torch.randn(2, 12)
     out = topk_tokens(scores, keep_ratio=0.3, grid=(1, 3, 4), out_grid=(1, 5, 7))
-    k = topk_module.keep_ratio_to_k(0.3, 35)
+    k = keep_ratio_to_k(0.3, 35)
     assert out.shape == (2, k)
     _assert_upsampled_top_k(out, scores, k, (1, 3, 4), (1, 5, 7))
 
@@ -170,12 +170,12 @@ def test_every_output_element_written(upsample):
     grid, out_grid = ((1, 5, 5), (1, 9, 9)) if upsample else ((1, 1, 25), (1, 1, 25))
     scores = torch.randn(4, 25)
     out = poison_(torch.empty(4, 17, dtype=torch.int32))
-    topk_module._launch(scores, out, grid, out_grid, k=17)
+    topk_launch.select_into(scores, out, grid, out_grid, k=17)
     assert_fully_written(out)
     budgets = _i32(3, 0, math.prod(out_grid), 1)
     cu_seqlens = cu_seqlens_from_lengths(budgets)
     packed = poison_(torch.empty(int(budgets.sum()), dtype=torch.int32))
-    topk_module._launch(scores, packed, grid, out_grid, budgets=budgets, offsets=cu_seqlens)
+    topk_launch.select_into(scores, packed, grid, out_grid, budgets=budgets, offsets=cu_seqlens)
     assert_fully_written(packed)
 
 
@@ -186,7 +186,7 @@ def test_registered_ops_dispatch():
     budgets = torch.tensor([2, 7], dtype=torch.int32)
     cu_seqlens = cu_seqlens_from_lengths(budgets)
     packed = torch.ops.lookwhen.topk_tokens_budgets(scores, budgets, cu_seqlens, 9, [1, 1, 12], [1, 1, 12])
-    assert torch.equal(packed, topk_tokens(scores, budgets=budgets)[0])
+    assert torch.equal(packed, topk_tokens_budgets(scores, budgets)[0])
 
 
 def test_cpu_path_takes_the_reference_for_bf16(monkeypatch):
@@ -235,20 +235,18 @@ S = torch.zeros(2, 12)
         (lambda: topk_tokens(S, 49, grid=(1, 3, 4), out_grid=(1, 6, 8)), r"k: expected an int in \[0, 48\]"),
         (lambda: topk_tokens(S), "give exactly one, got none"),
         (lambda: topk_tokens(S, 1, keep_ratio=0.5), "give exactly one"),
-        (lambda: topk_tokens(S, 1, budgets=_i32(1, 1)), "give exactly one"),
-        (lambda: topk_tokens(S, keep_ratio=0.5, budgets=_i32(1, 1)), "give exactly one"),
         (lambda: topk_tokens(S, keep_ratio=0.0), r"keep_ratio: expected a float in \(0, 1\]"),
         (lambda: topk_tokens(S, keep_ratio=1.5), "keep_ratio"),
         (lambda: topk_tokens(S, keep_ratio=float("nan")), "keep_ratio"),
         (lambda: topk_tokens(S, keep_ratio="0.5"), "keep_ratio"),
-        (lambda: topk_tokens(S, budgets=_i32(1, 1, 1)), r"budgets: expected shape \[2\]"),
-        (lambda: topk_tokens(S, budgets=torch.ones(2, dtype=torch.int64)), "budgets: expected dtype int32"),
-        (lambda: topk_tokens(S, budgets=_i32(1, 1)[None]), "budgets: expected a 1-d"),
-        (lambda: topk_tokens(S, budgets=_i32(1, 1, 1, 1)[::2]), "budgets: expected a contiguous"),
-        (lambda: topk_tokens(S, budgets=torch.ones(2, dtype=torch.int32, device="meta")), "budgets: expected a tensor on cpu"),
-        (lambda: topk_tokens(S, budgets=_i32(-1, 1)), r"budgets: every budget must lie in \[0, 12\]"),
-        (lambda: topk_tokens(S, budgets=_i32(13, 1)), "budgets: every budget"),
-        (lambda: topk_tokens(S, budgets=_i32(1, 49), grid=(1, 3, 4), out_grid=(1, 6, 8)), r"in \[0, 48\]"),
+        (lambda: topk_tokens_budgets(S, _i32(1, 1, 1)), r"budgets: expected shape \[2\]"),
+        (lambda: topk_tokens_budgets(S, torch.ones(2, dtype=torch.int64)), "budgets: expected dtype int32"),
+        (lambda: topk_tokens_budgets(S, _i32(1, 1)[None]), "budgets: expected a 1-d"),
+        (lambda: topk_tokens_budgets(S, _i32(1, 1, 1, 1)[::2]), "budgets: expected a contiguous"),
+        (lambda: topk_tokens_budgets(S, torch.ones(2, dtype=torch.int32, device="meta")), "budgets: expected a tensor on cpu"),
+        (lambda: topk_tokens_budgets(S, _i32(-1, 1)), r"budgets: every budget must lie in \[0, 12\]"),
+        (lambda: topk_tokens_budgets(S, _i32(13, 1)), "budgets: every budget"),
+        (lambda: topk_tokens_budgets(S, _i32(1, 49), grid=(1, 3, 4), out_grid=(1, 6, 8)), r"in \[0, 48\]"),
         (lambda: topk_tokens(S, 1, grid=(1, 3, 5)), "grid: T.h.w = 15 does not match the 12"),
         (lambda: topk_tokens(S, 1, grid=(3, 4)), "grid: expected three positive ints"),
         (lambda: topk_tokens(S, 1, grid=(1, 0, 12)), "grid: expected three positive ints"),
@@ -279,8 +277,8 @@ def test_clips_past_the_register_limit_run_the_looped_kernel():
     for k in (0, 1, 700, 9000):
         assert torch.equal(topk_tokens(scores, k), reference.topk_tokens(scores, k))
     budgets = torch.tensor([4500, 0], dtype=torch.int32)
-    indices, _ = topk_tokens(scores, budgets=budgets)
-    assert torch.equal(indices, reference.topk_tokens(scores, budgets=budgets)[0])
+    indices, _, _ = topk_tokens_budgets(scores, budgets)
+    assert torch.equal(indices, reference.topk_tokens_budgets(scores, budgets)[0])
 
 
 def test_looped_kernel_selects_what_the_register_kernel_does(monkeypatch):
@@ -289,10 +287,10 @@ def test_looped_kernel_selects_what_the_register_kernel_does(monkeypatch):
     scores = torch.randn(3, 2 * 10 * 12).round(decimals=1)
     grids = {"grid": (2, 10, 12), "out_grid": (2, 20, 24)}
     budgets = torch.tensor([100, 0, 960], dtype=torch.int32)
-    expected = [topk_tokens(scores, 97, **grids), topk_tokens(scores, budgets=budgets, **grids)[0]]
-    monkeypatch.setattr(topk_module, "MAX_TOKENS", 100)
-    monkeypatch.setattr(topk_module, "CHUNK", 128)
-    looped = [topk_tokens(scores, 97, **grids), topk_tokens(scores, budgets=budgets, **grids)[0]]
+    expected = [topk_tokens(scores, 97, **grids), topk_tokens_budgets(scores, budgets, **grids)[0]]
+    monkeypatch.setattr(topk_launch, "MAX_TOKENS", 100)
+    monkeypatch.setattr(topk_launch, "CHUNK", 128)
+    looped = [topk_tokens(scores, 97, **grids), topk_tokens_budgets(scores, budgets, **grids)[0]]
     for a, b in zip(looped, expected):
         assert torch.equal(a, b)
 
@@ -329,9 +327,9 @@ def test_sub_grid_scores_select_as_their_map(grid, r, out_grid, dtype):
         assert torch.equal(out, topk_tokens(flat, k, grid=map_grid, out_grid=out_grid or map_grid))
         _assert_upsampled_top_k(out, scores, k, grid, out_grid or map_grid)
     budgets = torch.tensor([0, 1, n_out], dtype=torch.int32)
-    indices, cu = topk_tokens(scores, budgets=budgets, grid=grid, out_grid=out_grid)
+    indices, cu, _ = topk_tokens_budgets(scores, budgets, grid=grid, out_grid=out_grid)
     assert torch.equal(cu, cu_seqlens_from_lengths(budgets))
-    assert torch.equal(indices, topk_tokens(flat, budgets=budgets, grid=map_grid, out_grid=out_grid or map_grid)[0])
+    assert torch.equal(indices, topk_tokens_budgets(flat, budgets, grid=map_grid, out_grid=out_grid or map_grid)[0])
 
 
 def test_sub_grid_ties_match_reference_exactly():
@@ -351,6 +349,6 @@ def test_sub_grid_scores_in_the_looped_kernel(monkeypatch):
     grids = {"grid": (2, 5, 6), "out_grid": (2, 20, 24)}
     expected = topk_tokens(scores, 97, **grids)
     _assert_upsampled_top_k(expected, scores, 97, grids["grid"], grids["out_grid"])
-    monkeypatch.setattr(topk_module, "MAX_SUB_GRID_TOKENS", 100)
-    monkeypatch.setattr(topk_module, "CHUNK", 128)
+    monkeypatch.setattr(topk_launch, "MAX_SUB_GRID_TOKENS", 100)
+    monkeypatch.setattr(topk_launch, "CHUNK", 128)
     assert torch.equal(topk_tokens(scores, 97, **grids), expected)

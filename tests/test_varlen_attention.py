@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen_kernels import block_diagonal_attention, dense_attention, reference, varlen_attention
-from lookwhen_kernels.ops.varlen_attention import attention_flops
+from lookwhen_kernels.ops.attention import attention_flops
 from lookwhen_kernels.testing import (
     assert_fully_written,
     assert_within_reference_error,

@@ -39,7 +39,7 @@ from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainModule, PretrainTask
 from lookwhen.training.targets import TargetCache, teacher_targets, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 LEARNING_MODEL = dict(frames=8, image_size=96, patch_size=8, width=64, depth=2, heads=2, selector_width=64,
                       selector_depth=2, selector_heads=2, score_hidden=64, registers=2)

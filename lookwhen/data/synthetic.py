@@ -241,7 +241,7 @@ def selector_recall(model, samples: Sequence[SyntheticClip], batch_size: int = 8
         truth = [s.object_tokens(window, frame_stride=cfg.selector_frame_stride) for s in chunk]
         scores = model.selector_scores(torch.stack([s.clip for s in chunk]).to(device))
         budgets = torch.tensor([int(t.sum()) for t in truth], dtype=torch.int32, device=device)
-        indices, cu = lk.topk_tokens(scores, budgets=budgets)
+        indices, cu, _ = lk.topk_tokens_budgets(scores, budgets)
         for b, wanted in enumerate(truth):
             chosen = indices[cu[b]: cu[b + 1]].long().cpu()
             if wanted.any():

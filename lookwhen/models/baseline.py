@@ -140,7 +140,7 @@ class AttentionPool(nn.Module):
         q, k, v = self._project(mean, x)
         one_each = torch.arange(batch + 1, device=x.device, dtype=torch.int32)
         out = lk.varlen_attention(q.view(batch, heads, -1), k.view(total, heads, -1), v.view(total, heads, -1),
-                                  one_each, cu_seqlens, max_seqlen_q=1, max_seqlen_k=max_seqlen)
+                                  one_each, cu_seqlens, max_seqlen_q=1, max_seqlen_k=max_seqlen, validate=False)
         return self.cross_attn.proj(out.reshape(batch, dim))
 
 

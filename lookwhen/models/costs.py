@@ -9,7 +9,7 @@ import torch
 from lookwhen.models import build_model
 from lookwhen.models.config import BASELINE_PRESET
 from lookwhen.models.flops import count_flops, gmacs
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 
 @dataclass

@@ -111,7 +111,7 @@ class Attention(nn.Module):
         if cu_seqlens is None:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.proj(out.transpose(1, 2).reshape(*lead, dim))
-        out = lk.varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+        out = lk.varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, validate=False)
         return self.proj(out.reshape(*lead, dim))
 
 

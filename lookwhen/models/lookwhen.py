@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 import lookwhen_kernels as lk
-from lookwhen_kernels import reference
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.extractor import Extractor
 from lookwhen.models.layers import check_clip, compute_dtype
 from lookwhen.models.selection import Selection, selection_of
 from lookwhen.models.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
-from lookwhen_kernels.ops.topk_tokens import check_budgets, keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k, sub_grid_map, upsample_scores
+from lookwhen_kernels.ops.selection import check_budgets
 
 
 @dataclass
@@ -152,8 +152,8 @@ class LookWhen(nn.Module):
                 tokens_cu = None
             else:
                 budgets, total, longest = _checked_budgets(budgets, batch, cfg.n_tokens, scores.device)
-                indices, tokens_cu = lk.topk_tokens(
-                    per_frame, budgets=budgets, total=total, validate=False, **grids
+                indices, tokens_cu, _ = lk.topk_tokens_budgets(
+                    per_frame, budgets, total=total, max_seqlen=longest, validate=False, **grids
                 )
             if tokens is None:
                 tokens = self.extractor.embed(clip, indices, tokens_cu, dtype)
@@ -192,7 +192,7 @@ class LookWhen(nn.Module):
         the hard top-K's embeddings."""
         cfg = self.config
         batch = clip.shape[0]
-        fine = reference.upsample_scores(scores, cfg.score_grid, cfg.grid)
+        fine = upsample_scores(scores, cfg.score_grid, cfg.grid)
         low, high = fine.amin(dim=1, keepdim=True), fine.amax(dim=1, keepdim=True)
         indicators = lk.perturbed_topk(((fine - low) / (high - low + 1e-5)).contiguous(), k, n_samples=n_samples,
                                        sigma=sigma, validate=False)
@@ -224,7 +224,7 @@ def _score_map(scores: torch.Tensor, config: ModelConfig):
         return scores, config.score_grid
     frames, h, w = config.score_grid
     r = math.isqrt(scores.shape[2])
-    return reference.sub_grid_map(scores, config.score_grid), (frames, h * r, w * r)
+    return sub_grid_map(scores, config.score_grid), (frames, h * r, w * r)
 
 
 def _check_selection(indices, batch: int, n_tokens: int) -> None:

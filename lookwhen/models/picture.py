@@ -9,7 +9,7 @@ import torch
 
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.selector import frame_scores
-from lookwhen_kernels.reference import upsample_scores
+from lookwhen_kernels import upsample_scores
 
 # Brightness of the patches the extractor never sees.
 DIM = 0.3

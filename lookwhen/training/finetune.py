@@ -40,7 +40,7 @@ from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.engine import Task
 from lookwhen.training.losses import draw_budgets
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 
 SELECTIONS = ("selector", "random", "perturbed")
 

@@ -42,7 +42,7 @@ from torch import nn
 
 import lookwhen_kernels as lk
 from lookwhen_kernels.layout import packed_batch_ids
-from lookwhen_kernels.ops.topk_tokens import keep_ratio_to_k
+from lookwhen_kernels import keep_ratio_to_k
 from lookwhen.models.config import ModelConfig
 from lookwhen.models.lookwhen import LookWhenOutput
 from lookwhen.training.teachers import TeacherTargets

@@ -14,9 +14,11 @@ Hot paths (the LookWhen model) validate once at their boundary and pass
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from numbers import Integral, Real
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -98,9 +100,27 @@ def native_kernel(name: str, tensor: torch.Tensor, handles: bool = True):
     does not have (``handles=False``: several scores per token)."""
     if not handles or tensor.device.type != "cpu" or _CPU_BACKEND == "reference" or _tracing(tensor):
         return None
+    # Imported on first use: `python -m lookwhen_kernels.native` runs that
+    # module as __main__, and runpy warns when importing the package has
+    # already imported it.
     from lookwhen_kernels import native
 
     return native.kernel(name)
+
+
+def cpu_dispatch(name: Optional[str], args: Sequence[Any], reference: Callable, *, handles: bool = True):
+    """An op's CPU path on ``args`` (its registered op's arguments): the
+    native kernel ``torch.ops.lookwhen_native.<name>`` where
+    :func:`native_kernel` gives one, else ``reference(*args)``, the op's
+    PyTorch reference. ``name=None``: the op has no native kernel."""
+    kernel = None if name is None else native_kernel(name, args[0], handles)
+    return (reference if kernel is None else kernel)(*args)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype PyTorch-side math runs in: float64 for float64 (the
+    oracle), float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def checks_values(validate: bool, tensor: torch.Tensor) -> bool:
@@ -180,6 +200,43 @@ def check_cu_seqlens(
             f"{name}: a sequence of length {int(lengths.max())} exceeds the limit {max_len}"
         )
     return lengths
+
+
+def _int_range(low: Optional[int], high: Optional[int]) -> str:
+    if high is not None:
+        return f"an int in [{low}, {high}]"
+    return {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}") if low is not None else "an int"
+
+
+def check_int(name: str, value, low: Optional[int] = None, high: Optional[int] = None, *, note: str = "",
+              types: Tuple[type, ...] = (Integral,)) -> int:
+    """``value`` as an int in ``[low, high]`` (bools refused), else a
+    ``ValueError`` naming ``name``, the range and ``note`` (what the value
+    counts). ``types``: what passes as an int (``torch.SymInt`` too where
+    torch.compile traces sizes); those are returned unchanged."""
+    if isinstance(value, bool) or not isinstance(value, types) or (low is not None and value < low) or (
+        high is not None and value > high
+    ):
+        raise ValueError(f"{name}: expected {_int_range(low, high)}{f' ({note})' if note else ''}, got {value!r}")
+    return int(value) if isinstance(value, Integral) else value
+
+
+# The intervals a float argument may be asked to lie in, and how an error says so.
+REAL_RANGES = {
+    "(0, 1]": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    "(0, inf)": (lambda v: 0 < v < math.inf, "a positive finite float"),
+    "(0, inf]": (lambda v: v > 0, "a positive float"),
+    "[0, inf)": (lambda v: 0 <= v < math.inf, "a finite float >= 0"),
+}
+
+
+def check_real(name: str, value, interval: str, *, note: str = "") -> float:
+    """``value`` as a float in ``interval`` (a key of :data:`REAL_RANGES`;
+    NaN lies in none), else a ``ValueError`` naming ``name``."""
+    inside, expected = REAL_RANGES[interval]
+    if isinstance(value, bool) or not isinstance(value, Real) or not inside(value):
+        raise ValueError(f"{name}: expected {expected}{f' ({note})' if note else ''}, got {value!r}")
+    return float(value)
 
 
 INT32_MAX = 2**31 - 1

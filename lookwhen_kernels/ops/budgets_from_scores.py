@@ -3,7 +3,7 @@ reaches a target (Uni-AdaFocus's sample-wise dynamic computation): clips whose
 scores are concentrated get fewer tokens.
 
 One program owns one clip (its fine scores in registers, read through
-topk_tokens' upsampling when an ``out_grid`` is given). With ``e = exp(s -
+the selection core's upsampling when an ``out_grid`` is given). With ``e = exp(s -
 max s)`` the top-K of the clip reaches the mass when their ``e`` sum to at
 least ``mass * sum(e)``. No sort: the K-th largest order key is found bit by
 bit as in topk_tokens, keeping a bit while the ``e`` of the keys at or above
@@ -13,7 +13,6 @@ it, as many (in id order) as needed are added.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,12 +25,21 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int,
+    check_real,
     check_tensor,
-    checks_values,
+    cpu_dispatch,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _order_key, _resolve_grids, _upsampled_scores
+from lookwhen_kernels.ops.selection import (
+    MAX_TOKENS,
+    check_finite_scores,
+    clip_num_warps,
+    order_key,
+    resolve_grids,
+    upsampled_scores,
+)
 
 
 @triton.jit
@@ -44,14 +52,14 @@ def _budgets_kernel(
     valid = ids < n_out
     clip_scores = scores_ptr + clip.to(tl.int64) * n_in
     if UPSAMPLE:
-        score = _upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, 1)
+        score = upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, 1)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
     top = tl.max(tl.where(valid, score, float("-inf")), axis=0)
     e = tl.where(valid, tl.exp((score - top) * inv_temperature), 0.0)
     target = mass * tl.sum(e, axis=0)
-    key = _order_key(score)
-    # As topk_tokens' _kth_largest_key, with a mass instead of a count.
+    key = order_key(score)
+    # As the selection core's kth_largest_key, with a mass instead of a count.
     sign = tl.full([], 1, tl.int32) << 31
     prefix = tl.zeros([], dtype=tl.int32)
     for i in range(32):
@@ -68,8 +76,9 @@ def _budgets_kernel(
     tl.store(out_ptr + clip, tl.minimum(tl.maximum(k, min_k), max_k))
 
 
-def _num_warps(block: int) -> int:
-    return max(4, min(16, block // 256))
+def _reference(scores, mass, temperature, min_k, max_k, grid, out_grid):
+    return reference.budgets_from_scores(scores, mass=mass, temperature=temperature, min_k=min_k, max_k=max_k,
+                                         grid=grid, out_grid=out_grid)
 
 
 @triton_op("lookwhen::budgets_from_scores", mutates_args=())
@@ -78,8 +87,7 @@ def _budgets_from_scores(
     out_grid: List[int],
 ) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.budgets_from_scores(scores, mass=mass, temperature=temperature, min_k=min_k, max_k=max_k,
-                                             grid=grid, out_grid=out_grid)
+        return cpu_dispatch(None, (scores, mass, temperature, min_k, max_k, grid, out_grid), _reference)
     batch, n_in = scores.shape
     frames, h, w = grid
     _, out_h, out_w = out_grid
@@ -89,7 +97,7 @@ def _budgets_from_scores(
         block = next_power_of_2(n_out)
         wrap_triton(_budgets_kernel)[(batch,)](
             scores, out, n_in, n_out, h, w, out_h, out_w, h / out_h, w / out_w, 1.0 / temperature, mass, min_k, max_k,
-            UPSAMPLE=tuple(grid) != tuple(out_grid), BLOCK=block, num_warps=_num_warps(block),
+            UPSAMPLE=tuple(grid) != tuple(out_grid), BLOCK=block, num_warps=clip_num_warps(n_out),
         )
     return out
 
@@ -119,26 +127,18 @@ def budgets_from_scores(
     batch, n = scores.shape
     if n == 0:
         raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
-    grid, out_grid = _resolve_grids(n, grid, out_grid)
+    grid, out_grid = resolve_grids(n, grid, out_grid)
     n_out = math.prod(out_grid)
     if n_out > MAX_TOKENS:
         raise ValueError(f"out_grid: {n_out} tokens per clip exceed the {MAX_TOKENS} one program holds")
-    if isinstance(mass, bool) or not isinstance(mass, Real) or not 0 < mass <= 1:
-        raise ValueError(f"mass: expected a float in (0, 1], got {mass!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
-    max_k = n_out if max_k is None else max_k
-    for name, value in (("min_k", min_k), ("max_k", max_k)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= n_out:
-            raise ValueError(f"{name}: expected an int in [0, {n_out}] (tokens per clip), got {value!r}")
+    mass = check_real("mass", mass, "(0, 1]")
+    temperature = check_real("temperature", temperature, "(0, inf)")
+    min_k = check_int("min_k", min_k, 0, n_out, note="tokens per clip")
+    max_k = check_int("max_k", n_out if max_k is None else max_k, 0, n_out, note="tokens per clip")
     if min_k > max_k:
         raise ValueError(f"min_k, max_k: min_k = {min_k} exceeds max_k = {max_k}")
-    upsample = grid != out_grid
-    if checks_values(validate, scores) and bool((~torch.isfinite(scores) if upsample else torch.isnan(scores)).any()):
-        kind = "non-finite values (upsampling needs finite scores)" if upsample else "NaN"
-        raise ValueError(f"scores: contain {kind}")
-    return _budgets_from_scores(scores, float(mass), float(temperature), int(min_k), int(max_k), list(grid),
-                                list(out_grid))
+    check_finite_scores(scores, grid != out_grid, validate)
+    return _budgets_from_scores(scores, mass, temperature, min_k, max_k, list(grid), list(out_grid))
 
 
 def compile_specs():
@@ -155,6 +155,6 @@ def compile_specs():
             specs.append(CompileSpec(
                 f"budgets_from_scores[{ty},{mode}]", _budgets_kernel,
                 {"scores_ptr": f"*{ty}", "out_ptr": "*i32"} | scalars | {name: "constexpr" for name in flags},
-                flags, num_warps=_num_warps(block), divisible_by_16=("n_in", "n_out"),
+                flags, num_warps=clip_num_warps(3136), divisible_by_16=("n_in", "n_out"),
             ))
     return specs

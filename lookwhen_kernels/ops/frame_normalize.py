@@ -21,8 +21,9 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_int32,
+    check_real,
     check_tensor,
-    native_kernel,
+    cpu_dispatch,
     use_triton,
 )
 
@@ -115,10 +116,7 @@ def _grid(x: torch.Tensor):
 @triton_op("lookwhen::frame_normalize", mutates_args=())
 def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("frame_normalize", x)
-        if native is not None:
-            return native(x, eps)
-        return reference.frame_normalize(x, eps)
+        return cpu_dispatch("frame_normalize", (x, eps), reference.frame_normalize)
     out = torch.empty_like(x)
     if x.numel():
         _, _, n_tokens, channels = x.shape
@@ -131,10 +129,7 @@ def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 @triton_op("lookwhen::frame_normalize_backward", mutates_args=())
 def _frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("frame_normalize_backward", x)
-        if native is not None:
-            return native(grad, x, eps)
-        return reference.frame_normalize_backward(grad, x, eps)
+        return cpu_dispatch("frame_normalize_backward", (grad, x, eps), reference.frame_normalize_backward)
     dx = torch.empty_like(x)
     if x.numel():
         _, _, n_tokens, channels = x.shape
@@ -169,9 +164,7 @@ def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     check_int32("x", x.shape[2] * x.shape[3], "the element count of one frame")
     if x.shape[2] == 0:
         raise ValueError("x: a frame needs at least one token (dimension 2 is 0)")
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps}")
-    return _frame_normalize(x, float(eps))
+    return _frame_normalize(x, check_real("eps", eps, "(0, inf]"))
 
 
 def compile_specs():

@@ -17,7 +17,6 @@ usual keep ratio), runs at memset bandwidth and keeps a single kernel.
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Optional, Tuple
 
 import torch
@@ -26,17 +25,20 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from lookwhen_kernels import reference
+from lookwhen_kernels.layout import patch_rows
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
     check_cu_seqlens,
     check_indices,
+    check_int,
     check_int32,
     check_offsets,
     check_shape,
     check_tensor,
     checks_values,
+    cpu_dispatch,
     next_power_of_2,
     use_triton,
 )
@@ -87,7 +89,7 @@ def _blocks(dim: int) -> Tuple[int, int]:
     return max(1, min(64, 2048 // block_d)), block_d
 
 
-def _move_rows(
+def move_rows(
     src: torch.Tensor, dst: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
     n_tokens: int, scatter: bool,
 ) -> None:
@@ -109,10 +111,10 @@ def _move_rows(
 @triton_op("lookwhen::gather_tokens", mutates_args=())
 def _gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
     if not use_triton(x):
-        return reference.gather_tokens(x, indices, cu_seqlens)
+        return cpu_dispatch(None, (x, indices, cu_seqlens), reference.gather_tokens)
     x = x.contiguous()
     out = x.new_empty((indices.numel(), x.shape[2]))
-    _move_rows(x, out, indices, cu_seqlens, x.shape[1], scatter=False)
+    move_rows(x, out, indices, cu_seqlens, x.shape[1], scatter=False)
     return out
 
 
@@ -121,11 +123,11 @@ def _scatter_tokens(
     packed: torch.Tensor, indices: torch.Tensor, n_tokens: int, cu_seqlens: Optional[torch.Tensor]
 ) -> torch.Tensor:
     if not use_triton(packed):
-        return reference.scatter_tokens(packed, indices, n_tokens, cu_seqlens)
+        return cpu_dispatch(None, (packed, indices, n_tokens, cu_seqlens), reference.scatter_tokens)
     packed = packed.contiguous()
     batch = indices.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     out = packed.new_zeros((batch, n_tokens, packed.shape[1]))
-    _move_rows(packed, out, indices, cu_seqlens, n_tokens, scatter=True)
+    move_rows(packed, out, indices, cu_seqlens, n_tokens, scatter=True)
     return out
 
 
@@ -180,7 +182,7 @@ def _check_selection(indices, cu_seqlens, n_tokens: int, device: torch.device, v
         check_cu_seqlens("cu_seqlens", cu_seqlens, total=indices.numel(), device=device)
     check_indices("indices", indices, n_tokens, device=device)
     if indices.numel():
-        clips, tokens = reference.patch_rows(indices, cu_seqlens, batch, n_tokens, indices.device)
+        clips, tokens = patch_rows(indices, cu_seqlens, batch, n_tokens, indices.device)
         if int(torch.bincount(clips * n_tokens + tokens, minlength=batch * n_tokens).max()) > 1:
             raise ValueError("indices: token ids must be unique within each clip")
     return batch
@@ -221,9 +223,7 @@ def scatter_tokens(
     ``validate`` as in :func:`gather_tokens`.
     """
     check_tensor("packed", packed, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, Integral) or n_tokens < 0:
-        raise ValueError(f"n_tokens: expected a non-negative int, got {n_tokens!r}")
-    n_tokens = int(n_tokens)
+    n_tokens = check_int("n_tokens", n_tokens, 0)
     _check_selection(indices, cu_seqlens, n_tokens, packed.device, validate)
     check_shape("packed", packed, [indices.numel(), None])
     return _scatter_tokens(packed, indices, n_tokens, cu_seqlens)

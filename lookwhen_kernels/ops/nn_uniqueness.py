@@ -30,8 +30,8 @@ from lookwhen_kernels.ops._common import (
     CompileSpec,
     check_int32,
     check_tensor,
+    cpu_dispatch,
     dot_precision,
-    native_kernel,
     use_triton,
 )
 
@@ -137,7 +137,7 @@ def _nn_uniqueness_fwd(
     tl.store(out_ptr + clip_rows + queries, distance, mask=q_ok)
 
 
-def _nn_uniqueness_into(out, x, metric):
+def nn_uniqueness_into(out, x, metric):
     """Launch into a preallocated float32 ``out [B, N]`` (tests poison it first)."""
     batch, n_tokens, dim = x.shape
     if out.numel() == 0:
@@ -159,12 +159,9 @@ def _nn_uniqueness_into(out, x, metric):
 @triton_op("lookwhen::nn_uniqueness", mutates_args=())
 def _nn_uniqueness(x: torch.Tensor, metric: str) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("nn_uniqueness", x)
-        if native is not None:
-            return native(x, metric)
-        return reference.nn_uniqueness(x, metric)
+        return cpu_dispatch("nn_uniqueness", (x, metric), reference.nn_uniqueness)
     out = torch.empty(x.shape[:2], device=x.device, dtype=torch.float32)
-    return _nn_uniqueness_into(out, x, metric)
+    return nn_uniqueness_into(out, x, metric)
 
 
 @register_flop_formula(torch.ops.lookwhen.nn_uniqueness)

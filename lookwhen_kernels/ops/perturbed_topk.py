@@ -11,7 +11,7 @@ from Philox (``tl.rand4x`` and Box-Muller), counter ``(clip * n_samples + sample
 token`` under one seed drawn from the caller's generator, so the backward
 kernel draws exactly the forward's noise again: neither the noise nor the
 per-sample selections (``[n, K, N]``) are ever stored. Each sample's top-K is
-topk_tokens' exact, sort-free selection (order keys, bitwise K-th largest,
+the selection core's exact, sort-free top-K (order keys, bitwise K-th largest,
 ties to the lowest id); its ascending output slot is a prefix count. The
 forward adds 1.0 per hit with atomics into a zeroed ``[B, K, N]`` float32
 buffer: integer counts below 2**24 add exactly in any order, so the result is
@@ -20,7 +20,6 @@ partial sum per program and the host adds the (few) partials in a fixed order.
 """
 from __future__ import annotations
 
-from numbers import Integral, Real
 from typing import Optional
 
 import torch
@@ -33,14 +32,15 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int,
     check_int32,
+    check_real,
     check_tensor,
     checks_values,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops._selection import take_top_k
-from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _order_key
+from lookwhen_kernels.ops.selection import MAX_TOKENS, clip_num_warps, order_key, take_top_k
 
 # Samples per program: 500 samples (STTS's setting) are 32 programs per clip,
 # enough to fill a GPU at small batches, and few partial gradients to add.
@@ -83,7 +83,7 @@ def _sample_selection(score, seed, ids, valid, clip, sample, n_samples, n_tokens
     and its output slot (rank among the chosen ids, ascending)."""
     counter = (clip.to(tl.int64) * n_samples + sample) * n_tokens + ids
     noise = _normal(seed, counter)
-    take, slot = take_top_k(_order_key(score + sigma * noise), valid, k)
+    take, slot = take_top_k(order_key(score + sigma * noise), valid, k)
     return noise, take, slot
 
 
@@ -134,11 +134,6 @@ def _perturbed_topk_bwd(
 def _noise_kernel(seed_ptr, out_ptr, total, BLOCK: tl.constexpr):
     counter = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + counter, _normal(tl.load(seed_ptr), counter), mask=counter < total)
-
-
-def _num_warps(block: int) -> int:
-    # One clip's scores per program, 8 per thread up to 16 warps (as topk_tokens).
-    return max(4, min(16, block // 256))
 
 
 def sample_noise(seed: torch.Tensor, batch: int, n_samples: int, n_tokens: int) -> torch.Tensor:
@@ -197,7 +192,7 @@ def _perturbed_topk(scores: torch.Tensor, seed: torch.Tensor, k: int, n_samples:
         block = next_power_of_2(n_tokens)
         wrap_triton(_perturbed_topk_fwd)[_grid(batch, n_samples)](
             scores, seed, out, n_tokens, k, n_samples, sigma,
-            SAMPLES=SAMPLES, BLOCK=block, num_warps=_num_warps(block),
+            SAMPLES=SAMPLES, BLOCK=block, num_warps=clip_num_warps(n_tokens),
         )
         out.mul_(1.0 / n_samples)
     return out
@@ -218,7 +213,7 @@ def _perturbed_topk_backward(
     block = next_power_of_2(n_tokens)
     wrap_triton(_perturbed_topk_bwd)[grid](
         scores, seed, grad.contiguous(), partial, n_tokens, k, n_samples, sigma, 1.0 / (n_samples * sigma),
-        SAMPLES=SAMPLES, BLOCK=block, num_warps=_num_warps(block),
+        SAMPLES=SAMPLES, BLOCK=block, num_warps=clip_num_warps(n_tokens),
     )
     return partial.sum(dim=1).to(scores.dtype)
 
@@ -271,12 +266,9 @@ def perturbed_topk(
         raise ValueError("scores: expected at least one token per clip (dimension 1 is 0)")
     if n_tokens > MAX_TOKENS:
         raise ValueError(f"scores: {n_tokens} tokens per clip exceed the {MAX_TOKENS} one program holds")
-    if isinstance(k, bool) or not isinstance(k, Integral) or not 0 <= k <= n_tokens:
-        raise ValueError(f"k: expected an int in [0, {n_tokens}] (tokens per clip), got {k!r}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 1:
-        raise ValueError(f"n_samples: expected a positive int, got {n_samples!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not 0 <= sigma < float("inf"):
-        raise ValueError(f"sigma: expected a finite float >= 0, got {sigma!r}")
+    k = check_int("k", k, 0, n_tokens, note="tokens per clip")
+    n_samples = check_int("n_samples", n_samples, 1)
+    sigma = check_real("sigma", sigma, "[0, inf)")
     if generator is not None and (
         not isinstance(generator, torch.Generator) or generator.device.type != scores.device.type
     ):
@@ -285,7 +277,7 @@ def perturbed_topk(
     if checks_values(validate, scores) and bool(torch.isnan(scores).any()):
         raise ValueError("scores: contain NaN")
     seed = torch.randint(SEED_BOUND, (1,), device=scores.device, generator=generator, dtype=torch.int64)
-    return _perturbed_topk(scores, seed, int(k), int(n_samples), float(sigma))
+    return _perturbed_topk(scores, seed, k, n_samples, sigma)
 
 
 def compile_specs():
@@ -302,13 +294,13 @@ def compile_specs():
                 f"perturbed_topk_fwd[{ty},N={n_tokens}]", _perturbed_topk_fwd,
                 {"scores_ptr": f"*{ty}", "seed_ptr": "*i64", "counts_ptr": "*fp32"} | scalars
                 | {name: "constexpr" for name in flags},
-                flags, num_warps=_num_warps(block), divisible_by_16=("n_tokens",),
+                flags, num_warps=clip_num_warps(n_tokens), divisible_by_16=("n_tokens",),
             ))
             specs.append(CompileSpec(
                 f"perturbed_topk_bwd[{ty},N={n_tokens}]", _perturbed_topk_bwd,
                 {"scores_ptr": f"*{ty}", "seed_ptr": "*i64", "grad_ptr": "*fp32", "partial_ptr": "*fp32"}
                 | scalars | {"scale": "fp32"} | {name: "constexpr" for name in flags},
-                flags, num_warps=_num_warps(block), divisible_by_16=("n_tokens",),
+                flags, num_warps=clip_num_warps(n_tokens), divisible_by_16=("n_tokens",),
             ))
     specs.append(CompileSpec(
         "perturbed_topk_noise", _noise_kernel,

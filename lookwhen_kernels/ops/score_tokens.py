@@ -14,11 +14,15 @@ outputs a second ``tl.dot`` into a ``[rows, R]`` accumulator). The
 from HBM once; the re-reads per hidden chunk hit L1/L2 (a 64-row block of
 D=768 fp16 is 96 KiB).
 
-The backward is the closed form of :func:`lookwhen_kernels.reference.score_tokens`
-in PyTorch ops (``reference.score_tokens_backward``), on every device: the
-score head is small next to the extractor, so it has no Triton kernel yet.
+The backward (``lookwhen::score_tokens_backward``) is the closed form of
+:func:`lookwhen_kernels.reference.score_tokens` in PyTorch ops
+(``reference.score_tokens_backward``, or the native kernel on CPU), on every
+device: the score head is small next to the extractor, so it has no Triton
+kernel yet.
 """
 from __future__ import annotations
+
+from typing import List
 
 import torch
 import triton
@@ -32,9 +36,10 @@ from lookwhen_kernels.ops._common import (
     TRITON_DTYPE,
     CompileSpec,
     check_shape,
+    check_real,
     check_tensor,
+    cpu_dispatch,
     dot_precision,
-    native_kernel,
     next_power_of_2,
     use_triton,
 )
@@ -134,7 +139,7 @@ def _out_shape(x: torch.Tensor, w2: torch.Tensor):
     return tuple(x.shape[:2]) + ((outputs,) if outputs > 1 else ())
 
 
-def _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps):
+def score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps):
     """Launch into a preallocated float32 ``out [B, n]`` or ``[B, n, R]``
     (tests poison it first)."""
     n_rows = x.shape[0] * x.shape[1]
@@ -161,12 +166,28 @@ def _score_tokens(
     eps: float,
 ) -> torch.Tensor:
     if not use_triton(x):
-        native = native_kernel("score_tokens", x, handles=w2.shape[0] == 1)
-        if native is not None:
-            return native(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
-        return reference.score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+        args = (x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+        return cpu_dispatch("score_tokens", args, reference.score_tokens, handles=w2.shape[0] == 1)
     out = torch.empty(_out_shape(x, w2), device=x.device, dtype=torch.float32)
-    return _score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+    return score_tokens_into(out, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+
+
+@torch.library.custom_op("lookwhen::score_tokens_backward", mutates_args=())
+def _score_tokens_backward(
+    grad: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, w1: torch.Tensor,
+    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float,
+) -> List[torch.Tensor]:
+    """Gradients for ``(x, norm_weight, norm_bias, w1, b1, w2, b2)``: the
+    closed form on every device (the native kernel on CPU where built), a
+    registered op so that FLOP counting sees it whichever path runs."""
+    args = (grad, x, norm_weight, norm_bias, w1, b1, w2, b2, eps)
+    return list(cpu_dispatch("score_tokens_backward", args, reference.score_tokens_backward,
+                             handles=grad.dim() == 2))
+
+
+@_score_tokens_backward.register_fake
+def _score_tokens_backward_fake(grad, *inputs_and_eps):
+    return [torch.empty_like(t) for t in inputs_and_eps[:-1]]
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,21 +197,34 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    native = native_kernel("score_tokens_backward", grad, handles=grad.dim() == 2)
-    backward = native if native is not None else reference.score_tokens_backward
-    return (*backward(grad, *ctx.saved_tensors, ctx.eps), None)
+    return (*_score_tokens_backward(grad, *ctx.saved_tensors, ctx.eps), None)
 
 
 _score_tokens.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.lookwhen.score_tokens)
-def _score_tokens_flops(x_shape, norm_weight_shape, norm_bias_shape, w1_shape, b1_shape, w2_shape,
-                        *args, **kwargs) -> int:
+def _gemm_sizes(x_shape, w1_shape, w2_shape):
+    """Rows and the two GEMMs' inner sizes: ``(rows, dim * hidden, hidden * outputs)``."""
     batch, n_tokens, dim = x_shape
     hidden = w1_shape[0]
     outputs = 1 if len(w2_shape) == 1 else w2_shape[0]
-    return 2 * batch * n_tokens * (dim * hidden + hidden * outputs)
+    return batch * n_tokens, dim * hidden, hidden * outputs
+
+
+@register_flop_formula(torch.ops.lookwhen.score_tokens)
+def _score_tokens_flops(x_shape, norm_weight_shape, norm_bias_shape, w1_shape, b1_shape, w2_shape,
+                        *args, **kwargs) -> int:
+    rows, first, second = _gemm_sizes(x_shape, w1_shape, w2_shape)
+    return 2 * rows * (first + second)
+
+
+@register_flop_formula(torch.ops.lookwhen.score_tokens_backward)
+def _score_tokens_backward_flops(grad_shape, x_shape, norm_weight_shape, norm_bias_shape, w1_shape, b1_shape,
+                                 w2_shape, *args, **kwargs) -> int:
+    # The first GEMM again (the hidden activation is recomputed, not saved),
+    # then each GEMM's input and weight gradients.
+    rows, first, second = _gemm_sizes(x_shape, w1_shape, w2_shape)
+    return 2 * rows * (3 * first + 2 * second)
 
 
 def score_tokens(
@@ -237,9 +271,7 @@ def score_tokens(
     ):
         check_tensor(name, tensor, dtypes=(x.dtype,), device=x.device, contiguous=True)
         check_shape(name, tensor, shape)
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps}")
-    return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, float(eps))
+    return _score_tokens(x, norm_weight, norm_bias, w1, b1, w2, b2, check_real("eps", eps, "(0, inf]"))
 
 
 def _compile_spec(dtype: torch.dtype, aligned: bool, outputs: int = 1) -> CompileSpec:

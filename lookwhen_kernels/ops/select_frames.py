@@ -2,7 +2,7 @@
 (Uni-AdaFocus's temporal policy as a hard selection).
 
 One program owns one clip: it adds each frame's scores (fp32, chunk-wise),
-keeps the ``n_frames`` largest totals with topk_tokens' exact selection (ties
+keeps the ``n_frames`` largest totals with the selection core's exact top-K (ties
 to the lower frame) and writes all token ids of the chosen frames, frame
 after frame, so they come out ascending.
 
@@ -13,7 +13,6 @@ grid, gather from ``select_frames(..., out_grid=...)``).
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,13 +25,14 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int,
     check_int32,
     checks_values,
+    cpu_dispatch,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops._selection import check_scores_on_grid, take_top_k
-from lookwhen_kernels.ops.topk_tokens import _order_key
+from lookwhen_kernels.ops.selection import check_scores_on_grid, order_key, take_top_k
 
 CHUNK = 1024
 # Frames are lanes of one block of totals.
@@ -55,7 +55,7 @@ def _select_frames_kernel(
             ids = start + offs
             acc += tl.load(clip_scores + f * plane_in + ids, mask=ids < plane_in, other=0.0).to(tl.float32)
         totals = tl.where(lanes == f, tl.sum(acc, axis=0), totals)
-    take, slot = take_top_k(_order_key(totals), lanes < frames, n_keep)
+    take, slot = take_top_k(order_key(totals), lanes < frames, n_keep)
     out = out_ptr + clip.to(tl.int64) * n_keep * plane_out
     for f in range(frames):
         here = lanes == f
@@ -66,10 +66,14 @@ def _select_frames_kernel(
                 tl.store(dest + ids, f * plane_out + ids, mask=ids < plane_out)
 
 
+def _reference(scores, n_frames, grid, out_grid):
+    return reference.select_frames(scores, n_frames, grid=grid, out_grid=out_grid)
+
+
 @triton_op("lookwhen::select_frames", mutates_args=())
 def _select_frames(scores: torch.Tensor, n_frames: int, grid: List[int], out_grid: List[int]) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.select_frames(scores, n_frames, grid=grid, out_grid=out_grid)
+        return cpu_dispatch(None, (scores, n_frames, grid, out_grid), _reference)
     frames, h, w = grid
     plane_out = out_grid[1] * out_grid[2]
     out = torch.empty((scores.shape[0], n_frames * plane_out), device=scores.device, dtype=torch.int32)
@@ -99,12 +103,11 @@ def select_frames(
     grid, out_grid = check_scores_on_grid("select_frames", scores, grid, out_grid)
     if grid[0] > MAX_FRAMES:
         raise ValueError(f"grid: {grid[0]} frames exceed the {MAX_FRAMES} one program ranks")
-    if isinstance(n_frames, bool) or not isinstance(n_frames, Integral) or not 0 <= n_frames <= grid[0]:
-        raise ValueError(f"n_frames: expected an int in [0, {grid[0]}], got {n_frames!r}")
+    n_frames = check_int("n_frames", n_frames, 0, grid[0])
     check_int32("n_frames", scores.shape[0] * n_frames * out_grid[1] * out_grid[2], "the number of output ids")
     if checks_values(validate, scores) and not bool(torch.isfinite(scores).all()):
         raise ValueError("scores: contain non-finite values (frame totals need finite scores)")
-    return _select_frames(scores, int(n_frames), list(grid), list(out_grid))
+    return _select_frames(scores, n_frames, list(grid), list(out_grid))
 
 
 def compile_specs():

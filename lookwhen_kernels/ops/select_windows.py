@@ -5,14 +5,13 @@ token grid).
 One program owns one frame of one clip. Every candidate top-left corner is a
 lane; the box filter adds the window's scores lane-wise (``dy`` outer, ``dx``
 inner, in fp32, the order the reference uses, so equal inputs give equal sums),
-reading the scores straight from the coarse grid through topk_tokens'
+reading the scores straight from the coarse grid through the selection core's
 bilinear upsampling when an ``out_grid`` is given. ``tl.argmax`` with its
 left tie-break picks the lowest top-left index, and the window's ids are
 written row by row, so they come out ascending.
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,12 +24,13 @@ from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     CompileSpec,
+    check_int,
     checks_values,
+    cpu_dispatch,
     next_power_of_2,
     use_triton,
 )
-from lookwhen_kernels.ops._selection import check_scores_on_grid
-from lookwhen_kernels.ops.topk_tokens import MAX_TOKENS, _upsampled_scores
+from lookwhen_kernels.ops.selection import MAX_TOKENS, check_scores_on_grid, upsampled_scores
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _select_windows_kernel(
         for dx in range(win_w):
             ids = first + dy * out_w + dx
             if UPSAMPLE:
-                total += _upsampled_scores(clip_scores, ids, corner, h, w, out_h, out_w, scale_h, scale_w, 1)
+                total += upsampled_scores(clip_scores, ids, corner, h, w, out_h, out_w, scale_h, scale_w, 1)
             else:
                 total += tl.load(clip_scores + ids, mask=corner, other=0.0).to(tl.float32)
     best = tl.argmax(tl.where(corner, total, float("-inf")), axis=0, tie_break_left=True)
@@ -70,10 +70,14 @@ def _launch_config(plane: int, size: int) -> Tuple[int, int, int]:
     return block, next_power_of_2(size), max(1, min(16, block // 256))
 
 
+def _reference(scores, window, grid, out_grid):
+    return reference.select_windows(scores, window, grid=grid, out_grid=out_grid)
+
+
 @triton_op("lookwhen::select_windows", mutates_args=())
 def _select_windows(scores: torch.Tensor, window: List[int], grid: List[int], out_grid: List[int]) -> torch.Tensor:
     if not use_triton(scores):
-        return reference.select_windows(scores, window, grid=grid, out_grid=out_grid)
+        return cpu_dispatch(None, (scores, window, grid, out_grid), _reference)
     batch, n_in = scores.shape
     frames, h, w = grid
     _, out_h, out_w = out_grid
@@ -90,12 +94,13 @@ def _select_windows(scores: torch.Tensor, window: List[int], grid: List[int], ou
 
 def check_window(window, out_grid) -> Tuple[int, int]:
     """``window`` as ``(h, w)`` tokens of the output grid (an int is square)."""
-    pair = (window, window) if isinstance(window, Integral) and not isinstance(window, bool) else window
-    if (
-        not isinstance(pair, (tuple, list)) or len(pair) != 2
-        or not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in pair)
-    ):
-        raise ValueError(f"window: expected a positive int or two (h, w), got {window!r}")
+    pair = window if isinstance(window, (tuple, list)) else (window, window)
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        pair = tuple(check_int("window", v, 1) for v in pair)
+    except ValueError:
+        raise ValueError(f"window: expected a positive int or two (h, w), got {window!r}") from None
     if pair[0] > out_grid[1] or pair[1] > out_grid[2]:
         raise ValueError(f"window: {tuple(pair)} does not fit the {out_grid[1]} x {out_grid[2]} token frame")
     return int(pair[0]), int(pair[1])

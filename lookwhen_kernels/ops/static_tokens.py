@@ -17,7 +17,6 @@ lengths.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -29,11 +28,15 @@ from lookwhen_kernels import reference
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
 from lookwhen_kernels.ops._common import (
     CompileSpec,
+    check_int,
     check_int32,
+    check_real,
     check_tensor,
+    cpu_dispatch,
     next_power_of_2,
     use_triton,
 )
+from lookwhen_kernels.ops.selection import clip_num_warps
 
 # Patch columns per program of the mask kernel: 16 x 3p lanes (p <= 32 fills
 # at most 16 x 128 int32 accumulators).
@@ -108,8 +111,18 @@ def _static_pack_kernel(
 
 
 def _pack_config(spatial: int) -> Tuple[int, int]:
-    block = next_power_of_2(spatial)
-    return block, max(4, min(16, block // 256))
+    # One frame's keep bytes per program, as a selection op holds one clip's scores.
+    return next_power_of_2(spatial), clip_num_warps(spatial)
+
+
+def _reference_mask(clip, patch_size, tubelet, threshold, std):
+    mask = reference.static_token_mask(clip, patch_size=patch_size, threshold=threshold, tubelet=tubelet, std=std)
+    return mask.to(torch.uint8)
+
+
+def _reference_pack(keep):
+    indices, _, runs = reference.pack_static_tokens(keep.bool())
+    return indices, runs
 
 
 @triton_op("lookwhen::static_token_mask", mutates_args=())
@@ -118,8 +131,7 @@ def _static_token_mask(
 ) -> torch.Tensor:
     """uint8 ``[B, T', S]``, one keep byte per token."""
     if not use_triton(clip):
-        mask = reference.static_token_mask(clip, patch_size=patch_size, threshold=threshold, tubelet=tubelet, std=std)
-        return mask.to(torch.uint8)
+        return cpu_dispatch(None, (clip, patch_size, tubelet, threshold, std), _reference_mask)
     batch, frames, height, width, _ = clip.shape
     tubelets, grid_h, grid_w = frames // tubelet, height // patch_size, width // patch_size
     keep = torch.empty((batch, tubelets, grid_h * grid_w), device=clip.device, dtype=torch.uint8)
@@ -137,8 +149,7 @@ def _static_token_mask(
 @triton_op("lookwhen::static_tokens_pack", mutates_args=())
 def _static_tokens_pack(keep: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(keep):
-        indices, _, runs = reference.pack_static_tokens(keep.bool())
-        return indices, runs
+        return cpu_dispatch(None, (keep,), _reference_pack)
     batch, tubelets, spatial = keep.shape
     ids = torch.empty((total,), device=keep.device, dtype=torch.int32)
     runs = torch.empty((total,), device=keep.device, dtype=torch.int32)
@@ -148,12 +159,6 @@ def _static_tokens_pack(keep: torch.Tensor, cu_seqlens: torch.Tensor, total: int
             keep, cu_seqlens, ids, runs, tubelets, spatial, BLOCK_S=block, num_warps=num_warps,
         )
     return ids, runs
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 def _channel_std(std: Optional[Sequence[float]]) -> List[float]:
@@ -200,21 +205,20 @@ def static_tokens(
     batch, frames, height, width, channels = clip.shape
     if channels != 3:
         raise ValueError(f"clip: expected 3 channels in the last dimension, got shape {list(clip.shape)}")
-    patch_size = _positive_int("patch_size", patch_size)
-    tubelet = _positive_int("tubelet", tubelet)
+    patch_size = check_int("patch_size", patch_size, 1, types=(int,))
+    tubelet = check_int("tubelet", tubelet, 1, types=(int,))
     if frames == 0 or frames % tubelet:
         raise ValueError(f"clip: T must be a positive multiple of tubelet = {tubelet}, got {frames} frames")
     if height % patch_size or width % patch_size or height == 0 or width == 0:
         raise ValueError(f"clip: H and W must be positive multiples of patch_size = {patch_size}, "
                          f"got {height}x{width}")
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 <= threshold < math.inf:
-        raise ValueError(f"threshold: expected a finite float >= 0, got {threshold!r}")
+    threshold = check_real("threshold", threshold, "[0, inf)")
     std = _channel_std(std)
     spatial = (height // patch_size) * (width // patch_size)
     if spatial > MAX_SPATIAL:
         raise ValueError(f"clip: {spatial} patches per frame, past the {MAX_SPATIAL} one program holds")
     check_int32("clip", batch * (frames // tubelet) * spatial, "the number of tokens")
-    keep = _static_token_mask(clip, patch_size, tubelet, float(threshold), std)
+    keep = _static_token_mask(clip, patch_size, tubelet, threshold, std)
     cu_seqlens = cu_seqlens_from_lengths(keep.sum((1, 2)))
     total = int(cu_seqlens[-1])
     indices, runs = _static_tokens_pack(keep, cu_seqlens, total)

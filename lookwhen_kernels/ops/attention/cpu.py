@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from lookwhen_kernels import reference
+from lookwhen_kernels.ops._common import work_dtype
 from lookwhen_kernels.ops.attention.launch import ScoreMods
 
 
@@ -30,7 +31,7 @@ def _cpu_forward(
 
 @_cpu_forward.register_fake
 def _cpu_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *mods):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = work_dtype(q.dtype)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 

@@ -37,10 +37,10 @@ kernels. Other CPU tensors take the reference through a separate opaque op
 (``lookwhen::varlen_attention_cpu``): its per-sequence loop depends on the
 values of ``cu_seqlens``, which ``torch.compile`` must not trace.
 
-File layout: the kernels, launchers, CPU path and report specs live in
-:mod:`lookwhen_kernels.ops.attention` (one job per file); this module
-registers the op, its autograd and FLOP formulas, and holds the public
-functions.
+File layout: the kernels, launchers, CPU path and report specs live beside
+this module in :mod:`lookwhen_kernels.ops.attention` (one job per file);
+this module registers the op, its autograd and FLOP formulas, and holds the
+public functions.
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ from lookwhen_kernels.layout import lengths_from_cu_seqlens
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     check_cu_seqlens,
+    check_int,
+    check_real,
     check_offsets,
     check_tensor,
     checks_values,
@@ -64,7 +66,6 @@ from lookwhen_kernels.ops._common import (
 from lookwhen_kernels.ops.attention import cpu  # noqa: F401  (registers lookwhen::varlen_attention_cpu*)
 from lookwhen_kernels.ops.attention.configs import MAX_HEAD_DIM
 from lookwhen_kernels.ops.attention.launch import ScoreMods, backward, forward
-from lookwhen_kernels.ops.attention.report import compile_specs  # noqa: F401  (python -m lookwhen_kernels.inspect)
 
 
 # ---------------------------------------------------------------------------
@@ -174,8 +175,7 @@ def _check_max_seqlen(name: str, value, lengths: Optional[torch.Tensor]) -> int:
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else 0
     if value is None:
         return longest
-    if isinstance(value, bool) or not isinstance(value, (Integral, torch.SymInt)) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    check_int(name, value, 0, types=(Integral, torch.SymInt))
     if lengths is not None and value < longest:
         raise ValueError(f"{name}: {value} is shorter than the longest sequence ({longest})")
     return value
@@ -189,13 +189,14 @@ def _check_score_mods(causal, window_size, softcap, alibi_slopes, batch: int, he
     except (TypeError, ValueError):
         raise ValueError(f"window_size: expected (left, right), got {window_size!r}") from None
     for side, value in (("left", left), ("right", right)):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < -1:
-            raise ValueError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got {window_size!r}")
+        try:
+            check_int(side, value, -1)
+        except ValueError:
+            raise ValueError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got {window_size!r}") from None
     if causal:
         # FlashAttention: causal is the window (left, 0).
         right = 0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < math.inf:
-        raise ValueError(f"softcap: expected a finite float >= 0 (0: no cap), got {softcap!r}")
+    softcap = check_real("softcap", softcap, "[0, inf)", note="0: no cap")
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=device)
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
@@ -222,7 +223,7 @@ def varlen_attention(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_lse: bool = False,
-    validate: Optional[bool] = None,
+    validate: bool = True,
 ):
     """Softmax attention within each of B packed sequences.
 
@@ -240,13 +241,13 @@ def varlen_attention(
       are computed from ``cu_seqlens``, which reads them back to the host: a
       device sync.
     - ``validate``: run the value checks of ``cu_seqlens`` (monotonic, last
-      offset = rows, max lengths), which read it back to the host. The
-      default, ``None``, is FlashAttention's contract: a caller that passes
-      both max lengths vouches for the offsets, and no data is read (validate
-      once at the model boundary with
-      ``lookwhen_kernels.ops._common.check_cu_seqlens``). Never run while
-      torch.compile traces. Structural checks (dtype, device, shape,
-      contiguity of ``cu_seqlens``) always run.
+      offset = rows, max lengths), which read it back to the host (a device
+      sync; never while torch.compile traces). ``validate=False`` with both
+      max lengths given reads nothing: FlashAttention's contract, where the
+      caller vouches for the offsets (the model validates once at its
+      boundary and passes ``False`` per layer; ``flash_attn_varlen_func``
+      always does). Structural checks (dtype, device, shape, contiguity of
+      ``cu_seqlens``) always run.
     - ``softmax_scale``: defaults to ``Dh ** -0.5``.
     - ``causal``, ``window_size=(left, right)``: FlashAttention's masks. Query
       ``i`` of a sequence sits at key position ``i + Lk - Lq`` (aligned to the
@@ -310,11 +311,8 @@ def varlen_attention(
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
 
-    lengths_missing = max_seqlen_q is None or max_seqlen_k is None
-    if validate is None:
-        validate = lengths_missing
     lengths_q = lengths_k = None
-    if lengths_missing or checks_values(validate, q):
+    if max_seqlen_q is None or max_seqlen_k is None or checks_values(validate, q):
         lengths_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=total_q)
         lengths_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total=total_k)
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
@@ -354,7 +352,7 @@ def dense_attention(
     result = varlen_attention(
         q.reshape(batch * n_q, heads, head_dim), k.reshape(batch * n_k, *k.shape[2:]),
         v.reshape(batch * n_k, *v.shape[2:]), cu_q, cu_k, n_q, n_k,
-        softmax_scale=softmax_scale, return_lse=return_lse, **options,
+        softmax_scale=softmax_scale, return_lse=return_lse, validate=False, **options,
     )
     if not return_lse:
         return result.view(batch, n_q, heads, head_dim)
@@ -385,6 +383,6 @@ def block_diagonal_attention(query, key, value, attn_bias, p: float = 0.0, scale
         query[0], key[0], value[0],
         q_info.seqstart.to(device=query.device, dtype=torch.int32),
         k_info.seqstart.to(device=query.device, dtype=torch.int32),
-        q_info.max_seqlen, k_info.max_seqlen, softmax_scale=scale,
+        q_info.max_seqlen, k_info.max_seqlen, softmax_scale=scale, validate=False,
     )
     return out[None]
