@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -325,3 +327,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for an input dtype: fp32 inputs promise
     fp32 products (TF32 would cost ~1e-3 relative error); ignored for 16-bit."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, which lets torch.compile trace
+    the launch, or the kernel itself where torch cannot wrap it: under
+    Triton's interpreter before Triton 3.8, ``triton.jit`` returns an
+    ``InterpretedFunction`` that torch before 2.14 refuses. Nothing traces
+    the interpreter, so launching the kernel directly loses nothing."""
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return torch.library.wrap_triton(kernel)
+    return kernel

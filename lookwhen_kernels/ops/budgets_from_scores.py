@@ -18,19 +18,20 @@ from typing import List, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_int,
     check_real,
     check_tensor,
     cpu_dispatch,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 from lookwhen_kernels.ops.selection import (
     MAX_TOKENS,

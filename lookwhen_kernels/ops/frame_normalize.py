@@ -13,18 +13,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_int32,
     check_real,
     check_tensor,
     cpu_dispatch,
     use_triton,
+    wrap_triton,
 )
 
 BLOCK_N = 32

@@ -22,14 +22,14 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.layout import patch_rows
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_cu_seqlens,
     check_indices,
     check_int,
@@ -41,6 +41,7 @@ from lookwhen_kernels.ops._common import (
     cpu_dispatch,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 
 

@@ -20,19 +20,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_int32,
     check_tensor,
     cpu_dispatch,
     dot_precision,
     use_triton,
+    wrap_triton,
 )
 
 METRICS = ("l2", "cosine")

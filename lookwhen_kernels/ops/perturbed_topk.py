@@ -25,13 +25,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_int,
     check_int32,
     check_real,
@@ -39,6 +39,7 @@ from lookwhen_kernels.ops._common import (
     checks_values,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 from lookwhen_kernels.ops.selection import MAX_TOKENS, clip_num_warps, order_key, take_top_k
 

@@ -27,21 +27,22 @@ from typing import List
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
-    check_shape,
     check_real,
+    check_shape,
     check_tensor,
     cpu_dispatch,
     dot_precision,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 
 NUM_STAGES = 3

@@ -17,18 +17,19 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.ops._common import (
+    CompileSpec,
     FLOAT_DTYPES,
     TRITON_DTYPE,
-    CompileSpec,
     check_int,
     checks_values,
     cpu_dispatch,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 from lookwhen_kernels.ops.selection import MAX_TOKENS, check_scores_on_grid, upsampled_scores
 

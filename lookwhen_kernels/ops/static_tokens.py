@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from lookwhen_kernels import reference
 from lookwhen_kernels.layout import cu_seqlens_from_lengths
@@ -35,6 +35,7 @@ from lookwhen_kernels.ops._common import (
     cpu_dispatch,
     next_power_of_2,
     use_triton,
+    wrap_triton,
 )
 from lookwhen_kernels.ops.selection import clip_num_warps
 

@@ -6,9 +6,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
-from torch.library import wrap_triton
 
-from lookwhen_kernels.ops._common import deterministic, interpret_mode
+from lookwhen_kernels.ops._common import deterministic, interpret_mode, wrap_triton
 from lookwhen_kernels.ops.attention.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from lookwhen_kernels.ops.attention.configs import PREPROCESS_BLOCK_M, block_d_for, configs_for, dot_precision_for
 from lookwhen_kernels.ops.attention.forward import attn_fwd

@@ -7,10 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 import triton
-from torch.library import wrap_triton
 
 from lookwhen_kernels.layout import segment_sum
-from lookwhen_kernels.ops._common import deterministic, dot_precision
+from lookwhen_kernels.ops._common import deterministic, dot_precision, wrap_triton
 from lookwhen_kernels.ops.gather_patch_embed.kernels import (
     PIXEL_SCALE,
     gather_patch_embed_bwd_weight,

@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch.library import wrap_triton
 
-from lookwhen_kernels.ops._common import next_power_of_2
+from lookwhen_kernels.ops._common import next_power_of_2, wrap_triton
 from lookwhen_kernels.ops.selection import MAX_SUB_GRID_TOKENS, MAX_TOKENS, clip_num_warps, sub_grid
 from lookwhen_kernels.ops.topk_tokens.kernels import CHUNK, LOOPED_WARPS, topk_kernel, topk_looped_kernel
 
