@@ -119,9 +119,9 @@ setup(
     ext_modules=[CMakeExtension("lookwhen_kernels._native")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
-        # torch.library.triton_op / wrap_triton arrived in 2.6.
-        "torch>=2.6",
-        "triton>=3.2",
+        # The lowest pair the version matrix (noxfile.py, docs/versions.md) runs.
+        "torch>=2.11",
+        "triton>=3.6",
     ],
     extras_require={
         "model": MODEL,

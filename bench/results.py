@@ -49,32 +49,28 @@ def _table(entries: Sequence[Dict[str, Any]], columns: Sequence[Column]) -> str:
     return markdown_table([name for name, _ in columns], [[get(e) for _, get in columns] for e in entries])
 
 
-def _fixed(key: str, digits: int, suffix: str = "") -> Callable[[Dict[str, Any]], Any]:
+def _formatted(key: str, render: Callable[[Any], str]) -> Callable[[Dict[str, Any]], Any]:
+    """A column: the entry's ``key`` rendered, or ``None`` where it is missing."""
     def get(entry):
         value = entry.get(key)
-        return None if value is None else f"{value:.{digits}f}{suffix}"
+        return None if value is None else render(value)
     return get
+
+
+def _fixed(key: str, digits: int, suffix: str = "") -> Callable[[Dict[str, Any]], Any]:
+    return _formatted(key, lambda value: f"{value:.{digits}f}{suffix}")
 
 
 def _percent(key: str) -> Callable[[Dict[str, Any]], Any]:
-    def get(entry):
-        value = entry.get(key)
-        return None if value is None else f"{100 * value:.1f}%"
-    return get
+    return _formatted(key, lambda value: f"{100 * value:.1f}%")
 
 
 def _sig(key: str, digits: int = 4) -> Callable[[Dict[str, Any]], Any]:
-    def get(entry):
-        value = entry.get(key)
-        return None if value is None else f"{value:.{digits}g}"
-    return get
+    return _formatted(key, lambda value: f"{value:.{digits}g}")
 
 
 def _ms(key: str) -> Callable[[Dict[str, Any]], Any]:
-    def get(entry):
-        value = entry.get(key)
-        return None if value is None else f"{value * 1e3:.3f}"
-    return get
+    return _formatted(key, lambda value: f"{value * 1e3:.3f}")
 
 
 def command_line(command: Any) -> str:

@@ -27,6 +27,7 @@ from lookwhen_kernels.ops._common import (
     use_triton,
     wrap_triton,
 )
+from lookwhen_kernels.ops.triton_versions import FRAME_NORMALIZE_FWD_WARPS
 
 BLOCK_N = 32
 BLOCK_D = 64
@@ -122,7 +123,7 @@ def _frame_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if x.numel():
         _, _, n_tokens, channels = x.shape
         wrap_triton(_frame_normalize_fwd)[_grid(x)](
-            x, out, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+            x, out, n_tokens, channels, eps, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=FRAME_NORMALIZE_FWD_WARPS
         )
     return out
 
@@ -176,7 +177,7 @@ def compile_specs():
         ty = TRITON_DTYPE[dtype]
         specs.append(CompileSpec(
             f"frame_normalize_fwd[{ty}]", _frame_normalize_fwd,
-            {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", **scalars}, blocks,
+            {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}", **scalars}, blocks, num_warps=FRAME_NORMALIZE_FWD_WARPS,
         ))
         specs.append(CompileSpec(
             f"frame_normalize_bwd[{ty}]", _frame_normalize_bwd,

@@ -44,8 +44,9 @@ from lookwhen_kernels.ops._common import (
     use_triton,
     wrap_triton,
 )
+from lookwhen_kernels.ops.triton_versions import SCORE_TOKENS_STAGES
 
-NUM_STAGES = 3
+NUM_STAGES = SCORE_TOKENS_STAGES
 # 64 rows is the smallest M of a Hopper warpgroup MMA; 8 warps keep the
 # [64, BLOCK_H] fp32 accumulator and the prefetched tiles under ~128 registers
 # a thread, spill-free on sm_90 and sm_80 (odd D included).

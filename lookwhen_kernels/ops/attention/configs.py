@@ -7,6 +7,7 @@ import torch
 import triton
 
 from lookwhen_kernels.ops._common import next_power_of_2
+from lookwhen_kernels.ops.triton_versions import ATTENTION_TILES
 
 MAX_HEAD_DIM = 256
 
@@ -16,7 +17,9 @@ MAX_HEAD_DIM = 256
 # entries once per head dim, dtype and score-modifier variant; the
 # interpreter (tests) runs the first.
 # Every fp16/bf16 entry for 64 and 128 compiles without spills for sm_90 and
-# sm_80 (``python -m lookwhen_kernels.inspect --only varlen_attention``).
+# sm_80 (``python -m lookwhen_kernels.inspect --only varlen_attention``) on
+# Triton 3.8 and later; ops/triton_versions.py swaps the tiles older releases
+# spill on.
 #
 # FlashAttention-2 runs 128 x 128 (hdim <= 64) and 128 x 64 (hdim 128, H100)
 # forward tiles with 4 warps, and backward tiles of 128 keys x 128 queries
@@ -73,16 +76,9 @@ HALF_MOD_CONFIGS = {
 }
 PREPROCESS_BLOCK_M = 64
 
-# Triton before 3.8 allocates registers less tightly: under 3.6 these tiles
-# spill for sm_80 (and fp32's for sm_90 too). Each is swapped for the nearest
-# tile that compiles clean for both on that Triton; 3.8 and later keep the
-# tiles above. The version matrix's compile report checks every pair.
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-if TRITON_VERSION < (3, 8):
-    HALF_CONFIGS["fwd"][64] = (_config(128, 64, 8, 3), _config(128, 128, 8, 3))
-    HALF_CONFIGS["dkdv"][128] = (_config(32, 64, 8, 2), _config(16, 64, 8, 2))
-    HALF_MOD_CONFIGS["dkdv"][64] = (_config(16, 128, 8, 2), _config(16, 64, 4, 2))
-    FP32_CONFIGS["fwd"][128] = (_config(16, 32, 8, 2),)
+_TABLES = {"half": HALF_CONFIGS, "half_mods": HALF_MOD_CONFIGS, "fp32": FP32_CONFIGS}
+for (table, kernel, width), tiles in ATTENTION_TILES.items():
+    _TABLES[table].setdefault(kernel, {})[width] = tuple(_config(*tile) for tile in tiles)
 
 
 def block_d_for(head_dim: int) -> int:

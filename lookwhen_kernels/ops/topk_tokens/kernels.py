@@ -5,12 +5,13 @@ import triton
 import triton.language as tl
 
 from lookwhen_kernels.ops.selection import kth_largest_key, order_key, upsampled_scores
+from lookwhen_kernels.ops.triton_versions import TOPK_LOOPED_WARPS
 
 # Clips past the register limit stream through the key buffer in pieces of
 # CHUNK tokens: 4096 keys over 16 warps are 8 per thread, as the register
-# kernel's smaller blocks.
+# kernel's smaller blocks (Triton before 3.8 runs 8 warps: triton_versions).
 CHUNK = 4096
-LOOPED_WARPS = 16
+LOOPED_WARPS = TOPK_LOOPED_WARPS
 
 
 @triton.jit
