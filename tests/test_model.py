@@ -376,7 +376,7 @@ def test_bad_inputs():
 
 
 # The paper's LookWhen: 106 M parameters, 40 and 108 GMACs per view at keep
-# ratios 0.1 and 0.3 (README, "Presets"). Exact counts pin the preset; the
+# ratios 0.1 and 0.3 (docs/models.md, "Presets"). Exact counts pin the preset; the
 # bounds are the tolerances (2% and 5%).
 DEFAULT_PARAMETERS = 108_010_753
 DEFAULT_FLOPS = {0.1: 77_509_450_752, 0.3: 214_042_242_048}

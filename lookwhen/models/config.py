@@ -251,7 +251,7 @@ PRESETS: Dict[str, ModelConfig] = {
     # candidates and a 3-layer ViT-B-wide selector on the clip scaled down 2x
     # in space and time (8 frames of 112 px: 8 x 7 x 7 = 392 tokens), whose
     # CLS and registers enter the extractor unprojected. The derivation is in
-    # the README ("Presets"); tests/test_model.py pins the figures.
+    # docs/models.md ("Presets"); tests/test_model.py pins the figures.
     "lookwhen-b16": ModelConfig(
         name="lookwhen-b16", selector_width=768, selector_heads=12, score_hidden=384,
         selector_frame_stride=2, context_projection=False,
