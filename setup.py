@@ -16,8 +16,8 @@ Environment: ``LOOKWHEN_NATIVE_BUILD=0`` skips the build;
 ``LOOKWHEN_NATIVE_ARCH=native`` (or any ``-march`` value, e.g. ``x86-64-v3``)
 compiles for that CPU instead of the portable default, so a wheel built with
 the default runs on any machine of the same architecture."""
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,6 +25,18 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_native_build():
+    # By path: importing the package would import torch and triton, which
+    # pip's build environment does not have.
+    spec = importlib.util.spec_from_file_location("native_build", os.path.join(HERE, "lookwhen_kernels", "native_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+native_build = _load_native_build()
 
 
 def _torch_of_target():
@@ -60,38 +72,16 @@ class CMakeBuild(build_ext):
         if os.environ.get("LOOKWHEN_NATIVE_BUILD", "1") in ("0", ""):
             self._skip("skipped (LOOKWHEN_NATIVE_BUILD=0)")
             return
-        cmake = shutil.which("cmake")
-        if cmake is None:
-            self._skip("not built: no cmake on PATH")
-            return
         torch = _torch_of_target()
         if torch is None:
             self._skip("not built: torch is not installed for this interpreter")
             return
         prefix, torch_version = torch
-        arch = os.environ.get("LOOKWHEN_NATIVE_ARCH", "")
-        # One build folder per torch release and target: CMake caches where it
-        # found torch and what the target CPU can do.
-        build_dir = os.path.join(HERE, "build", f"native-torch-{torch_version}-{arch or 'portable'}")
-        configure = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}",
-                     f"-DLOOKWHEN_NATIVE_ARCH={arch}"]
-        if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
-            configure += ["-G", "Ninja"]
-        # Two translation units: more jobs would not help.
-        steps = [configure, [cmake, "--build", build_dir, "--parallel", "2"]]
         try:
-            for step in steps:
-                subprocess.run(step, check=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            self._skip(f"not built: the CMake build failed ({error})")
-            return
-        # Named for the torch release it was compiled against: a library built
-        # for one release does not load (or worse, misbehaves) under another,
-        # and environments with different torch releases can share an
-        # editable checkout, each loading its own build.
-        folder = os.path.dirname(self.get_ext_fullpath(ext.name))
-        os.makedirs(folder, exist_ok=True)
-        shutil.copyfile(os.path.join(build_dir, "_native.so"), os.path.join(folder, f"_native-torch{torch_version}.so"))
+            native_build.build(HERE, prefix, torch_version, os.path.dirname(self.get_ext_fullpath(ext.name)),
+                               arch=os.environ.get("LOOKWHEN_NATIVE_ARCH", ""))
+        except RuntimeError as error:
+            self._skip(f"not built: {error}")
 
     @staticmethod
     def _skip(why: str) -> None:

@@ -7,16 +7,23 @@ Optional: without the library every CPU op runs its PyTorch reference, and
 the first CPU op to do so says once (a warning) that the backend is not built.
 ``LOOKWHEN_NATIVE=0`` turns the backend off at run time (silently: that is a
 choice, not a missing build). :func:`status` says which case holds; ``python
--m lookwhen_kernels.native`` prints it.
+-m lookwhen_kernels.native`` prints it, and ``python -m lookwhen_kernels.native
+--build`` compiles the library for the torch running now (from a source
+checkout, with CMake and a C++ compiler) when the install compiled it against
+another release.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
+import sys
 import warnings
 from typing import Optional
 
 import torch
+
+from .native_build import build, library_name
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _state = {"loaded": None, "status": None, "warned": False}
@@ -31,7 +38,7 @@ def _load() -> bool:
     else:
         # setup.py names each build for its torch release; a library built by
         # hand with CMake (``_native.so``) is loaded on trust.
-        candidates = [os.path.join(_HERE, f"_native-torch{torch.__version__}.so"), os.path.join(_HERE, "_native.so")]
+        candidates = [os.path.join(_HERE, library_name(torch.__version__)), os.path.join(_HERE, "_native.so")]
         found = [path for path in candidates if os.path.exists(path)]
         others = sorted(glob.glob(os.path.join(_HERE, "_native-torch*.so")))
         if found:
@@ -43,7 +50,7 @@ def _load() -> bool:
         elif others:
             releases = ", ".join(os.path.basename(path)[len("_native-torch"):-len(".so")] for path in others)
             status = (f"built for torch {releases}, not the torch {torch.__version__} running: CPU ops run their "
-                      "PyTorch reference (reinstall the package to build it for this torch)")
+                      "PyTorch reference (`python -m lookwhen_kernels.native --build` builds it for this torch)")
         else:
             status = ("not built: CPU ops run their PyTorch reference (reinstall with a C++ compiler, "
                       "`pip install -e .`, to build csrc/)")
@@ -74,5 +81,26 @@ def kernel(name: str) -> Optional[object]:
     return None
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lookwhen_kernels.native",
+                                     description="Say whether the native CPU backend is in use, or build it.")
+    parser.add_argument("--build", action="store_true",
+                        help="compile csrc/ against the torch running now (needs the source tree, CMake, a C++ compiler)")
+    parser.add_argument("--arch", default=os.environ.get("LOOKWHEN_NATIVE_ARCH", ""),
+                        help="-march value (e.g. native, x86-64-v3); default: portable")
+    args = parser.parse_args(argv)
+    if args.build:
+        try:
+            library = build(os.path.dirname(_HERE), torch.utils.cmake_prefix_path, torch.__version__, _HERE,
+                            arch=args.arch)
+        except RuntimeError as error:
+            print(f"lookwhen_kernels native CPU backend not built: {error}", file=sys.stderr)
+            return 1
+        print(f"built {library}")
+        _state["loaded"] = None
     print(f"lookwhen_kernels native CPU backend: {status()}")
+    return 0 if available() or not args.build else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

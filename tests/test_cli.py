@@ -8,7 +8,9 @@ presets would take minutes in the interpreter.
 import json
 import math
 import re
+import shutil
 import subprocess
+import sysconfig
 
 import numpy as np
 import pytest
@@ -164,7 +166,11 @@ def test_embed_with_no_readable_video_writes_nothing(files, capsys, tmp_path):
 
 
 def test_console_script():
-    result = subprocess.run(["lookwhen", "info", "--keep-ratio", "7"], capture_output=True, text=True)
+    # The script pip installed beside this interpreter: a venv's bin/ is on
+    # PATH only when the venv is activated.
+    script = shutil.which("lookwhen", path=sysconfig.get_path("scripts")) or shutil.which("lookwhen")
+    assert script is not None, "the `lookwhen` console script is not installed"
+    result = subprocess.run([script, "info", "--keep-ratio", "7"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "lookwhen info: error: argument --keep-ratio: must lie in (0, 1], got 7.0"

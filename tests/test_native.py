@@ -2,6 +2,7 @@
 message when the library is missing, and the run-time switch. (The kernels'
 results are checked by the op tests, which run against both CPU backends.)"""
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 import lookwhen_kernels as lk
-from lookwhen_kernels import native, reference
+from lookwhen_kernels import native, native_build, reference
 from lookwhen_kernels import set_cpu_backend
 from lookwhen_kernels.testing import assert_within_reference_error
 
+SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(native.__file__)))
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native CPU backend {native.status()}")
 
 
@@ -87,6 +89,26 @@ def test_library_built_for_another_torch_is_not_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
     assert not native.available()
     assert native.status().startswith(f"built for torch 1.0.0, not the torch {torch.__version__} running")
+
+
+def test_build_command_says_why_without_cmake(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "")
+    assert native.main(["--build"]) == 1
+    assert "no cmake on PATH" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or not os.path.exists(os.path.join(SOURCE, "CMakeLists.txt")),
+                    reason="building needs CMake and the source tree")
+def test_build_for_the_running_torch_gives_a_library_it_loads(tmp_path):
+    # What `python -m lookwhen_kernels.native --build` does, into a folder
+    # of its own: the installed library stays untouched. The build folder is
+    # the install's, so this compiles only what changed since.
+    library = native_build.build(SOURCE, torch.utils.cmake_prefix_path, torch.__version__, str(tmp_path))
+    assert os.path.basename(library) == native_build.library_name(torch.__version__)
+    code = (f"import torch; torch.ops.load_library({library!r}); "
+            "print(hasattr(torch.ops.lookwhen_native, 'topk_tokens'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
 
 
 def test_environment_variable_disables_the_backend_silently():

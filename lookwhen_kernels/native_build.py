@@ -1,0 +1,54 @@
+"""Compiling the native CPU backend (``csrc/`` through ``CMakeLists.txt``),
+shared by ``setup.py`` at install time and by ``python -m
+lookwhen_kernels.native --build``, which compiles for the torch running now
+when it is not the release the install compiled against (a torch pinned or
+capped below the one pip put in its build environment).
+
+Standard library only: ``setup.py`` loads this file by path inside pip's build
+environment, where the package's own dependencies are not installed."""
+import os
+import shutil
+import subprocess
+from typing import Optional
+
+
+def library_name(torch_version: str) -> str:
+    """A library compiled against one torch release does not load (or worse,
+    misbehaves) under another, so each build is named for its release, and
+    environments with different releases can share one editable checkout."""
+    return f"_native-torch{torch_version}.so"
+
+
+def build(source_dir: str, torch_prefix: str, torch_version: str, destination: str, arch: str = "",
+          jobs: Optional[int] = None) -> str:
+    """Configure and build the library against the torch whose CMake package
+    is under ``torch_prefix``; copy it into ``destination`` under
+    :func:`library_name`; return its path. Raises ``RuntimeError`` saying why
+    it could not be built."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("no cmake on PATH (`pip install cmake ninja` provides it)")
+    if not os.path.exists(os.path.join(source_dir, "CMakeLists.txt")):
+        raise RuntimeError(f"no CMakeLists.txt in {source_dir}: building needs the package's source tree")
+    # One build folder per torch release and target: CMake caches where it
+    # found torch and what the target CPU can do.
+    build_dir = os.path.join(source_dir, "build", f"native-torch-{torch_version}-{arch or 'portable'}")
+    configure = [cmake, "-S", source_dir, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={torch_prefix}", f"-DLOOKWHEN_NATIVE_ARCH={arch}"]
+    if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+        configure += ["-G", "Ninja"]
+    # Two translation units: more jobs would not help.
+    compile_ = [cmake, "--build", build_dir, "--parallel", str(jobs or 2)]
+    for step in (configure, compile_):
+        try:
+            subprocess.run(step, check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise RuntimeError(f"the CMake build failed ({error})") from error
+    os.makedirs(destination, exist_ok=True)
+    library = os.path.join(destination, library_name(torch_version))
+    # A new file moved into place: writing over a library that a running
+    # process has mapped would change the code under it.
+    partial = f"{library}.{os.getpid()}.partial"
+    shutil.copyfile(os.path.join(build_dir, "_native.so"), partial)
+    os.replace(partial, library)
+    return library
