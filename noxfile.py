@@ -3,7 +3,7 @@ pair the package declares, each in its own environment.
 
     python -m pip install nox
     nox                                   # every pair: tests, then inspect
-    nox -s "tests(torch='2.11.0')"        # one pair's suite
+    nox -s "tests(2.11.0)"               # one pair's suite
     nox -s tests -- tests/test_topk_tokens.py -x   # arguments after -- go to pytest
 
 CI runs the suite on one pair only (``.ci/run``); docs/versions.md holds the

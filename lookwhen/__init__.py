@@ -6,7 +6,10 @@ Subpackages, each importing only those before it: ``models`` (the networks,
 presets, ``build_model``), ``data`` (video decoding, datasets, synthetic
 clips), ``io`` (checkpoints, weight files, atomic writes), ``training``
 (engine, losses, teachers, pre-training, fine-tuning, evaluation,
-embedding) and ``cli`` (the command: parsing and printing)."""
+embedding) and ``cli`` (the command: parsing and printing). The flat layout's
+module paths (``lookwhen.video``, ``lookwhen.model``, ...) still import, with a
+``FutureWarning`` (``lookwhen.moved``)."""
+from lookwhen import moved
 from lookwhen.models import (
     PRESETS,
     DenseBaseline,
@@ -18,6 +21,8 @@ from lookwhen.models import (
     get_config,
     prepack_linears,
 )
+
+moved.install()
 
 __all__ = [
     "PRESETS",
