@@ -33,6 +33,11 @@ def pytest_configure(config):
             and _major_minor(numpy.__version__) >= (2, 4)):
         pytest.exit(f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__}: "
                     "install 'numpy<2.4' (or Triton 3.8 or later)", returncode=4)
+    if _major_minor(triton.__version__) < (3, 8):
+        # The same conversion, deprecated since NumPy 1.25: one warning per
+        # kernel loop (about 12,000 a run) that says nothing about our code.
+        config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar"
+                                ":DeprecationWarning:triton.runtime.interpreter")
 
 DEFAULT_SEED = 0
 

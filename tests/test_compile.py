@@ -128,5 +128,10 @@ def test_whole_lookwhen_forward_and_backward(mode):
             grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
             if name == "eager":
                 expected = grads
+        # A parameter's gradient sums over every token, clip and layer, in
+        # another order in each graph: fp32 rounding grows with that sum
+        # (seen: 1.8e-3 on gradients of magnitude 117 under torch 2.11), so
+        # the floor is 1e-4 of the gradient's magnitude rather than 1e-5.
         for param_grad, expected_grad in zip(grads, expected):
-            _close(param_grad, expected_grad)
+            torch.testing.assert_close(param_grad, expected_grad, rtol=1e-4,
+                                       atol=magnitude_floor(expected_grad.double(), 1e-4))
