@@ -33,9 +33,20 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
     # One build folder per torch release and target: CMake caches where it
     # found torch and what the target CPU can do.
     build_dir = os.path.join(source_dir, "build", f"native-torch-{torch_version}-{arch or 'portable'}")
+    # CMake's cache also holds the paths of the torch, compiler and Ninja it
+    # found; pip's isolated build environments are deleted after each
+    # install, so a cache from another environment is thrown away, not reused.
+    ninja = shutil.which("ninja")
+    environment = "\n".join([torch_prefix, cmake, ninja or ""])
+    stamp = os.path.join(build_dir, "lookwhen-environment.txt")
+    if os.path.isdir(build_dir) and _read(stamp) != environment:
+        shutil.rmtree(build_dir)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(stamp, "w") as file:
+        file.write(environment)
     configure = [cmake, "-S", source_dir, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={torch_prefix}", f"-DLOOKWHEN_NATIVE_ARCH={arch}"]
-    if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+    if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
         configure += ["-G", "Ninja"]
     # Two translation units: more jobs would not help.
     compile_ = [cmake, "--build", build_dir, "--parallel", str(jobs or 2)]
@@ -52,3 +63,11 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
     shutil.copyfile(os.path.join(build_dir, "_native.so"), partial)
     os.replace(partial, library)
     return library
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return None
