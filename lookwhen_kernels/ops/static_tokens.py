@@ -67,7 +67,9 @@ def _static_mask_kernel(
     channel = c - pixel * 3
     col_ok = j < grid_w
     # Tubelet 0 is always kept: its loads are masked off, nothing is read.
-    mask = col_ok[:, None] & (c < 3 * PATCH)[None, :] & (t > 0)
+    # (Broadcast from a vector compare: Triton 3.9's interpreter takes no
+    # scalar condition inside a mask.)
+    mask = (col_ok & (j * 0 + t > 0))[:, None] & (c < 3 * PATCH)[None, :]
     frame_later = t * TUBELET + TUBELET - 1
     frame_earlier = tl.maximum(t - 1, 0) * TUBELET
     offsets = clip * stride_b + (j[:, None] * PATCH + pixel[None, :]).to(tl.int64) * stride_w \
