@@ -19,8 +19,7 @@ def library_name(torch_version: str) -> str:
     return f"_native-torch{torch_version}.so"
 
 
-def build(source_dir: str, torch_prefix: str, torch_version: str, destination: str, arch: str = "",
-          jobs: Optional[int] = None) -> str:
+def build(source_dir: str, torch_prefix: str, torch_version: str, destination: str, arch: str = "") -> str:
     """Configure and build the library against the torch whose CMake package
     is under ``torch_prefix``; copy it into ``destination`` under
     :func:`library_name`; return its path. Raises ``RuntimeError`` saying why
@@ -49,7 +48,7 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
     if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
         configure += ["-G", "Ninja"]
     # Two translation units: more jobs would not help.
-    compile_ = [cmake, "--build", build_dir, "--parallel", str(jobs or 2)]
+    compile_ = [cmake, "--build", build_dir, "--parallel", "2"]
     for step in (configure, compile_):
         try:
             subprocess.run(step, check=True)

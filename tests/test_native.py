@@ -102,7 +102,7 @@ def test_build_command_says_why_without_cmake(monkeypatch, capsys):
 def test_build_for_the_running_torch_gives_a_library_it_loads(tmp_path):
     # What `python -m lookwhen_kernels.native --build` does, into a folder
     # of its own: the installed library stays untouched. The build folder is
-    # the install's, so this compiles only what changed since.
+    # reused when the install ran with this CMake and torch, else rebuilt.
     library = native_build.build(SOURCE, torch.utils.cmake_prefix_path, torch.__version__, str(tmp_path))
     assert os.path.basename(library) == native_build.library_name(torch.__version__)
     code = (f"import torch; torch.ops.load_library({library!r}); "
