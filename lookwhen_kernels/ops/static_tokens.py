@@ -8,9 +8,11 @@ of the two frames it compares straight from the uint8 clip, one pixel row at a
 time, sums the absolute byte differences exactly in int32 per channel, weights
 the channels, and writes one keep byte per token. The output is packed, so its
 size is the number of kept tokens: the per-clip counts are summed by PyTorch
-and read back once. The second kernel, one program per clip, walks the clip's
-tubelets from last to first holding one frame's keep bytes in registers: a
-prefix sum gives every kept token its slot (ids come out ascending without a
+and read back once. The second kernel, one program per (clip, chunk of a
+frame's spatial positions), walks the clip's tubelets from last to first
+holding the chunk's keep bytes in registers: each (tubelet, chunk)'s first
+slot comes from PyTorch's count of the bytes before it, a prefix sum inside
+the chunk gives every kept token its slot (ids come out ascending without a
 sort), and the last kept tubelet seen at each spatial position gives the run
 lengths.
 """
@@ -42,8 +44,10 @@ from lookwhen_kernels.ops.selection import clip_num_warps
 # Patch columns per program of the mask kernel: 16 x 3p lanes (p <= 32 fills
 # at most 16 x 128 int32 accumulators).
 BLOCK_J = 16
-# One frame's spatial positions live in the pack kernel's registers.
-MAX_SPATIAL = 16384
+# Spatial positions per program of the pack kernel: a whole frame of 16 x 16
+# patches at 1024 px. Wider frames are split; a 16384-position program spills
+# on sm_90 (Triton 3.9).
+PACK_CHUNK = 4096
 
 
 @triton.jit
@@ -91,31 +95,36 @@ def _static_mask_kernel(
 
 @triton.jit
 def _static_pack_kernel(
-    keep_ptr, cu_ptr, ids_ptr, runs_ptr,
-    tubelets, spatial,
+    keep_ptr, starts_ptr, ids_ptr, runs_ptr,
+    tubelets, spatial, chunks,
     BLOCK_S: tl.constexpr,
 ):
     clip = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
+    chunk = tl.program_id(1)
+    s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
     valid = s < spatial
-    end = tl.load(cu_ptr + clip + 1)
     next_kept = tl.full([BLOCK_S], 0, tl.int32) + tubelets
     clip_keep = keep_ptr + clip.to(tl.int64) * tubelets * spatial
+    chunk_starts = starts_ptr + clip.to(tl.int64) * tubelets * chunks + chunk
     for i in range(tubelets):
         t = tubelets - 1 - i
         keep = tl.load(clip_keep + t * spatial + s, mask=valid, other=0) != 0
-        kept = keep.to(tl.int32)
-        start = end - tl.sum(kept, axis=0)
-        slot = start + tl.cumsum(kept, axis=0) - 1
+        slot = tl.load(chunk_starts + t * chunks) + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(ids_ptr + slot, t * spatial + s, mask=keep)
         tl.store(runs_ptr + slot, next_kept - t, mask=keep)
         next_kept = tl.where(keep, t, next_kept)
-        end = start
 
 
 def _pack_config(spatial: int) -> Tuple[int, int]:
-    # One frame's keep bytes per program, as a selection op holds one clip's scores.
-    return next_power_of_2(spatial), clip_num_warps(spatial)
+    block = min(next_power_of_2(spatial), PACK_CHUNK)
+    return block, clip_num_warps(block)
+
+
+def _chunk_counts(keep: torch.Tensor, block: int) -> torch.Tensor:
+    """int32 ``[B, T', chunks]``: the kept tokens of each (tubelet, chunk)."""
+    chunks = triton.cdiv(keep.shape[2], block)
+    padded = torch.nn.functional.pad(keep, (0, chunks * block - keep.shape[2]))
+    return padded.view(*keep.shape[:2], chunks, block).sum(-1, dtype=torch.int32)
 
 
 def _reference_mask(clip, patch_size, tubelet, threshold, std):
@@ -150,7 +159,7 @@ def _static_token_mask(
 
 
 @triton_op("lookwhen::static_tokens_pack", mutates_args=())
-def _static_tokens_pack(keep: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _static_tokens_pack(keep: torch.Tensor, chunk_starts: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(keep):
         return cpu_dispatch(None, (keep,), _reference_pack)
     batch, tubelets, spatial = keep.shape
@@ -158,8 +167,9 @@ def _static_tokens_pack(keep: torch.Tensor, cu_seqlens: torch.Tensor, total: int
     runs = torch.empty((total,), device=keep.device, dtype=torch.int32)
     if total:
         block, num_warps = _pack_config(spatial)
-        wrap_triton(_static_pack_kernel)[(batch,)](
-            keep, cu_seqlens, ids, runs, tubelets, spatial, BLOCK_S=block, num_warps=num_warps,
+        chunks = chunk_starts.shape[2]
+        wrap_triton(_static_pack_kernel)[(batch, chunks)](
+            keep, chunk_starts, ids, runs, tubelets, spatial, chunks, BLOCK_S=block, num_warps=num_warps,
         )
     return ids, runs
 
@@ -218,13 +228,16 @@ def static_tokens(
     threshold = check_real("threshold", threshold, "[0, inf)")
     std = _channel_std(std)
     spatial = (height // patch_size) * (width // patch_size)
-    if spatial > MAX_SPATIAL:
-        raise ValueError(f"clip: {spatial} patches per frame, past the {MAX_SPATIAL} one program holds")
     check_int32("clip", batch * (frames // tubelet) * spatial, "the number of tokens")
     keep = _static_token_mask(clip, patch_size, tubelet, threshold, std)
-    cu_seqlens = cu_seqlens_from_lengths(keep.sum((1, 2)))
+    # Ids ascend in (tubelet, chunk) order: each chunk's first slot is the
+    # clip's start plus the kept tokens of the chunks before it.
+    counts = _chunk_counts(keep, _pack_config(spatial)[0])
+    cu_seqlens = cu_seqlens_from_lengths(counts.sum((1, 2)))
+    flat = counts.flatten(1)
+    chunk_starts = (cu_seqlens[:-1, None] + flat.cumsum(1, dtype=torch.int32) - flat).view_as(counts)
     total = int(cu_seqlens[-1])
-    indices, runs = _static_tokens_pack(keep, cu_seqlens, total)
+    indices, runs = _static_tokens_pack(keep, chunk_starts, total)
     return indices, cu_seqlens, runs
 
 
@@ -241,23 +254,20 @@ def compile_specs():
     } | {name: "fp32" for name in ("w0", "w1", "w2", "bound")} | {
         name: "constexpr" for name in ("PATCH", "TUBELET", "BLOCK_J", "BLOCK_C")
     }
-    pack_sig = {"keep_ptr": "*u8", "cu_ptr": "*i32", "ids_ptr": "*i32", "runs_ptr": "*i32",
-                "tubelets": "i32", "spatial": "i32", "BLOCK_S": "constexpr"}
-    for patch, tubelet, spatial in COMPILE_CONFIGS:
+    pack_sig = {"keep_ptr": "*u8", "starts_ptr": "*i32", "ids_ptr": "*i32", "runs_ptr": "*i32",
+                "tubelets": "i32", "spatial": "i32", "chunks": "i32", "BLOCK_S": "constexpr"}
+    for patch, tubelet, _ in COMPILE_CONFIGS:
         grid_w = 224 // patch
         specs.append(CompileSpec(
             f"static_tokens_mask[p={patch},tubelet={tubelet}]", _static_mask_kernel, mask_sig,
             {"PATCH": patch, "TUBELET": tubelet, "BLOCK_J": BLOCK_J, "BLOCK_C": next_power_of_2(3 * patch)},
             divisible_by_16=("stride_b", "stride_t", "stride_h") + (("grid_w",) if grid_w % 16 == 0 else ()),
         ))
+    # 16384 positions (2048 px at p = 16) run split into PACK_CHUNK programs.
+    for spatial in sorted({spatial for _, _, spatial in COMPILE_CONFIGS} | {16384}):
         block, num_warps = _pack_config(spatial)
         specs.append(CompileSpec(
             f"static_tokens_pack[S={spatial}]", _static_pack_kernel, pack_sig, {"BLOCK_S": block},
             num_warps=num_warps,
         ))
-    block, num_warps = _pack_config(MAX_SPATIAL)
-    specs.append(CompileSpec(
-        f"static_tokens_pack[S={MAX_SPATIAL}]", _static_pack_kernel, pack_sig, {"BLOCK_S": block},
-        num_warps=num_warps,
-    ))
     return specs
