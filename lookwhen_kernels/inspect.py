@@ -4,7 +4,8 @@ No GPU is needed. Every kernel is compiled by Triton for sm_90 and sm_80 at the
 configurations it launches with (each op module lists them in
 ``compile_specs()``); the cubin is read back with ``cuobjdump`` (registers,
 local memory = spills, shared memory) and ``nvdisasm`` (tensor-core
-instructions: HGMMA on sm_90, HMMA on sm_80). Exits non-zero when a kernel
+instructions: HGMMA on sm_90, HMMA on sm_80 and on sm_90 for tiles under the
+warpgroup MMA's 64 rows). Exits non-zero when a kernel
 fails to compile, spills, needs more shared memory than a block may have
 (227 KB on sm_90, 163 KB on sm_80: such a launch fails at run time), or a
 GEMM-shaped kernel misses the tensor cores.
@@ -137,8 +138,10 @@ def compile_one(spec: CompileSpec, arch: int) -> Row:
     row.spill_bytes = sum(int(re.search(rf"{kind}:(\d+)", usage).group(1)) for kind in ("LOCAL", "STACK"))
     static_shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
     row.shared_bytes = static_shared + int(compiled.metadata.shared)
-    opcode = TENSOR_CORE_OPCODE.get(arch)
-    row.tensor_core_instructions = len(re.findall(rf"\b{opcode}\b", sass)) if opcode else 0
+    opcodes = [TENSOR_CORE_OPCODE[arch]] if arch in TENSOR_CORE_OPCODE else []
+    if not spec.warpgroup_mma:
+        opcodes.append(TENSOR_CORE_OPCODE[80])
+    row.tensor_core_instructions = sum(len(re.findall(rf"\b{opcode}\b", sass)) for opcode in set(opcodes))
     return row
 
 

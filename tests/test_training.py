@@ -7,6 +7,7 @@ many steps, and the kernels are tested op by op elsewhere.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ from lookwhen.training.pretrain import PretrainTask
 from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
 from lookwhen.training.targets import TargetCache, cache_fingerprint, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers, VideoTeacher
-from lookwhen.training.engine import Trainer, TrainSettings, lr_factor
+from lookwhen.training.engine import Terminated, Trainer, TrainSettings, lr_factor, read_log
 from helpers import SMALL
 
 SET = [f"{k}={v}" for k, v in SMALL.items()]
@@ -283,6 +284,102 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(files, tmp_path):
         assert torch.equal(value, expected[key]), key
     log = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5]
+
+
+class _RunsCode:
+    """A pickle that would create ``marker`` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_reads_no_code_and_no_path_outside_the_run(files, tmp_path):
+    _, _, trainer = _synthetic_run(tmp_path / "run", files, steps=2)
+    trainer.fit()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    marker = tmp_path / "ran"
+    torch.save({"module": _RunsCode(marker)}, checkpoints / "step-000002" / "train-state.pt")
+    # The pointer names a folder outside the run: ignored, only step-N folders are read.
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(checkpoints / "step-000002", outside)
+    (checkpoints / "latest").write_text(str(outside))
+    lines = []
+    _, _, trainer = _synthetic_run(tmp_path / "run", files, steps=3, resume=True)
+    trainer.log = lines.append
+    with pytest.raises(ValueError, match="none of the 1 checkpoints"):
+        trainer.fit()
+    assert not marker.exists()
+    assert "step-000002 is unreadable (UnpicklingError" in lines[0]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(files, tmp_path):
+    _, task, trainer = _synthetic_run(tmp_path / "whole", files, steps=5)
+    trainer.fit()
+    expected = _params(task.module)
+    _, _, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
+    step = trainer.optimizer.step
+
+    def interrupt_on_step_5(*args, **kwargs):
+        if trainer.position.step == 4:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = interrupt_on_step_5
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    state = tmp_path / "cut" / "checkpoints" / "step-000004" / "train-state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5, resume=True)
+    trainer.fit()
+    for key, value in _params(task.module).items():
+        assert torch.equal(value, expected[key]), key
+    assert [row["step"] for row in read_log(tmp_path / "cut" / "log.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_resume_continues(files, tmp_path):
+    _, task, trainer = _synthetic_run(tmp_path / "whole", files, steps=5)
+    trainer.fit()
+    expected = _params(task.module)
+    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
+    step = trainer.optimizer.step
+
+    def sigterm_during_step_3(*args, **kwargs):
+        if trainer.position.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = sigterm_during_step_3
+    with pytest.raises(Terminated, match="step 3"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000003"
+    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5, resume=True)
+    trainer.fit()
+    for key, value in _params(task.module).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_resume_keeps_the_data_position_and_refuses_another_run(files, tmp_path):
+    _, _, trainer = _synthetic_run(tmp_path / "run", files, steps=3)
+    trainer.fit()  # 2 steps of 4 clips per epoch: step 3 is 4 clips into epoch 1
+    _, _, trainer = _synthetic_run(tmp_path / "run", files, steps=4, accumulate=2, resume=True)
+    trainer.restore(trainer.latest_checkpoint())
+    assert (trainer.position.epoch, trainer.position.micro, trainer.micro) == (1, 2, 2)
+    trainer.fit()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["accumulate"] == 1 and run["resumes"] == [{"step": 3, "changed": {"steps": 4,
+                                                                                             "accumulate": 2}}]
+    with pytest.raises(ValueError, match="batch size is 4, not 8"):
+        _synthetic_run(tmp_path / "run", files, steps=6, batch_size=8, resume=True)[2].fit()
+    model = build_model("lookwhen-b16", **(SMALL | {"depth": SMALL["depth"] + 1}))
+    task = PretrainTask(model, teachers=_teachers(files), keep_range=(0.05, 0.5))
+    settings = TrainSettings(out=str(tmp_path / "run"), steps=6, batch_size=4, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"another model config \(depth\)"):
+        Trainer(task, SyntheticDataset(8, seed=4, frames=8, size=64, object_size=16), settings,
+                log=lambda line: None).fit()
 
 
 def test_accumulation_matches_one_big_batch(files, tmp_path):

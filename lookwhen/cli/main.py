@@ -11,6 +11,7 @@ file, still writes the embeddings of the others, and exits with status 1.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -37,6 +38,7 @@ from lookwhen.models.cpu_inference import prepack_linears
 from lookwhen.models.picture import selection_picture
 from lookwhen.models.selection import Selection
 from lookwhen.training.distributed import local_device, rank_and_world
+from lookwhen.training.engine import Terminated
 from lookwhen.training.embed import (
     FILE_SUFFIXES,
     embed_batch,
@@ -246,6 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        # The engine has logged where it saved.
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ Run folder (``--out``)::
 
 Checkpoints are written to a temporary folder and renamed into place, so a
 crash never leaves a half-written one behind; Ctrl-C saves one before
-exiting. Resuming restores everything the next step depends on (the data
+exiting, and SIGTERM (how Slurm and Kubernetes stop a job) one at the end of
+the step under way. ``--resume`` reads only ``step-N`` folders inside the
+run's ``checkpoints`` (whatever ``latest`` says), unpickles with
+``weights_only=True`` (a crafted file cannot run code), and falls back to the
+newest intact checkpoint when the latest is unreadable. It refuses another
+model config or batch size; another accumulation or number of ranks keeps
+the data position (counted in clips). Resuming restores everything the next step depends on (the data
 order is a function of the seed and epoch, the clips of ``(seed, index,
 view)``, the budgets of a saved generator), so on CPU a run stopped and
 resumed ends with the same parameters as an uninterrupted one.
@@ -38,8 +44,12 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
@@ -188,6 +198,26 @@ class _Position:
     micro: int = 0  # micro-batches of this epoch already consumed
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: the step under way finished and a checkpoint was saved."""
+
+
+# The only names ``checkpoints/latest`` may give (no paths).
+CHECKPOINT_NAME = re.compile(r"step-\d{6,}")
+# What a damaged or foreign train-state file raises when read: the resume
+# moves on to an older checkpoint.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+
+
+def load_train_state(path: str) -> Dict:
+    """A train-state file, unpickled with ``weights_only=True``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"module", "optimizer", "scheduler", "position", "generator", "torch_rng"} - set(state)
+    if missing:
+        raise KeyError(f"not a train state: no {', '.join(sorted(missing))}")
+    return state
+
+
 class Trainer:
     def __init__(self, task: Task, dataset, settings: TrainSettings, *, log: Callable[[str], None] = None):
         self.task = task
@@ -232,6 +262,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "position": dataclasses.asdict(self.position),
+            # The clips per global micro-batch and per step: what the data
+            # position's micro-batch count means.
+            "micro_batch": self.micro * self.dist.world,
+            "batch_size": self.settings.batch_size,
             "generator": self._rng_at_step["generator"],
             "torch_rng": self._rng_at_step["torch"],
             "cuda_rng": self._rng_at_step["cuda"],
@@ -254,40 +288,117 @@ class Trainer:
         self.dist.barrier()
         return final
 
-    def latest_checkpoint(self) -> Optional[str]:
+    def checkpoint_folders(self) -> List[str]:
+        """The run's checkpoints, newest first: the one ``latest`` names,
+        then every ``step-N`` folder by step. Only names of that form are
+        read, so the pointer cannot lead outside the run folder."""
+        if not os.path.isdir(self.checkpoints):
+            return []
+        names = sorted((d for d in os.listdir(self.checkpoints) if CHECKPOINT_NAME.fullmatch(d)
+                        and os.path.isdir(os.path.join(self.checkpoints, d))), reverse=True)
         pointer = os.path.join(self.checkpoints, "latest")
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as handle:
-            return os.path.join(self.checkpoints, handle.read().strip())
+        if os.path.isfile(pointer):
+            with open(pointer) as handle:
+                latest = handle.read().strip()
+            if latest in names:
+                names.remove(latest)
+                names.insert(0, latest)
+        return [os.path.join(self.checkpoints, name) for name in names]
+
+    def latest_checkpoint(self) -> Optional[str]:
+        folders = self.checkpoint_folders()
+        return folders[0] if folders else None
 
     def restore(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.position = _Position(**state["position"])
+        self._restore(load_train_state(os.path.join(folder, STATE_FILE)))
+
+    def _restore(self, state: Dict) -> None:
+        position = _Position(**state["position"])
+        batch_size = state.get("batch_size", self.settings.batch_size)
+        if batch_size != self.settings.batch_size:
+            raise ValueError(f"--resume: the run's batch size is {batch_size}, not {self.settings.batch_size} "
+                             "(a step would mean other clips); resume with --batch-size "
+                             f"{batch_size} or start a new --out")
+        # Another accumulation or number of ranks: the same clips, counted in
+        # micro-batches of another size.
+        clips = position.micro * state.get("micro_batch", self.micro * self.dist.world)
+        micro_batch = self.micro * self.dist.world
+        if clips % micro_batch:
+            raise ValueError(f"--resume: the checkpoint is {clips} clips into its epoch, not a whole number of "
+                             f"micro-batches of {micro_batch}; resume with the run's --accumulate")
+        position.micro = clips // micro_batch
+        try:
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--resume: the checkpoint does not fit this model and optimiser ({first})") from None
+        self.position = position
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.skips.seen.update(state["skipped"])
+        self.skips.seen.update(state.get("skipped", {}))
         self._snapshot_rng()
+
+    def _resume(self) -> None:
+        """Restore the newest checkpoint that reads back whole."""
+        folders = self.checkpoint_folders()
+        if not folders:
+            raise ValueError(f"--resume: {self.checkpoints} holds no checkpoint to resume from")
+        for folder in folders:
+            try:
+                state = load_train_state(os.path.join(folder, STATE_FILE))
+            except _UNREADABLE as error:
+                self.log(f"--resume: {folder} is unreadable ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}); trying the one before")
+                continue
+            self._restore(state)
+            self.log(f"resumed from {folder} (step {self.position.step})")
+            return
+        raise ValueError(f"--resume: none of the {len(folders)} checkpoints in {self.checkpoints} is readable")
+
+    def _check_same_run(self, run_file: str, info: Dict) -> None:
+        """A resumed run trains the model it started with."""
+        if not os.path.isfile(run_file):
+            return
+        with open(run_file) as handle:
+            before = json.load(handle)
+        info = json.loads(json.dumps(info, default=str))  # as run.json holds it: tuples are lists
+        for key in ("task", "model_config"):
+            if key in before and key in info and before[key] != info[key]:
+                if key == "model_config":
+                    changed = sorted(k for k in set(before[key]) | set(info[key])
+                                     if before[key].get(k) != info[key].get(k))
+                    what = "model config (" + ", ".join(changed) + ")"
+                else:
+                    what = f"task ({before[key]} -> {info[key]})"
+                raise ValueError(f"--resume: {self.folder} holds a run of another {what}; use its own "
+                                 "--preset and settings, or a new --out")
 
     # Run folder --------------------------------------------------------------
     def _prepare_folder(self) -> None:
         run_file = os.path.join(self.folder, "run.json")
         info = {"settings": dataclasses.asdict(self.settings), **self.task.run_info(), "world_size": self.dist.world}
         if self.settings.resume:
-            latest = self.latest_checkpoint()
-            if latest is None:
-                raise ValueError(f"--resume: {self.checkpoints} holds no checkpoint to resume from")
-            self.restore(latest)
-            self.log(f"resumed from {latest} (step {self.position.step})")
+            self._check_same_run(run_file, info)
+            self._resume()
         elif self.latest_checkpoint() is not None:
             raise ValueError(f"{self.folder} already holds a run; pass --resume to continue it or use a new --out")
         if self.dist.main:
             os.makedirs(self.checkpoints, exist_ok=True)
+            if self.settings.resume and os.path.isfile(run_file):
+                # The run's own settings stay; each resume adds what it changed.
+                with open(run_file) as handle:
+                    first = json.load(handle)
+                now = json.loads(json.dumps(info, default=str))
+                changed = {k: v for k, v in now["settings"].items()
+                           if k != "resume" and first.get("settings", {}).get(k) != v}
+                if first.get("world_size") != now["world_size"]:
+                    changed["world_size"] = now["world_size"]
+                first.setdefault("resumes", []).append({"step": self.position.step, "changed": changed})
+                info = first
             write_json(run_file, info, indent=2, default=str)
             self._trim_log()
         self.dist.barrier()
@@ -343,8 +454,9 @@ class Trainer:
                    disable=disable, dynamic_ncols=True)
         last = {}
         try:
-            while self.position.step < settings.steps:
-                last = self._epoch(forward, bar) or last
+            with self._stop_on_sigterm():
+                while self.position.step < settings.steps:
+                    last = self._epoch(forward, bar) or last
         except KeyboardInterrupt:
             folder = self.save()
             self.log(f"interrupted at step {self.position.step}: checkpoint saved in {folder}; "
@@ -412,6 +524,12 @@ class Trainer:
             bar.update(1)
             if position.step % settings.save_every == 0:
                 self.save()
+            if self._stop_requested():
+                folder = self.save() if position.step % settings.save_every else self.latest_checkpoint()
+                message = (f"terminated (SIGTERM) at step {position.step}: checkpoint saved in {folder}; "
+                           "run again with --resume to continue")
+                self.log(message)
+                raise Terminated(message)
             if position.step >= settings.steps:
                 return last
         message = self.skips.end_epoch(position.epoch)
@@ -420,6 +538,32 @@ class Trainer:
         position.epoch += 1
         position.micro = 0
         return last
+
+    @contextlib.contextmanager
+    def _stop_on_sigterm(self):
+        """SIGTERM asks for a stop at the end of the step under way (a signal
+        handler may run mid-update, so it only sets a flag)."""
+        self._sigterm = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread
+            return
+
+        def request_stop(signum, frame):
+            self._sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM: all ranks stop at the same step."""
+        if self.dist.world == 1:
+            return self._sigterm
+        flag = torch.tensor([float(self._sigterm)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _reduce(self, value: float) -> float:
         """The mean over ranks (what the averaged gradients optimise)."""

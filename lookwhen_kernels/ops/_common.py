@@ -304,7 +304,8 @@ class CompileSpec:
     ``signature`` maps every argument name to a Triton type string (``"*fp16"``,
     ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of
     the constexpr ones. ``tensor_cores`` marks the GEMM-shaped kernels that must
-    use HGMMA on sm_90 and HMMA on sm_80. ``divisible_by_16`` names the integer
+    use HGMMA on sm_90 and HMMA on sm_80; ``warpgroup_mma=False`` accepts HMMA
+    on sm_90 too, for tiles under the warpgroup MMA's 64 rows. ``divisible_by_16`` names the integer
     arguments that are multiples of 16 at the real shapes (strides, D, H, W):
     Triton's launcher specialises on that at run time, so the report must too.
     """
@@ -316,6 +317,7 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False
+    warpgroup_mma: bool = True
     archs: Tuple[int, ...] = (90, 80)
     divisible_by_16: Tuple[str, ...] = ()
 

@@ -26,9 +26,19 @@ TOPK_LOOPED_WARPS = 8 if BEFORE_3_8 else 16
 # width), replacing the entries of ops/attention/configs.py: FA2's 4-warp
 # forward tile and the 16 x 128 backward tiles spill for sm_80, fp32's 32 x 32
 # forward in the 128-wide tile for both.
-ATTENTION_TILES = {
-    ("half", "fwd", 64): ((128, 64, 8, 3), (128, 128, 8, 3)),
-    ("half", "dkdv", 128): ((32, 64, 8, 2), (16, 64, 8, 2)),
-    ("half_mods", "dkdv", 64): ((16, 128, 8, 2), (16, 64, 4, 2)),
-    ("fp32", "fwd", 128): ((16, 32, 8, 2),),
-} if BEFORE_3_8 else {}
+#
+# From 3.9 on, every 16-bit head-dim-256 backward tile with 64 keys (the
+# warpgroup MMA's 64 rows) spills on sm_90 (16 x 64 at 8 warps: 128 bytes;
+# 32 x 64, 64 x 32, 16 and 4 warps, 3 stages: 56 to 1264): 32 x 32 runs
+# clean with mma.sync (HMMA) instead of HGMMA on Hopper.
+if BEFORE_3_8:
+    ATTENTION_TILES = {
+        ("half", "fwd", 64): ((128, 64, 8, 3), (128, 128, 8, 3)),
+        ("half", "dkdv", 128): ((32, 64, 8, 2), (16, 64, 8, 2)),
+        ("half_mods", "dkdv", 64): ((16, 128, 8, 2), (16, 64, 4, 2)),
+        ("fp32", "fwd", 128): ((16, 32, 8, 2),),
+    }
+elif TRITON_VERSION >= (3, 9):
+    ATTENTION_TILES = {("half", "dkdv", 256): ((32, 32, 8, 2),)}
+else:
+    ATTENTION_TILES = {}

@@ -51,6 +51,8 @@ def _tile_specs(dtype, head_dim, mods: dict, suffix: str):
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 # fp32's small tiles miss Hopper's 64-row MMA (mma.sync instead).
                 tensor_cores=dtype != torch.float32,
+                # The dk/dv kernel's MMAs are keys x queries: its key tile is their M side.
+                warpgroup_mma=config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"] >= 64,
             )
 
 
