@@ -125,6 +125,21 @@ def test_flash_attention_style_positional_call(monkeypatch, interpret):
     torch.testing.assert_close(softmax_lse.double(), oracle_lse, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("window_size, same_as", [
+    (torch.tensor([5, 2]), (5, 2)),  # FlashAttention's own tests draw it with torch.randint
+    ((torch.tensor(3, dtype=torch.int32), -1), (3, -1)),
+    ((-7, 0), (-1, 0)),  # any negative side is unbounded
+    ((2**40, 1), (-1, 1)),  # past every int32 length: unbounded
+])
+def test_window_size_takes_what_flash_attention_takes(window_size, same_as):
+    q, k, v, cu_q, cu_k = _inputs(16, 2, 1, [9, 4], [13, 4], torch.float32)
+    out, lse, _ = lk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 13, window_size=window_size,
+                                            return_attn_probs=True)
+    expected, expected_lse, _ = lk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 13, window_size=same_as,
+                                                          return_attn_probs=True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
 def test_packed_and_padded_variants_agree_with_varlen():
     batch, length, heads, kv_heads, head_dim = 2, 11, 4, 2, 24
     qkv = torch.randn(batch, length, 3, heads, head_dim)

@@ -185,6 +185,25 @@ def test_packed_qkv_views_and_permuted_layouts():
     _check_forward(*permuted.unbind(0), cu, cu)
 
 
+@pytest.mark.parametrize("lengths", [[9, 9], [9, 4, 1]], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("which", ["q", "qkv"])
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_rows_with_a_non_unit_stride(monkeypatch, backend, which, lengths):
+    """Rows strided (the same values at stride 2): ATen's CPU flash kernel
+    before torch 2.14, which the PyTorch path calls, read them as contiguous."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    q, k, v, cu, _ = _inputs(lengths, lengths, 4, 2, 32, torch.float32)
+    strided = [torch.stack([t, torch.full_like(t, 1e30)], -1)[..., 0] if name in which else t
+               for name, t in zip("qkv", (q, k, v))]
+    assert strided[0].stride(-1) == 2
+    grad_out = torch.randn(q.shape)
+    expected = _grads(lambda *qkv: varlen_attention(*qkv, cu, return_lse=True), (q, k, v), grad_out, None)
+    got = _grads(lambda *qkv: varlen_attention(*qkv, cu, return_lse=True), strided, grad_out, None)
+    torch.testing.assert_close(varlen_attention(*strided, cu), varlen_attention(q, k, v, cu))
+    for name, a, b in zip(("dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_empty_batches_and_sequences():
     # No sequences at all, and only empty sequences.
     for lengths in ([], [0, 0, 0]):
@@ -438,7 +457,7 @@ def _cu(values):
                                   softmax_scale=float("nan")), "softmax_scale"),
         (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], dropout_p=0.1), "dropout_p"),
         (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], causal=1), "causal"),
-        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], window_size=(-2, 0)),
+        (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], window_size=(1.5, 0)),
          "window_size"),
         (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4], softcap=-1.0), "softcap"),
         (lambda: varlen_attention(*_inputs([3], [3], 2, 2, 32, torch.float32)[:4],

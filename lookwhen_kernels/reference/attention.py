@@ -17,6 +17,12 @@ def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return torch.logsumexp(scores, dim=-1).flatten(-3, -2)
 
 
+def _unit_stride_rows(*tensors):
+    """The tensors with a unit last stride: ATen's CPU flash-attention
+    kernels read each row as contiguous whatever its stride says."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """``q [B, H, Lq, Dh]``, ``k, v [B, H_kv, Lk, Dh]`` with ``Lk > 0`` ->
     ``out`` like ``q`` and ``lse [B, H, Lq]``.
@@ -26,7 +32,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     and returns lse for free, but its lse carries no gradient. Elsewhere SDPA
     and an explicit logsumexp."""
     if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_unit_stride_rows(q, k, v), 0.0, False,
+                                                                          scale=scale)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out, _attention_lse(q, k, scale)
 
@@ -191,7 +198,8 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
         if uniform is not None:
             batch = len(segments)
             views = [t.unflatten(0, (batch, -1)).transpose(1, 2) for t in (grad_out, q, k, v, out)]
-            grads = fused(*views, lse.unflatten(1, (batch, -1)).transpose(0, 1), 0.0, False, scale=scale)
+            grads = fused(*_unit_stride_rows(*views), lse.unflatten(1, (batch, -1)).transpose(0, 1), 0.0, False,
+                          scale=scale)
             return tuple(g.transpose(1, 2).reshape(t.shape) for g, t in zip(grads, (q, k, v)))
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for rows_q, rows_k in segments:
@@ -199,7 +207,7 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
                 continue
             views = [t[rows].transpose(0, 1)[None] for t, rows in
                      ((grad_out, rows_q), (q, rows_q), (k, rows_k), (v, rows_k), (out, rows_q))]
-            grads = fused(*views, lse[None, :, rows_q], 0.0, False, scale=scale)
+            grads = fused(*_unit_stride_rows(*views), lse[None, :, rows_q], 0.0, False, scale=scale)
             for full, grad, rows in zip((dq, dk, dv), grads, (rows_q, rows_k, rows_k)):
                 full[rows] = grad[0].transpose(0, 1)
         return dq, dk, dv

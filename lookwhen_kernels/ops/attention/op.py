@@ -56,6 +56,7 @@ from lookwhen_kernels.layout import lengths_from_cu_seqlens
 from lookwhen_kernels.ops._common import (
     FLOAT_DTYPES,
     check_cu_seqlens,
+    INT32_MAX,
     check_int,
     check_real,
     check_offsets,
@@ -188,11 +189,21 @@ def _check_score_mods(causal, window_size, softcap, alibi_slopes, batch: int, he
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"window_size: expected (left, right), got {window_size!r}") from None
+    sides = []
     for side, value in (("left", left), ("right", right)):
+        # FlashAttention takes a tensor too (its tests draw the window with
+        # torch.randint), and any negative side as unbounded; so is a side
+        # past any int32 sequence length (the kernels take int32).
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+                and not value.dtype.is_complex and value.dtype != torch.bool:
+            value = int(value.item())
         try:
-            check_int(side, value, -1)
+            value = check_int(side, value)
+            sides.append(-1 if value < 0 or value >= INT32_MAX else value)
         except ValueError:
-            raise ValueError(f"window_size: {side} must be an int >= -1 (-1: unbounded), got {window_size!r}") from None
+            raise ValueError(f"window_size: {side} must be an int (negative: unbounded), got {window_size!r}") \
+                from None
+    left, right = sides
     if causal:
         # FlashAttention: causal is the window (left, 0).
         right = 0
