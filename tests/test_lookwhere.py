@@ -108,6 +108,23 @@ def test_released_model_matches_the_authors_forward():
     assert torch.equal(again.embedding, once.embedding) and torch.isfinite(once.tokens).all()
 
 
+def test_a_keep_ratio_keeps_int_of_ratio_times_patches_as_the_authors_do():
+    # Their README: k = int(k_ratio * num_high_res_patches).
+    cfg = PRESETS["lookwhere-dinov2"]
+    assert [cfg.tokens_kept(r) for r in (0.1, 0.3, 0.0001)] == [136, 410, 1]
+    assert PRESETS["lookwhen-b16"].tokens_kept(0.1) == 314  # 313.6, to nearest
+    (selector, head, extractor), checkpoint = _released_layout()
+    model = build_model("lookwhere-dinov2", **SMALL).eval()
+    load_lookwhere_state_dict(model, checkpoint)
+    pixels, images = _images(2)
+    # 0.35 x 25 = 8.75: the authors keep 8.
+    _, keep, cls, _ = lookwhere_forward(selector, head, extractor, images, int(0.35 * 25))
+    with torch.no_grad():
+        out = model(pixels, keep_ratio=0.35)
+    assert out.indices.numel() == 2 * 8
+    torch.testing.assert_close(out.embedding, cls, rtol=1e-4, atol=1e-4)
+
+
 def test_the_full_size_layout_loads_with_nothing_missing_or_unexpected():
     with torch.device("meta"):
         model = build_model("lookwhere-dinov2")

@@ -10,7 +10,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
+
+from lookwhen_kernels import keep_ratio_to_k
 
 # timm's ImageNet statistics, on the 0..1 scale (pixels are divided by 255 first).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,8 +43,11 @@ class ModelConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
-    # Selection.
+    # Selection. ``keep_rounding``: how a keep ratio becomes a token count,
+    # "round" (to nearest) or "floor" (LookWhere's ``int(k_ratio * N)``); at
+    # least one token either way.
     keep_ratio: float = 0.1
+    keep_rounding: str = "round"
     # Selector: a shallow ViT on the clip scaled down by ``selector_downsample``.
     selector_width: int = 384
     selector_depth: int = 3
@@ -132,6 +137,8 @@ class ModelConfig:
         if self.kind == "lookwhen":
             if not 0.0 < self.keep_ratio <= 1.0:
                 problems.append(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
+            if self.keep_rounding not in ("round", "floor"):
+                problems.append(f"keep_rounding must be 'round' or 'floor', got {self.keep_rounding!r}")
             for field in ("selector_width", "selector_depth", "selector_heads", "selector_downsample", "score_hidden"):
                 if getattr(self, field) < 1:
                     problems.append(f"{field} must be positive, got {getattr(self, field)}")
@@ -186,6 +193,13 @@ class ModelConfig:
     @property
     def n_tokens(self) -> int:
         return math.prod(self.grid)
+
+    def tokens_kept(self, keep_ratio: Optional[float] = None) -> int:
+        """The tokens a keep ratio (default the config's) keeps per clip."""
+        ratio = self.keep_ratio if keep_ratio is None else keep_ratio
+        if self.keep_rounding == "floor":
+            return max(1, int(ratio * self.n_tokens))
+        return keep_ratio_to_k(ratio, self.n_tokens)
 
     @property
     def selector_grid(self) -> Tuple[int, int, int]:
@@ -271,7 +285,7 @@ PRESETS: Dict[str, ModelConfig] = {
     "lookwhere-dinov2": ModelConfig(
         name="lookwhere-dinov2", frames=1, image_size=518, patch_size=14, layer_scale=1e-5,
         selector_width=768, selector_heads=12, score_hidden=3072, score_outputs=16, selector_image_size=154,
-        context_projection=False, extractor_cls=False,
+        context_projection=False, extractor_cls=False, keep_rounding="floor",
     ),
     # The dense model the paper compares against, InternVideo2-B/14
     # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a

@@ -9,7 +9,6 @@ import torch
 from lookwhen.models import build_model
 from lookwhen.models.config import BASELINE_PRESET
 from lookwhen.models.flops import count_flops, gmacs
-from lookwhen_kernels import keep_ratio_to_k
 
 
 @dataclass
@@ -49,7 +48,7 @@ def cost_table(preset: str, keep_ratio: Optional[float] = None) -> List[ModelCos
                              generator=generator)
         if cfg.kind == "lookwhen":
             ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
-            kept = keep_ratio_to_k(ratio, cfg.n_tokens)
+            kept = cfg.tokens_kept(ratio)
             rows.append(ModelCost(
                 name, f"{_millions(model):.1f}M (selector {_millions(model.selector):.1f}M, "
                       f"extractor {_millions(model.extractor):.1f}M)",

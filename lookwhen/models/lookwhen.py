@@ -23,7 +23,7 @@ from lookwhen.models.layers import check_clip, compute_dtype
 from lookwhen.models.selection import Selection, selection_of
 from lookwhen.models.selector import Selector, frame_scores
 from lookwhen_kernels.layout import segment_sum
-from lookwhen_kernels import keep_ratio_to_k, sub_grid_map, upsample_scores
+from lookwhen_kernels import sub_grid_map, upsample_scores
 from lookwhen_kernels.ops.selection import check_budgets
 
 
@@ -140,15 +140,14 @@ class LookWhen(nn.Module):
                                                  validate=False, grid=map_grid, out_grid=cfg.grid)
             tokens = None
             if sigma is not None:
-                k = keep_ratio_to_k(cfg.keep_ratio if keep_ratio is None else keep_ratio, cfg.n_tokens)
+                k = cfg.tokens_kept(keep_ratio)
                 tokens = self._soft_tokens(clip, per_frame, k, sigma, n_samples, dtype)
                 indices = lk.topk_tokens(per_frame, k, validate=False, **grids)
                 tokens_cu = None
             elif indices is not None:
                 tokens_cu = None
             elif budgets is None:
-                ratio = cfg.keep_ratio if keep_ratio is None else keep_ratio
-                indices = lk.topk_tokens(per_frame, keep_ratio=ratio, validate=False, **grids)
+                indices = lk.topk_tokens(per_frame, cfg.tokens_kept(keep_ratio), validate=False, **grids)
                 tokens_cu = None
             else:
                 budgets, total, longest = _checked_budgets(budgets, batch, cfg.n_tokens, scores.device)

@@ -40,7 +40,6 @@ from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.engine import Task
 from lookwhen.training.losses import draw_budgets
-from lookwhen_kernels import keep_ratio_to_k
 
 SELECTIONS = ("selector", "random", "perturbed")
 
@@ -216,7 +215,8 @@ class FinetuneTask(Task):
         if self.keep_range is not None:
             return {"budgets": draw_budgets(generator, batch, self.keep_range, n_tokens)}
         if self.selection == "random":
-            return {"indices": random_selection(generator, batch, n_tokens, keep_ratio_to_k(self.keep_ratio, n_tokens))}
+            return {"indices": random_selection(generator, batch, n_tokens,
+                                                self._model.config.tokens_kept(self.keep_ratio))}
         return None
 
     def lr_scale(self, name: str) -> float:
