@@ -58,6 +58,19 @@ def test_sigma_zero_is_the_hard_top_k_with_ties_and_no_gradient():
     assert torch.equal(d_scores, torch.zeros_like(d_scores))
 
 
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+@pytest.mark.parametrize("sigma", [1e-20, 1e-30, 5e-324])
+def test_a_vanishing_sigma_has_the_hard_top_ks_zero_gradient(monkeypatch, backend, sigma):
+    # STTS returns zero at sigma <= 1e-20; 1 / sigma would blow rounding up to ~1e19.
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    scores = torch.randn(2, 31, requires_grad=True)
+    out, noise = _call(scores, 5, 3, n_samples=N_SAMPLES, sigma=sigma)
+    (d_scores,) = torch.autograd.grad(out, scores, torch.randn(out.shape))
+    assert torch.equal(d_scores, torch.zeros_like(d_scores))
+    assert torch.equal(reference.perturbed_topk_backward(torch.randn(out.shape), scores.detach(), 5, noise, sigma),
+                       torch.zeros(2, 31))
+
+
 def test_same_generator_same_samples_and_nothing_of_size_n_is_saved():
     scores = torch.randn(2, 33, requires_grad=True)
     saved = []

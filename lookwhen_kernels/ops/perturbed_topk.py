@@ -204,7 +204,7 @@ def _perturbed_topk_backward(
     grad: torch.Tensor, scores: torch.Tensor, seed: torch.Tensor, k: int, n_samples: int, sigma: float,
 ) -> torch.Tensor:
     batch, n_tokens = scores.shape
-    if sigma == 0.0 or k == 0:
+    if sigma <= reference.selection.SIGMA_FLOOR or k == 0:
         # The hard top-K is piecewise constant: zero gradient almost everywhere.
         return torch.zeros_like(scores)
     if not use_triton(scores):

@@ -109,14 +109,22 @@ def perturbed_topk(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: flo
     return (counts / n_samples).reshape(batch, k, n_tokens)
 
 
+# At or under this noise scale the perturbed top-K is the hard one and its
+# gradient zero, as in STTS's backward; the estimator's 1 / sigma would
+# otherwise blow rounding noise up to ~1e19.
+SIGMA_FLOOR = 1e-20
+
+
 def perturbed_topk_backward(grad: torch.Tensor, scores: torch.Tensor, k: int, noise: torch.Tensor,
                             sigma: float) -> torch.Tensor:
     """The Monte-Carlo gradient of :func:`perturbed_topk` with respect to the
     scores over the same samples: ``d[b, t] = sum_j grad[b, j, t] *
     mean_s(onehot_s[j, t] * noise_s[t]) / sigma`` (STTS's backward), in at
-    least float32; ``[B, N]``."""
+    least float32, zero for ``sigma <= SIGMA_FLOOR``; ``[B, N]``."""
     batch, n_samples, n_tokens = noise.shape
     work = work_dtype(scores.dtype)
+    if sigma <= SIGMA_FLOOR:
+        return torch.zeros((batch, n_tokens), device=scores.device, dtype=work)
     ids = _perturbed_selections(scores, k, noise, sigma)
     picked = grad.to(work).reshape(batch, k * n_tokens).gather(1, _slot_offsets(ids, n_tokens))
     noise_at = noise.to(work).gather(2, ids).reshape(batch, -1)
