@@ -59,6 +59,15 @@ def test_sigma_zero_is_the_hard_top_k_with_ties_and_no_gradient():
 
 
 @pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_empty_batch(monkeypatch, backend):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    scores = torch.zeros(0, 7, requires_grad=True)
+    out, _ = _call(scores, 3, 0, n_samples=4)
+    out.sum().backward()
+    assert out.shape == (0, 3, 7) and scores.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
 @pytest.mark.parametrize("sigma", [1e-20, 1e-30, 5e-324])
 def test_a_vanishing_sigma_has_the_hard_top_ks_zero_gradient(monkeypatch, backend, sigma):
     # STTS returns zero at sigma <= 1e-20; 1 / sigma would blow rounding up to ~1e19.

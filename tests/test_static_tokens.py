@@ -111,7 +111,9 @@ def test_strided_clip_matches_contiguous():
     _assert_equal(out, reference.static_tokens(view.contiguous(), patch_size=7, threshold=0.3))
 
 
-def test_empty_batch_and_registered_ops():
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_empty_batch_and_registered_ops(monkeypatch, backend):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
     indices, cu, runs = lk.static_tokens(torch.zeros(0, 2, 7, 7, 3, dtype=torch.uint8), patch_size=7, threshold=0.1)
     assert indices.numel() == 0 and runs.numel() == 0 and cu.tolist() == [0]
     clip = _clip(1, 3, 7, 14)

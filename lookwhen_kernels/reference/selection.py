@@ -65,9 +65,9 @@ def pack_static_tokens(keep: torch.Tensor):
     # The first kept tubelet at or after t, then strictly after t.
     at_or_after = kept_at.flip(1).cummin(1).values.flip(1)
     after = torch.cat([at_or_after[:, 1:], kept_at.new_full((batch, 1, spatial), tubelets)], dim=1)
-    flat = keep.reshape(batch, -1)
+    flat = keep.flatten(1)
     clips, tokens = flat.nonzero(as_tuple=True)
-    run_lengths = (after - steps).reshape(batch, -1)[clips, tokens]
+    run_lengths = (after - steps).flatten(1)[clips, tokens]
     return tokens.to(torch.int32), cu_seqlens_from_lengths(flat.sum(1)), run_lengths.to(torch.int32)
 
 
@@ -92,7 +92,7 @@ def _perturbed_selections(scores: torch.Tensor, k: int, noise: torch.Tensor, sig
 def _slot_offsets(ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Flat ``slot * N + id`` offsets into a clip's ``[k, N]`` indicators, ``[B, n*k]``."""
     slots = torch.arange(ids.shape[2], device=ids.device) * n_tokens
-    return (ids + slots).reshape(ids.shape[0], -1)
+    return (ids + slots).flatten(1)
 
 
 def perturbed_topk(scores: torch.Tensor, k: int, noise: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -127,9 +127,9 @@ def perturbed_topk_backward(grad: torch.Tensor, scores: torch.Tensor, k: int, no
         return torch.zeros((batch, n_tokens), device=scores.device, dtype=work)
     ids = _perturbed_selections(scores, k, noise, sigma)
     picked = grad.to(work).reshape(batch, k * n_tokens).gather(1, _slot_offsets(ids, n_tokens))
-    noise_at = noise.to(work).gather(2, ids).reshape(batch, -1)
+    noise_at = noise.to(work).gather(2, ids).flatten(1)
     out = torch.zeros((batch, n_tokens), device=scores.device, dtype=work)
-    out.scatter_add_(1, ids.reshape(batch, -1), picked * noise_at)
+    out.scatter_add_(1, ids.flatten(1), picked * noise_at)
     return out / (n_samples * sigma)
 
 
