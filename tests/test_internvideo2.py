@@ -216,6 +216,20 @@ def test_preset_is_internvideo2_b14():
     torch.testing.assert_close(row[0], torch.tensor(1.0).sin())
 
 
+def test_a_deepspeed_checkpoint_loads(tmp_path):
+    """DeepSpeed's mp_rank_00_model_states.pt, as InternVideo2's fine-tuning saves it."""
+    from lookwhen.io.weights import load_internvideo2
+
+    state = official_state_dict()
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": state, "buffer_names": [], "optimizer": None, "lr_scheduler": None,
+                "param_shapes": [{k: v.shape for k, v in state.items()}], "global_steps": 12,
+                "ds_config": {"train_batch_size": 8}, "ds_version": "0.14.4"}, path)
+    model, report = load_internvideo2(path, **IV2, num_classes=5)
+    assert report.ok and report.missing == [] and report.unexpected == []
+    assert torch.equal(model.head.weight, state["head.weight"])
+
+
 def test_official_checkpoint_layout_loads_and_runs_like_internvideo2(tmp_path):
     from lookwhen.io.weights import load_internvideo2
 

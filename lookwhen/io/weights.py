@@ -14,9 +14,15 @@ from lookwhen.models.baseline import load_internvideo2_state_dict
 from lookwhen.models.lookwhere import PRESET as LOOKWHERE_PRESET, load_lookwhere_state_dict
 
 
+# Wrappers around a state dict: timm/our trainers ("model"), Lightning
+# ("state_dict"), DeepSpeed's mp_rank_*_model_states.pt ("module", what
+# InternVideo2's fine-tuning scripts save).
+STATE_DICT_WRAPPERS = ("model", "state_dict", "module")
+
+
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch file (``weights_only``;
-    a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper and DDP's
+    the wrappers of :data:`STATE_DICT_WRAPPERS`, nested or not, and DDP's
     ``module.`` prefix are unwrapped)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -28,9 +34,13 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many kinds for a bad file
             raise ValueError(f"{path}: not a safetensors or torch state-dict file ({error})") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-                state = state[key]
+        unwrapped = True
+        while unwrapped and isinstance(state, Mapping):
+            unwrapped = False
+            for key in STATE_DICT_WRAPPERS:
+                if isinstance(state.get(key), Mapping):
+                    state, unwrapped = state[key], True
+                    break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
