@@ -166,6 +166,11 @@ def test_evaluate_command_is_reproducible(files, tmp_path, capsys):
     assert first["videos"] == 8 and first["views_per_video"] == 6 and len(first["failures"]) == 1
     assert 0 <= first["top1"] <= first["top5"] == 1.0  # 4 classes: the top five hold every class
     assert first["gmacs_per_view"] == pytest.approx(first["gflops_per_view"] / 2)
+    assert (first["keep_ratio"], first["tokens_kept"]) == (0.2, model.config.tokens_kept(0.2))
+    # Without --keep-ratio the model runs at its own, and says so.
+    assert main([*args[:-4], "--batch-size", "5", "--json", str(tmp_path / "c.json")]) == 0
+    own = json.load(open(tmp_path / "c.json"))
+    assert own["keep_ratio"] == model.config.keep_ratio and "0.25 (" in capsys.readouterr().out
 
 
 def _manifest(files, tmp_path):

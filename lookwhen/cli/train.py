@@ -192,11 +192,11 @@ def cmd_evaluate(args) -> int:
                           batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update)
     for path, message in result.failures:
         print(f"lookwhen evaluate: skipped {' '.join(message.split())}", file=sys.stderr)
-    print(format_evaluation(model.config.name, result, views, args.keep_ratio))
+    print(format_evaluation(model.config.name, result, views))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"checkpoint": args.checkpoint, "data": args.data, "views": args.views,
-                       "keep_ratio": args.keep_ratio, **result.as_dict()}, handle, indent=2)
+            json.dump({"checkpoint": args.checkpoint, "data": args.data, "views": args.views, **result.as_dict()},
+                      handle, indent=2)
     return 0
 
 

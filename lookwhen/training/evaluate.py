@@ -94,6 +94,10 @@ class Evaluation:
     gflops_per_view: float
     failures: List[Tuple[str, str]] = field(default_factory=list)
     predictions: List[int] = field(default_factory=list)
+    # The keep ratio the model ran at (a LookWhen model's own unless one was
+    # given) and the tokens it kept per view; None for a dense model.
+    keep_ratio: Optional[float] = None
+    tokens_kept: Optional[int] = None
 
     @property
     def gmacs_per_view(self) -> float:
@@ -102,7 +106,8 @@ class Evaluation:
     def as_dict(self) -> Dict:
         return {"top1": self.top1, "top5": self.top5, "videos": self.videos, "views_per_video": self.views_per_video,
                 "clips_per_s": self.clips_per_s, "gflops_per_view": self.gflops_per_view,
-                "gmacs_per_view": self.gmacs_per_view, "failures": [list(f) for f in self.failures]}
+                "gmacs_per_view": self.gmacs_per_view, "keep_ratio": self.keep_ratio, "tokens_kept": self.tokens_kept,
+                "failures": [list(f) for f in self.failures]}
 
 
 @torch.no_grad()
@@ -161,14 +166,17 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
         raise ValueError(f"none of the {len(items)} videos could be read")
     probe = torch.zeros((1, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, device=device)
     flops = count_flops(model, probe, **selection) if isinstance(model, LookWhen) else count_flops(model, probe)
+    ran_at = (cfg.keep_ratio if keep_ratio is None else keep_ratio) if isinstance(model, LookWhen) else None
     return Evaluation(top1=correct1 / videos, top5=correct5 / videos, videos=videos, views_per_video=per_video,
                       clips_per_s=n_views / max(compute_s, 1e-9), gflops_per_view=flops / 1e9,
-                      failures=failures, predictions=predictions)
+                      failures=failures, predictions=predictions, keep_ratio=ran_at,
+                      tokens_kept=None if ran_at is None else cfg.tokens_kept(ran_at))
 
 
-def format_evaluation(name: str, result: Evaluation, views: Tuple[int, int], keep_ratio) -> str:
+def format_evaluation(name: str, result: Evaluation, views: Tuple[int, int]) -> str:
     header = ("model", "views", "keep", "videos", "top-1", "top-5", "GFLOPs/view", "GMACs/view", "views/s")
-    row = (name, f"{views[0]}x{views[1]}", "all" if keep_ratio is None else f"{keep_ratio:g}", str(result.videos),
+    keep = "all" if result.keep_ratio is None else f"{result.keep_ratio:g} ({result.tokens_kept} tokens)"
+    row = (name, f"{views[0]}x{views[1]}", keep, str(result.videos),
            f"{100 * result.top1:.2f}", f"{100 * result.top5:.2f}", f"{result.gflops_per_view:.2f}",
            f"{result.gmacs_per_view:.2f}", f"{result.clips_per_s:.2f}")
     widths = [max(len(a), len(b)) for a, b in zip(header, row)]
