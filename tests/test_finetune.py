@@ -224,4 +224,10 @@ def test_embed_manifest_refuses_another_run_in_the_same_folder(files, tmp_path, 
     assert main(args) == 1
     assert main([*args[:-4], "--shard-size", "3", "--workers", "1"]) == 1
     assert "another run" in capsys.readouterr().err
+    # Another checkpoint of the same config: other weights, refused.
+    with torch.no_grad():
+        model.extractor.norm.weight.add_(1.0)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    assert main(args) == 1
+    assert "another run (differs in weights)" in capsys.readouterr().err
     assert main(["embed", "--manifest", str(manifest), "--out", "x.npy"]) == 1

@@ -6,6 +6,7 @@ Models are tiny here because the ops run in Triton's interpreter; one test
 runs the real ``lookwhen-b16`` once with the interpreter off.
 """
 import copy
+import json
 import math
 
 import pytest
@@ -541,6 +542,17 @@ def test_checkpoint_errors(tmp_path):
     save_file(tensors, wrong, metadata={"lookwhen_config": model.config.to_json()})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(wrong)
+    # A config of the wrong types, or one far larger than the file's tensors
+    # (about 51 GB of parameters): one error, nothing allocated.
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for change, message in (({"width": 32.0}, "width must be an int, got 32.0"),
+                            ({"keep_ratio": float("nan")}, "keep_ratio must be a finite float"),
+                            ({"qkv_bias": 1}, "qkv_bias must be a bool"),
+                            ({"width": 16384, "heads": 16, "depth": 48}, "do not fit the config .*other shapes")):
+        config = json.dumps(model.config.to_dict() | change)
+        save_file(tensors, wrong, metadata={"lookwhen_config": config})
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(wrong)
 
 
 # FLOPs --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from lookwhen.training.losses import (
 )
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
+from lookwhen.io.checkpoint import weights_fingerprint
 from lookwhen.training.targets import TargetCache, cache_fingerprint, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers, VideoTeacher
 from lookwhen.training.engine import Terminated, Trainer, TrainSettings, lr_factor, read_log
@@ -372,6 +373,8 @@ def test_resume_keeps_the_data_position_and_refuses_another_run(files, tmp_path)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["settings"]["accumulate"] == 1 and run["resumes"] == [{"step": 3, "changed": {"steps": 4,
                                                                                              "accumulate": 2}}]
+    model, _, _ = _synthetic_run(tmp_path / "other", files)
+    assert run["initial_weights"] == weights_fingerprint(model) and len(run["initial_weights"]) == 64
     with pytest.raises(ValueError, match="batch size is 4, not 8"):
         _synthetic_run(tmp_path / "run", files, steps=6, batch_size=8, resume=True)[2].fit()
     model = build_model("lookwhen-b16", **(SMALL | {"depth": SMALL["depth"] + 1}))

@@ -3,6 +3,7 @@ config as JSON in the file's metadata (key ``"lookwhen_config"``), so a
 checkpoint alone rebuilds its model."""
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Union
 
@@ -26,6 +27,17 @@ def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> No
     save_file(tensors, os.fspath(path), metadata={CONFIG_KEY: model.config.to_json()})
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes, in
+    name order): what pins a run's records to the weights that made them."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -44,8 +56,22 @@ def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
-    """Rebuild the model saved by :func:`save_checkpoint`, weights included."""
+    """Rebuild the model saved by :func:`save_checkpoint`, weights included.
+    The config is checked against the file's tensor shapes on the meta device
+    first, so a config that does not fit allocates nothing."""
     config = read_config(path)
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in build_model(config).state_dict().items()}
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        shapes = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes:", shapes))
+                 if keys]
+        raise CheckpointError(f"{os.fspath(path)}: weights do not fit the config ({'; '.join(parts)})")
     model = build_model(config)
     tensors = load_file(os.fspath(path))
     try:

@@ -28,6 +28,23 @@ ATTENTIONS = ("kernels", "sdpa")
 SCORE_HEADS = ("mlp", "stts")
 
 
+def _type_problem(name: str, annotation: str, value) -> Optional[str]:
+    """What is wrong with a field's value for its annotated type, or None."""
+    if annotation == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif annotation == "bool":
+        ok = isinstance(value, bool)
+    elif annotation == "str":
+        ok = isinstance(value, str)
+    else:  # the (R, G, B) statistics
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    article = {"float": "a finite ", "int": "an "}.get(annotation, "a ")
+    return None if ok else f"{name} must be {article}{annotation}, got {value!r}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -104,6 +121,12 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # A config read from a file may hold anything: the types first (32.0
+        # is not a width; NaN is no keep ratio).
+        type_problems = [_type_problem(f.name, f.type, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        type_problems = [problem for problem in type_problems if problem]
+        if type_problems:
+            raise ValueError("config: " + "; ".join(type_problems))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         problems = []

@@ -12,8 +12,8 @@ beside it (path, tab, reason) and never stop the run.
 
 Each shard is written whole (:mod:`lookwhen.io.atomic`), and a restart
 skips the shards already there, so a killed run loses at most the shards in
-progress. ``run.json`` pins the manifest, shard size and model: a restart
-with other inputs is refused. Under ``torchrun`` rank ``r`` of ``w`` takes
+progress. ``run.json`` pins the manifest, shard size and model (its config
+and the SHA-256 of its weights): a restart with other inputs is refused. Under ``torchrun`` rank ``r`` of ``w`` takes
 shards ``r, r + w, ...``. Decoding runs in DataLoader workers, so it
 overlaps the model's compute.
 """
@@ -35,6 +35,7 @@ from lookwhen.data.datasets import collate_list
 from lookwhen.data.motion import MotionScores, motion_forward, motion_scores
 from lookwhen.data.video import ClipBatch, VideoError, iter_clip_batches, read_clip
 from lookwhen.io.atomic import check_pinned, shard_name, write_json, write_tensors
+from lookwhen.io.checkpoint import weights_fingerprint
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.models.selection import Selection, selection_of
 
@@ -204,6 +205,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     # Through JSON, so that it compares equal to the file a first run wrote.
     info = json.loads(json.dumps({"videos": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
                                   "count": len(paths), "shard_size": shard_size, "config": cfg.to_dict(),
+                                  "weights": weights_fingerprint(model),
                                   "keep_ratio": selection.keep_ratio, "with_selection": with_selection}
                                  # Only when set: folders of earlier runs keep matching.
                                  | ({"selector": "motion"} if selection.motion else {})

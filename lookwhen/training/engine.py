@@ -10,7 +10,9 @@ exact resume, a progress bar, a JSON-lines log and loss plots.
 
 Run folder (``--out``)::
 
-    run.json                    the run's settings and model config
+    run.json                    the run's settings, model config and the
+                                SHA-256 of its initial weights; each resume
+                                appends the settings it changed
     log.jsonl                   one JSON object per optimiser step
     checkpoints/step-000100/    model.safetensors (the inference model) and
                                 train-state.pt (heads, optimiser, schedule,
@@ -61,7 +63,7 @@ from tqdm import tqdm
 
 from lookwhen.data.datasets import SkipReport, collate
 from lookwhen.io.atomic import atomic_folder, write_json, write_text
-from lookwhen.io.checkpoint import save_checkpoint
+from lookwhen.io.checkpoint import save_checkpoint, weights_fingerprint
 from lookwhen.training.distributed import Distributed
 
 STATE_FILE = "train-state.pt"
@@ -381,6 +383,9 @@ class Trainer:
     def _prepare_folder(self) -> None:
         run_file = os.path.join(self.folder, "run.json")
         info = {"settings": dataclasses.asdict(self.settings), **self.task.run_info(), "world_size": self.dist.world}
+        if not self.settings.resume:
+            # The weights the run starts from (a resume keeps the first run's record).
+            info["initial_weights"] = weights_fingerprint(self.task.model())
         if self.settings.resume:
             self._check_same_run(run_file, info)
             self._resume()
