@@ -2,6 +2,7 @@
 // nn_uniqueness, frame_normalize (forward and backward).
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <ATen/ops/mv.h>
@@ -70,8 +71,29 @@ inline Vec gelu_cdf(Vec a) {
   return Vec(0.5f) * (Vec(1.0f) + (a * Vec(kSqrtHalf)).erf());
 }
 
+// x [B, N, D] and the head's parameters: LayerNorm (D), w1 [H, D], b1 [H],
+// w2 with H values, b2 with one.
+void check_score_head(const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& w1,
+                      const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  constexpr const char* op = "score_tokens";
+  for (const auto& [tensor, name] : {std::pair{&x, "x"}, {&norm_weight, "norm_weight"}, {&norm_bias, "norm_bias"},
+                                     {&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"}, {&b2, "b2"}}) {
+    check_float_tensor(*tensor, op, name);
+  }
+  LOOKWHEN_CHECK(x.dim() == 3, op, ": x must be [B, N, D], got ", x.sizes());
+  LOOKWHEN_CHECK(w1.dim() == 2, op, ": w1 must be [H, D], got ", w1.sizes());
+  const int64_t dim = x.size(2), hidden = w1.size(0);
+  check_shape(norm_weight, {dim}, op, "norm_weight");
+  check_shape(norm_bias, {dim}, op, "norm_bias");
+  check_shape(w1, {hidden, dim}, op, "w1");
+  check_shape(b1, {hidden}, op, "b1");
+  LOOKWHEN_CHECK(w2.numel() == hidden && b2.numel() == 1, op, ": w2 must hold ", hidden, " values and b2 one, got ",
+                 w2.sizes(), " and ", b2.sizes());
+}
+
 Tensor score_tokens(const Tensor& x, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& w1,
                     const Tensor& b1, const Tensor& w2, const Tensor& b2, double eps) {
+  check_score_head(x, norm_weight, norm_bias, w1, b1, w2, b2);
   const int64_t batch = x.size(0), n_tok = x.size(1), dim = x.size(2), hidden = w1.size(0);
   const int64_t rows = batch * n_tok;
   Tensor out = at::empty({batch, n_tok}, x.options().dtype(at::kFloat));
@@ -125,6 +147,9 @@ struct ColumnSums {
 std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, const Tensor& norm_weight,
                                           const Tensor& norm_bias, const Tensor& w1, const Tensor& b1,
                                           const Tensor& w2, const Tensor& b2, double eps) {
+  check_score_head(x, norm_weight, norm_bias, w1, b1, w2, b2);
+  check_float_tensor(grad, "score_tokens_backward", "grad");
+  check_shape(grad, {x.size(0), x.size(1)}, "score_tokens_backward", "grad");
   const int64_t dim = x.size(2), hidden = w1.size(0), rows = x.size(0) * x.size(1);
   const Tensor gamma = as_float(norm_weight), w1f = as_float(w1), w2f = as_float(w2).reshape({hidden});
   const Tensor g = as_float(grad).reshape({rows});
@@ -211,7 +236,9 @@ constexpr float COSINE_EPS = 1e-12f;
 
 Tensor nn_uniqueness(const Tensor& x, c10::string_view metric) {
   const bool cosine = metric == "cosine";
-  TORCH_CHECK(cosine || metric == "l2", "nn_uniqueness: metric is l2 or cosine");
+  LOOKWHEN_CHECK(cosine || metric == "l2", "nn_uniqueness: metric is l2 or cosine");
+  check_float_tensor(x, "nn_uniqueness", "x");
+  LOOKWHEN_CHECK(x.dim() == 3, "nn_uniqueness: x must be [B, N, D], got ", x.sizes());
   const int64_t batch = x.size(0), n_tok = x.size(1), dim = x.size(2);
   Tensor out = at::empty({batch, n_tok}, x.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
@@ -348,7 +375,8 @@ void for_frame_blocks(const Tensor& x, Body body) {
 }
 
 Tensor frame_normalize(const Tensor& x, double eps) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "frame_normalize: x [B, T, n, D], contiguous");
+  check_float_tensor(x, "frame_normalize", "x");
+  LOOKWHEN_CHECK(x.dim() == 4 && x.is_contiguous(), "frame_normalize: x must be [B, T, n, D], contiguous");
   Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const int64_t n_tok = x.size(2), channels = x.size(3);
@@ -369,7 +397,10 @@ Tensor frame_normalize(const Tensor& x, double eps) {
 }
 
 Tensor frame_normalize_backward(const Tensor& grad, const Tensor& x, double eps) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "frame_normalize: x [B, T, n, D], contiguous");
+  check_float_tensor(x, "frame_normalize_backward", "x");
+  check_float_tensor(grad, "frame_normalize_backward", "grad");
+  LOOKWHEN_CHECK(x.dim() == 4 && x.is_contiguous(), "frame_normalize_backward: x must be [B, T, n, D], contiguous");
+  check_shape(grad, x.sizes(), "frame_normalize_backward", "grad");
   const Tensor g = grad.to(x.scalar_type()).contiguous();
   Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx;

@@ -19,6 +19,40 @@ namespace lookwhen_native {
 using at::Tensor;
 using Vec = at::vec::Vectorized<float>;
 
+// Contract checks. The ops are callable as torch.ops.lookwhen_native.* by
+// anyone, and the Python layer skips its value checks under validate=False:
+// each op checks what it reads and writes against its own arguments here
+// (cheap: the data is on the host), and a broken contract is a ValueError in
+// Python, never a read or write out of bounds.
+#define LOOKWHEN_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+
+inline void check_float_tensor(const Tensor& t, const char* op, const char* name) {
+  LOOKWHEN_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  LOOKWHEN_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+                 t.scalar_type());
+}
+
+inline void check_shape(const Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  LOOKWHEN_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// An int32 vector of n elements, read on the host.
+inline Tensor host_int32(const Tensor& t, int64_t n, const char* op, const char* name) {
+  LOOKWHEN_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 && t.numel() == n, op, ": ",
+                 name, " must be an int32 CPU vector of ", n, " elements, got ", t.scalar_type(), " ", t.sizes());
+  return t.contiguous();
+}
+
+// Offsets of a batch: cu[0] = 0, non-decreasing, cu[B] = total.
+inline void check_offsets(const int32_t* cu, int64_t batch, int64_t total, const char* op) {
+  LOOKWHEN_CHECK(cu[0] == 0, op, ": cu_seqlens must start at 0, got ", cu[0]);
+  for (const auto b : c10::irange(batch)) {
+    LOOKWHEN_CHECK(cu[b + 1] >= cu[b], op, ": cu_seqlens must be non-decreasing (", cu[b], " then ", cu[b + 1],
+                   " at ", b, ")");
+  }
+  LOOKWHEN_CHECK(cu[batch] == total, op, ": cu_seqlens ends at ", cu[batch], ", not at the total ", total);
+}
+
 // Reduced-precision inputs are read as float; every kernel computes in fp32
 // (float64 stays float64 where a kernel accepts it).
 template <typename scalar_t>

@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include <ATen/ops/zeros.h>
@@ -51,8 +53,20 @@ struct Geometry {
   bool upsample;
 };
 
-Geometry geometry(at::IntArrayRef grid, at::IntArrayRef out_grid) {
-  TORCH_CHECK(grid.size() == 3 && out_grid.size() == 3, "topk_tokens: grids are (T, h, w)");
+// The grids, checked against the scores they describe.
+Geometry geometry(const Tensor& scores, at::IntArrayRef grid, at::IntArrayRef out_grid) {
+  check_float_tensor(scores, "topk_tokens", "scores");
+  LOOKWHEN_CHECK(scores.dim() == 2 && scores.is_contiguous(), "topk_tokens: scores must be [B, N], contiguous");
+  LOOKWHEN_CHECK(grid.size() == 3 && out_grid.size() == 3, "topk_tokens: grids are (T, h, w)");
+  for (const auto d : c10::irange(3)) {
+    LOOKWHEN_CHECK(grid[d] >= 1 && out_grid[d] >= 1, "topk_tokens: grid sizes must be positive, got ", grid,
+                   " and ", out_grid);
+  }
+  LOOKWHEN_CHECK(out_grid[0] == grid[0], "topk_tokens: out_grid keeps the grid's T, got ", grid, " and ", out_grid);
+  LOOKWHEN_CHECK(scores.size(1) == grid[0] * grid[1] * grid[2], "topk_tokens: ", scores.size(1),
+                 " scores per clip, but the grid ", grid, " holds ", grid[0] * grid[1] * grid[2]);
+  const int64_t n_out = out_grid[0] * out_grid[1] * out_grid[2];
+  LOOKWHEN_CHECK(n_out <= std::numeric_limits<int32_t>::max(), "topk_tokens: ", n_out, " tokens past int32 ids");
   return {grid[0], grid[1], grid[2], out_grid[1], out_grid[2],
           grid[1] != out_grid[1] || grid[2] != out_grid[2]};
 }
@@ -111,8 +125,9 @@ void select_all(const Tensor& scores, const Geometry& g, Offset offset, Budget b
 }
 
 Tensor topk_tokens(const Tensor& scores, int64_t k, at::IntArrayRef grid, at::IntArrayRef out_grid) {
-  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(), "topk_tokens: scores [B, N], contiguous");
-  const Geometry g = geometry(grid, out_grid);
+  const Geometry g = geometry(scores, grid, out_grid);
+  LOOKWHEN_CHECK(k >= 0 && k <= g.frames * g.out_h * g.out_w, "topk_tokens: k must lie in [0, ",
+                 g.frames * g.out_h * g.out_w, "], got ", k);
   Tensor out = at::empty({scores.size(0), k}, scores.options().dtype(at::kInt));
   select_all(scores, g, [k](int64_t b) { return b * k; }, [k](int64_t) { return k; }, out.data_ptr<int32_t>());
   return out;
@@ -120,12 +135,20 @@ Tensor topk_tokens(const Tensor& scores, int64_t k, at::IntArrayRef grid, at::In
 
 Tensor topk_tokens_budgets(const Tensor& scores, const Tensor& budgets, const Tensor& cu_seqlens, int64_t total,
                            at::IntArrayRef grid, at::IntArrayRef out_grid) {
-  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(), "topk_tokens: scores [B, N], contiguous");
-  TORCH_CHECK(budgets.scalar_type() == at::kInt && cu_seqlens.scalar_type() == at::kInt, "int32 budgets");
-  const Geometry g = geometry(grid, out_grid);
-  const Tensor budget = budgets.contiguous(), offsets = cu_seqlens.contiguous();
+  const Geometry g = geometry(scores, grid, out_grid);
+  const int64_t batch = scores.size(0), n_out = g.frames * g.out_h * g.out_w;
+  const Tensor budget = host_int32(budgets, batch, "topk_tokens_budgets", "budgets");
+  const Tensor offsets = host_int32(cu_seqlens, batch + 1, "topk_tokens_budgets", "cu_seqlens");
   const int32_t* bp = budget.data_ptr<int32_t>();
   const int32_t* op = offsets.data_ptr<int32_t>();
+  LOOKWHEN_CHECK(total >= 0, "topk_tokens_budgets: total must be >= 0, got ", total);
+  check_offsets(op, batch, total, "topk_tokens_budgets");
+  for (const auto b : c10::irange(batch)) {
+    LOOKWHEN_CHECK(bp[b] >= 0 && bp[b] <= n_out, "topk_tokens_budgets: budget ", bp[b], " of clip ", b,
+                   " outside [0, ", n_out, "]");
+    LOOKWHEN_CHECK(op[b + 1] - op[b] == bp[b], "topk_tokens_budgets: cu_seqlens gives clip ", b, " ",
+                   op[b + 1] - op[b], " slots for a budget of ", bp[b]);
+  }
   Tensor out = at::empty({total}, scores.options().dtype(at::kInt));
   select_all(scores, g, [op](int64_t b) { return int64_t{op[b]}; }, [bp](int64_t b) { return int64_t{bp[b]}; },
              out.data_ptr<int32_t>());
@@ -176,9 +199,12 @@ void patch_row_major(const uint8_t* origin, int64_t row_bytes, int64_t p, const 
 Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
                        const std::optional<Tensor>& cu_seqlens, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                        int64_t patch_size, int64_t downsample, at::ScalarType rounding) {
-  TORCH_CHECK(clip.scalar_type() == at::kByte && clip.dim() == 5 && clip.is_contiguous(), "clip: uint8, contiguous");
-  TORCH_CHECK(mean.size() == 3 && std.size() == 3, "mean, std: 3 values");
-  TORCH_CHECK(downsample == 1 || downsample == 2, "downsample: 1 or 2");
+  constexpr const char* op = "gather_patch_embed";
+  LOOKWHEN_CHECK(clip.device().is_cpu() && clip.scalar_type() == at::kByte && clip.dim() == 5 &&
+                 clip.size(4) == 3 && clip.is_contiguous(), op, ": clip must be uint8 [B, T, H, W, 3], contiguous");
+  LOOKWHEN_CHECK(mean.size() == 3 && std.size() == 3, op, ": mean, std: 3 values");
+  LOOKWHEN_CHECK(downsample == 1 || downsample == 2, op, ": downsample: 1 or 2");
+  LOOKWHEN_CHECK(patch_size >= 1, op, ": patch_size must be positive, got ", patch_size);
   const int64_t batch = clip.size(0), frames = clip.size(1), height = clip.size(2), width = clip.size(3);
   const int64_t p = patch_size, ds = downsample, window = ds * p;
   const int64_t grid_h = height / window, grid_w = width / window, grid_hw = grid_h * grid_w;
@@ -194,16 +220,24 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
       }
     }
   } else {
+    LOOKWHEN_CHECK(indices->device().is_cpu() && indices->scalar_type() == at::kInt &&
+                   (indices->dim() == 1 || indices->dim() == 2), op, ": indices must be int32 [B, K] or [total]");
     const Tensor ids = indices->contiguous();
     const int32_t* idp = ids.data_ptr<int32_t>();
     const int64_t total = ids.numel();
+    for (const auto r : c10::irange(total)) {
+      LOOKWHEN_CHECK(idp[r] >= 0 && idp[r] < out.n_tokens, op, ": token id ", idp[r], " at ", r, " outside [0, ",
+                     out.n_tokens, ")");
+    }
     out.row_token.assign(idp, idp + total);
     if (ids.dim() == 2) {
+      LOOKWHEN_CHECK(ids.size(0) == batch, op, ": indices hold ", ids.size(0), " clips, the clip batch ", batch);
       for (const auto r : c10::irange(total)) row_clip.push_back(r / ids.size(1));
     } else {
-      TORCH_CHECK(cu_seqlens.has_value(), "cu_seqlens: required with packed indices");
-      const Tensor cu = cu_seqlens->contiguous();
+      LOOKWHEN_CHECK(cu_seqlens.has_value(), op, ": cu_seqlens is required with packed indices");
+      const Tensor cu = host_int32(*cu_seqlens, batch + 1, op, "cu_seqlens");
       const int32_t* cp = cu.data_ptr<int32_t>();
+      check_offsets(cp, batch, total, op);
       for (const auto b : c10::irange(batch)) {
         for (int64_t r = cp[b]; r < cp[b + 1]; ++r) row_clip.push_back(b);
       }
@@ -252,9 +286,17 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
                           const Tensor& bias, const Tensor& pos_embed, at::ArrayRef<double> mean,
                           at::ArrayRef<double> std, const std::optional<Tensor>& cu_seqlens, int64_t patch_size,
                           int64_t downsample) {
+  constexpr const char* op = "gather_patch_embed";
+  for (const auto& [tensor, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&pos_embed, "pos_embed"}}) {
+    check_float_tensor(*tensor, op, name);
+  }
+  LOOKWHEN_CHECK(weight.dim() == 4, op, ": weight must be [D, 3, p, p], got ", weight.sizes());
   const int64_t dim = weight.size(0);
+  check_shape(weight, {dim, 3, patch_size, patch_size}, op, "weight");
+  check_shape(bias, {dim}, op, "bias");
   const Patches patches =
       gather_patches(clip, indices, cu_seqlens, mean, std, patch_size, downsample, weight.scalar_type());
+  check_shape(pos_embed, {patches.n_tokens, dim}, op, "pos_embed");
   const int64_t rows = patches.a.size(0);
   Tensor out = at::empty({rows, dim}, weight.options());
   if (rows == 0) return out;
@@ -284,6 +326,9 @@ std::vector<Tensor> gather_patch_embed_backward(const Tensor& grad, const Tensor
                                                 int64_t patch_size, int64_t downsample) {
   const Patches patches =
       gather_patches(clip, indices, cu_seqlens, mean, std, patch_size, downsample, grad.scalar_type());
+  check_float_tensor(grad, "gather_patch_embed_backward", "grad");
+  LOOKWHEN_CHECK(grad.dim() == 2 && grad.size(0) == patches.a.size(0), "gather_patch_embed_backward: grad must be [",
+                 patches.a.size(0), ", D], got ", grad.sizes());
   const Tensor g = as_float(grad);
   const int64_t rows = g.size(0), dim = g.size(1);
   const Tensor d_weight = rows ? matmul_nt(g.t(), patches.a.t())

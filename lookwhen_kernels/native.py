@@ -38,7 +38,9 @@ def _load() -> bool:
     else:
         # setup.py names each build for its torch release; a library built by
         # hand with CMake (``_native.so``) is loaded on trust.
-        candidates = [os.path.join(_HERE, library_name(torch.__version__)), os.path.join(_HERE, "_native.so")]
+        # LOOKWHEN_NATIVE_LIBRARY: a build of another kind (AddressSanitizer).
+        candidates = [os.environ.get("LOOKWHEN_NATIVE_LIBRARY", ""), os.path.join(_HERE, library_name(torch.__version__)),
+                      os.path.join(_HERE, "_native.so")]
         found = [path for path in candidates if os.path.exists(path)]
         others = sorted(glob.glob(os.path.join(_HERE, "_native-torch*.so")))
         if found:

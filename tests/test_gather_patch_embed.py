@@ -260,3 +260,23 @@ BAD = [
 def test_bad_inputs_raise_value_error(changes, message):
     with pytest.raises(ValueError, match=message):
         _bad_call(**changes)()
+
+
+def test_ids_out_of_range_under_validate_false_read_nothing(cpu_backend):
+    """validate=False skips the host read of the ids: the native kernels
+    still check them (on the host), the Triton kernels read nothing for such
+    a row (it holds the kernel's folded bias)."""
+    clip, indices, params, options = _problem(2, 2, 32, 48, 16, 80, 1, "fixed", torch.float32)
+    n = params[2].shape[0]
+    indices[0, 1], indices[1, 3] = n, -7
+    if cpu_backend == "native":
+        with pytest.raises(ValueError, match="outside"):
+            gather_patch_embed(clip, indices, *params, **options, validate=False)
+        return
+    out = gather_patch_embed(clip, indices, *params, **options, validate=False).view(2, -1, 80)
+    bad = torch.zeros(2, indices.shape[1], dtype=torch.bool)
+    bad[0, 1] = bad[1, 3] = True
+    # No pixels, no position: what is left is the same constant row.
+    assert torch.equal(out[bad][0], out[bad][1]) and out[bad].isfinite().all()
+    good = gather_patch_embed(clip, indices.clamp(0, n - 1), *params, **options).view(2, -1, 80)
+    assert torch.equal(out[~bad], good[~bad])

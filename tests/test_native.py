@@ -71,6 +71,7 @@ def test_bad_backend_name_raises_value_error():
 
 def test_missing_library_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
+    monkeypatch.delenv("LOOKWHEN_NATIVE_LIBRARY", raising=False)
     monkeypatch.setattr(native, "_HERE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
     with warnings.catch_warnings(record=True) as caught:
@@ -85,6 +86,7 @@ def test_library_built_for_another_torch_is_not_loaded(monkeypatch, tmp_path):
     # Loading it would fail on missing symbols at best: its name says the release.
     (tmp_path / "_native-torch1.0.0.so").write_bytes(b"not a library")
     monkeypatch.delenv("LOOKWHEN_NATIVE", raising=False)
+    monkeypatch.delenv("LOOKWHEN_NATIVE_LIBRARY", raising=False)
     monkeypatch.setattr(native, "_HERE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {"loaded": None, "status": None, "warned": False})
     assert not native.available()
@@ -136,3 +138,75 @@ def test_nn_uniqueness_across_query_strips(metric):
     oracle = reference.nn_uniqueness(x.double(), metric)
     assert_within_reference_error(out, reference.nn_uniqueness(x, metric), oracle, floor=1e-5)
     assert out[0, 3] == 0 and out[0, 590] == 0
+
+
+def _hostile_calls():
+    """Calls of the registered native ops (as anyone can make them, with no
+    Python checks in front) whose arguments contradict each other: each would
+    read or write outside its buffers if the op trusted them."""
+    ops = torch.ops.lookwhen_native
+    clip = torch.randint(0, 256, (2, 2, 16, 16, 3), dtype=torch.uint8)
+    weight, bias, pos = torch.randn(8, 3, 8, 8), torch.randn(8), torch.randn(8, 8)
+    embed = dict(mean=[0.5] * 3, std=[0.5] * 3, patch_size=8, downsample=1)
+    packed = torch.tensor([0, 1, 2], dtype=torch.int32)
+    scores = torch.randn(2, 8)
+    head = [torch.ones(4), torch.zeros(4), torch.randn(6, 4), torch.zeros(6), torch.randn(1, 6), torch.zeros(1)]
+    return {
+        "topk k past N": (lambda: ops.topk_tokens(scores, 9, [2, 2, 2], [2, 2, 2]), "k must lie in"),
+        "topk grid larger than the scores": (lambda: ops.topk_tokens(scores, 2, [2, 4, 4], [2, 4, 4]), "grid"),
+        "topk upsampled past int32": (lambda: ops.topk_tokens(scores, 1, [2, 2, 2], [2, 2**16, 2**16]), "int32"),
+        "budgets past the scores": (lambda: ops.topk_tokens_budgets(
+            scores, torch.tensor([9, 1], dtype=torch.int32), torch.tensor([0, 9, 10], dtype=torch.int32), 10,
+            [2, 2, 2], [2, 2, 2]), "outside"),
+        "budgets not summing to total": (lambda: ops.topk_tokens_budgets(
+            scores, torch.tensor([3, 3], dtype=torch.int32), torch.tensor([0, 3, 6], dtype=torch.int32), 2,
+            [2, 2, 2], [2, 2, 2]), "total"),
+        "budgets and offsets disagree": (lambda: ops.topk_tokens_budgets(
+            scores, torch.tensor([3, 3], dtype=torch.int32), torch.tensor([0, 5, 6], dtype=torch.int32), 6,
+            [2, 2, 2], [2, 2, 2]), "slots"),
+        "short cu_seqlens": (lambda: ops.topk_tokens_budgets(
+            scores, torch.tensor([3, 3], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 6,
+            [2, 2, 2], [2, 2, 2]), "cu_seqlens"),
+        "ids out of range": (lambda: ops.gather_patch_embed(
+            clip, torch.tensor([[0, 8]] * 2, dtype=torch.int32), weight, bias, pos, cu_seqlens=None, **embed),
+            "outside"),
+        "negative id": (lambda: ops.gather_patch_embed(
+            clip, torch.tensor([[0, -1]] * 2, dtype=torch.int32), weight, bias, pos, cu_seqlens=None, **embed),
+            "outside"),
+        "ids for another batch": (lambda: ops.gather_patch_embed(
+            clip, torch.tensor([[0, 1]] * 3, dtype=torch.int32), weight, bias, pos, cu_seqlens=None, **embed),
+            "clips"),
+        "packed without offsets": (lambda: ops.gather_patch_embed(
+            clip, packed, weight, bias, pos, cu_seqlens=None, **embed), "cu_seqlens"),
+        "offsets past the ids": (lambda: ops.gather_patch_embed(
+            clip, packed, weight, bias, pos, cu_seqlens=torch.tensor([0, 2, 9], dtype=torch.int32), **embed),
+            "total"),
+        "short offsets": (lambda: ops.gather_patch_embed(
+            clip, packed, weight, bias, pos, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), **embed),
+            "cu_seqlens"),
+        "position table too short": (lambda: ops.gather_patch_embed(
+            clip, None, weight, bias, pos[:3], cu_seqlens=None, **embed), "pos_embed"),
+        "weight of another patch size": (lambda: ops.gather_patch_embed(
+            clip, None, torch.randn(8, 3, 4, 4), bias, pos, cu_seqlens=None, **embed), "weight"),
+        "backward grad of too few rows": (lambda: ops.gather_patch_embed_backward(
+            torch.randn(3, 8), clip, None, embed["mean"], embed["std"], None, 8, 1), "grad"),
+        "score head of another width": (lambda: ops.score_tokens(torch.randn(2, 5, 4), head[0], head[1],
+                                                                 torch.randn(6, 3), *head[3:], 1e-6), "w1"),
+        "score head w2 too short": (lambda: ops.score_tokens(torch.randn(2, 5, 4), *head[:4], torch.randn(1, 2),
+                                                             head[5], 1e-6), "w2"),
+        "score backward grad too short": (lambda: ops.score_tokens_backward(torch.randn(2, 4), torch.randn(2, 5, 4),
+                                                                            *head, 1e-6), "grad"),
+        "uniqueness of 2-d x": (lambda: ops.nn_uniqueness(torch.randn(5, 4), "l2"), "x must be"),
+        "uniqueness of integers": (lambda: ops.nn_uniqueness(torch.ones(1, 5, 4, dtype=torch.int32), "l2"),
+                                   "floating"),
+        "normalize backward grad too short": (lambda: ops.frame_normalize_backward(
+            torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 4), 1e-6), "grad"),
+    }
+
+
+@needs_native
+@pytest.mark.parametrize("case", sorted(_hostile_calls()))
+def test_native_ops_check_their_own_contracts(case):
+    call, message = _hostile_calls()[case]
+    with pytest.raises(ValueError, match=message):
+        call()

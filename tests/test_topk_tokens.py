@@ -352,3 +352,17 @@ def test_sub_grid_scores_in_the_looped_kernel(monkeypatch):
     monkeypatch.setattr(topk_launch, "MAX_SUB_GRID_TOKENS", 100)
     monkeypatch.setattr(topk_launch, "CHUNK", 128)
     assert torch.equal(topk_tokens(scores, 97, **grids), expected)
+
+
+def test_budgets_that_contradict_total_under_validate_false_stay_inside_the_output(cpu_backend):
+    """A budget past the tokens and a total under the budgets' sum, unchecked
+    with validate=False: the native kernel checks them itself; the Triton
+    kernels write only inside the ``total`` slots."""
+    scores = torch.randn(2, 8)
+    budgets = torch.tensor([9, 3], dtype=torch.int32)
+    if cpu_backend == "native":
+        with pytest.raises(ValueError, match="not at the total 4"):
+            topk_tokens_budgets(scores, budgets, total=4, max_seqlen=8, validate=False)
+        return
+    indices, _, _ = topk_tokens_budgets(scores, budgets, total=4, max_seqlen=8, validate=False)
+    assert indices.tolist() == [0, 1, 2, 3]

@@ -11,8 +11,11 @@ PIXEL_SCALE = tl.constexpr(1.0 / 256)
 
 
 @triton.jit
-def row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, HAS_IDS: tl.constexpr, HAS_CU: tl.constexpr):
-    """Clip index and token id of each packed row."""
+def row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, n_tokens, HAS_IDS: tl.constexpr,
+               HAS_CU: tl.constexpr):
+    """Clip index and token id of each packed row, and whether the row is
+    inside the clip batch: for an id outside ``[0, n_tokens)`` (unchecked
+    under ``validate=False``) nothing is read, and its row holds the bias terms."""
     if HAS_CU:
         # Row r belongs to clip b when cu[b] <= r < cu[b+1]; counting the
         # offsets <= r also steps over empty clips. B is small.
@@ -25,7 +28,8 @@ def row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, HAS_IDS: t
         token = tl.load(ids_ptr + rows, mask=row_ok, other=0)
     else:
         token = rows - clip * rows_per_clip
-    return clip, token
+    inside = row_ok & (token >= 0) & (token < n_tokens) & (clip < n_clips)
+    return clip, token, inside
 
 
 @triton.jit
@@ -72,19 +76,21 @@ def gather_patch_embed_fwd(
     row_ok = rows < total
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < dim
-    clip, token = row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, HAS_IDS, HAS_CU)
+    clip, token, inside = row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, frames * grid_hw,
+                                     HAS_IDS, HAS_CU)
     origin = patch_origin(clip, token, frames, height, width, grid_w, grid_hw, DOWNSAMPLE * PATCH)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, KDIM, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < KDIM
         offsets = window_offsets(origin, kk, width, RUN, DOWNSAMPLE)
-        x = window_pixels(clip_ptr, offsets, row_ok[:, None] & k_ok[None, :], width, DOWNSAMPLE)
+        x = window_pixels(clip_ptr, offsets, inside[:, None] & k_ok[None, :], width, DOWNSAMPLE)
         w = tl.load(w_ptr + kk[:, None] * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
     mask = row_ok[:, None] & col_ok[None, :]
-    pos = tl.load(pos_ptr + token[:, None].to(tl.int64) * dim + cols[None, :], mask=mask, other=0.0)
+    pos = tl.load(pos_ptr + token[:, None].to(tl.int64) * dim + cols[None, :], mask=inside[:, None] & col_ok[None, :],
+                  other=0.0)
     out = acc + bias[None, :] + pos.to(tl.float32)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -109,10 +115,11 @@ def gather_patch_embed_bwd_weight(
     for r0 in range(0, total, BLOCK_ROWS):
         rows = r0 + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < total
-        clip, token = row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, HAS_IDS, HAS_CU)
+        clip, token, inside = row_tokens(rows, row_ok, ids_ptr, cu_ptr, n_clips, rows_per_clip, frames * grid_hw,
+                                         HAS_IDS, HAS_CU)
         origin = patch_origin(clip, token, frames, height, width, grid_w, grid_hw, DOWNSAMPLE * PATCH)
         offsets = window_offsets(origin, kk, width, RUN, DOWNSAMPLE)
-        x = window_pixels(clip_ptr, offsets, row_ok[:, None] & k_ok[None, :], width, DOWNSAMPLE)
+        x = window_pixels(clip_ptr, offsets, inside[:, None] & k_ok[None, :], width, DOWNSAMPLE)
         g = tl.load(
             grad_ptr + rows[:, None].to(tl.int64) * dim + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,

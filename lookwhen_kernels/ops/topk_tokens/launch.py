@@ -44,7 +44,7 @@ def select_into(
     # With a fixed k the budget and offset pointers are never read; any int32
     # tensor fills the slots.
     args = (scores, budgets if per_clip else out, offsets if per_clip else out, out)
-    sizes = (n_in, n_out, k, h, w, out_h, out_w, sub * h / out_h, sub * w / out_w)
+    sizes = (n_in, n_out, k, out.numel(), h, w, out_h, out_w, sub * h / out_h, sub * w / out_w)
     # Sub-grid scores always take the upsampling path: at the same size it is
     # the identity (weights 1 and 0) and it holds the rearrangement.
     flags = {"UPSAMPLE": sub > 1 or tuple(grid) != tuple(out_grid), "PER_CLIP": per_clip, "SUB": sub}

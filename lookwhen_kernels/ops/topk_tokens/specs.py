@@ -26,7 +26,7 @@ def compile_specs():
         ("sub4_budgets", MAX_SUB_GRID_TOKENS, True, True, fp32, 4),
         ("sub4_budgets", 16 * 1369, True, True, fp32, 4),
     )
-    scalars = {"n_in": "i32", "n_out": "i32", "k": "i32", "h": "i32", "w": "i32", "out_h": "i32", "out_w": "i32",
+    scalars = {"n_in": "i32", "n_out": "i32", "k": "i32", "total": "i32", "h": "i32", "w": "i32", "out_h": "i32", "out_w": "i32",
                "scale_h": "fp32", "scale_w": "fp32", "UPSAMPLE": "constexpr", "PER_CLIP": "constexpr",
                "SUB": "constexpr"}
     specs = []
