@@ -20,13 +20,19 @@ inline float row_sum(const float* x, int64_t n) {
   return at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, x, n);
 }
 
+// 1/sqrt(var + eps), NaN when the variance overflowed float32 (inputs past
+// ~1e19): the NaN PyTorch's LayerNorm gives there, not a silent 0.
+inline float inverse_std(float var, float eps) {
+  return std::isinf(var) ? std::numeric_limits<float>::quiet_NaN() : 1.0f / std::sqrt(var + eps);
+}
+
 // Mean and 1/sqrt(var + eps) of a float row (two passes: no E[x^2] - E[x]^2
 // cancellation).
 inline std::pair<float, float> row_stats(const float* x, int64_t n, float eps) {
   const float mean = row_sum(x, n) / static_cast<float>(n);
   const float m2 = at::vec::map_reduce_all<float>(
       [mean](Vec v) { return (v - Vec(mean)) * (v - Vec(mean)); }, [](Vec a, Vec b) { return a + b; }, x, n);
-  return {mean, 1.0f / std::sqrt(m2 / static_cast<float>(n) + eps)};
+  return {mean, inverse_std(m2 / static_cast<float>(n), eps)};
 }
 
 // ---------------------------------------------------------------------------
@@ -315,6 +321,13 @@ Tensor nn_uniqueness(const Tensor& x, c10::string_view metric) {
     const float* cf = fp + b * n_tok * dim;
     at::parallel_for(0, n_tok, 64, [&](int64_t begin, int64_t end) {
       for (const auto q : c10::irange(begin, end)) {
+        // A token with a NaN feature has no distance; one whose every score
+        // is NaN or inf (squares past float32) has no neighbour.
+        if (std::isnan(csq[q]) || !(best[q] < std::numeric_limits<float>::infinity())) {
+          op[b * n_tok + q] = std::isnan(csq[q]) ? std::numeric_limits<float>::quiet_NaN()
+                                                 : std::numeric_limits<float>::infinity();
+          continue;
+        }
         const int64_t j = nearest[q];
         const float* u = cf + q * dim;
         const float* v = cf + j * dim;
@@ -358,7 +371,7 @@ void frame_stats(const scalar_t* x, int64_t n_tok, int64_t channels, int64_t wid
       rstd[c] += centred * centred;
     }
   }
-  for (const auto c : c10::irange(width)) rstd[c] = 1.0f / std::sqrt(rstd[c] / static_cast<float>(n_tok) + eps);
+  for (const auto c : c10::irange(width)) rstd[c] = inverse_std(rstd[c] / static_cast<float>(n_tok), eps);
 }
 
 // Calls body(frame base offset, first channel, block width) for every item.

@@ -78,6 +78,19 @@ def test_concentrated_clips_get_fewer_tokens():
     assert small < several
 
 
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_infinite_scores_hold_all_the_mass_in_equal_shares(monkeypatch, backend):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    inf = float("inf")
+    scores = torch.tensor([[inf, 0.0, 0.0, 0.0],  # one +inf: all the mass
+                           [inf, 3.0, inf, inf],  # three share it: 0.9 needs all three
+                           [-inf, 2.0, -inf, 1.0],  # -inf holds nothing
+                           [-inf, -inf, -inf, -inf]])  # even shares: 0.9 of 4 needs 4
+    budgets = budgets_from_scores(scores, mass=0.9)
+    assert budgets.tolist() == [1, 3, 2, 4]
+    assert torch.equal(budgets, reference.budgets_from_scores(scores, mass=0.9, min_k=1, max_k=4))
+
+
 def test_cpu_path_is_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     scores = torch.randn(3, 33)

@@ -222,8 +222,15 @@ def test_embed_manifest_refuses_another_run_in_the_same_folder(files, tmp_path, 
     args = ["embed", "--manifest", str(manifest), "--checkpoint", str(tmp_path / "m.safetensors"), "--out-dir",
             str(tmp_path / "out"), "--shard-size", "4", "--workers", "1"]
     assert main(args) == 1
+    # Run again, every shard done: still the exit status of a run with failures.
+    assert main(args) == 1 and "1 unreadable" in capsys.readouterr().out
     assert main([*args[:-4], "--shard-size", "3", "--workers", "1"]) == 1
     assert "another run" in capsys.readouterr().err
+    binary = tmp_path / "video.mp4"
+    binary.write_bytes(b"\x00\x00\x00\x18ftypmp42\xff\xfe" * 8)
+    assert main(["embed", "--manifest", str(binary), "--checkpoint", str(tmp_path / "m.safetensors"), "--out-dir",
+                 str(tmp_path / "o2")]) == 1
+    assert f"{binary}: not a text manifest" in capsys.readouterr().err
     # Another checkpoint of the same config: other weights, refused.
     with torch.no_grad():
         model.extractor.norm.weight.add_(1.0)

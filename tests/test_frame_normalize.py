@@ -84,3 +84,13 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(out, reference.frame_normalize(x.detach()) * 2, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_variance_past_float32_gives_nan_on_every_backend():
+    # Squares of 1e30 overflow float32: NaN (as LayerNorm gives), not 0.
+    x = torch.randn(1, 2, 5, 3)
+    x[0, 0, :, 1] *= 1e30
+    out = frame_normalize(x)
+    expected = reference.frame_normalize(x)
+    assert out[0, 0, :, 1].isnan().all() and torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())

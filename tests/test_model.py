@@ -263,6 +263,32 @@ def test_per_clip_budgets_with_an_empty_clip():
         torch.testing.assert_close(getattr(varlen, key), getattr(fixed, key), rtol=1e-5, atol=1e-5)
 
 
+def test_budgeted_sequences_past_one_attention_tile_with_their_prefix():
+    """126 selected tokens and 4 prefix tokens are 130 rows: past the
+    interpreter's 128-row attention tiles only with the prefix, so a packed
+    max_seqlen counted without it would leave the last rows of every
+    sequence out of the attention. Budgets against the fixed layout on the
+    same ids, forward and backward."""
+    model = tiny("lookwhen-b16", frames=4, image_size=128, num_classes=3).eval()
+    cfg = model.config
+    assert cfg.n_context == 4 and cfg.n_tokens >= 126
+    clip = random_clip(cfg, 2)
+
+    def run(**selection):
+        model.zero_grad()
+        out = model(clip, **selection)
+        (out.logits.square().sum() + out.tokens.sum()).backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    budgeted, budgeted_grads = run(budgets=[126, 126])
+    fixed, fixed_grads = run(indices=budgeted.indices.view(2, 126))
+    for key in ("embedding", "tokens", "logits"):
+        torch.testing.assert_close(getattr(budgeted, key), getattr(fixed, key), rtol=1e-5, atol=1e-5, msg=key)
+    assert budgeted_grads.keys() == fixed_grads.keys()
+    for name, grad in fixed_grads.items():
+        torch.testing.assert_close(budgeted_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("preset, extra", [("lookwhen-b16", {}), ("lookwhere-b16", {}), ("lookwhen-b16", SUB_GRID_HEAD)])
 def test_backward_matches_oracle_gradients(preset, extra):
     """Train mode: gradients reach the extractor, both patch embeddings and

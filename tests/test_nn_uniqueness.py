@@ -108,6 +108,34 @@ def test_cosine_ignores_scale():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_nan_token_is_nan_and_nobodys_neighbour(metric):
+    x = torch.randn(2, 7, 5)
+    x[0, 2, 1] = float("nan")
+    out = nn_uniqueness(x, metric=metric)
+    assert out[0, 2].isnan() and out.isnan().sum() == 1
+    # The others: as if the token were not there.
+    rest = torch.cat([x[0, :2], x[0, 3:]])[None]
+    torch.testing.assert_close(torch.cat([out[0, :2], out[0, 3:]])[None], reference.nn_uniqueness(rest, metric))
+    torch.testing.assert_close(out[1:], reference.nn_uniqueness(x[1:], metric))
+    # The same answer from the reference itself.
+    expected = reference.nn_uniqueness(x, metric)
+    assert torch.equal(expected.isnan(), out.isnan())
+    torch.testing.assert_close(expected.nan_to_num(), out.nan_to_num())
+
+
+def test_squares_past_float32_give_inf_and_one_finite_token_no_neighbour():
+    # |x|^2 ~ 1e40 overflows float32: no score is finite, so no neighbour.
+    huge = torch.randn(1, 4, 3) * 1e20
+    assert torch.equal(nn_uniqueness(huge), torch.full((1, 4), float("inf")))
+    assert torch.equal(reference.nn_uniqueness(huge), torch.full((1, 4), float("inf")))
+    # Every other token NaN: none left to be a neighbour.
+    lonely = torch.randn(1, 3, 4)
+    lonely[0, 1:, 0] = float("nan")
+    out = nn_uniqueness(lonely)
+    assert out[0, 0] == float("inf") and out[0, 1:].isnan().all()
+
+
 def test_result_carries_no_gradient():
     x = _input((1, 10, 4), torch.float32).requires_grad_(True)
     assert not nn_uniqueness(x).requires_grad

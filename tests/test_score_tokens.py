@@ -223,3 +223,18 @@ def _with(position, value):
 def test_bad_inputs_raise_value_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         score_tokens(*args, **kwargs)
+
+
+def test_nan_and_overflowing_tokens_give_nan_on_every_backend():
+    # A NaN feature, and a token whose squares overflow float32 (LayerNorm's
+    # variance is inf): that token's score is NaN, the others are untouched.
+    x = torch.randn(2, 5, 24)
+    x[0, 1, 3] = float("nan")
+    x[1, 4] *= 1e30
+    params = _head(24, 40, torch.float32)
+    out = score_tokens(x, *params)
+    expected = reference.score_tokens(x, *params)
+    bad = torch.zeros(2, 5, dtype=torch.bool)
+    bad[0, 1] = bad[1, 4] = True
+    assert torch.equal(out.isnan(), bad) and torch.equal(expected.isnan(), bad)
+    torch.testing.assert_close(out[~bad], expected[~bad], rtol=1e-4, atol=1e-5)

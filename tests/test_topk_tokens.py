@@ -239,6 +239,9 @@ S = torch.zeros(2, 12)
         (lambda: topk_tokens(S, keep_ratio=1.5), "keep_ratio"),
         (lambda: topk_tokens(S, keep_ratio=float("nan")), "keep_ratio"),
         (lambda: topk_tokens(S, keep_ratio="0.5"), "keep_ratio"),
+        # 2^16 clips of 2^15 + 1 ids each: past int32 (meta: nothing is allocated).
+        (lambda: topk_tokens(torch.empty(2**16, 2**16, device="meta"), 2**15 + 1, validate=False),
+         "output ids"),
         (lambda: topk_tokens_budgets(S, _i32(1, 1, 1)), r"budgets: expected shape \[2\]"),
         (lambda: topk_tokens_budgets(S, torch.ones(2, dtype=torch.int64)), "budgets: expected dtype int32"),
         (lambda: topk_tokens_budgets(S, _i32(1, 1)[None]), "budgets: expected a 1-d"),

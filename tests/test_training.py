@@ -393,6 +393,11 @@ def test_accumulation_matches_one_big_batch(files, tmp_path):
     for key, value in _params(split.module).items():
         if not key.endswith(SHIFT_ONLY):
             torch.testing.assert_close(value, _params(whole.module)[key], rtol=1e-4, atol=1e-5, msg=key)
+    # AdamW (and clipping) hide a uniform scale of the gradients in the
+    # parameters: the loss and the gradient norm before clipping do not.
+    for one, two in zip(read_log(tmp_path / "a" / "log.jsonl"), read_log(tmp_path / "b" / "log.jsonl")):
+        for key in ("loss", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), (one["step"], key)
 
 
 def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):

@@ -204,6 +204,28 @@ def test_rows_with_a_non_unit_stride(monkeypatch, backend, which, lengths):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "pytorch"])
+def test_nan_propagates_as_in_flash_attention(monkeypatch, backend):
+    """A NaN in q makes its row's output and lse NaN; in k, every query that
+    sees that key; in column d of v, that column of those queries' outputs.
+    A query without keys reads nothing (0, -inf)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    q, k, v, cu_q, cu_k = _inputs([3, 2, 1], [3, 2, 0], 4, 2, 16, torch.float32)
+    q[1, 0, 5] = float("nan")  # sequence 0, head 0
+    k[4, 1, 0] = float("nan")  # sequence 1, kv head 1: query heads 2 and 3
+    v[0, 0, 2] = float("nan")  # sequence 0, kv head 0: query heads 0 and 1
+    q[5, 3, 0] = float("nan")  # sequence 2 has no keys
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
+    expect_out = torch.zeros(6, 4, 16, dtype=torch.bool)
+    expect_lse = torch.zeros(6, 4, dtype=torch.bool)
+    expect_out[0:3, 0:2, 2] = True
+    expect_out[3:5, 2:4] = expect_out[1, 0] = True
+    expect_lse[3:5, 2:4] = expect_lse[1, 0] = True
+    assert torch.equal(out.isnan(), expect_out)
+    assert torch.equal(lse.isnan().transpose(0, 1), expect_lse)
+    assert torch.equal(out[5], torch.zeros(4, 16)) and bool(torch.isneginf(lse[:, 5]).all())
+
+
 def test_empty_batches_and_sequences():
     # No sequences at all, and only empty sequences.
     for lengths in ([], [0, 0, 0]):

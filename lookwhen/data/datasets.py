@@ -121,7 +121,12 @@ def read_manifest(path, root=None, *, labels: bool = True) -> List[Tuple[str, in
     base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, newline="", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        try:
+            lines = handle.readlines()
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{path}: not a text manifest (byte {error.start} is not UTF-8; a video given "
+                               "as --manifest?)") from None
+        for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#") or number == 1 and line.lower().replace(" ", "") in HEADERS:
                 continue

@@ -220,6 +220,8 @@ class ModelConfig:
     def tokens_kept(self, keep_ratio: Optional[float] = None) -> int:
         """The tokens a keep ratio (default the config's) keeps per clip."""
         ratio = self.keep_ratio if keep_ratio is None else keep_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"keep_ratio: expected a float in (0, 1], got {ratio!r}")
         if self.keep_rounding == "floor":
             return max(1, int(ratio * self.n_tokens))
         return keep_ratio_to_k(ratio, self.n_tokens)

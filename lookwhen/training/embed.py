@@ -251,6 +251,13 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
         embedded_count += len(good)
         failed += len(bad)
     seconds = time.perf_counter() - start
+    # A re-run reports the failures of the shards it found done as well: the
+    # folder, not this process, is the run.
+    for k in set(shards) - set(todo):
+        failures = os.path.join(folder, shard_name(k)).replace(".safetensors", ".failed.tsv")
+        if os.path.isfile(failures):
+            with open(failures) as handle:
+                failed += sum(1 for line in handle if line.strip())
     return {"shards": len(shards), "shards_skipped": done_before, "embedded": embedded_count, "failed": failed,
             "seconds": seconds, "videos_per_s": embedded_count / seconds if seconds > 0 else 0.0}
 

@@ -57,7 +57,10 @@ def _budgets_kernel(
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
     top = tl.max(tl.where(valid, score, float("-inf")), axis=0)
-    e = tl.where(valid, tl.exp((score - top) * inv_temperature), 0.0)
+    # A score equal to the top gets weight 1 before the rest: with +inf
+    # scores they share all the mass (the limit as they grow), and a clip of
+    # -inf shares it evenly, where inf - inf would be NaN.
+    e = tl.where(valid, tl.exp(tl.where(score == top, 0.0, (score - top) * inv_temperature)), 0.0)
     target = mass * tl.sum(e, axis=0)
     key = order_key(score)
     # As the selection core's kth_largest_key, with a mass instead of a count.
@@ -74,6 +77,8 @@ def _budgets_kernel(
     e_kth = tl.max(tl.where(tied, e, 0.0), axis=0)
     before = tl.sum(tl.where(above, e, 0.0), axis=0) + (tl.cumsum(tied.to(tl.int32), axis=0) - 1).to(tl.float32) * e_kth
     k = tl.sum(above.to(tl.int32), axis=0) + tl.sum((tied & (before < target)).to(tl.int32), axis=0)
+    # A token of zero weight (-inf, or underflowed) adds no mass: never needed.
+    k = tl.minimum(k, tl.sum((e > 0.0).to(tl.int32), axis=0))
     tl.store(out_ptr + clip, tl.minimum(tl.maximum(k, min_k), max_k))
 
 

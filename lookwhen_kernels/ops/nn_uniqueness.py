@@ -133,8 +133,10 @@ def _nn_uniqueness_fwd(
         distance = 0.5 * (exact + short_q + short_n)
     else:
         distance = tl.sqrt_rn(exact)
-    # best stays inf only when the clip has no other token.
+    # best stays inf when no other token has a finite score (none, NaN
+    # features, squares past float32); a token's own NaN makes it NaN.
     distance = tl.where(best < float("inf"), distance, float("inf"))
+    distance = tl.where(q_sq != q_sq, float("nan"), distance)
     tl.store(out_ptr + clip_rows + queries, distance, mask=q_ok)
 
 

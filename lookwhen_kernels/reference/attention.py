@@ -38,6 +38,28 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     return out, _attention_lse(q, k, scale)
 
 
+def _propagate_nan(out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """FlashAttention's NaN semantics on the fused CPU kernel's results (which
+    hide a NaN): a NaN in a query row, or in a key its query sees, makes that
+    query's output and lse NaN; a NaN in column ``d`` of a value it sees,
+    its output's column ``d``. A query without keys reads nothing and stays
+    0 / -inf."""
+    group = q.shape[1] // k.shape[1]
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    seq_of_row = torch.repeat_interleave(torch.arange(lengths_q.numel(), device=q.device), lengths_q)
+
+    def any_in_sequence(bad):  # [total_k, H_kv, ...] -> [total_q, H, ...]: over the query's keys
+        counts = torch.cat([bad.new_zeros((1, *bad.shape[1:]), dtype=torch.long), bad.long().cumsum(0)])
+        per_seq = counts[cu_seqlens_k[1:].long()] - counts[cu_seqlens_k[:-1].long()]
+        return (per_seq > 0).repeat_interleave(group, dim=1)[seq_of_row]
+
+    has_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1] > 0)[seq_of_row][:, None]
+    score_nan = (q.isnan().any(-1) | any_in_sequence(k.isnan().any(-1))) & has_keys
+    out_nan = score_nan[..., None] | (any_in_sequence(v.isnan()) & has_keys[..., None])
+    return (torch.where(out_nan, float("nan"), out),
+            torch.where(score_nan.transpose(0, 1), float("nan"), lse))
+
+
 def _attention_segments(cu_seqlens_q, cu_seqlens_k):
     """Row slices ``(q rows, k rows)`` of every sequence, and the common
     ``(Lq, Lk)`` when all sequences share non-zero lengths (else ``None``)."""
@@ -153,7 +175,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
     if uniform is not None:
         batched = [t.unflatten(0, (len(segments), -1)).transpose(1, 2) for t in (q, k, v)]
         out, lse = _attend(*batched, scale)
-        return out.transpose(1, 2).reshape(q.shape), lse.transpose(0, 1).reshape(heads, -1)
+        out, lse = out.transpose(1, 2).reshape(q.shape), lse.transpose(0, 1).reshape(heads, -1)
+        return _propagate_nan(out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k) if q.device.type == "cpu" else (out, lse)
     outs, lses = [], []
     for rows_q, rows_k in segments:
         len_q, len_k = rows_q.stop - rows_q.start, rows_k.stop - rows_k.start
@@ -169,7 +192,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
         lses.append(lse[0])
     if not outs:
         return q.new_zeros(q.shape), torch.empty((heads, 0), dtype=lse_dtype, device=q.device)
-    return torch.cat(outs), torch.cat(lses, dim=1)
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return _propagate_nan(out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k) if q.device.type == "cpu" else (out, lse)
 
 
 def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,

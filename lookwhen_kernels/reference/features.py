@@ -9,13 +9,21 @@ from lookwhen_kernels.layout import patch_rows
 from lookwhen_kernels.ops._common import work_dtype
 
 
+def _inverse_std(work: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)`` over the frame's tokens; NaN where the variance
+    overflows the dtype (inputs past ~1e19 in float32), as LayerNorm gives,
+    not a silent 0."""
+    var = work.var(dim=2, unbiased=False, keepdim=True)
+    return torch.rsqrt(var + eps).masked_fill(var.isinf(), float("nan"))
+
+
 def frame_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x [B, T, n, D]``: standardise each channel over the frame's n tokens
-    (population variance), computed in at least float32."""
+    (population variance), computed in at least float32; NaN for a channel
+    whose variance overflows."""
     work = x.to(work_dtype(x.dtype))
     mean = work.mean(dim=2, keepdim=True)
-    var = work.var(dim=2, unbiased=False, keepdim=True)
-    return ((work - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+    return ((work - mean) * _inverse_std(work, eps)).to(x.dtype)
 
 
 def frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -24,7 +32,7 @@ def frame_normalize_backward(grad: torch.Tensor, x: torch.Tensor, eps: float = 1
     work = x.to(work_dtype(x.dtype))
     g = grad.to(work.dtype)
     mean = work.mean(dim=2, keepdim=True)
-    rstd = torch.rsqrt(work.var(dim=2, unbiased=False, keepdim=True) + eps)
+    rstd = _inverse_std(work, eps)
     xhat = (work - mean) * rstd
     dx = rstd * (g - g.mean(dim=2, keepdim=True) - xhat * (g * xhat).mean(dim=2, keepdim=True))
     return dx.to(x.dtype)
@@ -97,15 +105,22 @@ def nn_uniqueness(x: torch.Tensor, metric: str = "l2", eps: float = 1e-12) -> to
         feats = work
         score = sq[:, :, None] + sq[:, None, :] - 2 * work @ work.transpose(1, 2)
     self_mask = torch.eye(n_tokens, dtype=torch.bool, device=x.device)
-    nearest = score.masked_fill(self_mask, float("inf")).argmin(dim=2)
+    # A NaN score (a token with a NaN feature, or squares past the dtype's
+    # range) never makes a neighbour.
+    score = score.masked_fill(self_mask | score.isnan(), float("inf"))
+    nearest = score.argmin(dim=2)
     neighbour = torch.gather(feats, 1, nearest[:, :, None].expand_as(feats))
     d2 = (feats - neighbour).pow(2).sum(dim=-1)
     if metric == "cosine":
         # 1 - u.v = (|u - v|^2 + (1 - |u|^2) + (1 - |v|^2)) / 2; the last two
         # terms are exactly 0 unless |x| < eps.
         short = 1 - (sq / eps**2).clamp(max=1)
-        return 0.5 * (d2 + short + torch.gather(short, 1, nearest))
-    return d2.sqrt()
+        distance = 0.5 * (d2 + short + torch.gather(short, 1, nearest))
+    else:
+        distance = d2.sqrt()
+    no_neighbour = ~(score.amin(dim=2) < float("inf"))
+    distance = distance.masked_fill(no_neighbour, float("inf"))
+    return distance.masked_fill(sq.isnan(), float("nan"))
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens=None) -> torch.Tensor:

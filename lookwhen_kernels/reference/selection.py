@@ -175,10 +175,20 @@ def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k:
     """Per clip, the smallest K whose K highest scores (ties by id, after
     upsampling from ``grid`` to ``out_grid``) hold ``mass`` of
     ``softmax(scores / temperature)``, clamped to ``[min_k, max_k]``: int32
-    ``[B]``. In at least float32."""
+    ``[B]``. In at least float32. +inf scores hold all the mass, in equal
+    shares; -inf scores none (a clip of -inf: equal shares); a token of
+    zero weight is never counted."""
     fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
     fine = fine.to(work_dtype(scores.dtype))
-    probs = torch.softmax(fine / temperature, dim=1)
+    # The softmax with each clip's top score at weight 1 first: +inf scores
+    # share all the mass (the limit as they grow) and a clip of -inf shares
+    # it evenly, where torch.softmax would give NaN.
+    top = fine.amax(dim=1, keepdim=True)
+    weights = torch.exp(torch.where(fine == top, 0.0, (fine - top) * (1.0 / temperature)))
+    probs = weights / weights.sum(dim=1, keepdim=True)
     ranked = probs.gather(1, torch.sort(fine, dim=1, descending=True, stable=True).indices)
     before = torch.cumsum(ranked, dim=1) - ranked
-    return (before < mass).sum(dim=1).clamp(min_k, max_k).to(torch.int32)
+    # A token of zero weight (-inf, or underflowed) adds no mass: never
+    # needed, however the sums round (mass 1.0).
+    needed = torch.minimum((before < mass).sum(dim=1), (weights > 0).sum(dim=1))
+    return needed.clamp(min_k, max_k).to(torch.int32)

@@ -60,9 +60,11 @@ def attn_fwd(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # A query whose key sequence is empty: l = 0, output 0, lse = -inf.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    # A query that sees no key: l = 0, output 0 (not 0 * a NaN of v), lse =
+    # -inf. A NaN score (from q or k) makes l NaN: output and lse NaN, as
+    # FlashAttention's.
+    has_keys = l_i != 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     out_ptrs = out_ptr + q_start.to(tl.int64) * out_stride + head * HEAD_DIM \
         + offs_m[:, None] * out_stride + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))

@@ -134,6 +134,7 @@ def topk_tokens(
     if keep_ratio is not None:
         k = keep_ratio_to_k(check_real("keep_ratio", keep_ratio, "(0, 1]"), n_out)
     k = check_int("k", k, 0, n_out, note="tokens per clip")
+    check_int32("k", scores.shape[0] * k, "the number of output ids (B * k)")
     return _topk_tokens(scores, k, grid, out_grid)
 
 
