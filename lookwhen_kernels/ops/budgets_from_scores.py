@@ -76,9 +76,9 @@ def _budgets_kernel(
     # Every tie has the same e; a tie is needed while the mass before it falls short.
     e_kth = tl.max(tl.where(tied, e, 0.0), axis=0)
     before = tl.sum(tl.where(above, e, 0.0), axis=0) + (tl.cumsum(tied.to(tl.int32), axis=0) - 1).to(tl.float32) * e_kth
-    k = tl.sum(above.to(tl.int32), axis=0) + tl.sum((tied & (before < target)).to(tl.int32), axis=0)
     # A token of zero weight (-inf, or underflowed) adds no mass: never needed.
-    k = tl.minimum(k, tl.sum((e > 0.0).to(tl.int32), axis=0))
+    needed = (above | (tied & (before < target))) & (e > 0.0)
+    k = tl.sum(needed.to(tl.int32), axis=0)
     tl.store(out_ptr + clip, tl.minimum(tl.maximum(k, min_k), max_k))
 
 
