@@ -31,7 +31,7 @@ from lookwhen.training.losses import (
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
 from lookwhen.io.checkpoint import weights_fingerprint
-from lookwhen.training.targets import TargetCache, cache_fingerprint, write_cache
+from lookwhen.training.targets import TargetCache, cache_fingerprint, cached_keys, merge_rank_indexes, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers, VideoTeacher
 from lookwhen.training.engine import Terminated, Trainer, TrainSettings, lr_factor, read_log
 from helpers import SMALL
@@ -183,6 +183,29 @@ def test_target_cache_round_trip_resume_and_fingerprint(files, tmp_path):
     other = VideoDataset(files["data"], sampling=Sampling(frames=4, size=32, stride=2))
     with pytest.raises(ValueError, match="other clips or teachers"):
         TargetCache.for_dataset(tmp_path, other, (4, 4, 4))
+
+
+def test_target_cache_written_by_two_ranks(files, tmp_path):
+    """Each rank writes its own shards and partial index; a restart counts
+    them as done; the merge makes one index that reads back every key."""
+    dataset = VideoDataset(files["data"], sampling=Sampling(frames=4, size=32), views=1)
+    fingerprint = cache_fingerprint(dataset, (4, 4, 4), ["t"])
+    made = {(i, 0): TeacherTargets(torch.randn(4, 16, 8), torch.randn(4, 8), None) for i in range(5)}
+    keys = sorted(made)
+    for rank in (0, 1):
+        mine = keys[rank::2]
+        assert write_cache(tmp_path, ((i, v, made[(i, v)]) for i, v in mine), fingerprint, 1, shard_size=2,
+                           rank=rank, world=2) == len(mine)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["index.rank0.json", "index.rank1.json", "shard-r0-00000.safetensors",
+                     "shard-r0-00001.safetensors", "shard-r1-00000.safetensors"]
+    assert sorted(cached_keys(tmp_path, fingerprint)) == [f"{i}/0" for i in range(5)]
+    merge_rank_indexes(tmp_path, fingerprint, 1)
+    assert not list(tmp_path.glob("index.rank*"))
+    cache = TargetCache.for_dataset(tmp_path, dataset, (4, 4, 4))
+    got = cache.get([4, 1], [0, 0])
+    torch.testing.assert_close(got.frames[0], made[(4, 0)].frames)
+    torch.testing.assert_close(got.patches[1], made[(1, 0)].patches.half().float())
 
 
 # Losses -----------------------------------------------------------------------------
@@ -492,6 +515,21 @@ def test_cache_targets_then_pretrain_from_the_cache(files, tmp_path, capsys):
     assert main(["pretrain", "--data", files["data"], "--set", *SET, "--targets", str(cache), "--out",
                  str(tmp_path / "other"), "--steps", "2"]) == 1
     assert "other clips or teachers" in capsys.readouterr().err
+    # Under torchrun the two ranks share the work: the same targets.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "lookwhen", "cache-targets", *data, *teacher_args, "--out", str(tmp_path / "ranks"), "--views", "2",
+           "--shard-size", "4"]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: cached teacher targets of 8 clips" in done.stdout
+    assert "rank 1: cached teacher targets of 8 clips" in done.stdout
+    one, two = (json.load(open(folder / "index.json"))["shards"] for folder in (cache, tmp_path / "ranks"))
+    assert sorted(one) == sorted(two) and not list((tmp_path / "ranks").glob("index.rank*"))
+    for key in one:
+        for part in ("patches", "frames"):
+            a = load_file(cache / one[key])[f"{key}/{part}"]
+            assert torch.equal(a, load_file(tmp_path / "ranks" / two[key])[f"{key}/{part}"]), key
 
 
 def test_pretrain_command_reports_bad_input(files, tmp_path, capsys):

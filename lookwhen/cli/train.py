@@ -23,13 +23,20 @@ from lookwhen.data.datasets import Sampling, SkipReport, VideoDataset
 from lookwhen.io.checkpoint import load_checkpoint
 from lookwhen.models import build_model
 from lookwhen.models.config import DEFAULT_PRESET, PRESETS
-from lookwhen.training.distributed import is_main_process, local_device
+from lookwhen.training.distributed import Distributed, is_main_process, local_device
 from lookwhen.training.engine import Trainer, TrainSettings
 from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
 from lookwhen.training.finetune import FinetuneTask, finetune_model, sigma_decay_steps
 from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainTask
-from lookwhen.training.targets import TargetCache, cache_fingerprint, cached_keys, teacher_targets, write_cache
+from lookwhen.training.targets import (
+    TargetCache,
+    cache_fingerprint,
+    cached_keys,
+    merge_rank_indexes,
+    teacher_targets,
+    write_cache,
+)
 from lookwhen.training.teachers import ImageTeacher, Teachers, VideoTeacher
 
 
@@ -127,10 +134,15 @@ def cmd_cache_targets(args) -> int:
     dataset = _dataset(args, config, args.views)
     teachers = _teachers(args, device)
     fingerprint = cache_fingerprint(dataset, config.grid, _teacher_names(args))
+    ranks = Distributed.start(device)
     done = cached_keys(args.out, fingerprint)
+    # Every rank has read the same folder before any writes: the missing
+    # keys are dealt out round-robin.
+    ranks.barrier()
     todo = [(i, v) for v in range(args.views) for i in range(len(dataset)) if f"{i}/{v}" not in done]
+    todo = todo[ranks.rank::ranks.world]
     skips = SkipReport(lambda line: tqdm.write(line, file=sys.stderr))
-    bar = tqdm(total=len(todo), unit="clip", file=sys.stderr, disable=None)
+    bar = tqdm(total=len(todo), unit="clip", file=sys.stderr, disable=None if ranks.main else True)
 
     def skipped(path, reason):
         skips.add([(path, reason)])
@@ -140,10 +152,15 @@ def cmd_cache_targets(args) -> int:
                               device=device, skipped=skipped)
     try:
         count = write_cache(args.out, entries, fingerprint, args.views, shard_size=args.shard_size,
-                            progress=bar.update)
+                            progress=bar.update, rank=ranks.rank, world=ranks.world)
     finally:
         bar.close()
-    print(f"cached teacher targets of {count} clips ({len(done)} already there) in {args.out}"
+    ranks.barrier()
+    if ranks.world > 1 and ranks.main:
+        merge_rank_indexes(args.out, fingerprint, args.views)
+    ranks.barrier()
+    print(f"{f'rank {ranks.rank}: ' if ranks.world > 1 else ''}cached teacher targets of {count} clips "
+          f"({len(done)} already there) in {args.out}"
           + (f"; {len(skips.seen)} unreadable videos skipped" if skips.seen else ""))
     return 0
 

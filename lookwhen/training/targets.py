@@ -7,6 +7,12 @@ safetensors shards ``shard-XXXXX.safetensors`` under a folder, with
 sampling, grid and teachers they were made for (a cache made for other clips
 is refused, not silently misused). :func:`write_cache` writes them,
 :func:`teacher_targets` computes them.
+
+Under ``torchrun`` each rank computes its share of the missing keys and
+writes its own shards (``shard-r<rank>-XXXXX``) and partial index
+(``index.rank<rank>.json``); :func:`merge_rank_indexes` folds those into
+``index.json`` once every rank is done, and a restart after an interruption
+counts the partial indexes as done work.
 """
 from __future__ import annotations
 
@@ -84,14 +90,17 @@ class TargetCache:
 
 
 def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fingerprint: Dict, views: int,
-                *, shard_size: int = 256, progress=None) -> int:
+                *, shard_size: int = 256, progress=None, rank: int = 0, world: int = 1) -> int:
     """Write ``(video index, view, single-clip targets)`` entries as shards;
     finished shards are kept, so an interrupted run restarted with the same
     fingerprint recomputes only what is missing (``done`` keys are skipped
-    by the caller through :func:`cached_keys`). Returns the entry count."""
+    by the caller through :func:`cached_keys`). Rank ``rank`` of ``world > 1``
+    writes shards and an index of its own (see the module docstring).
+    Returns the entry count."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     shard_of = cached_keys(folder, fingerprint)
+    own = {} if world == 1 else _read_shards(_rank_index(folder, rank), fingerprint)
     pending: Dict[str, torch.Tensor] = {}
     keys: List[str] = []
     count = 0
@@ -99,10 +108,17 @@ def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fing
     def flush():
         if not keys:
             return
-        name = shard_name(len(set(shard_of.values())))
+        if world == 1:
+            name = shard_name(len(set(shard_of.values())))
+        else:
+            name = f"shard-r{rank}-{len(set(own.values())):05d}.safetensors"
         write_tensors(os.path.join(folder, name), pending)
         shard_of.update({key: name for key in keys})
-        _write_index(folder, fingerprint, views, shard_of)
+        own.update({key: name for key in keys})
+        if world == 1:
+            _write_index(folder, fingerprint, views, shard_of)
+        else:
+            write_json(_rank_index(folder, rank), {"fingerprint": fingerprint, "views": views, "shards": own})
         pending.clear()
         keys.clear()
 
@@ -119,16 +135,44 @@ def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fing
         if len(keys) >= shard_size:
             flush()
     flush()
-    _write_index(folder, fingerprint, views, shard_of)
+    if world == 1:
+        _write_index(folder, fingerprint, views, shard_of)
     return count
 
 
-def cached_keys(folder, fingerprint: Dict) -> Dict[str, str]:
-    """``key -> shard`` of what ``folder`` already holds for this fingerprint
-    (empty for a new folder; a folder made for something else is refused)."""
-    index = check_pinned(os.path.join(os.fspath(folder), CACHE_INDEX), fingerprint, what=OTHER_CACHE,
-                         key="fingerprint")
+def _rank_index(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"index.rank{rank}.json")
+
+
+def _read_shards(path: str, fingerprint: Dict) -> Dict[str, str]:
+    index = check_pinned(path, fingerprint, what=OTHER_CACHE, key="fingerprint")
     return {} if index is None else dict(index["shards"])
+
+
+def _rank_indexes(folder: str) -> List[str]:
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.startswith("index.rank") and name.endswith(".json")) if os.path.isdir(folder) else []
+
+
+def cached_keys(folder, fingerprint: Dict) -> Dict[str, str]:
+    """``key -> shard`` of what ``folder`` already holds for this fingerprint,
+    the ranks' partial indexes included (empty for a new folder; a folder
+    made for something else is refused)."""
+    folder = os.fspath(folder)
+    shard_of = _read_shards(os.path.join(folder, CACHE_INDEX), fingerprint)
+    for path in _rank_indexes(folder):
+        shard_of.update(_read_shards(path, fingerprint))
+    return shard_of
+
+
+def merge_rank_indexes(folder, fingerprint: Dict, views: int) -> None:
+    """Fold the ranks' partial indexes into ``index.json`` (after every rank
+    has finished writing), then remove them."""
+    folder = os.fspath(folder)
+    partial = _rank_indexes(folder)
+    _write_index(folder, fingerprint, views, cached_keys(folder, fingerprint))
+    for path in partial:
+        os.remove(path)
 
 
 def _write_index(folder: str, fingerprint: Dict, views: int, shard_of: Dict[str, str]) -> None:
