@@ -346,24 +346,6 @@ def select_windows_case(cfg: ModelConfig, batch: int) -> Case:
                 bytes_moved=batch * (n_scores + frames * window[0] * window[1]) * 4)
 
 
-def select_frames_case(cfg: ModelConfig, batch: int) -> Case:
-    # Half of the frames, as token ids of the fine grid.
-    grid, out_grid = cfg.score_grid, cfg.grid
-    n_scores = math.prod(grid)
-    frames, plane = grid[0], out_grid[1] * out_grid[2]
-    keep = max(1, frames // 2)
-
-    def eager(scores):
-        chosen = scores.view(batch, frames, -1).sum(2).topk(keep, dim=1).indices.sort(dim=1).values
-        return (chosen[:, :, None] * plane + torch.arange(plane, device=scores.device)).flatten(1).to(torch.int32)
-
-    return Case("select_frames", f"B{batch} n{n_scores} frames{keep}/{frames}",
-                lambda device, dtype: (torch.randn(batch, n_scores, device=device),),
-                _fixed({"fused": lambda s: lk.select_frames(s, keep, grid=grid, out_grid=out_grid),
-                        "sum+topk+sort+expand": eager}),
-                bytes_moved=batch * (n_scores + keep * plane) * 4)
-
-
 def budgets_case(cfg: ModelConfig, batch: int, mass: float = 0.9) -> Case:
     grid, out_grid, n_out = cfg.score_grid, cfg.grid, cfg.n_tokens
     n_scores = math.prod(grid)
@@ -384,7 +366,7 @@ def budgets_case(cfg: ModelConfig, batch: int, mass: float = 0.9) -> Case:
 def seed_selection_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
     """The selection strategies of the seed methods, on the selector's scores."""
     return [perturbed_topk_case(cfg, batch, keep_ratio), select_windows_case(cfg, batch),
-            select_frames_case(cfg, batch), budgets_case(cfg, batch)]
+            budgets_case(cfg, batch)]
 
 
 # varlen_attention ------------------------------------------------------------

@@ -30,7 +30,6 @@ OP_MODULES = (
     "topk_tokens",
     "perturbed_topk",
     "select_windows",
-    "select_frames",
     "budgets_from_scores",
     "gather_tokens",
     "gather_patch_embed",

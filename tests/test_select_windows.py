@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from lookwhen_kernels import reference, select_frames, select_windows, topk_tokens
+from lookwhen_kernels import reference, select_frames, select_windows
 
 # Unwritten output elements show as NaN (see conftest).
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
@@ -52,18 +54,56 @@ def test_windows_on_upsampled_scores_pick_a_best_fine_window():
     assert out.shape == same.shape
 
 
-@pytest.mark.parametrize("grid, n_frames", [((1, 1, 1), 1), ((5, 3, 3), 2), ((7, 2, 5), 7), ((4, 3, 3), 0)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_frames_are_the_highest_totals(grid, n_frames, dtype):
+def _adafocus_frames(weights, n_frames):
+    """Uni-AdaFocus's ``policy_sample_indices`` at evaluation (thresholds at
+    the middles, no random offsets), one clip, written from its algorithm:
+    the first step of the cumulative policy reaching each threshold, the
+    quantile interpolated in it, floored, overlaps pushed forward, capped."""
+    frames = len(weights)
+    integrated = [0.0]
+    for weight in weights:
+        integrated.append(integrated[-1] + weight)
+    integrated[-1] = 1.0
+    chosen = []
+    for i in range(n_frames):
+        threshold = (i + 0.5) / n_frames
+        first = next(j for j, value in enumerate(integrated) if value >= threshold)
+        c = min(max(first, 1), frames) - 1
+        x1, x2, y1, y2 = c / frames, (c + 1) / frames, integrated[c], integrated[c + 1]
+        chosen.append(math.floor((x2 * (threshold - y1) - x1 * (threshold - y2)) / (y2 - y1) * frames))
+    for i in range(1, n_frames):
+        if chosen[i] <= chosen[i - 1]:
+            chosen[i] = chosen[i - 1] + 1
+    return [min(frame, frames - n_frames + i) for i, frame in enumerate(chosen)]
+
+
+def _frames_of(ids, n_frames, plane):
+    return (ids.long().reshape(ids.shape[0], n_frames, plane)[:, :, 0] // plane).tolist()
+
+
+@pytest.mark.parametrize("frames, n_frames, expected", [
+    (16, 8, [1, 3, 5, 7, 9, 11, 13, 15]), (16, 4, [2, 6, 10, 14]), (10, 3, [1, 5, 8]), (5, 5, [0, 1, 2, 3, 4]),
+    (7, 1, [3]),
+])
+def test_flat_scores_spread_the_frames_over_the_clip(frames, n_frames, expected):
+    for scores in (torch.zeros(2, frames * 6), torch.full((2, frames * 6), 7.5, dtype=torch.float16)):
+        out = select_frames(scores, n_frames, grid=(frames, 2, 3))
+        assert _frames_of(out, n_frames, 6) == [expected] * 2
+
+
+@pytest.mark.parametrize("grid, n_frames, temperature", [((16, 2, 2), 8, 1.0), ((16, 3, 3), 4, 0.3),
+                                                          ((9, 1, 2), 5, 2.0), ((4, 3, 3), 0, 1.0)])
+def test_frames_match_adafocus_sampling_on_peaked_policies(grid, n_frames, temperature):
     frames, h, w = grid
-    # Integer scores: totals are exact, with ties between frames.
-    scores = torch.randint(-2, 3, (3, frames * h * w)).to(dtype)
-    out = select_frames(scores, n_frames, grid=grid)
-    assert out.shape == (3, n_frames * h * w)
-    assert torch.equal(out, reference.select_frames(scores, n_frames, grid=grid, out_grid=grid))
-    totals = scores.double().reshape(3, frames, -1).sum(2)
-    chosen = topk_tokens(totals.float(), n_frames).long()
-    assert torch.equal(out.long().reshape(3, n_frames, h * w)[:, :, 0] // (h * w), chosen)
+    scores = torch.randn(6, frames * h * w) * 2
+    scores[:3, : h * w] += 4  # policies peaked at the start, and elsewhere
+    scores[3:, -h * w:] += 4
+    out = select_frames(scores, n_frames, grid=grid, temperature=temperature)
+    assert out.shape == (6, n_frames * h * w) and out.dtype == torch.int32
+    assert torch.equal(out, reference.select_frames(scores, n_frames, grid=grid, out_grid=grid,
+                                                    temperature=temperature))
+    weights = torch.softmax(scores.double().reshape(6, frames, -1).mean(2) / temperature, dim=1)
+    assert _frames_of(out, n_frames, h * w) == [_adafocus_frames(row.tolist(), n_frames) for row in weights]
 
 
 def test_frames_on_the_fine_grid_and_composed_with_windows():
@@ -92,6 +132,7 @@ def test_frames_on_the_fine_grid_and_composed_with_windows():
         (lambda: select_frames(torch.zeros(2, 12), 3, grid=(2, 2, 3)), "n_frames"),
         (lambda: select_frames(torch.zeros(2, 12, dtype=torch.int64), 1, grid=(2, 2, 3)), "dtype"),
         (lambda: select_frames(torch.tensor([[float("nan"), 0.0]]), 1, grid=(2, 1, 1)), "non-finite"),
+        (lambda: select_frames(torch.zeros(2, 12), 1, grid=(2, 2, 3), temperature=0.0), "temperature"),
     ],
 )
 def test_bad_inputs_raise_value_error(bad, message):

@@ -161,13 +161,36 @@ def frame_tokens(frames: torch.Tensor, plane: int) -> torch.Tensor:
     return ids.flatten(1).to(torch.int32)
 
 
-def select_frames(scores: torch.Tensor, n_frames: int, *, grid, out_grid) -> torch.Tensor:
-    """The ``n_frames`` frames of ``grid`` with the highest total score (ties
-    to the lower frame), as the ids of all their tokens on ``out_grid``:
-    int32 ``[B, n_frames*H*W]``, ascending."""
+def select_frames(scores: torch.Tensor, n_frames: int, *, grid, out_grid, temperature: float = 1.0) -> torch.Tensor:
+    """Uni-AdaFocus's temporal policy as a hard selection, its evaluation
+    rule: the policy is the softmax over frames of each frame's mean score
+    (on ``grid``) over ``temperature``; frame ``i`` of ``n_frames`` sits at
+    the quantile ``(i + 1/2) / n_frames`` of the policy's cumulative
+    distribution, read linearly within a frame and floored, then pushed past
+    the frame before it and kept within the clip. Flat scores spread the
+    frames evenly (8 of 16: 1, 3, ..., 15); a peaked policy gathers them
+    around its peak. Returns the ids of all their tokens on ``out_grid``:
+    int32 ``[B, n_frames*H*W]``, ascending. In float64."""
     frames, height, width = grid
-    totals = scores.to(work_dtype(scores.dtype)).reshape(scores.shape[0], frames, height * width).sum(2)
-    return frame_tokens(topk_tokens(totals, n_frames), out_grid[1] * out_grid[2])
+    batch = scores.shape[0]
+    if n_frames == 0:
+        return torch.empty((batch, 0), dtype=torch.int32, device=scores.device)
+    means = scores.to(torch.float64).reshape(batch, frames, height * width).mean(2)
+    weights = torch.softmax(means / temperature, dim=1)
+    cumulative = torch.cat([weights.new_zeros(batch, 1), weights.cumsum(1)], dim=1)
+    cumulative[:, -1] = 1.0  # as AdaFocus: the last step ends at exactly 1
+    steps = torch.arange(n_frames, device=scores.device)
+    quantiles = (steps.to(torch.float64) + 0.5) / n_frames
+    # The frame c whose step of the cumulative distribution holds each quantile.
+    frame = (cumulative[:, None, 1:] < quantiles[None, :, None]).sum(2).clamp(max=frames - 1)
+    low, high = cumulative.gather(1, frame), cumulative.gather(1, frame + 1)
+    within = torch.where(high > low, (quantiles - low) / (high - low), 0.0)
+    chosen = (frame + within).floor().long().clamp(0, frames - 1)
+    # Each frame after the one before (a running maximum of index - position),
+    # and room left for the frames after it.
+    chosen = (chosen - steps).cummax(dim=1).values + steps
+    chosen = torch.minimum(chosen, frames - n_frames + steps)
+    return frame_tokens(chosen, out_grid[1] * out_grid[2])
 
 
 def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k: int, temperature: float = 1.0,
