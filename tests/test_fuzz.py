@@ -91,12 +91,13 @@ def scores(draw, shape, *, nan=False, inf=False):
 @FUZZ
 def test_topk_tokens(data):
     batch, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70))
-    # Infinite scores are ranked as numbers without upsampling; NaN is refused.
-    s = data.draw(scores((batch, n), inf=True))
+    # Infinite scores are ranked as numbers without upsampling; NaN is
+    # refused, and unchecked it ranks first.
+    s = data.draw(scores((batch, n), inf=True, nan=True))
     k = data.draw(st.integers(0, n))
-    _assert_same_ids(_on_every_backend(lambda: lk.topk_tokens(s, k)))
+    _assert_same_ids(_on_every_backend(lambda: lk.topk_tokens(s, k, validate=False)))
     budgets = torch.tensor([data.draw(st.integers(0, n)) for _ in range(batch)], dtype=torch.int32)
-    results = _on_every_backend(lambda: lk.topk_tokens_budgets(s, budgets))
+    results = _on_every_backend(lambda: lk.topk_tokens_budgets(s, budgets, validate=False))
     _assert_same_ids({name: torch.cat([ids, cu]) for name, (ids, cu, _) in results.items()})
 
 
@@ -120,9 +121,9 @@ def test_topk_tokens_upsampled(data):
 @FUZZ
 def test_budgets_from_scores(data):
     batch, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 60))
-    s = data.draw(scores((batch, n), inf=True))
+    s = data.draw(scores((batch, n), inf=True, nan=True))
     mass = data.draw(st.sampled_from([0.25, 0.5, 0.9, 1.0]))
-    results = _on_every_backend(lambda: lk.budgets_from_scores(s, mass=mass))
+    results = _on_every_backend(lambda: lk.budgets_from_scores(s, mass=mass, validate=False))
     expected = results["reference"]
     for name, got in results.items():
         # A clip whose cumulative mass lands on ``mass`` within float32
@@ -130,8 +131,18 @@ def test_budgets_from_scores(data):
         close = (got - expected).abs() <= 1
         assert close.all(), f"{name}: {got.tolist()} != reference {expected.tolist()}"
         for b in torch.nonzero(got != expected).flatten().tolist():
-            probs = torch.softmax(s[b].double(), 0).sort(descending=True).values.cumsum(0)
+            probs = torch.softmax(s[b].double().nan_to_num(INF, INF, -INF), 0).sort(descending=True).values.cumsum(0)
             assert abs(float(probs[min(got[b], expected[b]) - 1]) - mass) < 1e-5, f"{name}: clip {b}"
+
+
+@given(st.data())
+@FUZZ
+def test_select_windows(data):
+    frames, h, w = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    window = (data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
+    # Finite sums (a window of +inf and -inf has none); ties and unchecked NaN.
+    s = data.draw(scores((2, frames * h * w), nan=True))
+    _assert_same_ids(_on_every_backend(lambda: lk.select_windows(s, window, grid=(frames, h, w), validate=False)))
 
 
 @given(st.data())

@@ -56,6 +56,9 @@ def _budgets_kernel(
         score = upsampled_scores(clip_scores, ids, valid, h, w, out_h, out_w, scale_h, scale_w, 1)
     else:
         score = tl.load(clip_scores + ids, mask=valid, other=0.0).to(tl.float32)
+    # Unchecked NaN (validate=False) ranks first, as in topk_tokens: it
+    # counts as +inf, holding the mass.
+    score = tl.where(score != score, float("inf"), score)
     top = tl.max(tl.where(valid, score, float("-inf")), axis=0)
     # A score equal to the top gets weight 1 before the rest: with +inf
     # scores they share all the mass (the limit as they grow), and a clip of

@@ -58,7 +58,11 @@ def _select_windows_kernel(
                 total += upsampled_scores(clip_scores, ids, corner, h, w, out_h, out_w, scale_h, scale_w, 1)
             else:
                 total += tl.load(clip_scores + ids, mask=corner, other=0.0).to(tl.float32)
-    best = tl.argmax(tl.where(corner, total, float("-inf")), axis=0, tie_break_left=True)
+    # Unchecked NaN (validate=False) ranks first, as torch.argmax ranks it.
+    holds_nan = corner & (total != total)
+    best = tl.argmax(tl.where(corner & ~holds_nan, total, float("-inf")), axis=0, tie_break_left=True)
+    first_nan = tl.argmax(holds_nan.to(tl.int32), axis=0, tie_break_left=True)
+    best = tl.where(tl.max(holds_nan.to(tl.int32), axis=0) > 0, first_nan, best)
     r = tl.arange(0, WIN_BLOCK)
     size = win_h * win_w
     dy = r // win_w

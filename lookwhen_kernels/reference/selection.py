@@ -203,6 +203,8 @@ def budgets_from_scores(scores: torch.Tensor, *, mass: float, min_k: int, max_k:
     zero weight is never counted."""
     fine = upsample_scores(scores, grid, out_grid) if grid is not None and out_grid is not None else scores
     fine = fine.to(work_dtype(scores.dtype))
+    # An unchecked NaN ranks first, as in topk_tokens: it counts as +inf.
+    fine = fine.masked_fill(fine.isnan(), float("inf"))
     # The softmax with each clip's top score at weight 1 first: +inf scores
     # share all the mass (the limit as they grow) and a clip of -inf shares
     # it evenly, where torch.softmax would give NaN.
