@@ -283,29 +283,53 @@ def _synthetic_run(out, files, *, steps=4, batch_size=4, accumulate=1, resume=Fa
     return model, task, Trainer(task, dataset, settings, log=lambda line: None)
 
 
-def test_resume_after_interrupt_equals_an_uninterrupted_run(files, tmp_path):
-    reference, task, trainer = _synthetic_run(tmp_path / "whole", files, steps=5)
+def _whole_run(files, out, steps=5):
+    _, task, trainer = _synthetic_run(out, files, steps=steps)
     trainer.fit()
-    expected = _params(task.module)
+    return _params(task.module)
 
-    model, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
-    step = trainer.optimizer.step
 
-    def interrupt_on_step_4(*args, **kwargs):
-        if trainer.position.step == 3:
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
+def _stop_before(trainer, step, stop):
+    """Call ``stop()`` when optimiser step ``step`` begins (raise an
+    interrupt, send a signal)."""
+    original = trainer.optimizer.step
 
-    trainer.optimizer.step = interrupt_on_step_4
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert open(tmp_path / "cut" / "checkpoints" / "latest").read() == "step-000003"
-    with pytest.raises(ValueError, match="already holds a run"):
-        _synthetic_run(tmp_path / "cut", files, steps=5)[2].fit()
-    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5, resume=True)
+    def patched(*args, **kwargs):
+        if trainer.position.step == step - 1:
+            stop()
+        return original(*args, **kwargs)
+
+    trainer.optimizer.step = patched
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+def _assert_resumes_to(files, out, expected, steps=5):
+    _, task, trainer = _synthetic_run(out, files, steps=steps, resume=True)
     trainer.fit()
     for key, value in _params(task.module).items():
         assert torch.equal(value, expected[key]), key
+
+
+def _interrupted_run(files, tmp_path, step):
+    """The parameters of a whole 5-step run, and the same run in ``cut``
+    interrupted (Ctrl-C) when step ``step`` begins."""
+    expected = _whole_run(files, tmp_path / "whole")
+    _, _, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
+    _stop_before(trainer, step, _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    return expected
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(files, tmp_path):
+    expected = _interrupted_run(files, tmp_path, 4)
+    assert open(tmp_path / "cut" / "checkpoints" / "latest").read() == "step-000003"
+    with pytest.raises(ValueError, match="already holds a run"):
+        _synthetic_run(tmp_path / "cut", files, steps=5)[2].fit()
+    _assert_resumes_to(files, tmp_path / "cut", expected)
     log = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5]
 
@@ -340,50 +364,22 @@ def test_resume_reads_no_code_and_no_path_outside_the_run(files, tmp_path):
 
 
 def test_resume_falls_back_to_the_newest_intact_checkpoint(files, tmp_path):
-    _, task, trainer = _synthetic_run(tmp_path / "whole", files, steps=5)
-    trainer.fit()
-    expected = _params(task.module)
-    _, _, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
-    step = trainer.optimizer.step
-
-    def interrupt_on_step_5(*args, **kwargs):
-        if trainer.position.step == 4:
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = interrupt_on_step_5
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    expected = _interrupted_run(files, tmp_path, 5)
     state = tmp_path / "cut" / "checkpoints" / "step-000004" / "train-state.pt"
     state.write_bytes(state.read_bytes()[:1000])
-    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5, resume=True)
-    trainer.fit()
-    for key, value in _params(task.module).items():
-        assert torch.equal(value, expected[key]), key
+    _assert_resumes_to(files, tmp_path / "cut", expected)
     assert [row["step"] for row in read_log(tmp_path / "cut" / "log.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_saves_at_the_end_of_the_step_and_resume_continues(files, tmp_path):
-    _, task, trainer = _synthetic_run(tmp_path / "whole", files, steps=5)
-    trainer.fit()
-    expected = _params(task.module)
-    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
-    step = trainer.optimizer.step
-
-    def sigterm_during_step_3(*args, **kwargs):
-        if trainer.position.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = sigterm_during_step_3
+    expected = _whole_run(files, tmp_path / "whole")
+    _, _, trainer = _synthetic_run(tmp_path / "cut", files, steps=5)
+    _stop_before(trainer, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(Terminated, match="step 3"):
         trainer.fit()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000003"
-    _, task, trainer = _synthetic_run(tmp_path / "cut", files, steps=5, resume=True)
-    trainer.fit()
-    for key, value in _params(task.module).items():
-        assert torch.equal(value, expected[key]), key
+    _assert_resumes_to(files, tmp_path / "cut", expected)
 
 
 def test_resume_keeps_the_data_position_and_refuses_another_run(files, tmp_path):
