@@ -280,3 +280,20 @@ def test_ids_out_of_range_under_validate_false_read_nothing(cpu_backend):
     assert torch.equal(out[bad][0], out[bad][1]) and out[bad].isfinite().all()
     good = gather_patch_embed(clip, indices.clamp(0, n - 1), *params, **options).view(2, -1, 80)
     assert torch.equal(out[~bad], good[~bad])
+
+
+@pytest.mark.parametrize("path", ["kernels", "pytorch"])
+def test_zero_width_embedding(monkeypatch, path):
+    """D = 0: an empty row per token on every path (the kernels' backend of
+    the fixture, and the PyTorch reference outside the interpreter)."""
+    if path == "pytorch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr("lookwhen_kernels.ops._common._CPU_BACKEND", "reference")
+    clip = torch.randint(0, 256, (2, 1, 16, 16, 3), dtype=torch.uint8)
+    weight = torch.zeros(0, 3, 8, 8, requires_grad=True)
+    bias, pos = torch.zeros(0, requires_grad=True), torch.zeros(4, 0, requires_grad=True)
+    out = gather_patch_embed(clip, torch.tensor([[0, 3], [1, 2]], dtype=torch.int32), weight, bias, pos,
+                             patch_size=8, mean=MEAN, std=STD)
+    assert out.shape == (4, 0)
+    out.sum().backward()
+    assert weight.grad.shape == weight.shape and pos.grad.shape == pos.shape

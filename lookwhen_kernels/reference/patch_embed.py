@@ -75,7 +75,7 @@ def gather_patch_embed(
         cu_seqlens=cu_seqlens, downsample=downsample, dtype=work,
     ).to(weight.dtype).to(work)
     _, tokens = patch_rows(indices, cu_seqlens, clip.shape[0], pos_embed.shape[0], clip.device)
-    out = torch.nn.functional.linear(patches, weight.reshape(weight.shape[0], -1).to(work), bias.to(work))
+    out = torch.nn.functional.linear(patches, weight.flatten(1).to(work), bias.to(work))
     return (out + pos_embed.to(work)[tokens]).to(weight.dtype)
 
 
