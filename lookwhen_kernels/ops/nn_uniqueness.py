@@ -101,7 +101,11 @@ def _nn_uniqueness_fwd(
             score = -(dots * q_inv[:, None] * k_inv[None, :])
         else:
             score = q_sq[:, None] + k_sq[None, :] - 2.0 * dots
-        score = tl.where(k_ok[None, :] & (keys[None, :] != queries[:, None]), score, float("inf"))
+        # A NaN score (a NaN feature, or squares past float32) is nobody's
+        # neighbour: excluded here, as min reductions differ on NaN (Triton
+        # 3.6's interpreter propagates it).
+        candidate = k_ok[None, :] & (keys[None, :] != queries[:, None]) & (score == score)
+        score = tl.where(candidate, score, float("inf"))
         block_best, block_arg = tl.min(score, axis=1, return_indices=True)
         better = block_best < best
         best = tl.where(better, block_best, best)
