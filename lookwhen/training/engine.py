@@ -361,13 +361,9 @@ class Trainer:
             return
         raise ValueError(f"--resume: none of the {len(folders)} checkpoints in {self.checkpoints} is readable")
 
-    def _check_same_run(self, run_file: str, info: Dict) -> None:
-        """A resumed run trains the model it started with."""
-        if not os.path.isfile(run_file):
-            return
-        with open(run_file) as handle:
-            before = json.load(handle)
-        info = json.loads(json.dumps(info, default=str))  # as run.json holds it: tuples are lists
+    def _check_same_run(self, before: Dict, info: Dict) -> None:
+        """A resumed run trains the model it started with (``before``: its
+        run.json; ``info``: this run's, through JSON)."""
         for key in ("task", "model_config"):
             if key in before and key in info and before[key] != info[key]:
                 if key == "model_config":
@@ -383,27 +379,30 @@ class Trainer:
     def _prepare_folder(self) -> None:
         run_file = os.path.join(self.folder, "run.json")
         info = {"settings": dataclasses.asdict(self.settings), **self.task.run_info(), "world_size": self.dist.world}
-        if not self.settings.resume:
-            # The weights the run starts from (a resume keeps the first run's record).
-            info["initial_weights"] = weights_fingerprint(self.task.model())
+        before = None
         if self.settings.resume:
-            self._check_same_run(run_file, info)
+            if os.path.isfile(run_file):
+                with open(run_file) as handle:
+                    before = json.load(handle)
+                # As run.json holds it: tuples are lists.
+                self._check_same_run(before, json.loads(json.dumps(info, default=str)))
             self._resume()
         elif self.latest_checkpoint() is not None:
             raise ValueError(f"{self.folder} already holds a run; pass --resume to continue it or use a new --out")
+        else:
+            # The weights the run starts from (a resume keeps the first run's record).
+            info["initial_weights"] = weights_fingerprint(self.task.model())
         if self.dist.main:
             os.makedirs(self.checkpoints, exist_ok=True)
-            if self.settings.resume and os.path.isfile(run_file):
+            if before is not None:
                 # The run's own settings stay; each resume adds what it changed.
-                with open(run_file) as handle:
-                    first = json.load(handle)
                 now = json.loads(json.dumps(info, default=str))
                 changed = {k: v for k, v in now["settings"].items()
-                           if k != "resume" and first.get("settings", {}).get(k) != v}
-                if first.get("world_size") != now["world_size"]:
+                           if k != "resume" and before.get("settings", {}).get(k) != v}
+                if before.get("world_size") != now["world_size"]:
                     changed["world_size"] = now["world_size"]
-                first.setdefault("resumes", []).append({"step": self.position.step, "changed": changed})
-                info = first
+                before.setdefault("resumes", []).append({"step": self.position.step, "changed": changed})
+                info = before
             write_json(run_file, info, indent=2, default=str)
             self._trim_log()
         self.dist.barrier()
@@ -566,16 +565,20 @@ class Trainer:
         """Whether any rank got SIGTERM: all ranks stop at the same step."""
         if self.dist.world == 1:
             return self._sigterm
-        flag = torch.tensor([float(self._sigterm)], device=self.device if self.device.type == "cuda" else "cpu")
+        flag = torch.tensor([float(self._sigterm)], device=self._collective_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    @property
+    def _collective_device(self) -> torch.device:
+        """Where a collective's tensor lives: the GPU under NCCL, else the CPU (gloo)."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _reduce(self, value: float) -> float:
         """The mean over ranks (what the averaged gradients optimise)."""
         if self.dist.world == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64,
-                              device=self.device if self.device.type == "cuda" else "cpu")
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(tensor)
         return float(tensor) / self.dist.world
 
