@@ -28,16 +28,21 @@ DENSE_TINY = dict(frames=2, image_size=28, width=32, depth=2, heads=2, pool_head
 CODECS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
 
 
-def make_video(path, n_frames, width, height, codec="h264", fps=10):
+def make_video(path, n_frames, width, height, codec="h264", fps=10, keyint=None):
     """Write a video whose frame ``i`` encodes ``i``: the top half is gray
     level ``16 * (i // 16) + 8`` and the bottom half ``16 * (i % 16) + 8``
     (flat areas survive lossy coding within a few levels), so the decoded
-    clip says which frames were sampled (:func:`decode_indices`)."""
+    clip says which frames were sampled (:func:`decode_indices`).
+    ``keyint``: H.264 with a keyframe every ``keyint`` frames and two
+    B-frames between references (seeking and frame skipping to exercise)."""
     encoder, _ = CODECS[codec]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "h264":
+        if codec == "h264" and keyint:
+            stream.options = {"crf": "1", "preset": "ultrafast",
+                              "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=2:b-adapt=0"}
+        elif codec == "h264":
             stream.options = {"crf": "1", "preset": "ultrafast"}
         else:
             stream.options = {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"}

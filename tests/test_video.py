@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from lookwhen.data.decoders import DecodeStats, available_decoders, decode
 from lookwhen.data.video import VideoError, iter_clip_batches, read_clip, read_clips, resize_square, sample_indices
 from helpers import CODECS, decode_indices, make_video
+
+# Every decoder this environment loads must give the same frames.
+DECODERS = available_decoders()
 
 @pytest.mark.parametrize(
     "codec, n_frames, width, height",
@@ -25,9 +29,45 @@ from helpers import CODECS, decode_indices, make_video
 def test_sampling_returns_the_frames_asked_for(tmp_path, codec, n_frames, width, height):
     path = make_video(tmp_path / f"v{CODECS[codec][1]}", n_frames, width, height, codec)
     frames = 8
-    clip = read_clip(path, frames, 32)
-    assert clip.dtype == torch.uint8 and clip.shape == (frames, 32, 32, 3)
-    assert decode_indices(clip) == sample_indices(n_frames, frames)
+    clips = {name: read_clip(path, frames, 32, decoder=name) for name in DECODERS}
+    for name, clip in clips.items():
+        assert clip.dtype == torch.uint8 and clip.shape == (frames, 32, 32, 3), name
+        assert decode_indices(clip) == sample_indices(n_frames, frames), name
+        assert torch.equal(clip, clips["pyav"]), f"{name} and pyav decode different pixels"
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_seeks_and_skips_yet_returns_exact_frames(tmp_path, decoder):
+    """A keyframe every 8 frames and B-frames: any order, repeats, both
+    ends; the PyAV decoder gets there decoding a fraction of the stream."""
+    path = make_video(tmp_path / "gop.mp4", 70, 64, 48, keyint=8)
+    wanted = [65, 3, 3, 40, 17, 69, 0, 8, 7]
+    stats = DecodeStats()
+    frames = decode(path, lambda n: wanted, decoder=decoder, stats=stats)
+    assert frames.shape == (len(wanted), 48, 64, 3)
+    assert decode_indices(frames) == wanted
+    with av.open(path) as container:  # every frame, decoded in order by FFmpeg itself
+        reference = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert np.array_equal(frames.numpy(), np.stack([reference[i] for i in wanted]))
+    if decoder == "pyav":
+        assert 0 < stats.frames_decoded < 35 and stats.seek > 0
+        sparse = DecodeStats()
+        decode(path, lambda n: [60, 65], stats=sparse)
+        assert sparse.frames_decoded <= 8  # from the keyframe at 56, references only until 60
+    else:
+        assert stats.frames_decoded is None
+
+
+def test_decoder_arguments_are_checked(tmp_path):
+    path = make_video(tmp_path / "a.mp4", 10, 32, 32)
+    with pytest.raises(ValueError, match="decoder must be"):
+        read_clip(path, 4, 32, decoder="ffmpeg")
+    with pytest.raises(ValueError, match="threads"):
+        read_clip(path, 4, 32, threads=-1)
+    with pytest.raises(ValueError, match="outside"):
+        decode(path, lambda n: [n])
+    with pytest.raises(ValueError, match="no frames were asked for"):
+        decode(path, lambda n: [])
 
 
 def test_sample_indices_rule():
@@ -45,14 +85,15 @@ def test_sample_indices_rule():
         sample_indices(0, 4)
 
 
-def test_time_window(tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_time_window(tmp_path, decoder):
     path = make_video(tmp_path / "w.mp4", 50, 64, 48, fps=10)
-    clip = read_clip(path, 4, 32, start=1.0, end=3.0)  # frames 10 .. 29
+    clip = read_clip(path, 4, 32, start=1.0, end=3.0, decoder=decoder)  # frames 10 .. 29
     assert decode_indices(clip) == sample_indices(20, 4, first=10)
-    clip = read_clip(path, 5, 32, start=4.0)  # frames 40 .. 49
+    clip = read_clip(path, 5, 32, start=4.0, decoder=decoder)  # frames 40 .. 49
     assert decode_indices(clip) == sample_indices(10, 5, first=40)
     with pytest.raises(VideoError, match="holds no frames"):
-        read_clip(path, 4, 32, start=7.0, end=9.0)
+        read_clip(path, 4, 32, start=7.0, end=9.0, decoder=decoder)
 
 
 def test_geometry_short_side_resize_and_centre_crop():
@@ -83,15 +124,17 @@ def _bad_files(tmp_path):
     }
 
 
-def test_bad_files_raise_errors_naming_the_file(tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_bad_files_raise_errors_naming_the_file(tmp_path, decoder):
     for path, reason in _bad_files(tmp_path).values():
         with pytest.raises(VideoError, match=reason) as info:
-            read_clip(path, 4, 32)
+            read_clip(path, 4, 32, decoder=decoder)
         assert str(info.value).startswith(path) and info.value.path == path
         assert isinstance(info.value, ValueError)
 
 
-def test_truncated_stream_fails_on_decode(tmp_path):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_truncated_stream_fails_on_decode(tmp_path, decoder):
     """An MP4 with its index first (faststart) opens when cut, then fails
     when a missing frame is decoded."""
     path = tmp_path / "faststart.mp4"
@@ -107,7 +150,7 @@ def test_truncated_stream_fails_on_decode(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * 0.6)])
     with pytest.raises(VideoError, match="truncated") as info:
-        read_clip(path, 8, 32)
+        read_clip(path, 8, 32, decoder=decoder)
     assert str(path) in str(info.value)
 
 
