@@ -94,7 +94,7 @@ def test_folder_dataset_samples_clips_deterministically(files):
 
 def test_bad_video_is_skipped_and_reported(files):
     dataset = VideoDataset(files["data"], sampling=Sampling(frames=8, size=64))
-    broken = next(i for i, (path, _) in enumerate(dataset.items) if path.endswith("broken.mp4"))
+    broken = next(i for i, entry in enumerate(dataset.items) if entry.path.endswith("broken.mp4"))
     sample = dataset[broken]
     assert sample["index"] != broken and sample["skipped"][0][0].endswith("broken.mp4")
     lines = []
@@ -110,7 +110,7 @@ def test_manifest_dataset_and_unreadable_datasets(files, tmp_path):
     manifest = tmp_path / "train.csv"
     manifest.write_text("path,label\nleft/0000.mp4,7\ndown/0001.mp4,3\n")
     dataset = VideoDataset(manifest, root=data, sampling=Sampling(frames=4, size=32))
-    assert [label for _, label in dataset.items] == [7, 3]
+    assert [entry.label for entry in dataset.items] == [7, 3]
     assert dataset[1]["label"] == 3
     bad = tmp_path / "bad.csv"
     bad.write_text("up/broken.mp4,0\nmissing.mp4,1\n")
@@ -118,8 +118,8 @@ def test_manifest_dataset_and_unreadable_datasets(files, tmp_path):
         VideoDataset(bad, root=data)
     with pytest.raises(DatasetError, match="no videos found"):
         VideoDataset(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
-    (tmp_path / "labels.csv").write_text("a.mp4,x\nb.mp4,y\n")
-    with pytest.raises(DatasetError, match="not an integer"):
+    (tmp_path / "labels.csv").write_text("a.mp4,x\nb.mp4,3\n")
+    with pytest.raises(DatasetError, match="labels.csv:2: label '3' is a class id, but other lines give class names"):
         VideoDataset(tmp_path / "labels.csv")
 
 

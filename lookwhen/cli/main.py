@@ -128,7 +128,7 @@ def _embed_manifest(args) -> int:
         raise CommandError("--manifest: give --out-dir, not VIDEO files or --out")
     if not args.out_dir:
         raise CommandError("--manifest needs --out-dir (the folder of shards)")
-    paths = [path for path, _ in read_manifest(args.manifest, args.root, labels=False)]
+    paths = [entry.path for entry in read_manifest(args.manifest, args.root, labels=False).entries]
     device = local_device(checked_device(args.device))
     rank, world = rank_and_world()
     selection = _selection(args, _model_config(args))

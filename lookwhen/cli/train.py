@@ -19,8 +19,9 @@ from lookwhen.cli.args import (
     parse_overrides,
     positive_int_arg,
 )
+from lookwhen.data.annotations import FORMATS, load_data, read_class_file
 from lookwhen.data.datasets import Sampling, SkipReport, VideoDataset
-from lookwhen.io.checkpoint import load_checkpoint
+from lookwhen.io.checkpoint import load_checkpoint, read_labels
 from lookwhen.models import build_model
 from lookwhen.models.config import DEFAULT_PRESET, PRESETS
 from lookwhen.training.distributed import Distributed, is_main_process, local_device
@@ -73,9 +74,17 @@ def _model(args):
         raise CommandError(f"--set: {error}") from None
 
 
+def _annotations(args, classes=None):
+    """``--data`` as ``--format`` reads it; class names map through
+    ``--classes``, else ``classes``, else the reader's default."""
+    if args.classes:
+        classes = read_class_file(args.classes)
+    return load_data(args.data, format=args.format, root=args.root, classes=classes)
+
+
 def _dataset(args, config, views: Optional[int] = None):
     sampling = Sampling(frames=config.frames, size=config.image_size, stride=args.stride)
-    return VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed, views=views)
+    return VideoDataset(_annotations(args), sampling=sampling, seed=args.seed, views=views)
 
 
 def _teachers(args, device):
@@ -167,8 +176,11 @@ def cmd_cache_targets(args) -> int:
 
 def cmd_finetune(args) -> int:
     device = _device(args.device)
-    probe = VideoDataset(args.data, root=args.root, check=False)
-    num_classes = args.num_classes or max(label for _, label in probe.items) + 1
+    annotations = _annotations(args)
+    num_classes = args.num_classes or annotations.num_classes
+    if annotations.multi_label and num_classes != annotations.num_classes:
+        raise CommandError(f"--num-classes {num_classes}: the multi-label data set has {annotations.num_classes} "
+                           "classes, and its targets are that wide")
     overrides = _overrides(args)
     try:
         model = finetune_model(num_classes, preset=args.preset, init=args.init, overrides=overrides)
@@ -180,14 +192,15 @@ def cmd_finetune(args) -> int:
     teacher = load_checkpoint(args.distill_from, device) if args.distill_from else None
     size = max(config.image_size, teacher.config.image_size if teacher is not None else 0)
     frames = max(config.frames, teacher.config.frames if teacher is not None else 0)
-    sampling = Sampling(frames=frames, size=size, stride=args.stride)
-    dataset = VideoDataset(args.data, sampling=sampling, root=args.root, seed=args.seed)
+    # A data set whose classes tell left from right is never flipped.
+    sampling = Sampling(frames=frames, size=size, stride=args.stride, flip=annotations.flip and not args.no_flip)
+    dataset = VideoDataset(annotations, sampling=sampling, seed=args.seed)
     task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
                         temperature=args.distill_temperature, alpha=args.distill_alpha, sigma=args.sigma,
                         sigma_steps=sigma_decay_steps(args.sigma_decay, args.steps * args.accumulate),
-                        n_samples=args.samples)
+                        n_samples=args.samples, multi_label=annotations.multi_label, classes=annotations.classes)
     settings = _settings(args, device)
     os.makedirs(args.out, exist_ok=True)
     last = Trainer(task, dataset, settings).fit()
@@ -200,13 +213,17 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     views = parse_views(args.views)
     device = _device(args.device)
-    dataset = VideoDataset(args.data, root=args.root, check=False)
+    # The class names and the loss the model was fine-tuned with.
+    labels = read_labels(args.checkpoint) or {"classes": None, "multi_label": None}
+    annotations = _annotations(args, labels["classes"])
+    multi_label = annotations.multi_label if labels["multi_label"] is None else labels["multi_label"]
     model = load_checkpoint(args.checkpoint, device)
     if args.keep_ratio is not None and model.config.kind != "lookwhen":
         raise CommandError(f"--keep-ratio: {model.config.name} is a dense model and keeps every token")
-    with tqdm(total=len(dataset), unit="video", file=sys.stderr, disable=None) as bar:
-        result = evaluate(model, dataset.items, views=views, keep_ratio=args.keep_ratio,
-                          batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update)
+    with tqdm(total=len(annotations.entries), unit="video", file=sys.stderr, disable=None) as bar:
+        result = evaluate(model, annotations.entries, views=views, keep_ratio=args.keep_ratio,
+                          batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update,
+                          multi_label=multi_label)
     for path, message in result.failures:
         print(f"lookwhen evaluate: skipped {' '.join(message.split())}", file=sys.stderr)
     print(format_evaluation(model.config.name, result, views))
@@ -217,9 +234,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _source_options(p) -> None:
+    p.add_argument("--data", required=True, help="a folder root/<class>/<video>, a manifest of 'path,label' lines "
+                   "(labels: class ids or names), or a benchmark's annotation file (--format)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto: a folder or manifest; otherwise the benchmark whose annotation file --data is")
+    p.add_argument("--root", help="folder the videos' paths are relative to (default: the --data file's)")
+    p.add_argument("--classes", metavar="FILE", help="class names in id order: one a line, or a JSON list or "
+                   "name-to-id object (default: the names sorted, or the benchmark's own list)")
+
+
 def _data_options(p) -> None:
-    p.add_argument("--data", required=True, help="a folder root/<class>/<video> or a manifest of 'path,label' lines")
-    p.add_argument("--root", help="folder the manifest's paths are relative to (default: the manifest's)")
+    _source_options(p)
     p.add_argument("--stride", type=int, default=4, help="frame stride of training clips (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
@@ -293,6 +319,8 @@ def add_parsers(sub) -> None:
                            "trains on the hard top-K, the tokens evaluation sees (default 1: STTS's schedule)")
     fine.add_argument("--samples", type=positive_int, default=500,
                       help="--selection perturbed: noisy samples per clip and step (default 500)")
+    fine.add_argument("--no-flip", action="store_true", help="no horizontal flips (the default for data sets "
+                      "whose classes tell left from right: Something-Something, Jester)")
     fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")
     fine.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     fine.add_argument("--label-smoothing", type=float, default=0.1)
@@ -302,9 +330,9 @@ def add_parsers(sub) -> None:
     fine.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
     fine.set_defaults(func=cmd_finetune)
 
-    evaluation = sub.add_parser("evaluate", help="top-1/top-5 accuracy with multi-view testing, and its cost")
-    evaluation.add_argument("--data", required=True, help="a folder root/<class>/<video> or a 'path,label' manifest")
-    evaluation.add_argument("--root", help="folder the manifest's paths are relative to")
+    evaluation = sub.add_parser("evaluate", help="top-1/top-5 accuracy (mAP for multi-label data) with multi-view "
+                                                 "testing, and its cost")
+    _source_options(evaluation)
     evaluation.add_argument("--checkpoint", required=True, help="a fine-tuned model (lookwhen finetune's output)")
     evaluation.add_argument("--views", default="1x1", help="TEMPORALxSPATIAL views per video, e.g. 4x3")
     evaluation.add_argument("--keep-ratio", type=keep_ratio, help="LookWhen: tokens kept (default: the model's)")

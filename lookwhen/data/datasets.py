@@ -1,9 +1,21 @@
 """Video datasets for training and evaluation: decoded uint8 clips, so the
 model's fused uint8 path is what trains.
 
-Sources: a folder tree ``root/<class>/<video>`` (classes in sorted order) or
-a manifest file with one ``path,label`` (or ``path label``) line per video,
-Kinetics-style, paths relative to ``root`` (default: the manifest's folder).
+Sources: a folder tree ``root/<class>/<video>`` (classes in sorted order), a
+manifest file (below), or :class:`Annotations` made by a reader of a
+benchmark's own annotation files (:mod:`lookwhen.data.annotations`).
+
+Manifest. One video per line, ``path,label`` (or ``path label``), paths
+relative to ``root`` (default: the manifest's folder); blank lines and ``#``
+comments are skipped. Two more columns, ``path,label,start,end``, cut the
+clips from the time window ``[start, end)`` in seconds. A label is a class
+id (an integer) or a class name; names map to ids through a class list
+(``classes``: the names in id order, e.g. a file with one name per line),
+by default the manifest's names sorted. A multi-label clip lists its
+classes separated by ``;`` (``video.mp4,c092;c147``); a first line
+``path,labels`` (plural) declares a multi-label manifest, in which a clip
+may also have no class. Every line's labels are ids, or every line's are
+names.
 
 Sampling. Training: ``frames`` frames ``stride`` apart from a random start
 (the stride shrinks for videos too short to hold the span, down to 1, after
@@ -15,6 +27,10 @@ generator seeded by ``(seed, view, index)``, so a clip depends only on its
 index and view, not on the worker that decodes it: runs resume exactly, and
 cached teacher targets (keyed by index and view) match their clips.
 
+Labels. A sample's ``label`` is the class id, or for a multi-label data set
+float32 ``[num_classes]`` holding 1 at each of the clip's classes (what
+``binary_cross_entropy_with_logits`` takes).
+
 Bad files. A video that cannot be read is replaced by the next readable one
 (in index order), so every batch is full and data-parallel ranks stay in
 step; the sample carries the ``(path, reason)`` of what it skipped, and the
@@ -24,23 +40,115 @@ dataset with no readable video fails at construction.
 from __future__ import annotations
 
 import csv
+import math
 import os
+import re
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lookwhen.data import video
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
 
 
-HEADERS = ("path,label", "pathlabel", "path")
+# First lines that name the columns; "labels" declares a multi-label manifest.
+HEADERS = ("path,label", "pathlabel", "path", "path,labels", "path,label,start,end", "path,labels,start,end")
+_INTEGER = re.compile(r"-?\d+")
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used at all (no videos, none readable, a bad manifest)."""
+
+
+class Entry(NamedTuple):
+    """One video of a data set: its file, its class id (a tuple of ids in a
+    multi-label data set) and the time window ``[start, end)`` in seconds
+    the clips are cut from (``None``: from the start, to the end)."""
+
+    path: str
+    label: Union[int, Tuple[int, ...]]
+    start: Optional[float] = None
+    end: Optional[float] = None
+
+
+@dataclass
+class Annotations:
+    """A data set's entries and what training needs to know about its labels.
+    ``classes``: the class names in id order (``None`` when the labels are
+    bare ids); ``multi_label``: a clip may carry several classes (or none);
+    ``flip``: whether a horizontal flip keeps a clip's class (not where left
+    and right are part of the classes, as in Something-Something and
+    Jester)."""
+
+    entries: List[Entry]
+    classes: Optional[List[str]] = None
+    multi_label: bool = False
+    flip: bool = True
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's width: the class list's length, else the largest id + 1."""
+        if self.classes is not None:
+            return len(self.classes)
+        ids = [i for entry in self.entries for i in (entry.label if isinstance(entry.label, tuple) else
+                                                      (entry.label,))]
+        return max(ids, default=-1) + 1
+
+
+def read_class_list(path) -> List[str]:
+    """Class names in id order from a file with one name per line (blank
+    lines skipped)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such class list")
+    with open(path, encoding="utf-8") as handle:
+        names = [line.strip() for line in handle if line.strip()]
+    if not names:
+        raise DatasetError(f"{path}: the class list is empty")
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise DatasetError(f"{path}: class names listed twice: {twice[:3]}")
+    return names
+
+
+def class_ids(names: Sequence[str]) -> Dict[str, int]:
+    return {name: i for i, name in enumerate(names)}
+
+
+def map_class_names(rows: Sequence[Tuple[str, int, Union[str, Tuple[str, ...]]]],
+                    classes: Optional[Sequence[str]]) -> Tuple[List[Union[int, Tuple[int, ...]]], List[str]]:
+    """``(file, line, name or names)`` rows -> their class ids through
+    ``classes`` (default: the rows' names sorted), and the class list. A
+    name missing from a given list raises a :class:`DatasetError` naming
+    the file and line."""
+    if classes is None:
+        classes = sorted({name for *_, names in rows for name in (names if isinstance(names, tuple) else (names,))})
+    ids = class_ids(classes)
+    labels = []
+    for file, line, names in rows:
+        try:
+            if isinstance(names, tuple):
+                labels.append(tuple(ids[name] for name in names))
+            else:
+                labels.append(ids[names])
+        except KeyError as error:
+            raise DatasetError(f"{file}:{line}: class {error.args[0]!r} is not in the class list "
+                               f"({len(classes)} classes)") from None
+    return labels, list(classes)
+
+
+def check_window(start: Optional[float], end: Optional[float], where: str) -> None:
+    """A time window's bounds: finite, ``0 <= start < end`` (either may be ``None``)."""
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise DatasetError(f"{where}: {name} {value} is not a time in seconds (finite, >= 0)")
+    if start is not None and end is not None and not start < end:
+        raise DatasetError(f"{where}: the window [{start}, {end}) s is empty (start must be before end)")
 
 
 @dataclass(frozen=True)
@@ -100,68 +208,135 @@ def collate_list(batch):
     return batch
 
 
-def _scan_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    items = []
-    for label, name in enumerate(classes):
+def _scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> Annotations:
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = names if classes is None else list(classes)
+    ids = class_ids(classes)
+    entries = []
+    for name in names:
+        if name not in ids:
+            raise DatasetError(f"{os.path.join(root, name)}: class {name!r} is not in the class list "
+                               f"({len(classes)} classes)")
         for folder, _, files in sorted(os.walk(os.path.join(root, name))):
             for file in sorted(files):
                 if file.lower().endswith(VIDEO_SUFFIXES):
-                    items.append((os.path.join(folder, file), label))
-    return items, classes
+                    entries.append(Entry(os.path.join(folder, file), ids[name]))
+    return Annotations(entries, classes, source=root)
 
 
-def read_manifest(path, root=None, *, labels: bool = True) -> List[Tuple[str, int]]:
-    """``(path, label)`` of every line of a manifest (``path,label`` or
-    ``path label``; blank lines, ``#`` comments and a header are skipped).
-    ``labels=False`` also takes lines that hold a path alone (label -1)."""
+def load_source(source, root=None, classes: Optional[Sequence[str]] = None) -> Annotations:
+    """A folder tree or a manifest file as :class:`Annotations`; class names
+    (a manifest's, or a folder's sub-folders) map to ids through
+    ``classes`` (default: the names sorted)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return _scan_folder(source, classes)
+    if os.path.isfile(source):
+        return read_manifest(source, root, classes=classes)
+    raise DatasetError(f"{source}: no such folder or manifest file")
+
+
+def _manifest_seconds(text: str, where: str) -> Optional[float]:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: {text!r} is not a time in seconds") from None
+
+
+def read_manifest(path, root=None, *, labels: bool = True, classes: Optional[Sequence[str]] = None) -> Annotations:
+    """The entries of a manifest (the format is in the module docstring),
+    class names mapped through ``classes`` (default: the names sorted).
+    ``labels=False`` reads the paths alone, of any manifest (a line ending
+    in a video suffix is a path as a whole; otherwise its first field is),
+    and takes lines that hold nothing but a path (label -1)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such manifest file")
     base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
-    items = []
     with open(path, newline="", encoding="utf-8") as handle:
         try:
             lines = handle.readlines()
         except UnicodeDecodeError as error:
             raise DatasetError(f"{path}: not a text manifest (byte {error.start} is not UTF-8; a video given "
                                "as --manifest?)") from None
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#") or number == 1 and line.lower().replace(" ", "") in HEADERS:
-                continue
-            fields = next(csv.reader([line])) if "," in line else line.rsplit(None, 1)
-            if not labels and (len(fields) == 1 or not fields[-1].strip().lstrip("-").isdigit()):
-                fields = [line, "-1"]
-            if len(fields) != 2:
-                raise DatasetError(f"{path}:{number}: expected 'path,label', got {line!r}")
-            video, label = fields[0].strip(), fields[1].strip()
-            try:
-                label_id = int(label)
-            except ValueError:
-                raise DatasetError(f"{path}:{number}: label {label!r} is not an integer") from None
-            items.append((video if os.path.isabs(video) else os.path.join(base, video), label_id))
-    return items
+    multi_label = False
+    rows = []  # (line number, video, label text, start, end)
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if number == 1 and line.lower().replace(" ", "") in HEADERS:
+            multi_label = line.lower().replace(" ", "").startswith("path,labels")
+            continue
+        where = f"{path}:{number}"
+        if not labels:
+            if line.lower().endswith(VIDEO_SUFFIXES) or "," not in line and not _INTEGER.fullmatch(line.split()[-1]):
+                video = line
+            else:
+                video = next(csv.reader([line]))[0] if "," in line else line.rsplit(None, 1)[0]
+            rows.append((number, video.strip(), "-1", None, None))
+            continue
+        fields = next(csv.reader([line])) if "," in line else line.rsplit(None, 1)
+        if len(fields) not in (2, 4):
+            raise DatasetError(f"{where}: expected 'path,label' or 'path,label,start,end', got {line!r}")
+        start, end = (None, None) if len(fields) == 2 else (
+            _manifest_seconds(fields[2], where), _manifest_seconds(fields[3], where))
+        check_window(start, end, where)
+        rows.append((number, fields[0].strip(), fields[1].strip(), start, end))
+    multi_label = multi_label or any(";" in label for _, _, label, _, _ in rows)
+    texts = [tuple(t.strip() for t in label.split(";") if t.strip()) if multi_label else label
+             for _, _, label, _, _ in rows]
+    tokens = [(number, token) for (number, *_), text in zip(rows, texts)
+              for token in (text if multi_label else (text,))]
+    named = [(number, token) for number, token in tokens if not _INTEGER.fullmatch(token)]
+    if not multi_label:
+        empty = next((number for number, token in tokens if not token), None)
+        if empty is not None:
+            raise DatasetError(f"{path}:{empty}: the label is empty")
+    if named and len(named) < len(tokens):
+        number, token = next((n, t) for n, t in tokens if _INTEGER.fullmatch(t))
+        raise DatasetError(f"{path}:{number}: label {token!r} is a class id, but other lines give class names "
+                           f"({named[0][1]!r} on line {named[0][0]}): give one or the other")
+    if named:
+        ids, classes = map_class_names([(path, number, text) for (number, *_), text in zip(rows, texts)], classes)
+    else:
+        ids = [tuple(int(t) for t in text) if multi_label else int(text) for text in texts]
+        classes = None if classes is None else list(classes)
+    entries = [Entry(video if os.path.isabs(video) else os.path.join(base, video), label, start, end)
+               for (_, video, _, start, end), label in zip(rows, ids)]
+    return Annotations(entries, classes, multi_label=multi_label, source=path)
+
+
+def decode_window(path, start: Optional[float], end: Optional[float],
+                  choose_indices: Callable[[int], Sequence[int]]) -> torch.Tensor:
+    """:func:`~lookwhen.data.video.decode_frames` within the time window
+    ``[start, end)`` s: ``choose_indices`` gets the window's frame count and
+    its indices count from the window's first frame."""
+    return decode_frames(path, choose_indices, start=start, end=end)
 
 
 class VideoDataset(torch.utils.data.Dataset):
     """``dataset[i]`` -> dict with ``clip`` (uint8 ``[T, S, S, 3]``),
-    ``label`` (int), ``index`` (the index of the video the clip came from),
-    ``view`` and ``skipped`` (``(path, reason)`` of the unreadable videos
-    passed over on the way). ``view`` selects the random sampling; it is the
+    ``label`` (the class id; multi-hot float32 ``[num_classes]`` for a
+    multi-label data set), ``index`` (the index of the video the clip came
+    from), ``view`` and ``skipped`` (``(path, reason)`` of the unreadable
+    videos passed over on the way). ``source``: a folder, a manifest file or
+    :class:`Annotations`. ``view`` selects the random sampling; it is the
     epoch (:meth:`set_epoch`) unless ``views`` is set, then ``epoch %
     views``: the views teacher targets were cached for."""
 
     def __init__(self, source, *, sampling: Sampling = Sampling(), root=None, seed: int = 0,
                  views: Optional[int] = None, check: bool = True):
-        source = os.fspath(source)
-        if os.path.isdir(source):
-            self.items, self.classes = _scan_folder(source)
-        elif os.path.isfile(source):
-            self.items = read_manifest(source, root)
-            self.classes = [str(c) for c in sorted({label for _, label in self.items})]
+        self.annotations = source if isinstance(source, Annotations) else load_source(source, root)
+        self.items = self.annotations.entries
+        source = self.annotations.source
+        if self.annotations.classes is not None:
+            self.classes = self.annotations.classes
         else:
-            raise DatasetError(f"{source}: no such folder or manifest file")
+            self.classes = [str(c) for c in sorted({label for _, label, *_ in self.items})]
         if not self.items:
             raise DatasetError(f"{source}: no videos found (expected root/<class>/<video> or 'path,label' lines)")
         if views is not None and views < 1:
@@ -171,6 +346,8 @@ class VideoDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.views = views
         self.epoch = 0
+        self.multi_label = self.annotations.multi_label
+        self.num_classes = self.annotations.num_classes
         if check:
             self._first_readable()
 
@@ -188,9 +365,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _first_readable(self) -> None:
         problems = []
-        for path, _ in self.items:
+        for path, _, start, end in self.items:
             try:
-                decode_frames(path, lambda n: [0])
+                decode_window(path, start, end, lambda n: [0])
                 return
             except VideoError as error:
                 problems.append(str(error))
@@ -201,13 +378,22 @@ class VideoDataset(torch.utils.data.Dataset):
     def clip(self, index: int, view: int) -> torch.Tensor:
         """The clip of video ``index`` under sampling ``view`` (raises
         :class:`VideoError`)."""
-        path, _ = self.items[index]
+        path, _, start, end = self.items[index]
         cfg = self.sampling
         if not cfg.train:
-            return resize_square(decode_frames(path, lambda n: sample_indices(n, cfg.frames)), cfg.size)
+            return resize_square(decode_window(path, start, end, lambda n: sample_indices(n, cfg.frames)), cfg.size)
         generator = torch.Generator().manual_seed(_seed(self.seed, view, index))
-        frames = decode_frames(path, lambda n: train_indices(n, cfg.frames, cfg.stride, generator))
+        frames = decode_window(path, start, end, lambda n: train_indices(n, cfg.frames, cfg.stride, generator))
         return random_resized_crop(frames, cfg.size, cfg.scale, cfg.flip, generator)
+
+    def label(self, index: int):
+        """Video ``index``'s label as samples carry it."""
+        label = self.items[index].label
+        if not self.multi_label:
+            return label
+        hot = torch.zeros(self.num_classes)
+        hot[list(label if isinstance(label, tuple) else (label,))] = 1.0
+        return hot
 
     def __getitem__(self, index: int) -> Dict:
         view = self.view
@@ -219,17 +405,20 @@ class VideoDataset(torch.utils.data.Dataset):
             except VideoError as error:
                 skipped.append((error.path, error.reason))
                 continue
-            return {"clip": clip, "label": self.items[current][1], "index": current, "view": view,
+            return {"clip": clip, "label": self.label(current), "index": current, "view": view,
                     "skipped": skipped}
         raise DatasetError(f"{self.source}: no video can be read any more ({skipped[0][0]}: {skipped[0][1]})")
 
 
 def collate(samples: Sequence[Dict]) -> Dict:
-    """Stack samples into ``clips [B, T, S, S, 3]``, ``labels``, ``indices``
-    and ``views`` (int64 ``[B]``), with every sample's ``skipped`` joined."""
+    """Stack samples into ``clips [B, T, S, S, 3]``, ``labels`` (int64
+    ``[B]``, or float32 ``[B, C]`` multi-hot), ``indices`` and ``views``
+    (int64 ``[B]``), with every sample's ``skipped`` joined."""
+    labels = [s["label"] for s in samples]
     return {
         "clips": torch.stack([s["clip"] for s in samples]),
-        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels,
+                                                                                           dtype=torch.int64),
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "views": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
         "skipped": [item for s in samples for item in s["skipped"]],

@@ -1,11 +1,15 @@
 """Checkpoints: one safetensors file holding the weights, with the model's
 config as JSON in the file's metadata (key ``"lookwhen_config"``), so a
-checkpoint alone rebuilds its model."""
+checkpoint alone rebuilds its model. A classifier's checkpoint also holds
+its label space (key ``"lookwhen_labels"``: the class names in id order, or
+null for bare ids, and whether the data set is multi-label), so evaluation
+maps class names and scores the way fine-tuning trained."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from typing import Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -15,16 +19,21 @@ from lookwhen.models import build_model
 from lookwhen.models.config import ModelConfig
 
 CONFIG_KEY = "lookwhen_config"
+LABELS_KEY = "lookwhen_labels"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message names the file."""
 
 
-def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
+def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike], *, labels: Optional[Dict] = None) -> None:
+    """``labels``: ``{"classes": [...] or None, "multi_label": bool}`` (see the module docstring)."""
     # safetensors stores each tensor on its own: contiguous, on the CPU.
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={CONFIG_KEY: model.config.to_json()})
+    metadata = {CONFIG_KEY: model.config.to_json()}
+    if labels is not None:
+        metadata[LABELS_KEY] = json.dumps(labels)
+    save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -38,15 +47,36 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
-    path = os.fspath(path)
+def _metadata(path: str) -> Dict[str, str]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            return handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
+
+
+def read_labels(path: Union[str, os.PathLike]) -> Optional[Dict]:
+    """The label space a checkpoint was fine-tuned with, ``None`` if it holds none."""
+    path = os.fspath(path)
+    text = _metadata(path).get(LABELS_KEY)
+    if text is None:
+        return None
+    try:
+        labels = json.loads(text)
+        classes, multi_label = labels["classes"], labels["multi_label"]
+    except (ValueError, TypeError, KeyError):
+        raise CheckpointError(f"{path}: bad label space in the checkpoint: {text[:200]!r}") from None
+    if not isinstance(multi_label, bool) or classes is not None and not (
+            isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: bad label space in the checkpoint: {text[:200]!r}")
+    return {"classes": classes, "multi_label": multi_label}
+
+
+def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
+    path = os.fspath(path)
+    metadata = _metadata(path)
     if CONFIG_KEY not in metadata:
         raise CheckpointError(f"{path}: a safetensors file without a lookwhen config (not saved by save_checkpoint)")
     try:

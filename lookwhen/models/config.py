@@ -312,6 +312,15 @@ PRESETS: Dict[str, ModelConfig] = {
         selector_width=768, selector_heads=12, score_hidden=3072, score_outputs=16, selector_image_size=154,
         context_projection=False, extractor_cls=False, keep_rounding="floor",
     ),
+    # A first run on a laptop CPU: 8 frames of 64 px in 8-px patches (8 x 8
+    # tokens a frame, 512 candidates), two 64-wide layers each for the
+    # selector (on every frame, at 32 px: 4 x 4) and the extractor, keeping a
+    # quarter of the tokens. Not a model to report: a few dozen pre-training
+    # or fine-tuning steps take seconds (docs/training.md, "First run").
+    "lookwhen-tiny": ModelConfig(
+        name="lookwhen-tiny", frames=8, image_size=64, patch_size=8, width=64, depth=2, heads=2,
+        selector_width=64, selector_depth=2, selector_heads=2, score_hidden=64, registers=2, keep_ratio=0.25,
+    ),
     # The dense model the paper compares against, InternVideo2-B/14
     # (internvideo2_base_patch14_224): 8 x 16 x 16 = 2048 tokens + CLS, a
     # joint 3-D sin-cos position table, RMSNorm, qk-norm, no qkv bias,

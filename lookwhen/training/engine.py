@@ -142,6 +142,11 @@ class Task(abc.ABC):
     def run_info(self) -> Dict:
         return {}
 
+    def label_space(self) -> Optional[Dict]:
+        """What checkpoints record of the labels (a classifier's class names
+        and whether it is multi-label; :func:`lookwhen.io.checkpoint.save_checkpoint`)."""
+        return None
+
 
 def _no_decay(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim < 2 or name.endswith(".bias") or "token" in name or "pos_embed" in name
@@ -281,7 +286,7 @@ class Trainer:
         final = os.path.join(self.checkpoints, name)
         if self.dist.main:
             with atomic_folder(final) as temporary:
-                save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE))
+                save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE), labels=self.task.label_space())
                 torch.save(self._state(), os.path.join(temporary, STATE_FILE))
             write_text(os.path.join(self.checkpoints, "latest"), name)
             kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
@@ -364,14 +369,14 @@ class Trainer:
     def _check_same_run(self, before: Dict, info: Dict) -> None:
         """A resumed run trains the model it started with (``before``: its
         run.json; ``info``: this run's, through JSON)."""
-        for key in ("task", "model_config"):
+        for key in ("task", "model_config", "sampling", "labels"):
             if key in before and key in info and before[key] != info[key]:
-                if key == "model_config":
+                if isinstance(info[key], dict) and isinstance(before[key], dict):
                     changed = sorted(k for k in set(before[key]) | set(info[key])
                                      if before[key].get(k) != info[key].get(k))
-                    what = "model config (" + ", ".join(changed) + ")"
+                    what = key.replace("_", " ") + " (" + ", ".join(changed) + ")"
                 else:
-                    what = f"task ({before[key]} -> {info[key]})"
+                    what = f"{key} ({before[key]} -> {info[key]})"
                 raise ValueError(f"--resume: {self.folder} holds a run of another {what}; use its own "
                                  "--preset and settings, or a new --out")
 
@@ -379,6 +384,11 @@ class Trainer:
     def _prepare_folder(self) -> None:
         run_file = os.path.join(self.folder, "run.json")
         info = {"settings": dataclasses.asdict(self.settings), **self.task.run_info(), "world_size": self.dist.world}
+        sampling = getattr(self.dataset, "sampling", None)
+        if dataclasses.is_dataclass(sampling):
+            # How clips are cut (flip included): a resume with another
+            # sampling would not continue the same run.
+            info["sampling"] = dataclasses.asdict(sampling)
         before = None
         if self.settings.resume:
             if os.path.isfile(run_file):
@@ -475,7 +485,8 @@ class Trainer:
         if self.position.step % settings.save_every:
             self.save()
         if self.dist.main:
-            save_checkpoint(self.task.model(), os.path.join(self.folder, MODEL_FILE))
+            save_checkpoint(self.task.model(), os.path.join(self.folder, MODEL_FILE),
+                            labels=self.task.label_space())
             if settings.plot:
                 plot_log(self.log_file, settings.plot)
         self.dist.barrier()

@@ -1,7 +1,14 @@
 """Evaluation the way video papers report it: top-1 and top-5 accuracy with
 the multi-view protocol (``4x3``: 4 temporal clips x 3 spatial crops, the
-views' logits averaged per video), with the cost beside it: clips/s and
-GFLOPs (and GMACs, the papers' unit: one multiply-add) per view.
+views' softmax scores averaged per video), with the cost beside it: clips/s
+and GFLOPs (and GMACs, the papers' unit: one multiply-add) per view.
+
+Multi-label data sets (Charades) report mAP instead: the views' sigmoid
+scores averaged per video, the average precision of each class over the
+videos (the precision at each positive, ranked by score, averaged over the
+positives; videos with equal scores count as one threshold), and the mean
+over the classes with at least one positive video, which is how Charades'
+own evaluation skips classes absent from a split.
 
 Views. Temporal clip ``i`` of ``n`` takes ``frames`` frames by the uniform
 rule inside the ``i``-th of ``n`` equal parts of the video. Spatial crop
@@ -18,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lookwhen.data.datasets import collate_list
+from lookwhen.data.datasets import Entry, collate_list, decode_window
 from lookwhen.training.finetune import logits_of
 from lookwhen.models.lookwhen import LookWhen
-from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
+from lookwhen.data.video import VideoError, resize_short_side, sample_indices
 from lookwhen.models.flops import count_flops
 
 
@@ -62,21 +69,54 @@ def spatial_crops(frames: torch.Tensor, size: int, count: int) -> torch.Tensor:
     return torch.stack(crops).contiguous()
 
 
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Average precision of one class: ``scores [N]`` ranked high to low,
+    ``positive bool [N]``; the precision at each distinct score that holds
+    positives, weighted by the positives it holds (so the order among equal
+    scores does not matter). NaN without positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, positive = scores[order].double(), positive[order].double()
+    hits = positive.cumsum(0)
+    # The last index of each run of equal scores: one threshold.
+    last = torch.ones_like(scores, dtype=torch.bool)
+    last[:-1] = scores[1:] != scores[:-1]
+    at = last.nonzero().squeeze(1)
+    hits_at = hits[at]
+    new_hits = torch.diff(hits_at, prepend=hits_at.new_zeros(1))
+    precision = hits_at / (at + 1).double()
+    return float((new_hits * precision).sum() / total)
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes of :func:`average_precision`, for ``scores [N, C]``
+    and 0/1 ``targets [N, C]``; classes without positives are skipped (NaN
+    when no class has any)."""
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores and targets: expected the same [N, C] shape, got {list(scores.shape)} and "
+                         f"{list(targets.shape)}")
+    values = [average_precision(scores[:, c], targets[:, c] > 0) for c in range(scores.shape[1])]
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Every view of one video per item: ``views uint8 [V, T, S, S, 3]``
     (temporal-major), or ``None`` with the failure for an unreadable file."""
 
-    def __init__(self, items: Sequence[Tuple[str, int]], frames: int, size: int, views: Tuple[int, int]):
-        self.items, self.frames, self.size, self.views = list(items), frames, size, views
+    def __init__(self, items: Sequence[Entry], frames: int, size: int, views: Tuple[int, int]):
+        self.items, self.frames, self.size, self.views = [Entry(*item) for item in items], frames, size, views
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Dict:
-        path, label = self.items[index]
+        path, label, start, end = self.items[index]
         temporal, spatial = self.views
         try:
-            decoded = decode_frames(path, lambda n: view_indices(n, self.frames, temporal))
+            decoded = decode_window(path, start, end, lambda n: view_indices(n, self.frames, temporal))
         except VideoError as error:
             return {"views": None, "label": label, "path": path, "error": str(error)}
         crops = spatial_crops(decoded, self.size, spatial)  # [spatial, temporal * T, S, S, 3]
@@ -86,8 +126,10 @@ class ViewDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Evaluation:
-    top1: float
-    top5: float
+    # top-1 and top-5 of a single-label data set, mAP of a multi-label one;
+    # None where they do not apply.
+    top1: Optional[float]
+    top5: Optional[float]
     videos: int
     views_per_video: int
     clips_per_s: float
@@ -98,24 +140,27 @@ class Evaluation:
     # given) and the tokens it kept per view; None for a dense model.
     keep_ratio: Optional[float] = None
     tokens_kept: Optional[int] = None
+    mAP: Optional[float] = None
 
     @property
     def gmacs_per_view(self) -> float:
         return self.gflops_per_view / 2
 
     def as_dict(self) -> Dict:
-        return {"top1": self.top1, "top5": self.top5, "videos": self.videos, "views_per_video": self.views_per_video,
+        return {"top1": self.top1, "top5": self.top5, "mAP": self.mAP, "videos": self.videos,
+                "views_per_video": self.views_per_video,
                 "clips_per_s": self.clips_per_s, "gflops_per_view": self.gflops_per_view,
                 "gmacs_per_view": self.gmacs_per_view, "keep_ratio": self.keep_ratio, "tokens_kept": self.tokens_kept,
                 "failures": [list(f) for f in self.failures]}
 
 
 @torch.no_grad()
-def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] = (1, 1),
+def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
              keep_ratio: Optional[float] = None, batch_size: int = 4, workers: int = 0,
-             device: torch.device = torch.device("cpu"), progress=None) -> Evaluation:
-    """Top-1 / top-5 of ``model`` over ``(path, label)`` items; unreadable
-    videos are left out and listed in ``failures``."""
+             device: torch.device = torch.device("cpu"), progress=None, multi_label: bool = False) -> Evaluation:
+    """Top-1 / top-5 of ``model`` over the entries (``(path, label)`` pairs
+    will do), or with ``multi_label`` (labels: tuples of class ids) its mAP;
+    unreadable videos are left out and listed in ``failures``."""
     cfg = model.config
     if not cfg.num_classes:
         raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")
@@ -128,6 +173,8 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
     per_video = views[0] * views[1]
     correct1 = correct5 = 0
     failures, predictions = [], []
+    video_scores: List[torch.Tensor] = []
+    targets: List[torch.Tensor] = []
     pending: List[Dict] = []
     compute_s, n_views = 0.0, 0
 
@@ -143,6 +190,14 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
             torch.cuda.synchronize(device)
         compute_s += time.perf_counter() - start
         n_views += len(clips)
+        if multi_label:
+            video_scores.append(logits.view(len(pending), per_video, -1).sigmoid().mean(1).cpu())
+            for p in pending:
+                target = torch.zeros(cfg.num_classes)
+                target[list(p["label"] if isinstance(p["label"], tuple) else (p["label"],))] = 1.0
+                targets.append(target)
+            pending.clear()
+            return
         scores = logits.view(len(pending), per_video, -1).softmax(-1).mean(1)
         labels = torch.tensor([p["label"] for p in pending], device=scores.device)
         top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
@@ -167,17 +222,22 @@ def evaluate(model, items: Sequence[Tuple[str, int]], *, views: Tuple[int, int] 
     probe = torch.zeros((1, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, device=device)
     flops = count_flops(model, probe, **selection) if isinstance(model, LookWhen) else count_flops(model, probe)
     ran_at = (cfg.keep_ratio if keep_ratio is None else keep_ratio) if isinstance(model, LookWhen) else None
-    return Evaluation(top1=correct1 / videos, top5=correct5 / videos, videos=videos, views_per_video=per_video,
+    accuracy = {"mAP": mean_average_precision(torch.cat(video_scores), torch.stack(targets))} if multi_label else {
+        "top1": correct1 / videos, "top5": correct5 / videos}
+    return Evaluation(**accuracy, videos=videos, views_per_video=per_video,
                       clips_per_s=n_views / max(compute_s, 1e-9), gflops_per_view=flops / 1e9,
                       failures=failures, predictions=predictions, keep_ratio=ran_at,
                       tokens_kept=None if ran_at is None else cfg.tokens_kept(ran_at))
 
 
 def format_evaluation(name: str, result: Evaluation, views: Tuple[int, int]) -> str:
-    header = ("model", "views", "keep", "videos", "top-1", "top-5", "GFLOPs/view", "GMACs/view", "views/s")
+    if result.mAP is not None:
+        names, figures = ("mAP",), (f"{100 * result.mAP:.2f}",)
+    else:
+        names, figures = ("top-1", "top-5"), (f"{100 * result.top1:.2f}", f"{100 * result.top5:.2f}")
+    header = ("model", "views", "keep", "videos", *names, "GFLOPs/view", "GMACs/view", "views/s")
     keep = "all" if result.keep_ratio is None else f"{result.keep_ratio:g} ({result.tokens_kept} tokens)"
-    row = (name, f"{views[0]}x{views[1]}", keep, str(result.videos),
-           f"{100 * result.top1:.2f}", f"{100 * result.top5:.2f}", f"{result.gflops_per_view:.2f}",
+    row = (name, f"{views[0]}x{views[1]}", keep, str(result.videos), *figures, f"{result.gflops_per_view:.2f}",
            f"{result.gmacs_per_view:.2f}", f"{result.clips_per_s:.2f}")
     widths = [max(len(a), len(b)) for a, b in zip(header, row)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in (header, row)]

@@ -1,7 +1,10 @@
 """Fine-tuning for classification, on the training engine.
 
 - A classifier on the embedding (the model's ``num_classes`` head),
-  cross-entropy with label smoothing, AdamW with **layer-wise learning-rate
+  cross-entropy with label smoothing; for a multi-label data set (Charades:
+  a clip holds several actions, or none) binary cross-entropy with logits,
+  one independent yes/no per class, without smoothing. The data set decides
+  (:attr:`lookwhen.data.datasets.Annotations.multi_label`). AdamW with **layer-wise learning-rate
   decay** (the usual ViT recipe: block ``i`` of ``L`` learns at
   ``decay ** (L - i)`` times the rate, the embeddings and the selector at
   ``decay ** (L + 1)``, the final norm and the head at the full rate).
@@ -26,7 +29,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +107,10 @@ def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Opti
 class FinetuneModule(nn.Module):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
                  teacher: Optional[nn.Module], temperature: float, alpha: float,
-                 perturbed: Optional[Tuple[float, int, int]] = None):
+                 perturbed: Optional[Tuple[float, int, int]] = None, multi_label: bool = False):
         super().__init__()
         self.model = model
+        self.multi_label = multi_label
         # (sigma at the start, training forwards over which it decays to 0,
         # samples); the forwards seen so far are state, so a resumed run
         # continues the schedule.
@@ -138,7 +142,14 @@ class FinetuneModule(nn.Module):
             self.forwards += 1
         student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()
-        parts = {"task": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
+        if self.multi_label:
+            if labels.shape != logits.shape:
+                raise ValueError(f"multi-label targets of shape {list(labels.shape)} for logits of shape "
+                                 f"{list(logits.shape)}: the data set's classes and the model's differ")
+            task = F.binary_cross_entropy_with_logits(logits, labels.float())
+        else:
+            task = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        parts = {"task": task}
         if self.teacher is None:
             return parts["task"], {k: v.detach() for k, v in parts.items()}
         with torch.no_grad():
@@ -160,7 +171,8 @@ class FinetuneTask(Task):
                  keep_range: Optional[Tuple[float, float]] = None, selection: str = "selector",
                  linear_probe: bool = False, layer_decay: float = 0.75, label_smoothing: float = 0.1,
                  teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5,
-                 sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500):
+                 sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500,
+                 multi_label: bool = False, classes: Optional[Sequence[str]] = None):
         config = model.config
         if not config.num_classes:
             raise ValueError(f"{config.name}: fine-tuning needs a classifier (num_classes > 0)")
@@ -185,7 +197,11 @@ class FinetuneTask(Task):
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if classes is not None and len(classes) != config.num_classes:
+            raise ValueError(f"{len(classes)} class names for a classifier of {config.num_classes} classes")
         if teacher is not None:
+            if multi_label:
+                raise ValueError("distillation matches softmax distributions: not for a multi-label data set")
             if teacher.config.num_classes != config.num_classes:
                 raise ValueError(f"the teacher has {teacher.config.num_classes} classes, the student "
                                  f"{config.num_classes}")
@@ -204,9 +220,10 @@ class FinetuneTask(Task):
         self.perturbed = (float(sigma), int(sigma_steps), int(n_samples)) if selection == "perturbed" else None
         self.module = FinetuneModule(model, keep_ratio=self.keep_ratio, label_smoothing=label_smoothing,
                                      teacher=teacher, temperature=temperature, alpha=alpha,
-                                     perturbed=self.perturbed)
+                                     perturbed=self.perturbed, multi_label=multi_label)
         self._model = model
         self.distilled = teacher is not None
+        self.labels = {"classes": None if classes is None else list(classes), "multi_label": multi_label}
 
     def draw(self, generator: torch.Generator, batch: int):
         if not self.lookwhen:
@@ -231,4 +248,7 @@ class FinetuneTask(Task):
         return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
                 "keep_range": self.keep_range, "selection": self.selection, "perturbed": self.perturbed,
                 "linear_probe": self.linear_probe,
-                "layer_decay": self.layer_decay, "distilled": self.distilled}
+                "layer_decay": self.layer_decay, "distilled": self.distilled, "labels": self.labels}
+
+    def label_space(self) -> Dict:
+        return self.labels

@@ -209,7 +209,11 @@ def teacher_targets(teachers: Teachers, keys: Sequence[Tuple[int, int]], clip: C
 def cache_fingerprint(dataset, grid: Sequence[int], teacher_names: Sequence[str]) -> Dict:
     """What cached targets depend on: the videos, their sampling and seed,
     the token grid and the teachers."""
-    videos = hashlib.sha1("\n".join(f"{p},{l}" for p, l in dataset.items).encode()).hexdigest()
+    # An entry without a time window reads as before windows existed, so
+    # caches written then stay valid.
+    videos = hashlib.sha1("\n".join(f"{e.path},{e.label}" + ("" if e.start is None and e.end is None else
+                                                            f",{e.start},{e.end}")
+                                    for e in dataset.items).encode()).hexdigest()
     # Through JSON, so it compares equal to what the index file holds.
     return json.loads(json.dumps({"videos": videos, "sampling": dataclasses.asdict(dataset.sampling),
                                   "seed": dataset.seed, "grid": list(grid), "teachers": list(teacher_names)}))
