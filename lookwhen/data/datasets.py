@@ -273,10 +273,13 @@ def read_manifest(path, root=None, *, labels: bool = True, classes: Optional[Seq
             continue
         where = f"{path}:{number}"
         if not labels:
-            if line.lower().endswith(VIDEO_SUFFIXES) or "," not in line and not _INTEGER.fullmatch(line.split()[-1]):
+            head, tail = (line.rsplit(None, 1) + [""])[:2]
+            if line.lower().endswith(VIDEO_SUFFIXES):
                 video = line
+            elif "," in line:
+                video = next(csv.reader([line]))[0]
             else:
-                video = next(csv.reader([line]))[0] if "," in line else line.rsplit(None, 1)[0]
+                video = head if tail and (_INTEGER.fullmatch(tail) or head.lower().endswith(VIDEO_SUFFIXES)) else line
             rows.append((number, video.strip(), "-1", None, None))
             continue
         fields = next(csv.reader([line])) if "," in line else line.rsplit(None, 1)

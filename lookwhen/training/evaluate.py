@@ -126,14 +126,14 @@ class ViewDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Evaluation:
-    # top-1 and top-5 of a single-label data set, mAP of a multi-label one;
-    # None where they do not apply.
-    top1: Optional[float]
-    top5: Optional[float]
     videos: int
     views_per_video: int
     clips_per_s: float
     gflops_per_view: float
+    # top-1 and top-5 of a single-label data set, mAP of a multi-label one;
+    # None where they do not apply.
+    top1: Optional[float] = None
+    top5: Optional[float] = None
     failures: List[Tuple[str, str]] = field(default_factory=list)
     predictions: List[int] = field(default_factory=list)
     # The keep ratio the model ran at (a LookWhen model's own unless one was
