@@ -7,12 +7,20 @@ the model runs it) is the baseline of each case's speedups: ``other time / op
 time``. With the native CPU backend built, the ops it covers also show the
 reference path it replaces (provider ``reference path``). Differentiable ops are also timed backward-only and
 forward+backward.
+
+``varlen_attention``'s providers are first called once each and checked
+against the op (max abs error of the output and of the input gradients): a
+provider that disagrees is not timed and the run exits 1; a peer that cannot
+run a case (see :mod:`bench.attention`) is left out of it, with the reason
+under the table.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +49,10 @@ class Case:
     device), ``fused`` names the op itself; ``grad_inputs`` are the input
     positions that receive gradients (empty: forward only). ``bytes_moved``:
     the least memory traffic of the forward at 2-byte floats (every input read
-    once, every output written once)."""
+    once, every output written once). ``checked(device, dtype)``, where
+    given, says which providers agree with the op, how closely, and which
+    were left out and why (:func:`bench.attention.check_providers`); a
+    provider marked ``forward_only`` is timed forward only."""
 
     kernel: str
     label: str
@@ -50,10 +61,14 @@ class Case:
     grad_inputs: Tuple[int, ...] = ()
     bytes_moved: int = 0
     fused: str = "fused"
+    checked: Optional[Callable[[torch.device, torch.dtype], attention.Checked]] = None
 
     @property
     def modes(self) -> Tuple[str, ...]:
         return MODES if self.grad_inputs else MODES[:1]
+
+    def provider_modes(self, provider: Callable[..., torch.Tensor]) -> Tuple[str, ...]:
+        return self.modes[:1] if getattr(provider, "forward_only", False) else self.modes
 
 
 def _fixed(providers: Dict[str, Callable[..., torch.Tensor]]):
@@ -373,16 +388,20 @@ def seed_selection_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> Lis
 
 def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str, window_size=(-1, -1)) -> Case:
     """Self-attention over packed sequences of ``lengths`` against its
-    alternatives (padded SDPA, an SDPA loop, and xformers and flash-attn where
-    importable): the providers of :mod:`bench.attention`; ``window_size`` as
-    FlashAttention's (causal: ``(-1, 0)``)."""
+    alternatives (padded SDPA, an SDPA loop, FlexAttention and SDPA on jagged
+    tensors where they run, and xformers and flash-attn where importable):
+    the providers of :mod:`bench.attention`, checked against the op;
+    ``window_size`` as FlashAttention's (causal: ``(-1, 0)``)."""
 
     def make(device, dtype):
         seed = int(torch.randint(0, 2**31 - 1, ()))
         return attention.make_inputs(lengths, heads, heads, head_dim, device=device, dtype=dtype, seed=seed)
 
-    def bind(device, dtype):
-        return attention.build_providers(lengths, heads, heads, device=device, dtype=dtype, window_size=window_size)
+    # Once per device and dtype: the peers compile on their first call.
+    @functools.lru_cache(maxsize=None)
+    def checked(device, dtype):
+        return attention.check_providers(lengths, heads, heads, head_dim, device=device, dtype=dtype,
+                                         window_size=window_size)
 
     if len(set(lengths)) == 1:
         shown = f"L{lengths[0]} x{len(lengths)}"
@@ -390,8 +409,10 @@ def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str, wi
         shown = "L" + ",".join(map(str, lengths))
     else:
         shown = f"{len(lengths)} seqs L{min(lengths)}..{max(lengths)} total {sum(lengths)}"
-    return Case("varlen_attention", f"{what} {shown} H{heads} Dh{head_dim}", make, bind, grad_inputs=(0, 1, 2),
-                bytes_moved=4 * sum(lengths) * heads * head_dim * FLOAT_BYTES, fused="varlen_attention")
+    return Case("varlen_attention", f"{what} {shown} H{heads} Dh{head_dim}", make,
+                lambda device, dtype: checked(device, dtype).providers, grad_inputs=(0, 1, 2),
+                bytes_moved=4 * sum(lengths) * heads * head_dim * FLOAT_BYTES, fused="varlen_attention",
+                checked=checked)
 
 
 def attention_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
@@ -445,6 +466,7 @@ class Timed:
     mode: str
     samples: List[List[float]] = field(default_factory=list)
     peak_bytes: int = 0
+    max_abs_error: Optional[float] = None
 
 
 def _first_tensor(out):
@@ -531,16 +553,21 @@ def run(args, device: torch.device) -> Result:
     cases = list(unique.values())
     if not cases:
         raise BenchError("ops: no kernel matched --kernels " + " ".join(args.kernels))
-    timed = [Timed(model, case, provider, mode) for model, case in cases for mode in case.modes
-             if mode in args.modes for provider in case.providers(device, dtype)]
+    timed = [Timed(model, case, name, mode) for model, case in cases for mode in case.modes if mode in args.modes
+             for name, provider in case.providers(device, dtype).items() if mode in case.provider_modes(provider)]
     if not timed:
         raise BenchError(f"ops: the chosen kernels have none of the modes {' '.join(args.modes)} (index ops are forward only)")
+    checks = {(model, case.label): case.checked(device, dtype) for model, case in cases if case.checked}
+    for t in timed:
+        if t.case.checked:
+            errors = checks[(t.model, t.case.label)].errors
+            t.max_abs_error = errors.get((t.provider, "forward" if t.mode == "fwd" else "backward"))
     with tqdm(total=2 * len(timed), desc="ops", unit="timing", leave=False) as progress:
         _time_all(timed, device, dtype, min_run_time=min_run_time, rotate=args.rotate, progress=progress)
-    return _result(timed)
+    return _result(timed, checks)
 
 
-def _result(timed: List[Timed]) -> Result:
+def _result(timed: List[Timed], checks: Dict[Tuple[str, str], attention.Checked]) -> Result:
     fused = {(id(t.case), t.mode): Stats.from_samples(t.samples[0] + t.samples[1])
              for t in timed if t.provider == t.case.fused}
     rows, payload, records = [], [], []
@@ -552,19 +579,41 @@ def _result(timed: List[Timed]) -> Result:
         x = f"{t.model} {t.case.label}"
         rows.append((t.case.kernel, x, t.mode, t.provider, f"{stats.median * 1e3:.3f}",
                      f"{stats.q20 * 1e3:.3f}-{stats.q80 * 1e3:.3f}", f"{band * 100:.1f}%",
-                     f"{t.peak_bytes / 2**20:.1f}", "-" if speedup is None else f"{speedup:.2f}x"))
+                     f"{t.peak_bytes / 2**20:.1f}", "-" if speedup is None else f"{speedup:.2f}x",
+                     "-" if t.max_abs_error is None else f"{t.max_abs_error:.1e}"))
         payload.append({"kernel": t.case.kernel, "model": t.model, "shape": t.case.label,
                         "mode": t.mode, "provider": t.provider, **stats.as_dict(), "noise": band,
-                        "peak_bytes": t.peak_bytes, "fused_speedup": speedup})
+                        "peak_bytes": t.peak_bytes, "fused_speedup": speedup, "max_abs_error": t.max_abs_error})
         records.append(Record(t.case.kernel, t.provider, t.mode, "time_s", x, stats.median, stats.q20, stats.q80))
         records.append(Record(t.case.kernel, t.provider, t.mode, "peak_bytes", x, t.peak_bytes))
         records.append(Record(t.case.kernel, t.provider, t.mode, "noise", x, band))
         if speedup is not None:
             records.append(Record(t.case.kernel, t.provider, t.mode, "fused_speedup", x, speedup))
+        if t.max_abs_error is not None:
+            records.append(Record(t.case.kernel, t.provider, t.mode, "max_abs_error", x, t.max_abs_error))
     table = format_table(
-        ("kernel", "shape", "mode", "provider", "median ms", "q20-q80 ms", "noise", "peak MiB", "fused speedup"), rows,
-        title="Fused op vs the eager composition it replaces (speedup = provider time / fused time)")
-    return Result("ops", table, payload, records, plot=lambda fig: _plot(fig, payload))
+        ("kernel", "shape", "mode", "provider", "median ms", "q20-q80 ms", "noise", "peak MiB", "fused speedup",
+         "max abs err"), rows,
+        title="Fused op vs the eager composition it replaces (speedup = provider time / fused time; max abs err: "
+              "of the output (fwd) or the input gradients (bwd, fwd+bwd) against the op)")
+    left_out = [{"model": model, "shape": label, "provider": name, "pass": stage, "reason": reason}
+                for (model, label), check in checks.items() for name, stage, reason in check.left_out]
+    disagree = [{"model": model, "shape": label, "provider": name, "pass": stage, "max_abs_error": error,
+                 "allowed": allowed}
+                for (model, label), check in checks.items() for name, stage, error, allowed in check.disagree]
+    return Result("ops", table + _notes(left_out, disagree), payload, records, plot=lambda fig: _plot(fig, payload),
+                  extra={"left_out": left_out, "disagree": disagree}, exit_code=1 if disagree else 0)
+
+
+def _notes(left_out, disagree) -> str:
+    """Below the table: the peers left out (one line per reason) and the
+    providers that disagree with the op."""
+    reasons = collections.Counter((e["provider"], e["pass"], e["reason"]) for e in left_out)
+    lines = [f"left out: {name}{' backward' if stage == 'backward' else ''} in {count} case(s): {reason}"
+             for (name, stage, reason), count in reasons.items()]
+    lines += [f"DISAGREES with the op, not timed: {d['model']} {d['shape']} {d['provider']} {d['pass']}: "
+              f"max abs error {d['max_abs_error']:.2e} > {d['allowed']:.2e}" for d in disagree]
+    return "".join("\n" + line for line in lines)
 
 
 def _plot(figure, payload) -> None:
