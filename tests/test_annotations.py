@@ -20,7 +20,7 @@ from lookwhen.data.annotations import (
     read_kinetics,
     read_ssv2,
 )
-from lookwhen.data.datasets import DatasetError, Sampling, VideoDataset, collate, read_manifest
+from lookwhen.data.datasets import Sampling, VideoDataset, collate, read_manifest
 from lookwhen.data.synthetic import write_dataset
 from lookwhen.io.checkpoint import read_labels
 from lookwhen.training.evaluate import ViewDataset, average_precision, mean_average_precision
