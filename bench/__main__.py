@@ -3,7 +3,7 @@
 Subcommands: ``e2e`` (LookWhen against the dense baseline), ``ops`` (every
 fused op against the eager composition it replaces), ``roofline`` (floor
 times on named GPUs), ``inspect`` (static sm_90/sm_80 compile report),
-``train`` (pre-training: learning on synthetic clips, training throughput), ``seeds``
+``pipeline`` (video file to embedding), ``train`` (pre-training: learning on synthetic clips, training throughput), ``seeds``
 (the seed methods' selections on synthetic clips). Each
 prints an aligned table and can write ``--json``, ``--csv`` and ``--plot``.
 """
@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-from . import BenchError, compile_report, e2e, ops, report, roofline
+from . import BenchError, compile_report, e2e, ops, pipeline, report, roofline
 from .experiments import seeds, train
 from .timing import retain_freed_memory
 from lookwhen.cli.args import positive_int_arg
@@ -57,10 +57,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
                      "aligned table and can write --json, --csv and --plot files.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{e2e,ops,roofline,inspect,train,seeds}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{e2e,pipeline,ops,roofline,inspect,train,seeds}")
     for name, module, help_text in (
         ("e2e", e2e, "LookWhen vs the dense baseline, RLT, motion selection and low resolution: tokens, "
                     "GFLOPs, GMACs, clips/s, speedup, efficiency, time split"),
+        ("pipeline", pipeline, "from video file to embedding: decoders, the time split of a clip (open, seek, "
+                               "decode, resize, copy, model), serial and overlapped, speedup from files"),
         ("ops", ops, "each fused op vs the eager PyTorch composition it replaces"),
         ("roofline", roofline, "floor time of each op and both models on named GPUs"),
         ("inspect", compile_report, "static compile report: registers, spills, shared memory, tensor cores"),
@@ -105,6 +108,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     for option in ("json", "csv", "plot"):
         _check_output(f"--{option}", getattr(args, option))
     if args.threads:
+        import torch  # here: --help must not wait for it
+
         torch.set_num_threads(args.threads)
     device = _device(args)
     if getattr(args, "dtype", None) == "auto":

@@ -167,6 +167,33 @@ def test_seeds_cli(tmp_path):
     assert run_cli("seeds", "--sigma-decay", "0").returncode == 2
 
 
+def test_pipeline_cli(tmp_path):
+    """File to embedding on the quick sample videos: every installed decoder
+    and the previous read_clip in the decode table, both models serial and
+    overlapped, the phases adding up to the serial time."""
+    stdout, document, rows = run_with_outputs(tmp_path, "pipeline", "--quick", "--keep-ratio", "0.1", "--clips", "2",
+                                              "--set", *TINY)
+    assert "From file to embedding" in stdout and "read_clip before" in stdout
+    decode = document["decode"]
+    methods = {entry["method"] for entry in decode}
+    assert {"read_clip before", "pyav", "decord", "motion vectors"} <= methods
+    videos = {entry["video"] for entry in decode}
+    assert len(videos) == 2
+    for entry in decode:
+        assert entry["seconds_per_clip"] > 0
+        if entry["method"] == "pyav":
+            assert entry["frames_decoded"] > 0 and entry["decode"] > 0
+    lookwhen_row, dense_row = document["pipeline"]
+    assert lookwhen_row["keep_ratio"] == 0.1 and dense_row["keep_ratio"] is None
+    for entry in (lookwhen_row, dense_row):
+        split = entry["serial_split_s"]
+        assert set(split) == {"open", "seek", "decode", "resize", "copy", "model"}
+        assert math.isclose(sum(split.values()), entry["serial_seconds_per_clip"], rel_tol=1e-9)
+        assert split["decode"] > 0 and split["model"] > 0
+        assert entry["overlapped_seconds_per_clip"] > 0 and 0 < entry["decode_share"] < 1
+    assert lookwhen_row["speedup_decoded"] > 0 and lookwhen_row["speedup_overlapped"] > 0
+
+
 def test_e2e_plain_cpu_setup(tmp_path):
     path = str(tmp_path / "out.json")
     proc = run_cli("e2e", "--quick", "--keep-ratio", "0.5", "--min-run-time", "0.01", "--passes", "2",
@@ -215,6 +242,20 @@ def test_ops_cli(tmp_path):
     assert {e["model"] for e in entries} == {"lookwhen-b16"}
     assert {r["metric"] for r in rows} >= {"time_s", "peak_bytes", "noise", "fused_speedup", "max_abs_error"}
     assert "fused speedup" in stdout
+    # The attention peers: checked against the op, FlexAttention forward only
+    # on CPU, SDPA on jagged tensors where there is no window; the reasons
+    # for what is left out are listed.
+    attention = [e for e in entries if e["kernel"] == "varlen_attention"]
+    for e in attention:
+        assert (e["max_abs_error"] is None) == (e["provider"] == "varlen_attention")
+        assert e["max_abs_error"] is None or e["max_abs_error"] < 1e-3
+    timed = {(e["provider"], e["mode"]) for e in attention}
+    assert ("flex_attention", "fwd") in timed and ("flex_attention", "fwd+bwd") not in timed
+    assert ("sdpa_njt", "fwd+bwd") in timed
+    assert document["disagree"] == []
+    left_out = {(e["provider"], e["pass"]) for e in document["left_out"]}
+    assert ("flex_attention", "backward") in left_out and ("sdpa_njt", "forward") in left_out
+    assert "left out: flex_attention backward in 5 case(s)" in stdout
 
 
 def test_roofline_cli(tmp_path):
@@ -242,20 +283,6 @@ def test_inspect_cli(tmp_path):
     assert {r["metric"] for r in rows} >= {"registers", "spill_bytes", "shared_bytes"}
 
 
-    # The attention peers: checked against the op, FlexAttention forward only
-    # on CPU, SDPA on jagged tensors where there is no window; the reasons
-    # for what is left out are listed.
-    attention = [e for e in entries if e["kernel"] == "varlen_attention"]
-    for e in attention:
-        assert (e["max_abs_error"] is None) == (e["provider"] == "varlen_attention")
-        assert e["max_abs_error"] is None or e["max_abs_error"] < 1e-3
-    timed = {(e["provider"], e["mode"]) for e in attention}
-    assert ("flex_attention", "fwd") in timed and ("flex_attention", "fwd+bwd") not in timed
-    assert ("sdpa_njt", "fwd+bwd") in timed
-    assert document["disagree"] == []
-    left_out = {(e["provider"], e["pass"]) for e in document["left_out"]}
-    assert ("flex_attention", "backward") in left_out and ("sdpa_njt", "forward") in left_out
-    assert "left out: flex_attention backward in 5 case(s)" in stdout
 def _tiny_cases():
     overrides = parse_overrides(TINY)
     return [case for name in ("lookwhen-b16", "internvideo2-b14")
@@ -305,6 +332,9 @@ def test_gpu_table_and_floor():
     (["e2e", "--json", "/no/such/folder/out.json"], "does not exist"),
     (["e2e", "--plot", "out.txt"], "png"),
     (["e2e", "--cpu-linear", "mkl"], "invalid choice"),
+    (["pipeline", "--decoder", "ffmpeg"], "invalid choice"),
+    (["pipeline", "--decode-workers", "0"], "--decode-workers: must be at least 1"),
+    (["pipeline", "--videos", "/no/such/folder"], "not a folder"),
     (["ops", "--malloc", "jemalloc"], "invalid choice"),
 ])
 def test_bad_arguments_one_line(argv, words, capsys, monkeypatch):

@@ -31,7 +31,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lookwhen.data.datasets import collate_list
 from lookwhen.data.motion import MotionScores, motion_forward, motion_scores
 from lookwhen.data.video import ClipBatch, VideoError, iter_clip_batches, read_clip
 from lookwhen.io.atomic import check_pinned, shard_name, write_json, write_tensors
@@ -148,8 +147,9 @@ class _Clips(torch.utils.data.Dataset):
     """``(path, clip, error, motion)`` per video; ``motion`` (the decoder's
     motion scores on ``motion_grid``) only when a grid is given."""
 
-    def __init__(self, paths: Sequence[str], frames: int, size: int, motion_grid=None):
+    def __init__(self, paths: Sequence[str], frames: int, size: int, motion_grid=None, decoder: str = "auto"):
         self.paths, self.frames, self.size, self.motion_grid = list(paths), frames, size, motion_grid
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -157,11 +157,20 @@ class _Clips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            clip = read_clip(path, self.frames, self.size)
+            clip = read_clip(path, self.frames, self.size, decoder=self.decoder)
             motion = None if self.motion_grid is None else motion_scores(path, self.motion_grid)
             return path, clip, None, motion
         except VideoError as error:
             return path, None, str(error), None
+
+
+def _collate_clips(samples) -> Dict:
+    """The readable clips stacked in the worker (so that the loader pins the
+    batch itself on a GPU), their paths and motion scores, and the failures."""
+    good = [(path, clip, motion) for path, clip, _, motion in samples if clip is not None]
+    return {"paths": [path for path, _, _ in good], "clips": torch.stack([c for _, c, _ in good]) if good else None,
+            "motions": [motion for _, _, motion in good],
+            "failures": [(path, error) for path, clip, error, _ in samples if clip is None]}
 
 
 def rank_shards(count: int, shard_size: int, rank: int = 0, world: int = 1) -> List[int]:
@@ -179,7 +188,7 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
                  workers: int = 2, keep_ratio: Optional[float] = None, budget_mass: Optional[float] = None,
                  budget_temperature: float = 1.0, with_selection: bool = False, selector: str = "learned",
                  selection: Optional[Selection] = None,
-                 device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
+                 device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1, decoder: str = "auto",
                  progress: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> Dict:
     """Embed ``paths`` into shards under ``folder`` (see the module
     docstring); returns counts and the throughput of this process. With
@@ -188,7 +197,10 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     packed, with ``budgets``.
     ``selector="motion"`` selects by the decoder's motion vectors
     (:func:`lookwhen.data.motion.motion_forward`); videos without them fail.
-    ``selection`` gives all of that as one value instead."""
+    ``selection`` gives all of that as one value instead. Decoding runs in
+    ``workers`` processes while the model runs (``decoder``: see
+    :mod:`lookwhen.data.decoders`); on a GPU the clips come in pinned memory
+    and are copied without blocking."""
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")
     if not paths:
@@ -226,19 +238,19 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     for k in todo:
         members = paths[k * shard_size:(k + 1) * shard_size]
         motion_grid = cfg.grid if selection.motion else None
-        loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size, motion_grid),
-                                             batch_size=batch_size, num_workers=workers, collate_fn=collate_list)
+        loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size, motion_grid, decoder),
+                                             batch_size=batch_size, num_workers=workers, collate_fn=_collate_clips,
+                                             pin_memory=device.type == "cuda")
         embedded = Embedded(cfg.width)
         good, bad = [], []
         for batch in loader:
-            clips = [clip for _, clip, _, _ in batch if clip is not None]
-            good += [path for path, clip, _, _ in batch if clip is not None]
-            bad += [(path, error) for path, clip, error, _ in batch if clip is None]
-            if clips:
-                motions = [motion for _, clip, _, motion in batch if clip is not None]
-                embedded.add(embed_batch(model, torch.stack(clips).to(device), selection, motions))
+            good += batch["paths"]
+            bad += batch["failures"]
+            if batch["clips"] is not None:
+                embedded.add(embed_batch(model, batch["clips"].to(device, non_blocking=True), selection,
+                                         batch["motions"]))
             if progress is not None:
-                progress(len(batch))
+                progress(len(batch["paths"]) + len(batch["failures"]))
         target = os.path.join(folder, shard_name(k))
         if bad:
             with open(target.replace(".safetensors", ".failed.tsv"), "w") as handle:
