@@ -152,6 +152,7 @@ class DecodeRow:
     video: str
     method: str
     seconds: List[float] = field(default_factory=list)
+    cpu_seconds: List[float] = field(default_factory=list)  # every thread of the process: what the clip costs
     passes: List[DecodeStats] = field(default_factory=list)
 
     @property
@@ -178,9 +179,10 @@ def _decode_table(paths: Sequence[str], frames: int, size: int, names: Sequence[
             for method, read in methods.items():
                 row = rows[(path, method)]
                 stats = DecodeStats()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 read(path, stats)
                 row.seconds.append(time.perf_counter() - start)
+                row.cpu_seconds.append(time.process_time() - cpu)
                 row.passes.append(stats)
                 progress.update()
     return list(rows.values())
@@ -201,7 +203,7 @@ class _Clips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         stats = DecodeStats()
         clip = read_clip(self.paths[index % len(self.paths)], self.frames, self.size, decoder=self.decoder,
-                         stats=stats)
+                         threads=decoders.loader_threads(), stats=stats)
         return clip, torch.tensor([getattr(stats, phase) for phase in DecodeStats.PHASES])
 
 
@@ -369,20 +371,25 @@ def run(args, device: torch.device) -> Result:
 def _result(decode_rows, runs: List[ModelRun], ratios, decoder: str, workers: int, batch: int, source: str, args,
             device, linear: str) -> Result:
     legacy = {row.video: row.median for row in decode_rows if row.method == LEGACY}
+    legacy_cpu = {row.video: statistics.median(row.cpu_seconds) for row in decode_rows if row.method == LEGACY}
     decode_table_rows, decode_payload, records = [], [], []
     for row in decode_rows:
         phases = {name: row.phase(name) for name in DecodeStats.PHASES}
         frames_decoded = row.passes[-1].frames_decoded
+        cpu = statistics.median(row.cpu_seconds)
         entry = {"video": row.video, "method": row.method, "seconds_per_clip": row.median,
-                 "pass_seconds": row.seconds, "speedup_over_previous_read_clip": legacy[row.video] / row.median,
+                 "cpu_seconds_per_clip": cpu, "pass_seconds": row.seconds,
+                 "speedup_over_previous_read_clip": legacy[row.video] / row.median,
+                 "cpu_saving_over_previous_read_clip": legacy_cpu[row.video] / cpu,
                  **phases, "frames_decoded": frames_decoded}
         decode_payload.append(entry)
         split = "" if row.method in (LEGACY, "motion vectors") else (
             f"{1e3 * (phases['open'] + phases['seek']):.1f} / {1e3 * phases['decode']:.1f} / "
             f"{1e3 * phases['resize']:.1f}")
-        decode_table_rows.append((row.video, row.method, f"{1e3 * row.median:.1f}", split,
+        decode_table_rows.append((row.video, row.method, f"{1e3 * row.median:.1f}", f"{1e3 * cpu:.1f}", split,
                                   "" if frames_decoded in (None, 0) else frames_decoded,
-                                  f"{entry['speedup_over_previous_read_clip']:.2f}x"))
+                                  f"{entry['speedup_over_previous_read_clip']:.2f}x",
+                                  f"{entry['cpu_saving_over_previous_read_clip']:.2f}x"))
         records.append(Record("pipeline", row.method, "decode", "seconds_per_clip", row.video, row.median,
                               min(row.seconds), max(row.seconds)))
     base = runs[-1]
@@ -421,7 +428,8 @@ def _result(decode_rows, runs: List[ModelRun], ratios, decoder: str, workers: in
              f"worker{'s' if workers > 1 else ''}, decoder {decoder}" + (f", linear layers {linear}"
                                                                            if device.type == "cpu" else ""))
     decode_table = format_table(
-        ("video", "method", "ms per clip", "open+seek / decode / resize ms", "frames decoded", "vs before"),
+        ("video", "method", "ms per clip", "CPU ms per clip", "open+seek / decode / resize ms", "frames decoded",
+         "vs before", "CPU vs before"),
         decode_table_rows,
         title=(f"Decoding one sampled clip ({runs[0].frames} frames at {runs[0].size} px) from {source}: medians of "
                f"{len(base.decoded)} interleaved passes; '{LEGACY}' is decord with its threads then a float32 resize; "

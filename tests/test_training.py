@@ -435,7 +435,11 @@ def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):
     assert set(two) == set(one)
     for key in one:
         if not key.endswith(SHIFT_ONLY):
-            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+            # The all-reduce sums in another order than one process does, and
+            # AdamW divides by sqrt(v): a weight whose gradient is near zero
+            # carries that 1e-7 noise up to ~1e-5 in 3 steps of lr 1e-3 (steps
+            # move weights by ~3e-3).
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5, msg=key)
     assert json.load(open(tmp_path / "ddp" / "run.json"))["world_size"] == 2
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
+from lookwhen.data.decoders import DECODERS
 from lookwhen.models.config import coerce_field
 
 EXIT_USAGE = 2
@@ -52,6 +53,13 @@ def positive_int_arg(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def decoder_arg(parser: argparse.ArgumentParser) -> None:
+    """``--decoder``: which library decodes the videos (all give the same pixels)."""
+    parser.add_argument("--decoder", choices=("auto", *DECODERS), default="auto",
+                        help="video decoder: auto (PyAV where installed, the fastest on CPU; else decord), pyav, "
+                             "decord or torchcodec (needs FFmpeg's shared libraries); the same pixels from each")
 
 
 def literal(key: str, text: str):

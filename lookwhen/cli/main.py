@@ -24,6 +24,7 @@ from lookwhen.cli.args import (
     CommandError,
     Parser,
     checked_device,
+    decoder_arg,
     keep_ratio_arg,
     positive_float_arg,
     positive_int_arg,
@@ -109,7 +110,8 @@ def cmd_embed(args) -> int:
     quiet = True if len(args.videos) < 2 else None
     with tqdm(total=len(args.videos), unit="video", disable=quiet, file=sys.stderr) as bar:
         embedded, done, failures = embed_files(
-            model, args.videos, selection=selection, batch_size=args.batch_size, device=device,
+            model, args.videos, selection=selection, batch_size=args.batch_size, workers=args.workers,
+            decoder=args.decoder, device=device,
             skipped=lambda path, message: bar.write(f"{PROG} embed: skipped {message}", file=sys.stderr),
             progress=bar.update)
     if not done:
@@ -137,7 +139,7 @@ def _embed_manifest(args) -> int:
     with tqdm(total=share, unit="video", file=sys.stderr, disable=None if rank == 0 else True) as bar:
         summary = embed_shards(model, paths, args.out_dir, shard_size=args.shard_size, batch_size=args.batch_size,
                                workers=args.workers, selection=selection, with_selection=args.with_selection,
-                               device=device, rank=rank, world=world, progress=bar.update,
+                               device=device, rank=rank, world=world, decoder=args.decoder, progress=bar.update,
                                log=lambda line: bar.write(f"{PROG} embed: {line}", file=sys.stderr))
     print(f"rank {rank}: {summary['shards']} shards ({summary['shards_skipped']} already done), embedded "
           f"{summary['embedded']} videos in {summary['seconds']:.1f} s ({summary['videos_per_s']:.2f} videos/s)"
@@ -212,6 +214,7 @@ def build_parser() -> Parser:
                        help="--budget-mass: the softmax's temperature (below 1 sharpens it, for a selector whose "
                             "scores are too flat to put MASS on its objects; default 1)")
     embed.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    decoder_arg(embed)
     embed.add_argument("--selector", choices=("learned", "motion"), default="learned",
                        help="learned: the model's selector; motion: the fastest-moving tokens by the decoder's "
                             "motion vectors (no selector network runs; videos without vectors are skipped)")

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from lookwhen.cli.args import (
     CommandError,
     checked_device,
+    decoder_arg,
     keep_ratio_arg,
     parse_key_values,
     parse_overrides,
@@ -84,7 +85,7 @@ def _annotations(args, classes=None):
 
 def _dataset(args, config, views: Optional[int] = None):
     sampling = Sampling(frames=config.frames, size=config.image_size, stride=args.stride)
-    return VideoDataset(_annotations(args), sampling=sampling, seed=args.seed, views=views)
+    return VideoDataset(_annotations(args), sampling=sampling, seed=args.seed, views=views, decoder=args.decoder)
 
 
 def _teachers(args, device):
@@ -194,7 +195,7 @@ def cmd_finetune(args) -> int:
     frames = max(config.frames, teacher.config.frames if teacher is not None else 0)
     # A data set whose classes tell left from right is never flipped.
     sampling = Sampling(frames=frames, size=size, stride=args.stride, flip=annotations.flip and not args.no_flip)
-    dataset = VideoDataset(annotations, sampling=sampling, seed=args.seed)
+    dataset = VideoDataset(annotations, sampling=sampling, seed=args.seed, decoder=args.decoder)
     task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
@@ -223,7 +224,7 @@ def cmd_evaluate(args) -> int:
     with tqdm(total=len(annotations.entries), unit="video", file=sys.stderr, disable=None) as bar:
         result = evaluate(model, annotations.entries, views=views, keep_ratio=args.keep_ratio,
                           batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update,
-                          multi_label=multi_label)
+                          multi_label=multi_label, decoder=args.decoder)
     for path, message in result.failures:
         print(f"lookwhen evaluate: skipped {' '.join(message.split())}", file=sys.stderr)
     print(format_evaluation(model.config.name, result, views))
@@ -242,6 +243,7 @@ def _source_options(p) -> None:
     p.add_argument("--root", help="folder the videos' paths are relative to (default: the --data file's)")
     p.add_argument("--classes", metavar="FILE", help="class names in id order: one a line, or a JSON list or "
                    "name-to-id object (default: the names sorted, or the benchmark's own list)")
+    decoder_arg(p)
 
 
 def _data_options(p) -> None:

@@ -45,11 +45,11 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lookwhen.data import video
+from lookwhen.data.decoders import loader_threads
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv")
@@ -313,14 +313,6 @@ def read_manifest(path, root=None, *, labels: bool = True, classes: Optional[Seq
     return Annotations(entries, classes, multi_label=multi_label, source=path)
 
 
-def decode_window(path, start: Optional[float], end: Optional[float],
-                  choose_indices: Callable[[int], Sequence[int]]) -> torch.Tensor:
-    """:func:`~lookwhen.data.video.decode_frames` within the time window
-    ``[start, end)`` s: ``choose_indices`` gets the window's frame count and
-    its indices count from the window's first frame."""
-    return decode_frames(path, choose_indices, start=start, end=end)
-
-
 class VideoDataset(torch.utils.data.Dataset):
     """``dataset[i]`` -> dict with ``clip`` (uint8 ``[T, S, S, 3]``),
     ``label`` (the class id; multi-hot float32 ``[num_classes]`` for a
@@ -329,10 +321,11 @@ class VideoDataset(torch.utils.data.Dataset):
     videos passed over on the way). ``source``: a folder, a manifest file or
     :class:`Annotations`. ``view`` selects the random sampling; it is the
     epoch (:meth:`set_epoch`) unless ``views`` is set, then ``epoch %
-    views``: the views teacher targets were cached for."""
+    views``: the views teacher targets were cached for. ``decoder``: see
+    :mod:`lookwhen.data.decoders` (every one gives the same pixels)."""
 
     def __init__(self, source, *, sampling: Sampling = Sampling(), root=None, seed: int = 0,
-                 views: Optional[int] = None, check: bool = True):
+                 views: Optional[int] = None, check: bool = True, decoder: str = "auto"):
         self.annotations = source if isinstance(source, Annotations) else load_source(source, root)
         self.items = self.annotations.entries
         source = self.annotations.source
@@ -351,6 +344,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.multi_label = self.annotations.multi_label
         self.num_classes = self.annotations.num_classes
+        self.decoder = decoder
         if check:
             self._first_readable()
 
@@ -370,7 +364,7 @@ class VideoDataset(torch.utils.data.Dataset):
         problems = []
         for path, _, start, end in self.items:
             try:
-                decode_window(path, start, end, lambda n: [0])
+                decode_frames(path, lambda n: [0], start=start, end=end, decoder=self.decoder)
                 return
             except VideoError as error:
                 problems.append(str(error))
@@ -384,9 +378,11 @@ class VideoDataset(torch.utils.data.Dataset):
         path, _, start, end = self.items[index]
         cfg = self.sampling
         if not cfg.train:
-            return resize_square(decode_window(path, start, end, lambda n: sample_indices(n, cfg.frames)), cfg.size)
+            return resize_square(decode_frames(path, lambda n: sample_indices(n, cfg.frames), start=start, end=end,
+                                               decoder=self.decoder, threads=loader_threads()), cfg.size)
         generator = torch.Generator().manual_seed(_seed(self.seed, view, index))
-        frames = decode_window(path, start, end, lambda n: train_indices(n, cfg.frames, cfg.stride, generator))
+        frames = decode_frames(path, lambda n: train_indices(n, cfg.frames, cfg.stride, generator), start=start,
+                               end=end, decoder=self.decoder, threads=loader_threads())
         return random_resized_crop(frames, cfg.size, cfg.scale, cfg.flip, generator)
 
     def label(self, index: int):

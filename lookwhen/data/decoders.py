@@ -16,8 +16,9 @@ therefore does only what the sampling needs:
 - **stops** after the last wanted frame;
 - **converts only the wanted frames** to RGB (decord converts every frame it
   decodes);
-- decodes with ``threads`` threads (default 1: the loaders run one decoding
-  process per core, which parallelises better than threads inside one).
+- decodes with ``threads`` threads (default 0: the decoder's own choice,
+  for FFmpeg slice threads over the cores; 1: strictly one, for a loader
+  that runs one decoding process per core).
 
 The resize to the model's size happens after decoding, on uint8 frames
 (:func:`lookwhen.data.video.resize_square`): the decoders' own scalers use
@@ -137,6 +138,13 @@ def resolve_decoder(name: str = "auto") -> str:
     return name
 
 
+def loader_threads() -> int:
+    """Decoder threads for a clip read in a DataLoader: one in a worker
+    process (the workers are the parallelism, one per core), the decoder's
+    own choice (0) in the main process."""
+    return 1 if torch.utils.data.get_worker_info() is not None else 0
+
+
 def check_file(path) -> str:
     """``path`` as a string, or a :class:`VideoError` saying why it cannot be a video file."""
     path = os.fspath(path)
@@ -153,7 +161,7 @@ UNREADABLE = "not a readable video (unknown format, or the file is truncated or 
 
 
 def decode(path, choose_indices: Callable[[int], Sequence[int]], *, start: Optional[float] = None,
-           end: Optional[float] = None, decoder: str = "auto", threads: int = 1,
+           end: Optional[float] = None, decoder: str = "auto", threads: int = 0,
            stats: Optional[DecodeStats] = None) -> torch.Tensor:
     """Open ``path``, ask ``choose_indices(n_frames)`` which frames to take
     (any order, repeats allowed) and decode them: uint8 ``[len(indices), H,
@@ -221,7 +229,9 @@ def _pyav(path: str, choose, threads: int, clock: _Clock) -> np.ndarray:
         clock.lap("open")
         rate = stream.average_rate or stream.guessed_rate
         indices = choose(len(timestamps), float(rate) if rate else None)
-        if threads != 1:
+        if threads == 1:
+            stream.thread_count = 1  # PyAV's default is FFmpeg's: slice threads over every core
+        elif threads > 1:
             stream.thread_type, stream.thread_count = "AUTO", threads
         try:
             frames = _decode_wanted(container, stream, timestamps, keyframes, sorted(set(indices)), clock)

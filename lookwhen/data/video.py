@@ -93,7 +93,7 @@ def resize_short_side(frames: torch.Tensor, short: int) -> torch.Tensor:
 
 
 def decode_frames(path, choose_indices: Callable[[int], Sequence[int]], *, start: Optional[float] = None,
-                  end: Optional[float] = None, decoder: str = "auto", threads: int = 1,
+                  end: Optional[float] = None, decoder: str = "auto", threads: int = 0,
                   stats: Optional[DecodeStats] = None) -> torch.Tensor:
     """Open ``path``, ask ``choose_indices(n_frames)`` which frames to take,
     and decode them: uint8 ``[len(indices), H, W, 3]`` at the video's own
@@ -113,7 +113,7 @@ def read_clip(
     start: Optional[float] = None,
     end: Optional[float] = None,
     decoder: str = "auto",
-    threads: int = 1,
+    threads: int = 0,
     stats: Optional[DecodeStats] = None,
 ) -> torch.Tensor:
     """One clip, uint8 ``[frames, size, size, 3]``, sampled over the whole

@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lookwhen.data.motion import MotionScores, motion_forward, motion_scores
-from lookwhen.data.video import ClipBatch, VideoError, iter_clip_batches, read_clip
+from lookwhen.data.decoders import loader_threads
+from lookwhen.data.video import VideoError, read_clip
 from lookwhen.io.atomic import check_pinned, shard_name, write_json, write_tensors
 from lookwhen.io.checkpoint import weights_fingerprint
 from lookwhen.models.lookwhen import LookWhen
@@ -89,43 +90,28 @@ class Embedded:
                 for name in names}
 
 
-def with_motion(batch: ClipBatch, grid) -> Tuple[ClipBatch, List[MotionScores]]:
-    """The batch's clips whose videos carry motion vectors, and their motion
-    scores on ``grid``; the others join the batch's failures."""
-    motions, kept, failures = [], [], list(batch.failures)
-    for row, path in enumerate(batch.paths):
-        try:
-            motions.append(motion_scores(path, grid))
-            kept.append(row)
-        except VideoError as error:
-            failures.append((error.path, str(error)))
-    clips = batch.clips[kept] if kept else None
-    return ClipBatch(clips, [batch.paths[row] for row in kept], failures), motions
-
-
 def embed_files(model, paths: Sequence[str], *, selection: Selection = Selection(), batch_size: int = 4,
-                device: torch.device = torch.device("cpu"),
+                workers: int = 0, decoder: str = "auto", device: torch.device = torch.device("cpu"),
                 skipped: Optional[Callable[[str, str], None]] = None,
                 progress: Optional[Callable[[int], None]] = None) -> Tuple[Embedded, List[str], List[Tuple[str, str]]]:
     """Embed ``paths`` in order: ``(embedded, paths read, (path, message)
     of each file that could not be)``; ``skipped(path, message)`` hears of
-    each bad file as it happens and ``progress(n)`` of every file done."""
+    each bad file as it happens and ``progress(n)`` of every file done.
+    Decoding runs in ``workers`` processes while the model runs."""
     cfg = model.config
     selection.check_model(cfg)
     embedded, done, failures = Embedded(cfg.width), [], []
-    for batch in iter_clip_batches(paths, batch_size, cfg.frames, cfg.image_size):
-        motions = None
-        if selection.motion and batch.clips is not None:
-            batch, motions = with_motion(batch, cfg.grid)
-        for path, message in batch.failures:
+    for batch in clip_loader(paths, cfg, selection, batch_size, workers, decoder, device):
+        for path, message in batch["failures"]:
             if skipped is not None:
                 skipped(path, message)
-        failures.extend(batch.failures)
-        if batch.clips is not None:
-            embedded.add(embed_batch(model, batch.clips.to(device), selection, motions))
-            done.extend(batch.paths)
+        failures.extend(batch["failures"])
+        if batch["clips"] is not None:
+            embedded.add(embed_batch(model, batch["clips"].to(device, non_blocking=True), selection,
+                                     batch["motions"]))
+            done.extend(batch["paths"])
         if progress is not None:
-            progress(len(batch.paths) + len(batch.failures))
+            progress(len(batch["paths"]) + len(batch["failures"]))
     return embedded, done, failures
 
 
@@ -157,11 +143,22 @@ class _Clips(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            clip = read_clip(path, self.frames, self.size, decoder=self.decoder)
+            clip = read_clip(path, self.frames, self.size, decoder=self.decoder, threads=loader_threads())
             motion = None if self.motion_grid is None else motion_scores(path, self.motion_grid)
             return path, clip, None, motion
         except VideoError as error:
             return path, None, str(error), None
+
+
+def clip_loader(paths: Sequence[str], cfg, selection: Selection, batch_size: int, workers: int, decoder: str,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of ``paths`` in order, decoded in ``workers`` processes (the
+    motion scores too where the selection needs them), as
+    :func:`_collate_clips` gives them; pinned on a GPU."""
+    motion_grid = cfg.grid if selection.motion else None
+    return torch.utils.data.DataLoader(_Clips(paths, cfg.frames, cfg.image_size, motion_grid, decoder),
+                                       batch_size=batch_size, num_workers=workers, collate_fn=_collate_clips,
+                                       pin_memory=device.type == "cuda")
 
 
 def _collate_clips(samples) -> Dict:
@@ -237,13 +234,9 @@ def embed_shards(model, paths: Sequence[str], folder: str, *, shard_size: int = 
     start = time.perf_counter()
     for k in todo:
         members = paths[k * shard_size:(k + 1) * shard_size]
-        motion_grid = cfg.grid if selection.motion else None
-        loader = torch.utils.data.DataLoader(_Clips(members, cfg.frames, cfg.image_size, motion_grid, decoder),
-                                             batch_size=batch_size, num_workers=workers, collate_fn=_collate_clips,
-                                             pin_memory=device.type == "cuda")
         embedded = Embedded(cfg.width)
         good, bad = [], []
-        for batch in loader:
+        for batch in clip_loader(members, cfg, selection, batch_size, workers, decoder, device):
             good += batch["paths"]
             bad += batch["failures"]
             if batch["clips"] is not None:

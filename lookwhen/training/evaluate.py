@@ -25,10 +25,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lookwhen.data.datasets import Entry, collate_list, decode_window
+from lookwhen.data.datasets import Entry, collate_list
 from lookwhen.training.finetune import logits_of
 from lookwhen.models.lookwhen import LookWhen
-from lookwhen.data.video import VideoError, resize_short_side, sample_indices
+from lookwhen.data.decoders import loader_threads
+from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
 from lookwhen.models.flops import count_flops
 
 
@@ -106,8 +107,9 @@ class ViewDataset(torch.utils.data.Dataset):
     """Every view of one video per item: ``views uint8 [V, T, S, S, 3]``
     (temporal-major), or ``None`` with the failure for an unreadable file."""
 
-    def __init__(self, items: Sequence[Entry], frames: int, size: int, views: Tuple[int, int]):
+    def __init__(self, items: Sequence[Entry], frames: int, size: int, views: Tuple[int, int], decoder: str = "auto"):
         self.items, self.frames, self.size, self.views = [Entry(*item) for item in items], frames, size, views
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,7 +118,8 @@ class ViewDataset(torch.utils.data.Dataset):
         path, label, start, end = self.items[index]
         temporal, spatial = self.views
         try:
-            decoded = decode_window(path, start, end, lambda n: view_indices(n, self.frames, temporal))
+            decoded = decode_frames(path, lambda n: view_indices(n, self.frames, temporal), start=start, end=end,
+                                    decoder=self.decoder, threads=loader_threads())
         except VideoError as error:
             return {"views": None, "label": label, "path": path, "error": str(error)}
         crops = spatial_crops(decoded, self.size, spatial)  # [spatial, temporal * T, S, S, 3]
@@ -157,10 +160,13 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
              keep_ratio: Optional[float] = None, batch_size: int = 4, workers: int = 0,
-             device: torch.device = torch.device("cpu"), progress=None, multi_label: bool = False) -> Evaluation:
+             device: torch.device = torch.device("cpu"), progress=None, multi_label: bool = False,
+             decoder: str = "auto") -> Evaluation:
     """Top-1 / top-5 of ``model`` over the entries (``(path, label)`` pairs
     will do), or with ``multi_label`` (labels: tuples of class ids) its mAP;
-    unreadable videos are left out and listed in ``failures``."""
+    unreadable videos are left out and listed in ``failures``. Decoding runs
+    in ``workers`` processes while the model runs (``decoder``: see
+    :mod:`lookwhen.data.decoders`)."""
     cfg = model.config
     if not cfg.num_classes:
         raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")
@@ -168,7 +174,8 @@ def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
         raise ValueError(f"keep_ratio: {cfg.name} is a dense model and keeps every token")
     model = model.eval()
     selection = {"keep_ratio": keep_ratio} if isinstance(model, LookWhen) and keep_ratio is not None else {}
-    loader = torch.utils.data.DataLoader(ViewDataset(items, cfg.frames, cfg.image_size, views), batch_size=1,
+    loader = torch.utils.data.DataLoader(ViewDataset(items, cfg.frames, cfg.image_size, views, decoder),
+                                         batch_size=1,
                                          num_workers=workers, collate_fn=collate_list)
     per_video = views[0] * views[1]
     correct1 = correct5 = 0
