@@ -260,6 +260,14 @@ def check_providers(lengths: Sequence[int], heads: int, kv_heads: int, head_dim:
     backward. The first calls compile the peers, so that no timing pays for
     it; a peer that fails is left out with the reason, a provider that does
     not compute what the op computes is left out as disagreeing."""
+    # Its tensors must be able to join autograd even when the caller runs in
+    # inference mode (roofline): the providers keep some of them.
+    with torch.inference_mode(False):
+        return _check_providers(lengths, heads, kv_heads, head_dim, device=device, dtype=dtype,
+                                window_size=window_size)
+
+
+def _check_providers(lengths, heads, kv_heads, head_dim, *, device, dtype, window_size) -> Checked:
     import torch._dynamo
 
     if sum(lengths) == 0:
@@ -308,8 +316,9 @@ def _forward(fn, inputs, grad):
 
 
 def _gradients(fn, inputs, grad):
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    fn(*leaves).backward(grad)
+    with torch.enable_grad():  # the caller may be under no_grad (roofline's FLOP count)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        fn(*leaves).backward(grad)
     return [t.grad for t in leaves]
 
 
