@@ -126,15 +126,20 @@ def _csv_rows(path: str, required: Sequence[str], delimiter: str = ","):
             yield reader.line_num, {k: v.strip() if isinstance(v, str) else v for k, v in row.items()}
 
 
-def _json_list(path: str) -> list:
-    path = os.fspath(path)
+def _json_file(path: str, what: str):
+    """The parsed JSON of ``path``, or a DatasetError naming it (``what``: the kind of file)."""
     if not os.path.isfile(path):
-        raise DatasetError(f"{path}: no such annotation file")
+        raise DatasetError(f"{path}: no such {what}")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not a JSON file ({error})") from None
+
+
+def _json_list(path: str) -> list:
+    path = os.fspath(path)
+    data = _json_file(path, "annotation file")
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     return data
@@ -186,13 +191,7 @@ def read_class_file(path) -> List[str]:
     path = os.fspath(path)
     if not path.lower().endswith(".json"):
         return read_class_list(path)
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: no such class list")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: not a JSON file ({error})") from None
+    data = _json_file(path, "class list")
     if isinstance(data, list) and data and all(isinstance(name, str) for name in data):
         names = data
     elif isinstance(data, dict) and data:

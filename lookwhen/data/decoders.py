@@ -248,10 +248,15 @@ def _pyav(path: str, choose, threads: int, clock: _Clock) -> np.ndarray:
 def _packet_index(container, stream):
     """Presentation timestamps of the stream's frames in order, and the
     presentation indices of its keyframes, from its packets alone."""
-    entries = []
+    entries, untimed = [], 0
     for packet in container.demux(stream):
         if packet.size and packet.pts is not None:
             entries.append((packet.pts, packet.is_keyframe))
+        elif packet.size:
+            untimed += 1
+    if untimed and not entries:
+        raise VideoError(container.name, "its packets carry no timestamps (a raw elementary stream?): remux it into "
+                                         "a container (ffmpeg -i IN -c copy OUT.mp4) or use decoder='decord'")
     entries.sort()
     timestamps = [pts for pts, _ in entries]
     keyframes = [i for i, (_, key) in enumerate(entries) if key] or [0]
