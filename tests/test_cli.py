@@ -48,11 +48,14 @@ def files(tmp_path_factory):
     }
 
 
-def test_embed_npy_skips_bad_files_and_keeps_the_rest(files, capsys, tmp_path):
+@pytest.mark.parametrize("decoder, workers", [("pyav", "2"), ("decord", "0")])
+def test_embed_npy_skips_bad_files_and_keeps_the_rest(files, capsys, tmp_path, decoder, workers):
+    """Decoded in worker processes or in this one, by either decoder: the
+    same embeddings, in order, as the clips read here."""
     out = tmp_path / "e.npy"
     a, b, c = files["videos"]
     code, stdout, err = run(capsys, "embed", a, files["bad"], b, c, "--checkpoint", files["checkpoint"],
-                            "--batch-size", "2", "--out", str(out))
+                            "--batch-size", "2", "--decoder", decoder, "--workers", workers, "--out", str(out))
     assert code == 1
     assert [line for line in err if files["bad"] in line] == [f"lookwhen embed: skipped {files['bad']}: "
                                                               "not a readable video (unknown format, or the "
