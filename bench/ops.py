@@ -52,7 +52,8 @@ class Case:
     once, every output written once). ``checked(device, dtype)``, where
     given, says which providers agree with the op, how closely, and which
     were left out and why (:func:`bench.attention.check_providers`); a
-    provider marked ``forward_only`` is timed forward only."""
+    provider marked ``forward_only`` is timed forward only. ``op_alone``, where
+    given, builds the op without its alternatives (:meth:`op`)."""
 
     kernel: str
     label: str
@@ -62,6 +63,14 @@ class Case:
     bytes_moved: int = 0
     fused: str = "fused"
     checked: Optional[Callable[[torch.device, torch.dtype], attention.Checked]] = None
+    op_alone: Optional[Callable[[torch.device, torch.dtype], Callable[..., torch.Tensor]]] = None
+
+    def op(self, device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+        """The op itself, for a caller that runs nothing else (the roofline):
+        building every provider can mean checking and compiling the peers."""
+        if self.op_alone is not None:
+            return self.op_alone(device, dtype)
+        return self.providers(device, dtype)[self.fused]
 
     @property
     def modes(self) -> Tuple[str, ...]:
@@ -412,7 +421,9 @@ def _attention_case(lengths: List[int], heads: int, head_dim: int, what: str, wi
     return Case("varlen_attention", f"{what} {shown} H{heads} Dh{head_dim}", make,
                 lambda device, dtype: checked(device, dtype).providers, grad_inputs=(0, 1, 2),
                 bytes_moved=4 * sum(lengths) * heads * head_dim * FLOAT_BYTES, fused="varlen_attention",
-                checked=checked)
+                checked=checked,
+                op_alone=lambda device, dtype: attention.build_providers(
+                    lengths, heads, heads, device=device, dtype=dtype, window_size=window_size)["varlen_attention"])
 
 
 def attention_cases(cfg: ModelConfig, batch: int, keep_ratio: float) -> List[Case]:
@@ -476,7 +487,7 @@ def _first_tensor(out):
 def make_step(case: Case, provider: str, mode: str, device: torch.device, dtype: torch.dtype, rotate: int):
     """A zero-argument callable running one call, cycling over ``rotate``
     input sets so no call finds its data already in cache."""
-    fn = case.providers(device, dtype)[provider]
+    fn = case.op(device, dtype) if provider == case.fused else case.providers(device, dtype)[provider]
     sets = [case.make_inputs(device, dtype) for _ in range(rotate)]
     if mode == "fwd":
         def forward(inputs):

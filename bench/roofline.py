@@ -128,7 +128,7 @@ def run(args, device: torch.device) -> Result:
                     continue
                 seen.add((case.kernel, case.label))
                 inputs = case.make_inputs(device, dtype)
-                fused = case.providers(device, dtype)[case.fused]
+                fused = case.op(device, dtype)
                 step = make_step(case, case.fused, "fwd", device, dtype, rotate=3) if measure else None
                 items.append(Item(case.kernel, f"{cfg.name} {case.label}", _count(lambda: fused(*inputs)),
                                   case.bytes_moved, step))

@@ -279,7 +279,9 @@ def _frames(container, stream, index_of: Dict[int, int], wanted: set):
 
 
 def _keyframe_before(keyframes: List[int], index: int) -> int:
-    return keyframes[bisect.bisect_right(keyframes, index) - 1]
+    # Frames before a stream's first keyframe: from the start.
+    position = bisect.bisect_right(keyframes, index) - 1
+    return keyframes[position] if position >= 0 else 0
 
 
 def _decode_wanted(container, stream, timestamps, keyframes, wanted: List[int], clock: _Clock) -> Dict[int, np.ndarray]:
