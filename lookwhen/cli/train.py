@@ -18,6 +18,7 @@ from lookwhen.cli.args import (
     keep_ratio_arg,
     parse_key_values,
     parse_overrides,
+    positive_float_arg,
     positive_int_arg,
 )
 from lookwhen.data.annotations import FORMATS, load_data, read_class_file
@@ -104,7 +105,22 @@ def _settings(args, device):
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
         save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
-        resume=args.resume, plot=args.plot)
+        resume=args.resume, plot=args.plot, log_every=args.log_every, tensorboard=args.tensorboard,
+        peak_tflops=args.peak_tflops,
+        val_every=None if not args.val_manifest else args.val_every or args.steps)
+
+
+def _validation(args, classes):
+    """``--val-manifest``'s entries, read as ``--format`` reads ``--data``
+    and with the training set's class names (None without the option)."""
+    if not args.val_manifest:
+        if args.val_every:
+            raise CommandError("--val-every: give the held-out videos with --val-manifest")
+        return None
+    entries = load_data(args.val_manifest, format=args.format, root=args.val_root, classes=classes).entries
+    if not entries:
+        raise CommandError(f"--val-manifest {args.val_manifest}: no videos")
+    return entries
 
 
 def _teacher_names(args):
@@ -122,6 +138,10 @@ def cmd_pretrain(args) -> int:
     weights = LossWeights(**{**_key_values(args.loss_weight), "temperature": args.temperature})
     settings = _settings(args, device)
     dataset = _dataset(args, config)
+    validation = _validation(args, dataset.annotations.classes)
+    if validation is not None and args.targets and dataset.multi_label:
+        raise CommandError("--val-manifest: with --targets (no teachers) and multi-label data there is nothing to "
+                           "validate (selector recall needs the teachers, the kNN probe single labels)")
     if args.targets:
         cache = TargetCache.for_dataset(args.targets, dataset, config.grid)
         dataset.views = cache.views
@@ -130,7 +150,7 @@ def cmd_pretrain(args) -> int:
         task = PretrainTask(model, teachers=_teachers(args, device), weights=weights,
                             keep_range=tuple(args.keep_range), train=args.train)
     os.makedirs(args.out, exist_ok=True)
-    last = Trainer(task, dataset, settings).fit()
+    last = Trainer(task, dataset, settings, validation=validation).fit()
     if is_main_process():
         final = os.path.join(args.out, "model.safetensors")
         print(f"trained {config.name} for {settings.steps} steps (final loss {last.get('loss', float('nan')):.4g}); "
@@ -203,8 +223,9 @@ def cmd_finetune(args) -> int:
                         sigma_steps=sigma_decay_steps(args.sigma_decay, args.steps * args.accumulate),
                         n_samples=args.samples, multi_label=annotations.multi_label, classes=annotations.classes)
     settings = _settings(args, device)
+    validation = _validation(args, annotations.classes)
     os.makedirs(args.out, exist_ok=True)
-    last = Trainer(task, dataset, settings).fit()
+    last = Trainer(task, dataset, settings, validation=validation).fit()
     if is_main_process():
         print(f"fine-tuned {config.name} ({num_classes} classes) for {settings.steps} steps (final loss "
               f"{last.get('loss', float('nan')):.4g}); model in {os.path.join(args.out, 'model.safetensors')}")
@@ -284,6 +305,18 @@ def _loop_options(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--plot", help="draw the loss curves to this PNG at the end")
+    p.add_argument("--log-every", type=positive_int, default=10, metavar="N",
+                   help="where stderr is not a terminal (a Slurm log): a progress line every N steps (default 10)")
+    p.add_argument("--peak-tflops", type=positive_float_arg, metavar="TFLOPS",
+                   help="the accelerator's peak TFLOP/s (one rank, the training dtype): log the model FLOPs "
+                        "utilisation (MFU)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard scalars to OUT/tensorboard (needs the tensorboard extra)")
+    p.add_argument("--val-manifest", metavar="FILE", help="held-out videos (read as --data is, with --format) to "
+                   "validate on every --val-every steps and at the end")
+    p.add_argument("--val-root", help="folder the --val-manifest videos' paths are relative to (default: its own)")
+    p.add_argument("--val-every", type=positive_int, metavar="N", help="steps between validations (default: at the "
+                   "end only)")
 
 
 def add_parsers(sub) -> None:

@@ -6,17 +6,25 @@ tokens and position tables), linear warm-up then cosine decay, gradient
 clipping and accumulation, bf16 autocast on a GPU, ``torch.compile`` as an
 option, data-parallel training under ``torchrun`` (DistributedDataParallel:
 NCCL on GPUs, gloo on CPU; nothing here launches processes), checkpoints,
-exact resume, a progress bar, a JSON-lines log and loss plots.
+exact resume, a progress bar (plain lines where stderr is not a terminal:
+a Slurm log), a JSON-lines log, TensorBoard scalars, validation every N
+steps and loss plots.
 
 Run folder (``--out``)::
 
     run.json                    the run's settings, model config and the
                                 SHA-256 of its initial weights; each resume
                                 appends the settings it changed
-    log.jsonl                   one JSON object per optimiser step
+    log.jsonl                   one JSON object per optimiser step (losses,
+                                lr, clips/s, data-wait share, MFU, the
+                                validation metrics of the steps that ran it)
+    tensorboard/                the same as TensorBoard scalars (optional)
     checkpoints/step-000100/    model.safetensors (the inference model) and
-                                train-state.pt (heads, optimiser, schedule,
-                                step, data position, RNG states)
+                                train-state.pt (the rest of the task's
+                                state: heads, optimiser, schedule, step, data
+                                position, RNG states; the model's weights
+                                are read from the safetensors file beside it,
+                                so a checkpoint holds them once)
     checkpoints/latest          the name of the newest complete checkpoint
     model.safetensors           the final inference model
 
@@ -32,6 +40,15 @@ the data position (counted in clips). Resuming restores everything the next step
 order is a function of the seed and epoch, the clips of ``(seed, index,
 view)``, the budgets of a saved generator), so on CPU a run stopped and
 resumed ends with the same parameters as an uninterrupted one.
+
+Watching a run. Each logged step records its time, its throughput
+(clips/s over all ranks), the share of the step spent waiting for the data
+loader (``data_wait``: near 1 means decoding is the bottleneck; add
+``workers``) and, given the accelerator's peak (``peak_tflops``, per rank),
+the model FLOPs utilisation: the FLOPs of a step, counted once with
+``torch.utils.flop_counter`` on this process's first step (forward and
+backward of everything the step runs, teachers included), over the step's
+time and the peak.
 
 Batches: ``batch_size`` clips per optimiser step in all, split evenly over
 ranks and accumulation steps. Every rank draws the random budgets of the
@@ -63,6 +80,10 @@ from tqdm import tqdm
 
 from lookwhen.data.datasets import SkipReport, collate
 from lookwhen.io.atomic import atomic_folder, write_json, write_text
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
 from lookwhen.io.checkpoint import save_checkpoint, weights_fingerprint
 from lookwhen.training.distributed import Distributed
 
@@ -90,12 +111,20 @@ class TrainSettings:
     resume: bool = False
     plot: Optional[str] = None
     progress: Optional[bool] = None  # None: a bar on a terminal
+    log_every: int = 10  # steps between plain progress lines (no terminal)
+    tensorboard: bool = False
+    peak_tflops: Optional[float] = None  # per rank; MFU is left out without it
+    val_every: Optional[int] = None  # steps between validations (and at the end)
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "accumulate", "save_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "accumulate", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.val_every is not None and self.val_every < 1:
+            raise ValueError(f"val_every must be at least 1, got {self.val_every}")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
+            raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -146,6 +175,20 @@ class Task(abc.ABC):
         """What checkpoints record of the labels (a classifier's class names
         and whether it is multi-label; :func:`lookwhen.io.checkpoint.save_checkpoint`)."""
         return None
+
+    def unused_parameters(self, forwards: int) -> bool:
+        """Whether a step of a run of ``forwards`` training forwards (steps x
+        accumulation) may leave some trainable parameter without a
+        gradient. DistributedDataParallel then searches the graph for them
+        every step (``find_unused_parameters``), and warns when told to
+        search where nothing is ever unused; without the search an unused
+        parameter stops the run with an error. The safe default is True."""
+        return True
+
+    def validate(self, data, device: torch.device, workers: int) -> Dict[str, float]:
+        """Metrics of the model on held-out ``data`` (the task's own kind of
+        validation set), computed without gradients."""
+        raise ValueError(f"{type(self).__name__} has no validation")
 
 
 def _no_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -213,21 +256,55 @@ class Terminated(Exception):
 CHECKPOINT_NAME = re.compile(r"step-\d{6,}")
 # What a damaged or foreign train-state file raises when read: the resume
 # moves on to an older checkpoint.
-_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+               SafetensorError)
 
 
 def load_train_state(path: str) -> Dict:
     """A train-state file, unpickled with ``weights_only=True``."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"module", "optimizer", "scheduler", "position", "generator", "torch_rng"} - set(state)
+    missing = {"optimizer", "scheduler", "position", "generator", "torch_rng"} - set(state)
+    if not {"module", "module_rest"} & set(state):
+        missing.add("module_rest")
     if missing:
         raise KeyError(f"not a train state: no {', '.join(sorted(missing))}")
     return state
 
 
+def load_checkpoint_state(folder: str) -> Dict:
+    """A checkpoint's train state with the task module's whole state dict
+    under ``"module"``: the inference model's weights from its safetensors
+    file, under the prefix the train state records, and the rest from the
+    train state. (Checkpoints written before the weights were stored once
+    hold the whole module in the train state; they read as they are.)"""
+    state = load_train_state(os.path.join(folder, STATE_FILE))
+    if "module" not in state:
+        prefix = state["model_prefix"]
+        weights = load_file(os.path.join(folder, state["model_file"]))
+        state["module"] = {**{prefix + key: value for key, value in weights.items()}, **state.pop("module_rest")}
+    return state
+
+
+def _summary_writer():
+    """TensorBoard's writer class (the optional ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'lookwhen-kernels[tensorboard]'"
+                         ) from None
+    return SummaryWriter
+
+
 class Trainer:
-    def __init__(self, task: Task, dataset, settings: TrainSettings, *, log: Callable[[str], None] = None):
+    """``validation``: held-out data for :meth:`Task.validate`, run every
+    ``settings.val_every`` steps."""
+
+    def __init__(self, task: Task, dataset, settings: TrainSettings, *, log: Callable[[str], None] = None,
+                 validation=None):
+        if settings.val_every is not None and validation is None:
+            raise ValueError("val_every needs validation data")
         self.task = task
+        self.validation = validation
         self.dataset = dataset
         self.settings = settings
         self.device = torch.device(settings.device)
@@ -252,6 +329,9 @@ class Trainer:
         self.skips = SkipReport(self.log)
         self.folder = settings.out
         self.checkpoints = os.path.join(self.folder, "checkpoints")
+        self._writer_class = _summary_writer() if settings.tensorboard else None
+        # FLOPs of one optimiser step on this rank, once counted.
+        self._step_flops: Optional[int] = None
 
     # Checkpoints -----------------------------------------------------------
     def _snapshot_rng(self) -> None:
@@ -263,9 +343,22 @@ class Trainer:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
+    def _model_prefix(self) -> str:
+        """Where the inference model sits in the task's module (``"model."``)."""
+        model = self.task.model()
+        for name, sub in self.module.named_modules():
+            if sub is model:
+                return name + "." if name else ""
+        raise ValueError(f"{type(self.task).__name__}: its model is not part of its module")
+
     def _state(self) -> Dict:
+        prefix = self._model_prefix()
+        saved = {prefix + key for key in self.task.model().state_dict()}
         return {
-            "module": self.module.state_dict(),
+            # The model's weights are in MODEL_FILE beside this state.
+            "module_rest": {k: v for k, v in self.module.state_dict().items() if k not in saved},
+            "model_file": MODEL_FILE,
+            "model_prefix": prefix,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "position": dataclasses.asdict(self.position),
@@ -317,7 +410,7 @@ class Trainer:
         return folders[0] if folders else None
 
     def restore(self, folder: str) -> None:
-        self._restore(load_train_state(os.path.join(folder, STATE_FILE)))
+        self._restore(load_checkpoint_state(folder))
 
     def _restore(self, state: Dict) -> None:
         position = _Position(**state["position"])
@@ -356,7 +449,7 @@ class Trainer:
             raise ValueError(f"--resume: {self.checkpoints} holds no checkpoint to resume from")
         for folder in folders:
             try:
-                state = load_train_state(os.path.join(folder, STATE_FILE))
+                state = load_checkpoint_state(folder)
             except _UNREADABLE as error:
                 self.log(f"--resume: {folder} is unreadable ({type(error).__name__}: "
                          f"{' '.join(str(error).split())[:200]}); trying the one before")
@@ -459,13 +552,18 @@ class Trainer:
         if self.dist.world > 1:
             forward = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                find_unused_parameters=self.task.unused_parameters(settings.steps * settings.accumulate))
         if settings.compile:
             forward = torch.compile(forward)
         # tqdm's disable=None: a bar only on a terminal.
         disable = True if not self.dist.main else None if settings.progress is None else not settings.progress
         bar = tqdm(total=settings.steps, initial=self.position.step, unit="step", file=sys.stderr,
                    disable=disable, dynamic_ncols=True)
+        # Where no bar is drawn (stderr is a file: a Slurm log), plain lines.
+        self._plain = self.dist.main and bar.disable
+        # A resumed run drops the events past its checkpoint, as the log does.
+        self._writer = None if self._writer_class is None or not self.dist.main else self._writer_class(
+            os.path.join(self.folder, "tensorboard"), purge_step=self.position.step + 1)
         last = {}
         try:
             with self._stop_on_sigterm():
@@ -478,6 +576,8 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if self._writer is not None:
+                self._writer.close()
         # The last epoch may end part-way: its skips are reported all the same.
         message = self.skips.end_epoch(self.position.epoch)
         if message and self.dist.main:
@@ -495,64 +595,116 @@ class Trainer:
     def _epoch(self, forward, bar) -> Dict:
         settings, position = self.settings, self.position
         accumulate = settings.accumulate
-        window_start, window_clips, last = time.perf_counter(), 0, {}
+        last = {}
         parts_sum: Dict[str, float] = {}
         loss_sum = 0.0
         consumed = position.micro
-        for batch in self._loader():
-            self.skips.add(batch["skipped"])
-            drawn = self._share(self.task.draw(self.generator, self.micro * self.dist.world))
-            sync = consumed % accumulate == accumulate - 1
-            context = forward.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
-            with context:
-                with autocast(self.device):
-                    loss, parts = forward(batch, drawn)
-                (loss / accumulate).backward()
-            loss_sum += float(loss.detach()) / accumulate
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / accumulate
-            consumed += 1
-            window_clips += len(batch["clips"]) * self.dist.world
-            if not sync:
-                continue
-            grad_norm = None
-            if settings.clip_grad is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad))
-            lr = max(group["lr"] for group in self.optimizer.param_groups)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            position.step += 1
-            position.micro = consumed
-            self._snapshot_rng()
-            now = time.perf_counter()
-            rate = window_clips / max(now - window_start, 1e-9)
-            window_start, window_clips = now, 0
-            last = {"step": position.step, "epoch": position.epoch, "lr": lr, "loss": self._reduce(loss_sum),
-                    "losses": {k: self._reduce(v) for k, v in parts_sum.items()},
-                    "grad_norm": grad_norm, "clips_per_s": rate, "time": time.time()}
-            parts_sum, loss_sum = {}, 0.0
-            if self.dist.main:
-                with open(self.log_file, "a") as handle:
-                    handle.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{last['loss']:.4g}", clips_s=f"{rate:.2f}", refresh=False)
-            bar.update(1)
-            if position.step % settings.save_every == 0:
-                self.save()
-            if self._stop_requested():
-                folder = self.save() if position.step % settings.save_every else self.latest_checkpoint()
-                message = (f"terminated (SIGTERM) at step {position.step}: checkpoint saved in {folder}; "
-                           "run again with --resume to continue")
-                self.log(message)
-                raise Terminated(message)
-            if position.step >= settings.steps:
-                return last
+        # The step's clock starts when the previous step ended (checkpoints
+        # and validation excluded); ``waited`` is its time blocked on the loader.
+        step_start, waited, step_clips = time.perf_counter(), 0.0, 0
+        batches = iter(self._loader())
+        with contextlib.ExitStack() as counting:
+            counter = None
+            while True:
+                before = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - before
+                if batch is None:
+                    break
+                if settings.peak_tflops is not None and self._step_flops is None and counter is None:
+                    counter = counting.enter_context(FlopCounterMode(display=False))
+                self.skips.add(batch["skipped"])
+                drawn = self._share(self.task.draw(self.generator, self.micro * self.dist.world))
+                sync = consumed % accumulate == accumulate - 1
+                context = forward.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
+                with context:
+                    with autocast(self.device):
+                        loss, parts = forward(batch, drawn)
+                    (loss / accumulate).backward()
+                loss_sum += float(loss.detach()) / accumulate
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / accumulate
+                consumed += 1
+                step_clips += len(batch["clips"]) * self.dist.world
+                if not sync:
+                    continue
+                if counter is not None:
+                    counting.close()
+                    self._step_flops, counter = counter.get_total_flops(), None
+                grad_norm = None
+                if settings.clip_grad is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad))
+                lr = max(group["lr"] for group in self.optimizer.param_groups)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                position.micro = consumed
+                self._snapshot_rng()
+                step_s = max(time.perf_counter() - step_start, 1e-9)
+                last = {"step": position.step, "epoch": position.epoch, "lr": lr, "loss": self._reduce(loss_sum),
+                        "losses": {k: self._reduce(v) for k, v in parts_sum.items()},
+                        "grad_norm": grad_norm, "clips_per_s": step_clips / step_s, "step_s": step_s,
+                        "data_wait": min(waited / step_s, 1.0), "time": time.time()}
+                if self._step_flops is not None:
+                    last["flops"] = self._step_flops * self.dist.world
+                    last["mfu"] = self._step_flops / step_s / (settings.peak_tflops * 1e12)
+                if settings.val_every is not None and (position.step % settings.val_every == 0
+                                                       or position.step == settings.steps):
+                    last["val"] = self._validate()
+                parts_sum, loss_sum = {}, 0.0
+                if self.dist.main:
+                    with open(self.log_file, "a") as handle:
+                        handle.write(json.dumps(last) + "\n")
+                    self._report(last)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", clips_s=f"{last['clips_per_s']:.2f}", refresh=False)
+                bar.update(1)
+                if position.step % settings.save_every == 0:
+                    self.save()
+                if self._stop_requested():
+                    folder = self.save() if position.step % settings.save_every else self.latest_checkpoint()
+                    message = (f"terminated (SIGTERM) at step {position.step}: checkpoint saved in {folder}; "
+                               "run again with --resume to continue")
+                    self.log(message)
+                    raise Terminated(message)
+                if position.step >= settings.steps:
+                    return last
+                step_start, waited, step_clips = time.perf_counter(), 0.0, 0
         message = self.skips.end_epoch(position.epoch)
         if message and self.dist.main:
             self.log(message)
         position.epoch += 1
         position.micro = 0
         return last
+
+    def _validate(self) -> Dict[str, float]:
+        """The task's validation metrics, on the main rank (the others wait),
+        outside the RNG streams training draws from: a run validated at
+        other steps, or resumed, trains the same."""
+        metrics: Dict[str, float] = {}
+        if self.dist.main:
+            modes = [(module, module.training) for module in self.module.modules()]
+            devices = [self.device] if self.device.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(self.device):
+                    metrics = self.task.validate(self.validation, self.device, self.settings.workers)
+            finally:
+                for module, training in modes:
+                    module.training = training
+        self.dist.barrier()
+        return metrics
+
+    def _report(self, row: Dict) -> None:
+        """A logged step as TensorBoard scalars and, where no bar is drawn,
+        a progress line every ``log_every`` steps (and at the last one and
+        at each validation)."""
+        step = row["step"]
+        if self._writer is not None:
+            for name, value in _scalars(row).items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+        if self._plain and (step % self.settings.log_every == 0 or step == self.settings.steps or "val" in row):
+            self.log(progress_line(row, self.settings.steps))
 
     @contextlib.contextmanager
     def _stop_on_sigterm(self):
@@ -592,6 +744,28 @@ class Trainer:
         tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(tensor)
         return float(tensor) / self.dist.world
+
+
+def _scalars(row: Dict) -> Dict[str, float]:
+    """A log row's TensorBoard scalars, by tag."""
+    scalars = {"loss/total": row["loss"], **{f"loss/{k}": v for k, v in row["losses"].items()},
+               "optim/lr": row["lr"], "perf/clips_per_s": row["clips_per_s"], "perf/data_wait": row["data_wait"]}
+    if row.get("grad_norm") is not None:
+        scalars["optim/grad_norm"] = row["grad_norm"]
+    if "mfu" in row:
+        scalars["perf/mfu"] = row["mfu"]
+    scalars.update({f"val/{k}": v for k, v in row.get("val", {}).items()})
+    return scalars
+
+
+def progress_line(row: Dict, steps: int) -> str:
+    """One logged step as a line of a log file."""
+    parts = [f"step {row['step']}/{steps}", f"loss {row['loss']:.4g}", f"lr {row['lr']:.3g}",
+             f"{row['clips_per_s']:.2f} clips/s", f"data wait {row['data_wait']:.0%}"]
+    if "mfu" in row:
+        parts.append(f"MFU {row['mfu']:.1%}")
+    parts += [f"val {k} {v:.4g}" for k, v in row.get("val", {}).items()]
+    return "  ".join(parts)
 
 
 def read_log(path: str) -> List[Dict]:

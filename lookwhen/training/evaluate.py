@@ -24,13 +24,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from lookwhen.data.datasets import Entry, collate_list
-from lookwhen.training.finetune import logits_of
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.data.decoders import loader_threads
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
 from lookwhen.models.flops import count_flops
+
+
+def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tensor:
+    """Class logits of either model kind (LookWhen takes ``keep_ratio``,
+    ``budgets`` or ``indices``; a dense model takes none)."""
+    if isinstance(model, LookWhen):
+        return model(clips, **selection).logits
+    return model.head(model(clips))
 
 
 def parse_views(text: str) -> Tuple[int, int]:

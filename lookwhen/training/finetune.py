@@ -42,6 +42,7 @@ from lookwhen.models import build_model
 from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.engine import Task
+from lookwhen.training.evaluate import evaluate, logits_of
 from lookwhen.training.losses import draw_budgets
 
 SELECTIONS = ("selector", "random", "perturbed")
@@ -58,14 +59,6 @@ def random_selection(generator: torch.Generator, batch: int, n_tokens: int, k: i
     random, ascending (the selection contract)."""
     noise = torch.rand((batch, n_tokens), generator=generator)
     return lk.topk_tokens(noise, k)
-
-
-def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tensor:
-    """Class logits of either model kind (LookWhen takes ``keep_ratio``,
-    ``budgets`` or ``indices``; a dense model takes none)."""
-    if isinstance(model, LookWhen):
-        return model(clips, **selection).logits
-    return model.head(model(clips))
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -252,3 +245,21 @@ class FinetuneTask(Task):
 
     def label_space(self) -> Dict:
         return self.labels
+
+    def unused_parameters(self, forwards: int) -> bool:
+        # A hard top-K passes no gradient to the selector's score head (it
+        # runs under no grad); the perturbed top-K does, until sigma reaches
+        # 0. A dense model and a linear probe use every trainable parameter.
+        if not self.lookwhen or self.linear_probe:
+            return False
+        if self.perturbed is not None:
+            start, decay, _ = self.perturbed
+            return start == 0 or decay < forwards
+        return True
+
+    def validate(self, entries, device: torch.device, workers: int) -> Dict[str, float]:
+        """Top-1 and top-5 (mAP for multi-label data) of each held-out
+        video's centre clip, at the keep ratio the run trains with."""
+        result = evaluate(self._model, entries, keep_ratio=self.keep_ratio, batch_size=8, workers=workers,
+                          device=device, multi_label=self.labels["multi_label"])
+        return {"mAP": result.mAP} if result.mAP is not None else {"top1": result.top1, "top5": result.top5}

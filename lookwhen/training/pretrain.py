@@ -6,13 +6,22 @@ drawn from ``keep_range`` (the per-clip budgets path, packed varlen).
 ``train="selector"`` trains the selector's score path alone (the extractor
 and the selector's context projection are frozen and never run), which is
 all that selector pre-training needs and far cheaper.
+
+Validation (:meth:`PretrainTask.validate`) on held-out videos' centre clips:
+the selector's recall of the most unique tokens (the K best-scored tokens
+against the K most unique by the teacher, K the model's keep ratio of the
+scores; chance is the keep ratio) and, for single-label data, a
+leave-one-out k-nearest-neighbour top-1 of the embeddings (cosine, k = 10,
+neighbours weighted by ``exp(similarity / 0.07)`` as in DINO's probe).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from lookwhen.data.datasets import Entry, collate_list
 
 from lookwhen.training.losses import (
     DistillHeads,
@@ -27,6 +36,10 @@ from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.targets import TargetCache
 from lookwhen.training.teachers import Teachers
 from lookwhen.training.engine import Task
+from lookwhen.training.evaluate import ViewDataset
+
+KNN_NEIGHBOURS = 10
+KNN_TEMPERATURE = 0.07
 
 TRAIN_PARTS = ("all", "selector")
 
@@ -117,6 +130,39 @@ class PretrainTask(Task):
     def model(self) -> nn.Module:
         return self._model
 
+    def unused_parameters(self, forwards: int) -> bool:
+        # The score path alone leaves the selector's final norm (which feeds
+        # the extractor's context) without a gradient.
+        return self.train == "selector"
+
+    def validate(self, entries: Sequence[Entry], device: torch.device, workers: int) -> Dict[str, float]:
+        model = self._model.eval()
+        cfg = model.config
+        teachers = self.module.teachers
+        loader = torch.utils.data.DataLoader(ViewDataset(entries, cfg.frames, cfg.image_size, (1, 1)), batch_size=8,
+                                             num_workers=workers, collate_fn=collate_list)
+        recalls: List[float] = []
+        embeddings, labels = [], []
+        for samples in loader:
+            samples = [s for s in samples if s["views"] is not None]
+            if not samples:
+                continue
+            clips = torch.cat([s["views"] for s in samples]).to(device)
+            out = model(clips)
+            if teachers is not None:
+                recalls += uniqueness_recall(out.scores, uniqueness_target(teachers(clips, cfg.grid[1:]).patches, cfg),
+                                             cfg.keep_ratio)
+            embeddings.append(out.embedding.float().cpu())
+            labels += [s["label"] for s in samples]
+        if not embeddings:
+            raise ValueError(f"none of the {len(entries)} validation videos could be read")
+        metrics = {}
+        if recalls:
+            metrics["recall"] = sum(recalls) / len(recalls)
+        if all(isinstance(label, int) for label in labels) and len(labels) > 1:
+            metrics["knn_top1"] = knn_top1(torch.cat(embeddings), torch.tensor(labels))
+        return metrics
+
     def run_info(self) -> Dict:
         teachers = self.module.teachers
         return {
@@ -135,3 +181,24 @@ def _describe(module: nn.Module) -> str:
     """A teacher's preset name (our models), else its class name."""
     config = getattr(module, "config", None)
     return getattr(config, "name", None) or type(module).__name__
+
+
+def uniqueness_recall(scores: torch.Tensor, uniqueness: torch.Tensor, keep_ratio: float) -> List[float]:
+    """Per clip, the share of the K most unique tokens among the K
+    best-scored (``[B, n]`` or ``[B, n, r*r]`` each; K = ``keep_ratio`` of n)."""
+    scores, uniqueness = scores.float().flatten(1), uniqueness.float().flatten(1)
+    k = max(1, round(keep_ratio * scores.shape[1]))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+    wanted = uniqueness.topk(k, dim=1).indices
+    return (chosen.gather(1, wanted).sum(1).float() / k).tolist()
+
+
+def knn_top1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """Leave-one-out k-NN top-1 over ``embeddings [N, D]`` with ``labels [N]``."""
+    features = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    similarity = features @ features.T
+    similarity.fill_diagonal_(-float("inf"))
+    nearest, index = similarity.topk(min(KNN_NEIGHBOURS, len(labels) - 1), dim=1)
+    votes = torch.zeros(len(labels), int(labels.max()) + 1)
+    votes.scatter_add_(1, labels[index], (nearest / KNN_TEMPERATURE).exp())
+    return float((votes.argmax(1) == labels).float().mean())
