@@ -117,6 +117,7 @@ setup(
         "model": MODEL,
         "video": VIDEO,
         "train": TRAIN,
+        "tensorboard": ["tensorboard>=2.14"],
         "bench": BENCH,
         "test": sorted({*TRAIN, *VIDEO, *BENCH, "pytest>=7.4", "hypothesis>=6.80"}),
         "xformers": ["xformers>=0.0.28"],
