@@ -3,6 +3,7 @@
 engine (:mod:`lookwhen.training.engine`) splits the work."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -16,12 +17,14 @@ from lookwhen.cli.args import (
     checked_device,
     decoder_arg,
     keep_ratio_arg,
+    number_arg,
     parse_key_values,
     parse_overrides,
     positive_float_arg,
     positive_int_arg,
 )
 from lookwhen.data.annotations import FORMATS, load_data, read_class_file
+from lookwhen.data.augment import Augment
 from lookwhen.data.datasets import Sampling, SkipReport, VideoDataset
 from lookwhen.io.checkpoint import load_checkpoint, read_labels
 from lookwhen.models import build_model
@@ -106,7 +109,7 @@ def _settings(args, device):
         clip_grad=None if args.clip_grad == 0 else args.clip_grad, accumulate=args.accumulate, seed=args.seed,
         save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
         resume=args.resume, plot=args.plot, log_every=args.log_every, tensorboard=args.tensorboard,
-        peak_tflops=args.peak_tflops,
+        peak_tflops=args.peak_tflops, ema=args.ema,
         val_every=None if not args.val_manifest else args.val_every or args.steps)
 
 
@@ -214,14 +217,18 @@ def cmd_finetune(args) -> int:
     size = max(config.image_size, teacher.config.image_size if teacher is not None else 0)
     frames = max(config.frames, teacher.config.frames if teacher is not None else 0)
     # A data set whose classes tell left from right is never flipped.
-    sampling = Sampling(frames=frames, size=size, stride=args.stride, flip=annotations.flip and not args.no_flip)
+    augment = Augment(randaugment=tuple(args.randaugment) if args.randaugment else None, erase=args.erase)
+    sampling = Sampling(frames=frames, size=size, stride=args.stride, flip=annotations.flip and not args.no_flip,
+                        augment=augment or None)
     dataset = VideoDataset(annotations, sampling=sampling, seed=args.seed, decoder=args.decoder)
     task = FinetuneTask(model, keep_ratio=args.keep_ratio, keep_range=tuple(args.keep_range) if args.keep_range
                         else None, selection=args.selection, linear_probe=args.linear_probe,
                         layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, teacher=teacher,
                         temperature=args.distill_temperature, alpha=args.distill_alpha, sigma=args.sigma,
                         sigma_steps=sigma_decay_steps(args.sigma_decay, args.steps * args.accumulate),
-                        n_samples=args.samples, multi_label=annotations.multi_label, classes=annotations.classes)
+                        n_samples=args.samples, multi_label=annotations.multi_label, classes=annotations.classes,
+                        mixup=args.mixup, cutmix=args.cutmix, mix_prob=args.mix_prob, mix_switch=args.mix_switch,
+                        drop_path=args.drop_path)
     settings = _settings(args, device)
     validation = _validation(args, annotations.classes)
     os.makedirs(args.out, exist_ok=True)
@@ -289,6 +296,29 @@ def _teacher_options(p) -> None:
                    "(internvideo2_base_patch14_224, built as the internvideo2-b14 preset) or a lookwhen checkpoint")
 
 
+def _interval(low: float, high: float, brackets: str = "[]"):
+    """An argparse type: a number in the interval ``low, high``, each end
+    closed (``[``, ``]``) or open (``(``, ``)``)."""
+    def parse(text: str) -> float:
+        value = number_arg(text)
+        above = value >= low if brackets[0] == "[" else value > low
+        below = value <= high if brackets[1] == "]" else value < high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"must lie in {brackets[0]}{low:g}, {high:g}{brackets[1]}, got {value}")
+        return value
+    return parse
+
+
+def _randaugment_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must lie in 0..10, got {value}")
+    return value
+
+
 def _loop_options(p) -> None:
     positive_int = positive_int_arg
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, run.json, model.safetensors")
@@ -317,6 +347,8 @@ def _loop_options(p) -> None:
     p.add_argument("--val-root", help="folder the --val-manifest videos' paths are relative to (default: its own)")
     p.add_argument("--val-every", type=positive_int, metavar="N", help="steps between validations (default: at the "
                    "end only)")
+    p.add_argument("--ema", type=_interval(0, 1, "()"), metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.9999), validated beside them and saved as model-ema.safetensors")
 
 
 def add_parsers(sub) -> None:
@@ -356,6 +388,22 @@ def add_parsers(sub) -> None:
                       help="--selection perturbed: noisy samples per clip and step (default 500)")
     fine.add_argument("--no-flip", action="store_true", help="no horizontal flips (the default for data sets "
                       "whose classes tell left from right: Something-Something, Jester)")
+    fine.add_argument("--randaugment", type=_randaugment_arg, nargs=2, metavar=("N", "M"),
+                      help="RandAugment: N operations (1-10) at magnitude M (0-10) per clip, the same on every frame "
+                           "(e.g. 2 9)")
+    fine.add_argument("--erase", type=_interval(0, 1), default=0.0, metavar="P",
+                      help="random erasing: with probability P a noise box, the same on every frame (default 0)")
+    fine.add_argument("--mixup", type=_interval(0, float("inf"), "[)"), default=0.0, metavar="ALPHA",
+                      help="Mixup with lam ~ Beta(ALPHA, ALPHA), soft targets (default 0: off; timm's recipe: 0.8)")
+    fine.add_argument("--cutmix", type=_interval(0, float("inf"), "[)"), default=0.0, metavar="ALPHA",
+                      help="CutMix with lam ~ Beta(ALPHA, ALPHA), soft targets (default 0: off; timm's recipe: 1.0)")
+    fine.add_argument("--mix-prob", type=_interval(0, 1), default=1.0, metavar="P",
+                      help="share of clips mixed when --mixup or --cutmix is on (default 1)")
+    fine.add_argument("--mix-switch", type=_interval(0, 1), default=0.5, metavar="P",
+                      help="with both on: the probability of CutMix rather than Mixup (default 0.5)")
+    fine.add_argument("--drop-path", type=_interval(0, 1, "[)"), default=0.0, metavar="RATE",
+                      help="stochastic depth: a block's residual branches dropped per clip with a probability rising "
+                           "linearly to RATE at the last block (extractor; default 0)")
     fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")
     fine.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     fine.add_argument("--label-smoothing", type=float, default=0.1)

@@ -21,7 +21,8 @@ Sampling. Training: ``frames`` frames ``stride`` apart from a random start
 (the stride shrinks for videos too short to hold the span, down to 1, after
 which frames repeat), the short side resized to a random length in
 ``scale x size`` and a random ``size x size`` crop, flipped horizontally
-with probability 1/2. Evaluation: uniform segments and a centre crop
+with probability 1/2, then the optional augmentations of
+:mod:`lookwhen.data.augment` (RandAugment, random erasing). Evaluation: uniform segments and a centre crop
 (:func:`lookwhen.data.video.read_clip`'s rule). Every random choice comes from a
 generator seeded by ``(seed, view, index)``, so a clip depends only on its
 index and view, not on the worker that decodes it: runs resume exactly, and
@@ -49,6 +50,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lookwhen.data.augment import Augment
 from lookwhen.data.decoders import loader_threads
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, resize_square, sample_indices
 
@@ -162,6 +164,7 @@ class Sampling:
     stride: int = 4
     scale: Tuple[float, float] = (1.0, 1.25)
     flip: bool = True
+    augment: Optional[Augment] = None
 
     def __post_init__(self):
         if self.frames < 1 or self.size < 1 or self.stride < 1:
@@ -383,7 +386,8 @@ class VideoDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(_seed(self.seed, view, index))
         frames = decode_frames(path, lambda n: train_indices(n, cfg.frames, cfg.stride, generator), start=start,
                                end=end, decoder=self.decoder, threads=loader_threads())
-        return random_resized_crop(frames, cfg.size, cfg.scale, cfg.flip, generator)
+        clip = random_resized_crop(frames, cfg.size, cfg.scale, cfg.flip, generator)
+        return clip if cfg.augment is None else cfg.augment(clip, generator)
 
     def label(self, index: int):
         """Video ``index``'s label as samples carry it."""

@@ -27,6 +27,8 @@ Run folder (``--out``)::
                                 so a checkpoint holds them once)
     checkpoints/latest          the name of the newest complete checkpoint
     model.safetensors           the final inference model
+    model-ema.safetensors       with ``ema``: the average of its weights (also
+                                in each checkpoint)
 
 Checkpoints are written to a temporary folder and renamed into place, so a
 crash never leaves a half-written one behind; Ctrl-C saves one before
@@ -89,6 +91,7 @@ from lookwhen.training.distributed import Distributed
 
 STATE_FILE = "train-state.pt"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "model-ema.safetensors"
 
 
 @dataclass
@@ -115,6 +118,7 @@ class TrainSettings:
     tensorboard: bool = False
     peak_tflops: Optional[float] = None  # per rank; MFU is left out without it
     val_every: Optional[int] = None  # steps between validations (and at the end)
+    ema: Optional[float] = None  # decay of an average of the weights, per step
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -123,6 +127,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every is not None and self.val_every < 1:
             raise ValueError(f"val_every must be at least 1, got {self.val_every}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must lie in (0, 1), got {self.ema}")
         if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
             raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.workers < 0:
@@ -282,7 +288,40 @@ def load_checkpoint_state(folder: str) -> Dict:
         prefix = state["model_prefix"]
         weights = load_file(os.path.join(folder, state["model_file"]))
         state["module"] = {**{prefix + key: value for key, value in weights.items()}, **state.pop("module_rest")}
+    if state.get("ema_file"):
+        state["ema"] = load_file(os.path.join(folder, state["ema_file"]))
     return state
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after
+    every optimiser step (``average += (1 - decay) * (weights - average)``;
+    integer buffers are copied): ``--ema``, validated and saved beside the
+    model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for key, value in self.model.state_dict().items():
+            average = self.state[key]
+            if average.is_floating_point():
+                average.lerp_(value, 1 - self.decay)
+            else:
+                average.copy_(value)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the average inside the block (copied in place,
+        so the optimiser keeps its parameters), its own weights after it."""
+        own = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        self.model.load_state_dict(self.state)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(own)
 
 
 def _summary_writer():
@@ -324,6 +363,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total, floor))
         self.generator = torch.Generator().manual_seed(settings.seed)
+        # What draws from torch's own generators (drop-path, the perturbed
+        # top-K's noise) starts from the seed, not from whatever the process
+        # did before; each rank its own stream, as timm's trainers seed.
+        torch.manual_seed(settings.seed + self.dist.rank)
         self.position = _Position()
         self._snapshot_rng()
         self.skips = SkipReport(self.log)
@@ -332,6 +375,7 @@ class Trainer:
         self._writer_class = _summary_writer() if settings.tensorboard else None
         # FLOPs of one optimiser step on this rank, once counted.
         self._step_flops: Optional[int] = None
+        self.ema = None if settings.ema is None else WeightAverage(task.model(), settings.ema)
 
     # Checkpoints -----------------------------------------------------------
     def _snapshot_rng(self) -> None:
@@ -359,6 +403,7 @@ class Trainer:
             "module_rest": {k: v for k, v in self.module.state_dict().items() if k not in saved},
             "model_file": MODEL_FILE,
             "model_prefix": prefix,
+            "ema_file": None if self.ema is None else EMA_FILE,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "position": dataclasses.asdict(self.position),
@@ -379,7 +424,7 @@ class Trainer:
         final = os.path.join(self.checkpoints, name)
         if self.dist.main:
             with atomic_folder(final) as temporary:
-                save_checkpoint(self.task.model(), os.path.join(temporary, MODEL_FILE), labels=self.task.label_space())
+                self._save_models(temporary)
                 torch.save(self._state(), os.path.join(temporary, STATE_FILE))
             write_text(os.path.join(self.checkpoints, "latest"), name)
             kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
@@ -387,6 +432,13 @@ class Trainer:
                 shutil.rmtree(os.path.join(self.checkpoints, old), ignore_errors=True)
         self.dist.barrier()
         return final
+
+    def _save_models(self, folder: str) -> None:
+        """The inference model, and its weight average with ``ema``."""
+        save_checkpoint(self.task.model(), os.path.join(folder, MODEL_FILE), labels=self.task.label_space())
+        if self.ema is not None:
+            with self.ema.swapped_in() as model:
+                save_checkpoint(model, os.path.join(folder, EMA_FILE), labels=self.task.label_space())
 
     def checkpoint_folders(self) -> List[str]:
         """The run's checkpoints, newest first: the one ``latest`` names,
@@ -440,6 +492,13 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.skips.seen.update(state.get("skipped", {}))
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.state = {key: value.to(self.device) for key, value in state["ema"].items()}
+            else:
+                self.ema = WeightAverage(self.task.model(), self.settings.ema)
+                self.log(f"--ema: the checkpoint of step {position.step} has no weight average; it starts from "
+                         "the weights there")
         self._snapshot_rng()
 
     def _resume(self) -> None:
@@ -465,8 +524,11 @@ class Trainer:
         for key in ("task", "model_config", "sampling", "labels"):
             if key in before and key in info and before[key] != info[key]:
                 if isinstance(info[key], dict) and isinstance(before[key], dict):
+                    # A setting added since the run began reads as None there: its default.
                     changed = sorted(k for k in set(before[key]) | set(info[key])
                                      if before[key].get(k) != info[key].get(k))
+                    if not changed:
+                        continue
                     what = key.replace("_", " ") + " (" + ", ".join(changed) + ")"
                 else:
                     what = f"{key} ({before[key]} -> {info[key]})"
@@ -531,9 +593,15 @@ class Trainer:
         per_epoch = self.steps_per_epoch * self.settings.batch_size // self.dist.world
         sampler = _Shard(len(self.dataset), per_epoch, self.settings.seed, epoch, self.dist.rank, self.dist.world,
                          micro * self.micro)
+        # A generator of its own: otherwise making the iterator draws its
+        # workers' base seed from torch's global one, which a resumed run
+        # (a new iterator mid-epoch) would then hold in another state than
+        # an uninterrupted run (drop-path and other draws from it differ).
+        # Clips draw from their own seeds, not the workers'.
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.micro, sampler=sampler, num_workers=self.settings.workers,
-            collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda")
+            collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.settings.seed))
 
     def _share(self, drawn):
         """This rank's share of the draws for a global micro-batch (the
@@ -585,8 +653,7 @@ class Trainer:
         if self.position.step % settings.save_every:
             self.save()
         if self.dist.main:
-            save_checkpoint(self.task.model(), os.path.join(self.folder, MODEL_FILE),
-                            labels=self.task.label_space())
+            self._save_models(self.folder)
             if settings.plot:
                 plot_log(self.log_file, settings.plot)
         self.dist.barrier()
@@ -638,6 +705,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update()
                 position.step += 1
                 position.micro = consumed
                 self._snapshot_rng()
@@ -688,6 +757,11 @@ class Trainer:
             try:
                 with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(self.device):
                     metrics = self.task.validate(self.validation, self.device, self.settings.workers)
+                    if self.ema is not None:
+                        with self.ema.swapped_in():
+                            metrics.update({f"ema_{name}": value for name, value in
+                                            self.task.validate(self.validation, self.device,
+                                                               self.settings.workers).items()})
             finally:
                 for module, training in modes:
                     module.training = training

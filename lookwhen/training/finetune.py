@@ -17,6 +17,20 @@
   whole run, steps x accumulation; ``finetune --sigma-decay`` gives a
   fraction of it), the forwards after it train on the hard top-K, and
   evaluation (the saved model) uses the hard top-K.
+- **Mixup and CutMix** (``mixup``/``cutmix``: the Beta distributions'
+  alpha, 0 off; timm's recipe): with probability ``mix_prob`` a clip is
+  mixed with its partner in the micro-batch (the batch reversed), by
+  Mixup (a weighted sum of the two clips, weight ``lam ~ Beta(alpha,
+  alpha)``) or CutMix (a box of area ``1 - lam`` pasted from the partner on
+  every frame, ``lam`` recomputed from the box as clipped to the frame),
+  CutMix with probability ``mix_switch`` when both are on; the targets are
+  mixed alike (soft targets: cross-entropy against the mixture, or binary
+  cross-entropy for multi-label data). The draws are per clip, from the
+  engine's generator, so a resumed run mixes the same clips. The mixed
+  clip is rounded back to uint8, the model's input.
+- ``drop_path``: stochastic depth on the extractor's (or the dense
+  model's) blocks, at most ``drop_path`` at the last block
+  (:mod:`lookwhen.training.droppath`).
 - ``linear_probe``: the selector and the extractor are frozen, the head alone
   trains (the papers' LP rows).
 - **Cross-resolution distillation** (ResKD): with a teacher model that sees
@@ -31,6 +45,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +56,7 @@ from lookwhen.io.checkpoint import load_checkpoint
 from lookwhen.models import build_model
 from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
+from lookwhen.training.droppath import add_drop_path
 from lookwhen.training.engine import Task
 from lookwhen.training.evaluate import evaluate, logits_of
 from lookwhen.training.losses import draw_budgets
@@ -74,6 +90,45 @@ def layer_id(name: str, depth: int) -> int:
 
 
 _HEAD = ("head.weight", "head.bias")
+# The per-clip draws of Mixup and CutMix (:func:`draw_mix`).
+MIX_KEYS = ("mix_lam", "mix_cut", "mix_cy", "mix_cx")
+
+
+def draw_mix(generator: torch.Generator, batch: int, *, mixup: float, cutmix: float, prob: float,
+             switch: float) -> Dict[str, torch.Tensor]:
+    """Per clip: ``mix_lam`` (the clip's own share; 1: not mixed), ``mix_cut``
+    (CutMix rather than Mixup) and the box centre ``mix_cy``, ``mix_cx`` as
+    fractions of the frame."""
+    # torch's Beta has no generator argument; NumPy's, seeded from ours, does.
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+    mixed = torch.rand(batch, generator=generator) < prob
+    cut = torch.rand(batch, generator=generator) < switch if mixup > 0 and cutmix > 0 else torch.full(
+        (batch,), cutmix > 0)
+    alpha = np.where(cut.numpy(), cutmix or 1.0, mixup or 1.0)
+    lam = torch.from_numpy(rng.beta(alpha, alpha)).float()
+    return {"mix_lam": torch.where(mixed, lam, torch.ones(batch)), "mix_cut": cut & mixed,
+            "mix_cy": torch.rand(batch, generator=generator), "mix_cx": torch.rand(batch, generator=generator)}
+
+
+def mix_clips(clips: torch.Tensor, targets: torch.Tensor, draws: Dict[str, torch.Tensor]):
+    """Mixup and CutMix of uint8 ``clips [B, T, H, W, 3]`` with their partners
+    (the batch reversed) and of float ``targets [B, C]`` alike."""
+    partner_clips, partner_targets = clips.flip(0), targets.flip(0)
+    lam = draws["mix_lam"].clone()
+    height, width = clips.shape[2:4]
+    out = clips.clone()
+    for b in range(len(clips)):
+        if bool(draws["mix_cut"][b]):
+            side = float((1 - lam[b]).sqrt())
+            cy, cx = float(draws["mix_cy"][b]) * height, float(draws["mix_cx"][b]) * width
+            top, bottom = (max(0, min(height, round(cy + sign * side * height / 2))) for sign in (-1, 1))
+            left, right = (max(0, min(width, round(cx + sign * side * width / 2))) for sign in (-1, 1))
+            out[b, :, top:bottom, left:right] = partner_clips[b, :, top:bottom, left:right]
+            lam[b] = 1 - (bottom - top) * (right - left) / (height * width)
+        elif lam[b] < 1:
+            out[b] = (lam[b] * clips[b].float() + (1 - lam[b]) * partner_clips[b].float()).round().to(torch.uint8)
+    weight = lam.to(targets.dtype)[:, None]
+    return out, weight * targets + (1 - weight) * partner_targets
 
 
 def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Optional[str] = None,
@@ -121,10 +176,9 @@ class FinetuneModule(nn.Module):
         device = next(self.model.parameters()).device
         clips = batch["clips"].to(device, non_blocking=True)
         labels = batch["labels"].to(device)
-        if draws is not None:
-            selection = {k: v.to(device) for k, v in draws.items()}
-        else:
-            selection = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
+        draws = {k: v.to(device) for k, v in (draws or {}).items()}
+        mix = {k: draws.pop(k) for k in MIX_KEYS if k in draws}
+        selection = draws or ({} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio})
         if self.perturbed is not None and self.training:
             sigma = self.sigma()
             # Past the decay the hard top-K's own path gives the same tokens
@@ -133,12 +187,16 @@ class FinetuneModule(nn.Module):
                 selection["sigma"] = sigma
                 selection["n_samples"] = self.perturbed[2]
             self.forwards += 1
+        num_classes = self.model.config.num_classes
+        if self.multi_label and labels.shape[-1] != num_classes:
+            raise ValueError(f"multi-label targets of shape {list(labels.shape)} for {num_classes} classes: the "
+                             "data set's classes and the model's differ")
+        if mix:
+            soft = labels.float() if self.multi_label else F.one_hot(labels, num_classes).float()
+            clips, labels = mix_clips(clips, soft, mix)
         student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()
         if self.multi_label:
-            if labels.shape != logits.shape:
-                raise ValueError(f"multi-label targets of shape {list(labels.shape)} for logits of shape "
-                                 f"{list(logits.shape)}: the data set's classes and the model's differ")
             task = F.binary_cross_entropy_with_logits(logits, labels.float())
         else:
             task = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
@@ -165,7 +223,8 @@ class FinetuneTask(Task):
                  linear_probe: bool = False, layer_decay: float = 0.75, label_smoothing: float = 0.1,
                  teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5,
                  sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500,
-                 multi_label: bool = False, classes: Optional[Sequence[str]] = None):
+                 multi_label: bool = False, classes: Optional[Sequence[str]] = None, mixup: float = 0.0,
+                 cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch: float = 0.5, drop_path: float = 0.0):
         config = model.config
         if not config.num_classes:
             raise ValueError(f"{config.name}: fine-tuning needs a classifier (num_classes > 0)")
@@ -190,6 +249,9 @@ class FinetuneTask(Task):
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if mixup < 0 or cutmix < 0 or not 0 <= mix_prob <= 1 or not 0 <= mix_switch <= 1:
+            raise ValueError(f"need mixup >= 0, cutmix >= 0 and mix_prob, mix_switch in [0, 1], got {mixup}, "
+                             f"{cutmix}, {mix_prob} and {mix_switch}")
         if classes is not None and len(classes) != config.num_classes:
             raise ValueError(f"{len(classes)} class names for a classifier of {config.num_classes} classes")
         if teacher is not None:
@@ -204,6 +266,8 @@ class FinetuneTask(Task):
         if linear_probe:
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(name.startswith(("extractor.head.", "head.")))
+        if drop_path:
+            add_drop_path(model, drop_path)
         self.lookwhen = lookwhen
         self.keep_ratio = None if not lookwhen else keep_ratio if keep_ratio is not None else config.keep_ratio
         self.keep_range = keep_range
@@ -217,17 +281,21 @@ class FinetuneTask(Task):
         self._model = model
         self.distilled = teacher is not None
         self.labels = {"classes": None if classes is None else list(classes), "multi_label": multi_label}
+        self.drop_path = float(drop_path)
+        self.mix = dict(mixup=float(mixup), cutmix=float(cutmix), prob=float(mix_prob), switch=float(mix_switch))
 
     def draw(self, generator: torch.Generator, batch: int):
-        if not self.lookwhen:
-            return None
-        n_tokens = self._model.config.n_tokens
-        if self.keep_range is not None:
-            return {"budgets": draw_budgets(generator, batch, self.keep_range, n_tokens)}
-        if self.selection == "random":
-            return {"indices": random_selection(generator, batch, n_tokens,
-                                                self._model.config.tokens_kept(self.keep_ratio))}
-        return None
+        draws = {}
+        if self.mix["mixup"] > 0 or self.mix["cutmix"] > 0:
+            draws.update(draw_mix(generator, batch, **self.mix))
+        if self.lookwhen:
+            n_tokens = self._model.config.n_tokens
+            if self.keep_range is not None:
+                draws["budgets"] = draw_budgets(generator, batch, self.keep_range, n_tokens)
+            elif self.selection == "random":
+                draws["indices"] = random_selection(generator, batch, n_tokens,
+                                                    self._model.config.tokens_kept(self.keep_ratio))
+        return draws or None
 
     def lr_scale(self, name: str) -> float:
         depth = self._model.config.depth
@@ -241,7 +309,8 @@ class FinetuneTask(Task):
         return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
                 "keep_range": self.keep_range, "selection": self.selection, "perturbed": self.perturbed,
                 "linear_probe": self.linear_probe,
-                "layer_decay": self.layer_decay, "distilled": self.distilled, "labels": self.labels}
+                "layer_decay": self.layer_decay, "distilled": self.distilled, "labels": self.labels, "mix": self.mix,
+                "drop_path": self.drop_path}
 
     def label_space(self) -> Dict:
         return self.labels
