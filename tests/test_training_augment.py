@@ -134,3 +134,25 @@ def test_augmented_run_with_a_weight_average_resumes_exactly(files, tmp_path, ca
                  "--out", str(tmp_path / "whole"), "--steps", "4", "--batch-size", "2", "--stride", "1",
                  "--resume"]) == 1
     assert "another sampling (augment)" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_trains_the_same_weights(tmp_path):
+    """Recomputed blocks (drop-path included: its masks are drawn outside
+    the recomputed part) give the same step as stored activations."""
+    from lookwhen.training.engine import Trainer, TrainSettings
+    from lookwhen.training.finetune import FinetuneTask
+    from lookwhen.data.synthetic import SyntheticDataset
+
+    weights = {}
+    for recompute in (False, True):
+        model = build_model("lookwhen-b16", **SMALL | {"depth": 2}, num_classes=3)
+        task = FinetuneTask(model, keep_range=(0.1, 0.3), drop_path=0.5, mixup=0.8)
+        settings = TrainSettings(out=str(tmp_path / str(recompute)), steps=2, batch_size=2, lr=1e-3, progress=False,
+                                 checkpoint_activations=recompute)
+        Trainer(task, SyntheticDataset(4, seed=1, frames=8, size=64, object_size=16, task="colour"), settings,
+                log=lambda line: None).fit()
+        weights[recompute] = model.state_dict()
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(value, build_model("lookwhen-b16", **SMALL | {"depth": 2}, num_classes=3)
+                               .state_dict()[key]) for key, value in weights[True].items())

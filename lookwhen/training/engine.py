@@ -3,9 +3,10 @@
 A task (:class:`Task`) owns the trainable modules and turns a batch into a
 loss; the engine does the rest: AdamW (no weight decay on biases, norms,
 tokens and position tables), linear warm-up then cosine decay, gradient
-clipping and accumulation, bf16 autocast on a GPU, ``torch.compile`` as an
-option, data-parallel training under ``torchrun`` (DistributedDataParallel:
-NCCL on GPUs, gloo on CPU; nothing here launches processes), checkpoints,
+clipping and accumulation, bf16 autocast on a GPU, ``torch.compile`` and
+activation checkpointing (:mod:`lookwhen.training.recompute`) as options,
+data-parallel training under ``torchrun`` (DistributedDataParallel: NCCL on
+GPUs, gloo on CPU; nothing here launches processes), checkpoints,
 exact resume, a progress bar (plain lines where stderr is not a terminal:
 a Slurm log), a JSON-lines log, TensorBoard scalars, validation every N
 steps and loss plots.
@@ -88,6 +89,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen.io.checkpoint import save_checkpoint, weights_fingerprint
 from lookwhen.training.distributed import Distributed
+from lookwhen.training.recompute import checkpoint_blocks
 
 STATE_FILE = "train-state.pt"
 MODEL_FILE = "model.safetensors"
@@ -119,6 +121,7 @@ class TrainSettings:
     peak_tflops: Optional[float] = None  # per rank; MFU is left out without it
     val_every: Optional[int] = None  # steps between validations (and at the end)
     ema: Optional[float] = None  # decay of an average of the weights, per step
+    checkpoint_activations: bool = False  # recompute the blocks in the backward pass
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -358,6 +361,8 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"the dataset has {len(dataset)} videos, fewer than one batch of {settings.batch_size}")
         self.module = task.module.to(self.device)
+        if settings.checkpoint_activations and not checkpoint_blocks(self.module):
+            raise ValueError("checkpoint_activations: the model has no transformer blocks to recompute")
         self.optimizer = make_optimizer(self.module, settings, task.lr_scale)
         warmup, total, floor = settings.warmup_steps, settings.steps, settings.min_lr / settings.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
