@@ -1,5 +1,6 @@
 // Per-token feature kernels: score_tokens (forward and backward),
 // nn_uniqueness, frame_normalize (forward and backward).
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -36,8 +37,9 @@ inline std::pair<float, float> row_stats(const float* x, int64_t n, float eps) {
 }
 
 // ---------------------------------------------------------------------------
-// score_tokens: LayerNorm rows into float32 y, one GEMM a = y W1^T + b1, then
-// one pass per row folds GELU and w2 into the score.
+// score_tokens: LayerNorm rows into float32 y, one GEMM a = y W1^T + b1 (in
+// the input's product dtype: bfloat16 x gives bfloat16 y, W1 and a), then
+// one float32 pass per row folds GELU and w2 into the score.
 
 struct Normalised {
   Tensor xhat, y, mean, rstd;  // [R, D], [R, D], [R], [R]
@@ -106,15 +108,16 @@ Tensor score_tokens(const Tensor& x, const Tensor& norm_weight, const Tensor& no
   if (rows == 0) return out;
   const Normalised n = layer_norm_rows(x.reshape({rows, dim}), as_float(norm_weight), as_float(norm_bias),
                                        static_cast<float>(eps), false);
-  const Tensor a = matmul_nt(n.y, as_float(w1), as_float(b1));
+  const auto pd = product_dtype(x.scalar_type());
+  const Tensor a = matmul_nt(as_operand(n.y, pd), as_operand(w1, pd), as_operand(b1, pd));
   const Tensor w2f = as_float(w2).reshape({hidden});
-  const float* ap = a.data_ptr<float>();
   const float* wp = w2f.data_ptr<float>();
   const float bias = as_float(b2).data_ptr<float>()[0];
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
     for (const auto r : c10::irange(begin, end)) {
-      const float* row = ap + r * hidden;
+      const float* row = float_row(a, r, buf);
       Vec acc(0.0f);
       int64_t h = 0;
       for (; h + Vec::size() <= hidden; h += Vec::size()) {
@@ -157,50 +160,59 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
   check_float_tensor(grad, "score_tokens_backward", "grad");
   check_shape(grad, {x.size(0), x.size(1)}, "score_tokens_backward", "grad");
   const int64_t dim = x.size(2), hidden = w1.size(0), rows = x.size(0) * x.size(1);
-  const Tensor gamma = as_float(norm_weight), w1f = as_float(w1), w2f = as_float(w2).reshape({hidden});
+  const Tensor gamma = as_float(norm_weight), w2f = as_float(w2).reshape({hidden});
   const Tensor g = as_float(grad).reshape({rows});
   const Normalised n = layer_norm_rows(x.reshape({rows, dim}), gamma, as_float(norm_bias),
                                        static_cast<float>(eps), true);
-  // a, overwritten by gelu(a) = a * cdf(a) once d_a is known.
-  Tensor act = matmul_nt(n.y, w1f, as_float(b1));
-  Tensor d_a = at::empty({rows, hidden}, act.options());
+  const auto pd = product_dtype(x.scalar_type());
+  const Tensor y = as_operand(n.y, pd), w1p = as_operand(w1, pd);
+  // The pre-activation a (product dtype); gelu(a) = a * cdf(a) (float32, for
+  // d_w2) and d_a (product dtype, for the two GEMMs) follow from it per row.
+  const Tensor a = matmul_nt(y, w1p, as_operand(b1, pd));
+  Tensor act = at::empty({rows, hidden}, n.y.options());
+  Tensor d_a = at::empty({rows, hidden}, a.options());
   float* ap = act.data_ptr<float>();
-  float* dap = d_a.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   const float* wp = w2f.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf, drow(static_cast<size_t>(hidden));
     for (const auto r : c10::irange(begin, end)) {
+      const float* pre = float_row(a, r, buf);
       float* row = ap + r * hidden;
-      float* drow = dap + r * hidden;
       const Vec gr(gp[r]);
       auto step = [&](int64_t h, int64_t count) {
-        const Vec v = Vec::loadu(row + h, count);
+        const Vec v = Vec::loadu(pre + h, count);
         const Vec cdf = gelu_cdf(v);
         const Vec pdf = (Vec(-0.5f) * v * v).exp() * Vec(kInvSqrt2Pi);
-        (gr * Vec::loadu(wp + h, count) * (cdf + v * pdf)).store(drow + h, count);
+        (gr * Vec::loadu(wp + h, count) * (cdf + v * pdf)).store(drow.data() + h, count);
         (v * cdf).store(row + h, count);
       };
       int64_t h = 0;
       for (; h + Vec::size() <= hidden; h += Vec::size()) step(h, Vec::size());
       if (h < hidden) step(h, hidden - h);
+      if (pd == at::kFloat) {
+        std::copy(drow.begin(), drow.end(), d_a.data_ptr<float>() + r * hidden);
+      } else {
+        at::vec::convert(drow.data(), d_a.data_ptr<at::BFloat16>() + r * hidden, hidden);
+      }
     }
   });
   const Tensor d_w2 = at::mv(act.t(), g);
-  const Tensor d_b1 = d_a.sum(0);
-  const Tensor d_w1 = matmul_nt(d_a.t(), n.y.t());
-  const Tensor d_y = matmul_nt(d_a, w1f.t());
+  const Tensor d_b1 = d_a.sum(0, false, at::kFloat);
+  const Tensor d_w1 = matmul_nt(d_a.t(), y.t());
+  const Tensor d_y = matmul_nt(d_a, w1p.t());
 
   Tensor dx = at::empty({rows, dim}, n.y.options());
   ColumnSums sums(dim);
-  const float* dyp = d_y.data_ptr<float>();
   const float* hp = n.xhat.data_ptr<float>();
   const float* rp = n.rstd.data_ptr<float>();
   const float* gam = gamma.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     float* mine = sums.slot();
+    std::vector<float> buf;
     for (const auto r : c10::irange(begin, end)) {
-      const float* dy = dyp + r * dim;
+      const float* dy = float_row(d_y, r, buf);
       const float* xhat = hp + r * dim;
       float* out = dxp + r * dim;
       float mean_d = 0.0f, mean_dx = 0.0f;
@@ -236,6 +248,10 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
 // first minimum, as argmin does. Memory is QUERY_BLOCK x N floats, never
 // N x N. The chosen neighbour's distance is then measured directly, as the
 // reference does.
+// The products stay float32 for bfloat16 inputs: a bfloat16 product is
+// rounded to 8 bits, coarser than the gap between a token's nearest
+// candidates (a few ulps of |x|^2), so the neighbour found would be noise,
+// and CPU PyTorch has no bfloat16 product with a float32 result to call.
 
 constexpr int64_t QUERY_BLOCK = 256;
 constexpr float COSINE_EPS = 1e-12f;

@@ -14,6 +14,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace lookwhen_native {
 
 using at::Tensor;
@@ -65,7 +67,34 @@ inline Tensor as_float(const Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
-// ``a [M, K] @ b [N, K]^T (+ bias [N])`` in float32. oneDNN's product
+// The dtype a kernel's matrix products run in, given its input's: bfloat16
+// stays bfloat16, so that oneDNN multiplies on the CPU's matrix units (AMX,
+// AVX512-BF16; about 8x the float32 rate on AMX) with float32 accumulation
+// and one rounding of each product to bfloat16, as autocast's linear does.
+// Everything else runs in float32 (float16 products have no fast CPU path
+// on the machines we measure).
+inline at::ScalarType product_dtype(at::ScalarType input) {
+  return input == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+// ``t`` as a contiguous matrix-product operand of ``dtype``.
+inline Tensor as_operand(const Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
+}
+
+// Row ``r`` of a contiguous float32 or bfloat16 matrix (a product's result)
+// as floats: a pointer into it, or into ``buf`` holding its converted copy.
+// Epilogues read products through it and keep their math in float32.
+inline const float* float_row(const Tensor& m, int64_t r, std::vector<float>& buf) {
+  const int64_t cols = m.size(1);
+  if (m.scalar_type() == at::kFloat) return m.const_data_ptr<float>() + r * cols;
+  buf.resize(static_cast<size_t>(cols));
+  at::vec::convert(m.const_data_ptr<at::BFloat16>() + r * cols, buf.data(), cols);
+  return buf.data();
+}
+
+// ``a [M, K] @ b [N, K]^T (+ bias [N])``, all three of one dtype (float32
+// or bfloat16, see product_dtype), the result in it too. oneDNN's product
 // (``mkldnn::_linear_pointwise``, what lookwhen.prepack_linears runs) where
 // PyTorch has it: on the AMD CPUs we measure, ATen's MKL path runs these
 // shapes 2-4x slower. at::mm otherwise.

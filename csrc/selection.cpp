@@ -157,9 +157,11 @@ Tensor topk_tokens_budgets(const Tensor& scores, const Tensor& budgets, const Te
 
 // gather_patch_embed: every output row's normalised patch is written
 // straight into the packed GEMM operand A [rows, 3*p*p] (the layout of
-// weight.reshape(D, -1)), one GEMM A @ W^T + bias follows, and one epilogue
-// pass adds the token's position row and converts to the weight's dtype. The
-// backward rebuilds A the same way for its one GEMM, grad^T @ A.
+// weight.reshape(D, -1)), one GEMM A @ W^T + bias follows (in the weight's
+// product dtype: bfloat16 on the matrix units for a bfloat16 weight), and
+// one float32 epilogue pass adds the token's position row and converts to
+// the weight's dtype. The backward rebuilds A the same way for its one GEMM,
+// grad^T @ A.
 
 struct Patches {
   Tensor a;                        // float32 [rows, 3*p*p]
@@ -300,16 +302,19 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
   const int64_t rows = patches.a.size(0);
   Tensor out = at::empty({rows, dim}, weight.options());
   if (rows == 0) return out;
-  const Tensor product = matmul_nt(patches.a, as_float(weight.reshape({dim, patches.a.size(1)})), as_float(bias));
+  // A holds values already rounded to the weight's dtype: its bfloat16 copy is exact.
+  const auto pd = product_dtype(weight.scalar_type());
+  const Tensor product = matmul_nt(as_operand(patches.a, pd), as_operand(weight.reshape({dim, patches.a.size(1)}), pd),
+                                   as_operand(bias, pd));
   const Tensor pos_f = as_float(pos_embed);
   const float* pp = pos_f.data_ptr<float>();
-  const float* prod = product.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_patch_embed", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
       for (const auto r : c10::irange(begin, end)) {
         const float* pos = pp + patches.row_token[r] * dim;
-        const float* src = prod + r * dim;
+        const float* src = float_row(product, r, buf);
         scalar_t* dst = op + r * dim;
         for (const auto d : c10::irange(dim)) dst[d] = static_cast<scalar_t>(src[d] + pos[d]);
       }
@@ -331,7 +336,8 @@ std::vector<Tensor> gather_patch_embed_backward(const Tensor& grad, const Tensor
                  patches.a.size(0), ", D], got ", grad.sizes());
   const Tensor g = as_float(grad);
   const int64_t rows = g.size(0), dim = g.size(1);
-  const Tensor d_weight = rows ? matmul_nt(g.t(), patches.a.t())
+  const auto pd = product_dtype(grad.scalar_type());
+  const Tensor d_weight = rows ? matmul_nt(as_operand(grad, pd).t(), as_operand(patches.a, pd).t())
                                : at::zeros({dim, patches.a.size(1)}, g.options());
   Tensor d_pos = at::zeros({patches.n_tokens, dim}, g.options());
   const float* gp = g.data_ptr<float>();
