@@ -3,12 +3,17 @@
 On the CPUs we measure on, ATen's float32 ``linear`` (MKL's sgemm) repacks the
 weight matrix on every call and, on AMD EPYC, runs 20-50 % below oneDNN's
 matrix product with a weight laid out in advance; the loss is largest for the
-few-hundred-row products of a sparse extractor. :func:`prepack_linears`
+few-hundred-row products of a sparse extractor. Under bfloat16 autocast it is
+worse: autocast re-casts every float32 weight to bfloat16 on every call (its
+weight cache does not apply under ``inference_mode``), about a fifth of
+LookWhen's bfloat16 forward on a 2-core Xeon with AMX. :func:`prepack_linears`
 switches a model's ``nn.Linear`` layers to :class:`PrepackedLinear`, which
 keeps the same parameters (state dicts, names and optimisers are unaffected)
 and takes the oneDNN path only where it computes the same function:
 
-* float32 CPU inputs and weights, outside autocast;
+* CPU inputs and weights, float32 or bfloat16 (one dtype), outside autocast;
+  or under CPU autocast to bfloat16, where the product runs in bfloat16 (as
+  autocast's ``linear`` does) from a bfloat16 copy of the weight packed once;
 * no gradient to track (``torch.no_grad`` / ``torch.inference_mode``, or
   nothing requires grad): the packed product has no autograd formula;
 * eager execution: ``torch.compile``, ``FlopCounterMode`` and fake tensors
@@ -43,8 +48,9 @@ def onednn_available() -> bool:
 
 
 class PrepackedLinear(nn.Linear):
-    """``nn.Linear`` whose eager CPU float32 inference runs oneDNN's product
-    with the weight packed on first use (see the module docstring)."""
+    """``nn.Linear`` whose eager CPU float32 or bfloat16 inference runs
+    oneDNN's product with the weight packed on first use (see the module
+    docstring)."""
 
     _packed: Optional[Tuple[tuple, torch.Tensor]] = None
 
@@ -58,32 +64,37 @@ class PrepackedLinear(nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
-        weight = self.weight
-        return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.device.type == "cpu"
-            and (self.bias is None or self.bias.dtype == torch.float32)
-            and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu")
-            and untracked_eager(x, weight, self.bias)
-        )
+    def _product_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype the packed product runs in, or ``None`` where
+        ``F.linear`` must run."""
+        weight, bias = self.weight, self.bias
+        if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() > 0
+                and untracked_eager(x, weight, bias)):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            # Autocast casts float32 and bfloat16 operands (not float64) to its dtype.
+            cast = {torch.float32, torch.bfloat16}
+            operands = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+            eligible = torch.get_autocast_dtype("cpu") == torch.bfloat16 and operands <= cast
+            return torch.bfloat16 if eligible else None
+        same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
+        return x.dtype if same and x.dtype in (torch.float32, torch.bfloat16) else None
 
-    def _packed_weight(self) -> torch.Tensor:
-        key = tensor_state(self.weight)
+    def _packed_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (tensor_state(self.weight), dtype)
         if self._packed is None or self._packed[0] != key:
             with torch.no_grad():
-                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+                weight = self.weight.detach().to(dtype)
+                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight, None))
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast_path(x):
+        dtype = self._product_dtype(x)
+        if dtype is None:
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self._packed_weight(), bias, "none", [], "")
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        rows = x.reshape(-1, self.in_features).to(dtype)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self._packed_weight(dtype), bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
