@@ -419,17 +419,24 @@ def test_accumulation_matches_one_big_batch(files, tmp_path):
             assert two[key] == pytest.approx(one[key], rel=1e-4), (one["step"], key)
 
 
-def test_two_ranks_with_half_the_batch_equal_one_process(files, tmp_path):
+def test_two_ranks_with_half_the_batch_equal_one_process_with_ddp_or_fsdp(files, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(files["data"], data, ignore=shutil.ignore_patterns("broken.mp4"))
     common = ["pretrain", "--data", str(data), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--stride", "1",
               "--image-teacher", TEACHER["name"], "--image-teacher-weights", files["weights"],
               "--image-teacher-size", "64", "--image-teacher-arg", "depth=2", "--set", *SET]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "lookwhen", *common, "--out", str(tmp_path / "ddp")]
-    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for port, (name, extra) in zip((29517, 29518), {"ddp": [], "fsdp": ["--fsdp", "--checkpoint-activations"]}.items()):
+        run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "lookwhen", *common, "--out", str(tmp_path / name), *extra]
+        done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Every parameter of pre-training gets a gradient: DDP need not search.
+        assert "find_unused_parameters=True" not in done.stderr
+    # Sharded weights, recomputed blocks: the same steps as DDP's.
+    fsdp, ddp = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert set(two) == set(one)

@@ -110,6 +110,7 @@ def _settings(args, device):
         save_every=args.save_every, workers=args.workers, compile=args.compile, device=str(device),
         resume=args.resume, plot=args.plot, log_every=args.log_every, tensorboard=args.tensorboard,
         peak_tflops=args.peak_tflops, ema=args.ema, checkpoint_activations=args.checkpoint_activations,
+        fsdp=args.fsdp,
         val_every=None if not args.val_manifest else args.val_every or args.steps)
 
 
@@ -333,6 +334,9 @@ def _loop_options(p) -> None:
     p.add_argument("--save-every", type=positive_int, default=100, help="checkpoint every N steps")
     p.add_argument("--workers", type=int, default=0, help="DataLoader decoding processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients and optimiser state over the ranks (FSDP2, a "
+                        "unit per transformer block) instead of replicating them (DDP)")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="keep only each transformer block's input and recompute the block in the backward pass "
                         "(less memory, about a third more compute)")

@@ -26,10 +26,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message names the file."""
 
 
-def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike], *, labels: Optional[Dict] = None) -> None:
-    """``labels``: ``{"classes": [...] or None, "multi_label": bool}`` (see the module docstring)."""
+def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike], *, labels: Optional[Dict] = None,
+                    state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """``labels``: ``{"classes": [...] or None, "multi_label": bool}`` (see the module docstring).
+    ``state``: the weights to store, when the model's own are not whole
+    tensors (sharded by FSDP); default ``model.state_dict()``."""
+    state = model.state_dict() if state is None else state
     # safetensors stores each tensor on its own: contiguous, on the CPU.
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     metadata = {CONFIG_KEY: model.config.to_json()}
     if labels is not None:
         metadata[LABELS_KEY] = json.dumps(labels)

@@ -5,8 +5,9 @@ loss; the engine does the rest: AdamW (no weight decay on biases, norms,
 tokens and position tables), linear warm-up then cosine decay, gradient
 clipping and accumulation, bf16 autocast on a GPU, ``torch.compile`` and
 activation checkpointing (:mod:`lookwhen.training.recompute`) as options,
-data-parallel training under ``torchrun`` (DistributedDataParallel: NCCL on
-GPUs, gloo on CPU; nothing here launches processes), checkpoints,
+data-parallel training under ``torchrun`` (DistributedDataParallel, or
+FSDP2 with ``fsdp``: NCCL on GPUs, gloo on CPU; nothing here launches
+processes), checkpoints,
 exact resume, a progress bar (plain lines where stderr is not a terminal:
 a Slurm log), a JSON-lines log, TensorBoard scalars, validation every N
 steps and loss plots.
@@ -85,9 +86,18 @@ from lookwhen.data.datasets import SkipReport, collate
 from lookwhen.io.atomic import atomic_folder, write_json, write_text
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen.io.checkpoint import save_checkpoint, weights_fingerprint
+from lookwhen.models.layers import Block
 from lookwhen.training.distributed import Distributed
 from lookwhen.training.recompute import checkpoint_blocks
 
@@ -122,6 +132,7 @@ class TrainSettings:
     val_every: Optional[int] = None  # steps between validations (and at the end)
     ema: Optional[float] = None  # decay of an average of the weights, per step
     checkpoint_activations: bool = False  # recompute the blocks in the backward pass
+    fsdp: bool = False  # shard parameters, gradients and optimiser state over the ranks
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -130,6 +141,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every is not None and self.val_every < 1:
             raise ValueError(f"val_every must be at least 1, got {self.val_every}")
+        if self.fsdp and self.ema is not None:
+            raise ValueError("ema: not with fsdp (the average would have to be sharded too)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must lie in (0, 1), got {self.ema}")
         if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
@@ -363,6 +376,15 @@ class Trainer:
         self.module = task.module.to(self.device)
         if settings.checkpoint_activations and not checkpoint_blocks(self.module):
             raise ValueError("checkpoint_activations: the model has no transformer blocks to recompute")
+        # The weights the run starts from, while they are whole (before FSDP shards them).
+        self._initial_weights = None if settings.resume else weights_fingerprint(task.model())
+        self.sharded = settings.fsdp and world > 1
+        if self.sharded:
+            # A unit per block (its weights gathered only while it runs) and
+            # the rest at the root, before the optimiser sees the parameters.
+            for block in [m for m in self.module.modules() if isinstance(m, Block)]:
+                fully_shard(block)
+            fully_shard(self.module)
         self.optimizer = make_optimizer(self.module, settings, task.lr_scale)
         warmup, total, floor = settings.warmup_steps, settings.steps, settings.min_lr / settings.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -400,16 +422,34 @@ class Trainer:
                 return name + "." if name else ""
         raise ValueError(f"{type(self.task).__name__}: its model is not part of its module")
 
-    def _state(self) -> Dict:
+    # Whole state dicts: under FSDP gathered from every rank (a collective:
+    # all ranks call these) onto the main rank's CPU, in PyTorch's
+    # distributed-checkpoint layout (the optimiser's state keyed by parameter
+    # name), so an --fsdp run resumes with --fsdp on any number of ranks.
+    _WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _module_state(self) -> Dict[str, torch.Tensor]:
+        return get_model_state_dict(self.module, options=self._WHOLE) if self.sharded else self.module.state_dict()
+
+    def _optimizer_state(self) -> Dict:
+        if self.sharded:
+            return get_optimizer_state_dict(self.module, self.optimizer, options=self._WHOLE)
+        return self.optimizer.state_dict()
+
+    def _model_state(self, module_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The inference model's share of the module's state dict."""
         prefix = self._model_prefix()
-        saved = {prefix + key for key in self.task.model().state_dict()}
+        return {key[len(prefix):]: value for key, value in module_state.items() if key.startswith(prefix)}
+
+    def _state(self, module_state: Dict[str, torch.Tensor], optimizer_state: Dict) -> Dict:
+        prefix = self._model_prefix()
         return {
             # The model's weights are in MODEL_FILE beside this state.
-            "module_rest": {k: v for k, v in self.module.state_dict().items() if k not in saved},
+            "module_rest": {k: v for k, v in module_state.items() if not k.startswith(prefix)},
             "model_file": MODEL_FILE,
             "model_prefix": prefix,
             "ema_file": None if self.ema is None else EMA_FILE,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "position": dataclasses.asdict(self.position),
             # The clips per global micro-batch and per step: what the data
@@ -427,10 +467,11 @@ class Trainer:
         ``keep_checkpoints``. Returns its folder."""
         name = f"step-{self.position.step:06d}"
         final = os.path.join(self.checkpoints, name)
+        module_state, optimizer_state = self._module_state(), self._optimizer_state()
         if self.dist.main:
             with atomic_folder(final) as temporary:
-                self._save_models(temporary)
-                torch.save(self._state(), os.path.join(temporary, STATE_FILE))
+                self._save_models(temporary, module_state)
+                torch.save(self._state(module_state, optimizer_state), os.path.join(temporary, STATE_FILE))
             write_text(os.path.join(self.checkpoints, "latest"), name)
             kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
             for old in kept[: -self.settings.keep_checkpoints]:
@@ -438,9 +479,11 @@ class Trainer:
         self.dist.barrier()
         return final
 
-    def _save_models(self, folder: str) -> None:
-        """The inference model, and its weight average with ``ema``."""
-        save_checkpoint(self.task.model(), os.path.join(folder, MODEL_FILE), labels=self.task.label_space())
+    def _save_models(self, folder: str, module_state: Dict[str, torch.Tensor]) -> None:
+        """The inference model (its weights in ``module_state``), and its
+        weight average with ``ema``."""
+        save_checkpoint(self.task.model(), os.path.join(folder, MODEL_FILE), labels=self.task.label_space(),
+                        state=self._model_state(module_state))
         if self.ema is not None:
             with self.ema.swapped_in() as model:
                 save_checkpoint(model, os.path.join(folder, EMA_FILE), labels=self.task.label_space())
@@ -485,8 +528,13 @@ class Trainer:
                              f"micro-batches of {micro_batch}; resume with the run's --accumulate")
         position.micro = clips // micro_batch
         try:
-            self.module.load_state_dict(state["module"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                set_model_state_dict(self.module, state["module"], options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.module.load_state_dict(state["module"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -561,7 +609,7 @@ class Trainer:
             raise ValueError(f"{self.folder} already holds a run; pass --resume to continue it or use a new --out")
         else:
             # The weights the run starts from (a resume keeps the first run's record).
-            info["initial_weights"] = weights_fingerprint(self.task.model())
+            info["initial_weights"] = self._initial_weights
         if self.dist.main:
             os.makedirs(self.checkpoints, exist_ok=True)
             if before is not None:
@@ -622,7 +670,7 @@ class Trainer:
         self._prepare_folder()
         settings = self.settings
         forward = self.module
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.sharded:
             forward = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.task.unused_parameters(settings.steps * settings.accumulate))
@@ -657,8 +705,9 @@ class Trainer:
             self.log(message)
         if self.position.step % settings.save_every:
             self.save()
+        module_state = self._module_state()
         if self.dist.main:
-            self._save_models(self.folder)
+            self._save_models(self.folder, module_state)
             if settings.plot:
                 plot_log(self.log_file, settings.plot)
         self.dist.barrier()
@@ -688,8 +737,7 @@ class Trainer:
                 self.skips.add(batch["skipped"])
                 drawn = self._share(self.task.draw(self.generator, self.micro * self.dist.world))
                 sync = consumed % accumulate == accumulate - 1
-                context = forward.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
-                with context:
+                with self._gradient_sync(forward, sync):
                     with autocast(self.device):
                         loss, parts = forward(batch, drawn)
                     (loss / accumulate).backward()
@@ -705,7 +753,9 @@ class Trainer:
                     self._step_flops, counter = counter.get_total_flops(), None
                 grad_norm = None
                 if settings.clip_grad is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad))
+                    norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), settings.clip_grad)
+                    # Under FSDP a DTensor, replicated on every rank.
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 lr = max(group["lr"] for group in self.optimizer.param_groups)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -751,12 +801,22 @@ class Trainer:
         position.micro = 0
         return last
 
+    def _gradient_sync(self, forward, sync: bool):
+        """Gradients averaged over the ranks only on the micro-batch that ends
+        a step (``sync``): DDP's ``no_sync`` before it, FSDP's switch."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(sync)
+        elif not sync and self.dist.world > 1:
+            return forward.no_sync()
+        return contextlib.nullcontext()
+
     def _validate(self) -> Dict[str, float]:
-        """The task's validation metrics, on the main rank (the others wait),
+        """The task's validation metrics, on the main rank (the others wait;
+        under FSDP every rank runs it, as each holds a shard of the weights),
         outside the RNG streams training draws from: a run validated at
         other steps, or resumed, trains the same."""
         metrics: Dict[str, float] = {}
-        if self.dist.main:
+        if self.dist.main or self.sharded:
             modes = [(module, module.training) for module in self.module.modules()]
             devices = [self.device] if self.device.type == "cuda" else []
             try:
