@@ -167,6 +167,16 @@ def test_evaluate_command_is_reproducible(files, tmp_path, capsys):
     assert 0 <= first["top1"] <= first["top5"] == 1.0  # 4 classes: the top five hold every class
     assert first["gmacs_per_view"] == pytest.approx(first["gflops_per_view"] / 2)
     assert (first["keep_ratio"], first["tokens_kept"]) == (0.2, model.config.tokens_kept(0.2))
+    # Two ranks, each scoring half the videos: the same figures.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29519", "-m", "lookwhen", *args, "--json", str(tmp_path / "ranks.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("top-1") == 1
+    ranks = json.load(open(tmp_path / "ranks.json"))
+    for key in ("top1", "top5", "videos", "failures"):
+        assert ranks[key] == first[key], key
     # Without --keep-ratio the model runs at its own, and says so.
     assert main([*args[:-4], "--batch-size", "5", "--json", str(tmp_path / "c.json")]) == 0
     own = json.load(open(tmp_path / "c.json"))

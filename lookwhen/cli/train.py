@@ -250,10 +250,15 @@ def cmd_evaluate(args) -> int:
     model = load_checkpoint(args.checkpoint, device)
     if args.keep_ratio is not None and model.config.kind != "lookwhen":
         raise CommandError(f"--keep-ratio: {model.config.name} is a dense model and keeps every token")
-    with tqdm(total=len(annotations.entries), unit="video", file=sys.stderr, disable=None) as bar:
+    # Under torchrun each rank scores its share of the videos; the main rank reports.
+    ranks = Distributed.start(device)
+    share = len(range(ranks.rank, len(annotations.entries), ranks.world))
+    with tqdm(total=share, unit="video", file=sys.stderr, disable=None if ranks.main else True) as bar:
         result = evaluate(model, annotations.entries, views=views, keep_ratio=args.keep_ratio,
                           batch_size=args.batch_size, workers=args.workers, device=device, progress=bar.update,
-                          multi_label=multi_label, decoder=args.decoder)
+                          multi_label=multi_label, decoder=args.decoder, rank=ranks.rank, world=ranks.world)
+    if not ranks.main:
+        return 0
     for path, message in result.failures:
         print(f"lookwhen evaluate: skipped {' '.join(message.split())}", file=sys.stderr)
     print(format_evaluation(model.config.name, result, views))

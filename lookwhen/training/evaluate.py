@@ -15,7 +15,8 @@ rule inside the ``i``-th of ``n`` equal parts of the video. Spatial crop
 ``j`` of ``m``: the short side resized to ``size`` and ``m`` squares spread
 evenly along the long side (for ``m = 1`` the centre; for 3, the two ends and
 the centre). The protocol is deterministic: a second run gives the same
-numbers.
+numbers, and so does a run under ``torchrun`` on any number of ranks (each
+scores its share of the videos; the scores are gathered before the metrics).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lookwhen.data.datasets import Entry, collate_list
@@ -169,12 +171,14 @@ class Evaluation:
 def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
              keep_ratio: Optional[float] = None, batch_size: int = 4, workers: int = 0,
              device: torch.device = torch.device("cpu"), progress=None, multi_label: bool = False,
-             decoder: str = "auto") -> Evaluation:
+             decoder: str = "auto", rank: int = 0, world: int = 1) -> Evaluation:
     """Top-1 / top-5 of ``model`` over the entries (``(path, label)`` pairs
     will do), or with ``multi_label`` (labels: tuples of class ids) its mAP;
     unreadable videos are left out and listed in ``failures``. Decoding runs
     in ``workers`` processes while the model runs (``decoder``: see
-    :mod:`lookwhen.data.decoders`)."""
+    :mod:`lookwhen.data.decoders`). Under ``torchrun`` (``world`` > 1, a
+    process group started) each rank scores every ``world``-th video from
+    ``rank`` on, and every rank returns the metrics over all of them."""
     cfg = model.config
     if not cfg.num_classes:
         raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")
@@ -182,22 +186,23 @@ def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
         raise ValueError(f"keep_ratio: {cfg.name} is a dense model and keeps every token")
     model = model.eval()
     selection = {"keep_ratio": keep_ratio} if isinstance(model, LookWhen) and keep_ratio is not None else {}
-    loader = torch.utils.data.DataLoader(ViewDataset(items, cfg.frames, cfg.image_size, views, decoder),
-                                         batch_size=1,
-                                         num_workers=workers, collate_fn=collate_list)
+    share = list(range(rank, len(items), world))
+    loader = torch.utils.data.DataLoader(ViewDataset([items[i] for i in share], cfg.frames, cfg.image_size, views,
+                                                     decoder),
+                                         batch_size=1, num_workers=workers, collate_fn=collate_list)
     per_video = views[0] * views[1]
-    correct1 = correct5 = 0
-    failures, predictions = [], []
-    video_scores: List[torch.Tensor] = []
-    targets: List[torch.Tensor] = []
-    pending: List[Dict] = []
+    # Per video read, by its index in ``items``: the views' scores averaged
+    # (softmax, or sigmoid for multi-label data).
+    scored: Dict[int, torch.Tensor] = {}
+    failures: List[Tuple[int, str, str]] = []
+    pending: List[Tuple[int, Dict]] = []
     compute_s, n_views = 0.0, 0
 
     def flush():
-        nonlocal correct1, correct5, compute_s, n_views
+        nonlocal compute_s, n_views
         if not pending:
             return
-        clips = torch.cat([p["views"] for p in pending]).to(device)
+        clips = torch.cat([sample["views"] for _, sample in pending]).to(device)
         start = time.perf_counter()
         logits = torch.cat([logits_of(model, clips[i: i + batch_size], **selection).float()
                             for i in range(0, len(clips), batch_size)])
@@ -205,44 +210,53 @@ def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
             torch.cuda.synchronize(device)
         compute_s += time.perf_counter() - start
         n_views += len(clips)
-        if multi_label:
-            video_scores.append(logits.view(len(pending), per_video, -1).sigmoid().mean(1).cpu())
-            for p in pending:
-                target = torch.zeros(cfg.num_classes)
-                target[list(p["label"] if isinstance(p["label"], tuple) else (p["label"],))] = 1.0
-                targets.append(target)
-            pending.clear()
-            return
-        scores = logits.view(len(pending), per_video, -1).softmax(-1).mean(1)
-        labels = torch.tensor([p["label"] for p in pending], device=scores.device)
-        top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(-1).sum())
-        predictions.extend(top[:, 0].tolist())
+        probabilities = logits.sigmoid() if multi_label else logits.softmax(-1)
+        for (index, _), scores in zip(pending, probabilities.view(len(pending), per_video, -1).mean(1).cpu()):
+            scored[index] = scores
         pending.clear()
 
-    for (sample,) in loader:
+    for index, (sample,) in zip(share, loader):
         if sample["views"] is None:
-            failures.append((sample["path"], sample["error"]))
+            failures.append((index, sample["path"], sample["error"]))
         else:
-            pending.append(sample)
+            pending.append((index, sample))
             if len(pending) * per_video >= batch_size:
                 flush()
         if progress is not None:
             progress(1)
     flush()
-    videos = len(items) - len(failures)
-    if videos == 0:
+    if world > 1:
+        # Every rank's share, so that every rank returns the same figures.
+        parts = [None] * world
+        dist.all_gather_object(parts, (scored, failures, compute_s, n_views))
+        scored = {index: scores for part in parts for index, scores in part[0].items()}
+        failures = sorted(failure for part in parts for failure in part[1])
+        compute_s = max(part[2] for part in parts)
+        n_views = sum(part[3] for part in parts)
+    if not scored:
         raise ValueError(f"none of the {len(items)} videos could be read")
+    order = sorted(scored)
+    scores = torch.stack([scored[i] for i in order])
+    labels = [Entry(*items[i]).label for i in order]
+    predictions = []
+    if multi_label:
+        targets = torch.zeros_like(scores)
+        for row, label in enumerate(labels):
+            targets[row, list(label if isinstance(label, tuple) else (label,))] = 1.0
+        accuracy = {"mAP": mean_average_precision(scores, targets)}
+    else:
+        top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
+        truth = torch.tensor(labels)
+        predictions = top[:, 0].tolist()
+        accuracy = {"top1": float((top[:, 0] == truth).float().mean()),
+                    "top5": float((top == truth[:, None]).any(-1).float().mean())}
     probe = torch.zeros((1, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, device=device)
     flops = count_flops(model, probe, **selection) if isinstance(model, LookWhen) else count_flops(model, probe)
     ran_at = (cfg.keep_ratio if keep_ratio is None else keep_ratio) if isinstance(model, LookWhen) else None
-    accuracy = {"mAP": mean_average_precision(torch.cat(video_scores), torch.stack(targets))} if multi_label else {
-        "top1": correct1 / videos, "top5": correct5 / videos}
-    return Evaluation(**accuracy, videos=videos, views_per_video=per_video,
+    return Evaluation(**accuracy, videos=len(order), views_per_video=per_video,
                       clips_per_s=n_views / max(compute_s, 1e-9), gflops_per_view=flops / 1e9,
-                      failures=failures, predictions=predictions, keep_ratio=ran_at,
-                      tokens_kept=None if ran_at is None else cfg.tokens_kept(ran_at))
+                      failures=[(path, error) for _, path, error in failures], predictions=predictions,
+                      keep_ratio=ran_at, tokens_kept=None if ran_at is None else cfg.tokens_kept(ran_at))
 
 
 def format_evaluation(name: str, result: Evaluation, views: Tuple[int, int]) -> str:
