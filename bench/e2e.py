@@ -11,6 +11,14 @@ CPU both models get the same set-up: oneDNN linear layers with prepacked
 weights (``--cpu-linear``) and freed memory kept in the process
 (``--malloc``, applied by ``bench.__main__``).
 
+A calibration GEMM, measured in the same passes, gives the rate the
+hardware reaches on the models' own product (the baseline's MLP, ``[batch *
+tokens, width] x [width, mlp_ratio * width]``, through the same linear
+layer, dtype and threads): each model's achieved FLOP/s as a share of it
+says how close to the matrix units' speed the whole forward runs. Outside
+float32 the first batch also runs in float32, and the bench reports each
+model's embedding cosine per clip against it and LookWhen's top-K overlap.
+
 The methods table puts what a user would pick instead beside LookWhen, all
 measured in the same interleaved passes on the same clips: LookWhen with its
 learned selector and with the ``motion`` selector (the decoder's motion
@@ -48,7 +56,7 @@ from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selectio
 from lookwhen.data.synthetic import synthetic_clip, write_video
 from lookwhen.data.video import VideoError, fit_clips, read_clips, sample_indices
 from lookwhen.models.config import ModelConfig
-from lookwhen.models.cpu_inference import onednn_available, prepack_linears
+from lookwhen.models.cpu_inference import PrepackedLinear, bf16_matrix_units, onednn_available, prepack_linears
 from lookwhen.models.rlt import DEFAULT_THRESHOLD, RLTDense
 from lookwhen_kernels import keep_ratio_to_k
 
@@ -116,6 +124,39 @@ class Timing:
         return (max(medians) - min(medians)) / min(medians)
 
 
+def _calibration(cfg: ModelConfig, batch: int, device, linear: str) -> Tuple[Timing, float]:
+    """The calibration GEMM (see the module docstring) as a timed step, and
+    its FLOPs per call."""
+    rows, width, hidden = batch * (cfg.n_tokens + 1), cfg.width, int(cfg.width * cfg.mlp_ratio)
+    layer = torch.nn.Linear(width, hidden).to(device)
+    if linear == "onednn":
+        layer = PrepackedLinear.from_linear(layer)
+    x = torch.randn(rows, width, device=device)
+    return Timing(f"calibration GEMM [{rows}, {width}] x [{width}, {hidden}]", lambda: layer(x)), 2.0 * rows * width * hidden
+
+
+def _accuracy(lw, base, lw_clip, base_clip, ratios, device, dtype) -> Dict[str, object]:
+    """The run's dtype against float32 on one batch: embedding cosine per
+    clip for both models, and the share of LookWhen's float32 top-K that it
+    keeps."""
+    def cosine(low, full):
+        return F.cosine_similarity(low.float(), full.float(), dim=-1).tolist()
+
+    with torch.inference_mode():
+        full_base = base(base_clip)
+        full_lw = {r: lw(lw_clip, keep_ratio=r) for r in ratios}
+        with autocast(device, dtype):
+            low_base = base(base_clip)
+            low_lw = {r: lw(lw_clip, keep_ratio=r) for r in ratios}
+    result: Dict[str, object] = {"baseline_cosine": cosine(low_base, full_base)}
+    for r in ratios:
+        full, low = full_lw[r], low_lw[r]
+        result[r] = {"cosine": cosine(low.embedding, full.embedding),
+                     "topk_overlap": [len(set(a.tolist()) & set(b.tolist())) / a.numel()
+                                      for a, b in zip(full.indices.cpu(), low.indices.cpu())]}
+    return result
+
+
 def _stage_split(model, clip, keep, device) -> Dict[str, float]:
     """Fractions of one LookWhen forward's wall time per stage."""
     timer = StageTimer(device)
@@ -128,9 +169,10 @@ def _stage_split(model, clip, keep, device) -> Dict[str, float]:
 
 
 def _linear_backend(args, device: torch.device) -> str:
-    """What runs the linear layers: ``onednn`` (prepacked, CPU float32),
-    ``aten`` (``--cpu-linear aten``, or where oneDNN does not apply)."""
-    if args.cpu_linear == "onednn" and device.type == "cpu" and args.dtype == "fp32" and onednn_available():
+    """What runs the linear layers: ``onednn`` (prepacked, CPU float32 or
+    bfloat16), ``aten`` (``--cpu-linear aten``, or where oneDNN does not apply)."""
+    if (args.cpu_linear == "onednn" and device.type == "cpu" and args.dtype in ("fp32", "bf16")
+            and onednn_available()):
         return "onednn"
     return "aten"
 
@@ -329,13 +371,15 @@ def run(args, device: torch.device) -> Result:
                  for r in motion_sets}
     rlt_timing = Timing(f"{cfg_base.name}+rlt", rotating(rlt, base_clips))
     low_timings = {size: Timing(cfg.name, rotating(low_models[size], low_clips[size])) for size, cfg in low_res.items()}
-    timings = [baseline, *ours.values(), *by_motion.values(), rlt_timing, *low_timings.values()]
+    gemm, gemm_flops = _calibration(cfg_base, batch, device, linear)
+    timings = [gemm, baseline, *ours.values(), *by_motion.values(), rlt_timing, *low_timings.values()]
     splits: Dict[float, List[Dict[str, float]]] = {r: [] for r in ratios}
     steps = passes * (len(timings) + len(ratios)) + 1
     with torch.inference_mode(), autocast(device, dtype), tqdm(total=steps, desc="e2e", unit="step", leave=False) as progress:
         # Full passes over every model, repeated: each later pass shows how
         # much the numbers drift. The stage split is its own forward (the
         # timer synchronises a GPU at every stage boundary).
+        gemm.step()  # packs its weight in this dtype and lets oneDNN build its kernel: not timed
         for i in range(passes):
             for t in timings:
                 progress.set_postfix_str(t.label)
@@ -361,7 +405,10 @@ def run(args, device: torch.device) -> Result:
             flops = _flops_per_clip(low_models[size], low_clips[size][0][0][:1])
             methods.append(Method(timing, low_res[size].n_tokens, flops))
         progress.update()
+    accuracy = (_accuracy(lw, base, lw_clips[0][0], base_clips[0][0], ratios, device, dtype)
+                if dtype != torch.float32 else None)
 
+    gemm_rate = gemm_flops / gemm.stats.median
     base_stats = baseline.stats
     base_rate = batch / base_stats.median
     payload, rows, records = [], [], []
@@ -384,6 +431,8 @@ def run(args, device: torch.device) -> Result:
             "baseline_gflops_per_clip": flops_base / 1e9,
             "flops_ratio": ratio,
             "efficiency": speedup / ratio,
+            "lookwhen_gemm_share": rate * flops_lw[r] / gemm_rate,
+            "baseline_gemm_share": base_rate * flops_base / gemm_rate,
             "selection_fraction": split[r]["selection"],
             "selector_fraction": split[r]["selector"],
             "extractor_fraction": split[r]["extractor"],
@@ -394,14 +443,19 @@ def run(args, device: torch.device) -> Result:
             "lookwhen_time_s": stats.as_dict(),
             "baseline_time_s": base_stats.as_dict(),
         }
+        if accuracy is not None:
+            entry.update(lookwhen_cosine=accuracy[r]["cosine"], baseline_cosine=accuracy["baseline_cosine"],
+                         topk_overlap=accuracy[r]["topk_overlap"])
         payload.append(entry)
         rows.append((f"{r:g}", entry["tokens_kept"], f"{rate:.3f}", f"{base_rate:.3f}", f"{speedup:.2f}x",
                      f"{flops_lw[r] / 1e9:.4g}", f"{flops_base / 1e9:.4g}", f"{ratio:.2f}x", f"{entry['efficiency']:.2f}",
+                     f"{100 * entry['lookwhen_gemm_share']:.0f}% / {100 * entry['baseline_gemm_share']:.0f}%",
                      f"{100 * split[r]['selector']:.1f}%", f"{100 * split[r]['selection']:.1f}%",
                      f"{100 * split[r]['extractor']:.1f}%",
                      f"{100 * ours[r].noise:.1f}% / {100 * baseline.noise:.1f}%"))
         model_name = cfg_lw.name
         for metric, value in (("speedup", speedup), ("flops_ratio", ratio), ("efficiency", entry["efficiency"]),
+                              ("gemm_share", entry["lookwhen_gemm_share"]),
                               ("gflops_per_clip", flops_lw[r] / 1e9), ("selection_fraction", split[r]["selection"]),
                               ("selector_fraction", split[r]["selector"]),
                               ("extractor_fraction", split[r]["extractor"])):
@@ -411,28 +465,47 @@ def run(args, device: torch.device) -> Result:
         records.append(Record(cfg_base.name, "dense", "inference", "clips_per_s", r, base_rate,
                               entry["baseline_clips_per_s_q20"], entry["baseline_clips_per_s_q80"]))
     records.append(Record(cfg_base.name, "dense", "inference", "gflops_per_clip", "", flops_base / 1e9))
-    method_rows, method_payload = _methods(methods, batch, base_stats.median, flops_base, records)
-    cpu_setup = f", linear layers: {linear}, malloc: {args.malloc}" if device.type == "cpu" else ""
+    method_rows, method_payload = _methods(methods, batch, base_stats.median, flops_base, gemm_rate, records)
+    units = ", ".join(bf16_matrix_units()) or "none"
+    cpu_setup = (f", linear layers: {linear}, malloc: {args.malloc}, bf16 matrix units: {units}"
+                 if device.type == "cpu" else "")
     setup = f"batch {batch}, {args.dtype}, {torch.get_num_threads()} threads, {device.type}{cpu_setup}"
     proof = _synthetic_proof(samples, rlt, base_clips[0][0], motions, cfg_lw) if not args.videos else ""
     notes = "".join(f"; {note}" for note in (motion_note, proof) if note)
     methods_table = format_table(
-        ("method", "tokens", "GFLOPs", "GMACs", "clips/s", "speedup", "efficiency", "noise"), method_rows,
+        ("method", "tokens", "GFLOPs", "GMACs", "clips/s", "speedup", "efficiency", "of GEMM", "noise"), method_rows,
         title=(f"Methods on the same clips ({source}): {setup}; clips/s medians; speedup over {cfg_base.name}; "
-               f"efficiency = speedup / FLOPs ratio; RLT threshold {args.rlt_threshold:g}{notes}"))
+               f"efficiency = speedup / FLOPs ratio; of GEMM = achieved FLOP/s / the {gemm.label}'s "
+               f"{gemm_rate / 1e9:.0f} GFLOP/s (noise {100 * gemm.noise:.1f}%); "
+               f"RLT threshold {args.rlt_threshold:g}{notes}"))
     title = (f"{cfg_lw.name} vs {cfg_base.name} (attention: {cfg_base.attention}): {setup}; clips/s medians; efficiency = speedup / FLOPs ratio; "
              "time split of LookWhen")
     table = format_table(
         ("keep", "K", "LookWhen clips/s", "dense clips/s", "speedup", "LookWhen GFLOPs", "dense GFLOPs",
-         "FLOPs ratio", "efficiency", "selector", "selection", "extractor", "noise LW / dense"), rows, title=title)
+         "FLOPs ratio", "efficiency", "of GEMM LW / dense", "selector", "selection", "extractor", "noise LW / dense"),
+        rows, title=title)
+    if accuracy is not None:
+        table += "\n\n" + format_table(
+            ("model", "keep", "cosine min", "cosine mean", "top-K overlap min"),
+            [(cfg_base.name, "", f"{min(accuracy['baseline_cosine']):.5f}",
+              f"{statistics.mean(accuracy['baseline_cosine']):.5f}", "")]
+            + [(cfg_lw.name, f"{r:g}", f"{min(accuracy[r]['cosine']):.5f}",
+                f"{statistics.mean(accuracy[r]['cosine']):.5f}", f"{min(accuracy[r]['topk_overlap']):.3f}")
+               for r in ratios],
+            title=f"{args.dtype} against float32 on the first batch ({batch} clips): embedding cosine per clip, "
+                  "share of the float32 top-K selected")
     extra = {"batch": batch, "dtype": args.dtype, "linear": linear, "clips": source, "methods": method_payload,
+             "calibration_gemm": {"shape": gemm.label, "gflop_per_s": gemm_rate / 1e9, "noise": gemm.noise,
+                                  "time_s": gemm.stats.as_dict()},
+             "bf16_matrix_units": list(bf16_matrix_units()),
              "synthetic_proof": proof,
              "rlt_threshold": args.rlt_threshold, "lookwhen": cfg_lw.to_dict(), "baseline": cfg_base.to_dict()}
     return Result("e2e", methods_table + "\n\n" + table, payload, records,
                   plot=lambda fig: _plot(fig, payload, cfg_lw.name, cfg_base.name), extra=extra)
 
 
-def _methods(methods: List[Method], batch: int, base_seconds: float, base_flops: float, records: List[Record]):
+def _methods(methods: List[Method], batch: int, base_seconds: float, base_flops: float, gemm_rate: float,
+             records: List[Record]):
     """Rows and JSON entries of the methods table (CSV records appended to
     ``records``)."""
     rows, payload = [], []
@@ -443,13 +516,14 @@ def _methods(methods: List[Method], batch: int, base_seconds: float, base_flops:
         entry = {"method": m.timing.label, "tokens": m.tokens, "gflops_per_clip": m.flops / 1e9,
                  "gmacs_per_clip": m.flops / 2e9, "clips_per_s": batch / stats.median,
                  "clips_per_s_q20": batch / stats.q80, "clips_per_s_q80": batch / stats.q20,
-                 "speedup": speedup, "efficiency": efficiency, "noise": m.timing.noise,
+                 "speedup": speedup, "efficiency": efficiency,
+                 "gemm_share": batch / stats.median * m.flops / gemm_rate, "noise": m.timing.noise,
                  "pass_medians_s": [p.median for p in m.timing.passes]}
         payload.append(entry)
         rows.append((m.timing.label, f"{m.tokens:.0f}", f"{m.flops / 1e9:.4g}", f"{m.flops / 2e9:.4g}",
                      f"{entry['clips_per_s']:.3f}", f"{speedup:.2f}x", f"{efficiency:.2f}",
-                     f"{100 * m.timing.noise:.1f}%"))
-        for metric in ("tokens", "gflops_per_clip", "gmacs_per_clip", "speedup", "efficiency"):
+                     f"{100 * entry['gemm_share']:.0f}%", f"{100 * m.timing.noise:.1f}%"))
+        for metric in ("tokens", "gflops_per_clip", "gmacs_per_clip", "speedup", "efficiency", "gemm_share"):
             records.append(Record(m.timing.label, "methods", "inference", metric, "", entry[metric]))
         records.append(Record(m.timing.label, "methods", "inference", "clips_per_s", "", entry["clips_per_s"],
                               entry["clips_per_s_q20"], entry["clips_per_s_q80"]))

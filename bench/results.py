@@ -151,6 +151,7 @@ def _e2e(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[List[
                 ("GFLOPs", _sig("gflops_per_clip")), ("GMACs", _sig("gmacs_per_clip")),
                 ("clips/s", _fixed("clips_per_s", 3)), ("speedup", _fixed("speedup", 2, "x")),
                 ("efficiency", _fixed("efficiency", 2)), ("noise", _percent("noise")),
+                ("of GEMM", _percent("gemm_share")),
             ]), "",
         ]
     attention = baseline.get("attention")
@@ -171,12 +172,22 @@ def _e2e(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[List[
             ("selection", _percent("selection_fraction")),
             ("extractor", _percent("extractor_fraction")),
             ("noise LW / dense", lambda e: f"{_percent('lookwhen_noise')(e)} / {_percent('baseline_noise')(e)}"),
+            ("of GEMM LW / dense", lambda e: None if "lookwhen_gemm_share" not in e else
+             f"{_percent('lookwhen_gemm_share')(e)} / {_percent('baseline_gemm_share')(e)}"),
+            ("cosine vs fp32 LW / dense", lambda e: None if "lookwhen_cosine" not in e else
+             f"{min(e['lookwhen_cosine']):.5f} / {min(e['baseline_cosine']):.5f}"),
+            ("top-K overlap", lambda e: None if "topk_overlap" not in e else f"{min(e['topk_overlap']):.3f}"),
         ]), "",
     ]
+    gemm = document.get("calibration_gemm")
+    if gemm:
+        lines += [f"Of GEMM: each model's FLOP/s as a share of the {gemm['shape']}'s "
+                  f"{gemm['gflop_per_s']:.0f} GFLOP/s in the same run; cosine and top-K overlap: the worst clip "
+                  "of the first batch against float32.", ""]
     models = [(key, document[key]) for key in ("lookwhen", "baseline") if isinstance(document.get(key), dict)]
     if models:
         lines += ["## Models", "", _key_value([(cfg.get("name", key), _model_line(cfg)) for key, cfg in models]), ""]
-    return lines, ["methods", "lookwhen", "baseline"]
+    return lines, ["methods", "lookwhen", "baseline", "calibration_gemm"]
 
 
 def _model_line(cfg: Dict[str, Any]) -> str:
