@@ -4,7 +4,7 @@ Subcommands: ``e2e`` (LookWhen against the dense baseline), ``ops`` (every
 fused op against the eager composition it replaces), ``roofline`` (floor
 times on named GPUs), ``inspect`` (static sm_90/sm_80 compile report),
 ``pipeline`` (video file to embedding), ``train`` (pre-training: learning on synthetic clips, training throughput), ``seeds``
-(the seed methods' selections on synthetic clips). Each
+(the seed methods' selections on synthetic clips), ``pareto`` (every method's accuracy against its compute). Each
 prints an aligned table and can write ``--json``, ``--csv`` and ``--plot``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from . import BenchError, compile_report, e2e, ops, pipeline, report, roofline
-from .experiments import seeds, train
+from .experiments import pareto, seeds, train
 from .timing import retain_freed_memory
 from lookwhen.cli.args import positive_int_arg
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m bench", description="Benchmarks of lookwhen-kernels. Each subcommand prints an "
                      "aligned table and can write --json, --csv and --plot files.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{e2e,pipeline,ops,roofline,inspect,train,seeds}")
+                                metavar="{e2e,pipeline,ops,roofline,inspect,train,seeds,pareto}")
     for name, module, help_text in (
         ("e2e", e2e, "LookWhen vs the dense baseline, RLT, motion selection and low resolution: tokens, "
                     "GFLOPs, GMACs, clips/s, speedup, efficiency, time split"),
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("roofline", roofline, "floor time of each op and both models on named GPUs"),
         ("inspect", compile_report, "static compile report: registers, spills, shared memory, tensor cores"),
         ("train", train, "pre-training: selector recall on synthetic clips, training-step throughput vs dense"),
+        ("pareto", pareto, "accuracy against GFLOPs and clips/s: every method trained alike on a task where the "
+                           "choice of tokens decides accuracy, the frontier marked"),
         ("seeds", seeds, "the seed methods' selections on synthetic clips: perturbed top-K fine-tuning, windows, "
                          "budgets"),
     ):

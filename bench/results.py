@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 # header rather than as settings of the run.
 HEADER_KEYS = ("command", "device", "versions", "git_commit", "date", "threads")
 VERSION_ORDER = ("python", "torch", "triton", "cuda", "lookwhen_kernels")
-SUBCOMMANDS = ("e2e", "pipeline", "ops", "roofline", "inspect", "train", "seeds")
+SUBCOMMANDS = ("e2e", "pipeline", "ops", "roofline", "inspect", "train", "seeds", "pareto")
 
 Column = Tuple[str, Callable[[Dict[str, Any]], Any]]
 
@@ -281,7 +281,32 @@ def _generic(name: str, entries: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-RENDERERS = {"e2e": _e2e, "pipeline": _pipeline, "ops": _ops}
+def _pareto(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[List[str], List[str]]:
+    settings = document.get("settings") or {}
+    points = sorted(document.get("points") or [], key=lambda p: p.get("gflops", 0))
+    keep = lambda e: "-" if e.get("keep_ratio") is None else e["keep_ratio"]  # noqa: E731
+    return [
+        "## Accuracy against compute", "",
+        f"Held-out accuracy ({settings.get('val_clips', '?')} clips) after {settings.get('steps', '?')} fine-tuning "
+        f"steps of {settings.get('batch', '?')} fresh clips; mean and half the range over the seeds each point "
+        f"trained with (headline points: {settings.get('seeds', '?')}). Inference GFLOPs per clip and clips/s "
+        "measured in the same process. Frontier: no other point is both more accurate and cheaper.", "",
+        _table(points, [
+            ("method", lambda e: e.get("method")), ("keep", keep),
+            ("accuracy", lambda e: f"{100 * e['accuracy']:.1f}% ± {100 * e.get('spread', 0):.1f}"),
+            ("seeds", lambda e: e.get("seeds")), ("GFLOPs/clip", _fixed("gflops", 3)),
+            ("clips/s", _fixed("clips_per_s", 1)), ("frontier", lambda e: "yes" if e.get("frontier") else ""),
+        ]), "",
+        "## Every run", "",
+        _table(entries, [
+            ("method", lambda e: e.get("method")), ("keep", keep), ("seed", lambda e: e.get("seed")),
+            ("accuracy", _percent("accuracy")), ("fine-tune s", _fixed("train_seconds", 0)),
+            ("pre-train s", lambda e: f"{e['pretrain_seconds']:.0f}" if e.get("pretrain_seconds") else None),
+        ]), "",
+    ], ["points"]
+
+
+RENDERERS = {"e2e": _e2e, "pipeline": _pipeline, "ops": _ops, "pareto": _pareto}
 
 
 def render(document: Dict[str, Any], source: Optional[str] = None) -> str:

@@ -66,10 +66,22 @@ def add_arguments(parser) -> None:
                         help="leave parts out")
 
 
-def _learning(args, device) -> Dict:
+def random_image_teacher(folder: str, device, image_size: int = TEACHER["image_size"]) -> ImageTeacher:
+    """:data:`TEACHER`, randomly initialised (seed 0), through its weights
+    file in ``folder``, as a real teacher loads."""
     import timm
     from safetensors.torch import save_file
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = timm.create_model(TEACHER["name"], pretrained=False, num_classes=0, img_size=image_size,
+                                depth=TEACHER["depth"])
+    weights = os.path.join(folder, "teacher.safetensors")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, weights)
+    return ImageTeacher(TEACHER["name"], weights, image_size=image_size, depth=TEACHER["depth"]).to(device)
+
+
+def _learning(args, device) -> Dict:
     steps = args.steps or (60 if args.quick else 300)
     model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL).to(device)
     train = SyntheticDataset(args.train_clips, seed=1, **LEARNING_CLIPS)
@@ -77,14 +89,7 @@ def _learning(args, device) -> Dict:
     window = model.config.patch_size * model.config.selector_downsample
     chance = statistics.mean(float(s.object_tokens(window).float().mean()) for s in held_out)
     with tempfile.TemporaryDirectory() as folder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            vit = timm.create_model(TEACHER["name"], pretrained=False, num_classes=0,
-                                    img_size=TEACHER["image_size"], depth=TEACHER["depth"])
-        weights = os.path.join(folder, "teacher.safetensors")
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, weights)
-        teacher = ImageTeacher(TEACHER["name"], weights, image_size=TEACHER["image_size"],
-                               depth=TEACHER["depth"]).to(device)
+        teacher = random_image_teacher(folder, device)
         start = time.perf_counter()
 
         entries = teacher_targets(Teachers(teacher), [(index, 0) for index in range(len(train))],

@@ -9,6 +9,10 @@ covers change with it: the tokens a selector should learn to keep are known
 in advance (:attr:`SyntheticClip.object_tokens`). The label is the direction
 of motion, a four-class task that a classifier can only solve by looking at
 the objects across frames.
+
+The pattern task (:func:`pattern_clip`) is one where the choice of tokens
+decides accuracy: the label is a one-pixel checkerboard on a small object
+seen briefly among static look-alikes, which only full resolution shows.
 """
 from __future__ import annotations
 
@@ -25,7 +29,14 @@ import lookwhen_kernels as lk
 DIRECTIONS = ("right", "left", "down", "up")
 # The strongest channel of the moving objects' colour.
 COLOURS = ("red", "green", "blue")
-TASKS = ("direction", "colour")
+# The pattern task's classes: the sign, per channel, of the colour offset of
+# a checkerboard's even squares ((y + x) even; the odd squares take the
+# opposite offset). Any 2x2 block mean (the selector's view) or 2x
+# antialiased resize of it is the object's plain base colour.
+PATTERNS = ("red", "green", "blue", "white")
+_PATTERN_SIGNS = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "white": (1, 1, 1)}
+CLASSES = {"direction": DIRECTIONS, "colour": COLOURS, "pattern": PATTERNS}
+TASKS = tuple(CLASSES)
 # (dy, dx) per frame, in units of the speed.
 _STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 
@@ -34,18 +45,21 @@ _STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 class SyntheticClip:
     """``clip uint8 [T, S, S, 3]``; ``label``: index into :data:`DIRECTIONS`;
     ``object_mask bool [T, S, S]``: the pixels the moving objects cover;
-    ``colour``: index into :data:`COLOURS` of the moving objects."""
+    ``colour``: index into :data:`COLOURS` of the moving objects;
+    ``pattern``: index into :data:`PATTERNS` of their fine pattern (the
+    pattern task's clips)."""
 
     clip: torch.Tensor
     label: int
     object_mask: torch.Tensor
     colour: int = 0
+    pattern: int = 0
 
     def target(self, task: str) -> int:
-        """The class of the clip for ``task``: "direction" or "colour"."""
+        """The class of the clip for ``task``: "direction", "colour" or "pattern"."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        return self.label if task == "direction" else self.colour
+        return {"direction": self.label, "colour": self.colour, "pattern": self.pattern}[task]
 
     def object_tokens(self, patch_size: int, min_cover: float = 0.0, frame_stride: int = 1) -> torch.Tensor:
         """bool ``[T' * (S/p) * (S/p)]`` in token order: the patches more than
@@ -60,15 +74,17 @@ class SyntheticClip:
         return (cover > min_cover).flatten()
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Blocks of random grey levels (faintly tinted) with fine noise on top:
-    every patch of the background looks different from its neighbours, and
-    none is as colourful as an object."""
-    cell = max(2, size // 28)
+def _background(rng: np.random.Generator, size: int, cell: Optional[int] = None, noise: int = 24) -> np.ndarray:
+    """Blocks of random grey levels (faintly tinted) of ``cell`` pixels with
+    fine noise of +-``noise`` on top: every patch of the background looks
+    different from its neighbours, and none is as colourful as an object."""
+    cell = cell or max(2, size // 28)
     cells = math.ceil(size / cell)
     coarse = rng.integers(40, 216, (cells, cells, 1)) + rng.integers(-8, 9, (cells, cells, 3))
     image = np.repeat(np.repeat(coarse, cell, 0), cell, 1)[:size, :size]
-    return np.clip(image + rng.integers(-24, 25, (size, size, 1)), 0, 255).astype(np.uint8)
+    if noise:
+        image = image + rng.integers(-noise, noise + 1, (size, size, 1))
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def _object_colour(rng: np.random.Generator, dominant: int) -> np.ndarray:
@@ -151,6 +167,80 @@ def synthetic_clip(
     return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask), colour)
 
 
+def pattern_clip(
+    generator: np.random.Generator,
+    *,
+    frames: int = 8,
+    size: int = 64,
+    object_size: int = 6,
+    visible: int = 2,
+    speed: int = 4,
+    distractors: int = 3,
+    amplitude: int = 48,
+    pattern: Optional[int] = None,
+    align: int = 2,
+) -> SyntheticClip:
+    """A clip of the pattern task. An ``object_size``-pixel square, seen in
+    ``visible`` consecutive frames from a random first one, moves ``speed``
+    pixels per frame in a random direction from a random place; it wears a
+    one-pixel checkerboard whose squares are its base colour plus and minus
+    ``amplitude`` times the signs of ``PATTERNS[pattern]`` (the label, drawn
+    when ``None``). ``distractors`` static squares of the same size and base
+    colour, but plain, stay in every frame. Every square sits on even
+    pixel coordinates, so that a 2x2 block mean (the selector's view) or a
+    2x antialiased resize turns the moving square into exactly its base
+    colour, like the distractors: at half resolution nothing tells the label
+    or which square it is, except that one appears briefly and moves. The
+    label needs the pixels of one of the few tokens the object covers."""
+    if frames < 1 or size < 8 or size % 2:
+        raise ValueError(f"frames must be >= 1 and size an even number >= 8, got {frames} and {size}")
+    if object_size < 2 or object_size % 2 or object_size > size:
+        raise ValueError(f"object_size must be an even number in [2, {size}], got {object_size}")
+    if speed < 0 or speed % 2:
+        raise ValueError(f"speed must be an even number of pixels >= 0, got {speed}")
+    if not 1 <= visible <= frames:
+        raise ValueError(f"visible must lie in [1, {frames}] (frames), got {visible}")
+    if distractors < 0:
+        raise ValueError(f"distractors must be >= 0, got {distractors}")
+    if not 0 < amplitude <= 64:
+        raise ValueError(f"amplitude must lie in (0, 64] (the squares stay within 0..255), got {amplitude}")
+    if pattern is None:
+        pattern = int(generator.integers(len(PATTERNS)))
+    if not 0 <= pattern < len(PATTERNS):
+        raise ValueError(f"pattern must lie in [0, {len(PATTERNS)}), got {pattern}")
+    travel = speed * (visible - 1)
+    if travel > size - object_size:
+        raise ValueError(f"speed {speed} moves the object {travel} px, more than the {size - object_size} px of room")
+
+    if align < 2 or align % 2 or speed % align:
+        raise ValueError(f"align must be an even number of pixels dividing speed {speed}, got {align}")
+
+    def even(low: int, high: int) -> int:
+        return align * int(generator.integers(-(-low // align), high // align + 1))
+
+    base = generator.integers(64 + amplitude // 4, 193 - amplitude // 4, 3)
+    # Pixel noise would hide the one-pixel pattern: the texture is 4-px blocks.
+    video = np.repeat(_background(generator, size, cell=4, noise=0)[None], frames, 0)
+    room = size - object_size
+    for _ in range(distractors):
+        y, x = even(0, room), even(0, room)
+        video[:, y: y + object_size, x: x + object_size] = base
+    label = int(generator.integers(len(DIRECTIONS)))
+    dy, dx = _STEP[DIRECTIONS[label]]
+    parity = np.add.outer(np.arange(object_size), np.arange(object_size)) % 2
+    offset = amplitude * np.array(_PATTERN_SIGNS[PATTERNS[pattern]])
+    sprite = np.where(parity[..., None] == 0, base + offset, base - offset).astype(np.uint8)
+    y0 = even(travel if dy < 0 else 0, room - (travel if dy > 0 else 0))
+    x0 = even(travel if dx < 0 else 0, room - (travel if dx > 0 else 0))
+    first = int(generator.integers(0, frames - visible + 1))
+    mask = np.zeros((frames, size, size), dtype=bool)
+    for step in range(visible):
+        y, x = y0 + dy * speed * step, x0 + dx * speed * step
+        video[first + step, y: y + object_size, x: x + object_size] = sprite
+        mask[first + step, y: y + object_size, x: x + object_size] = True
+    return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask), int(np.argmax(base)), pattern)
+
+
 def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafast") -> str:
     """Encode uint8 ``[T, H, W, 3]`` as H.264 at near-lossless quality
     (needs PyAV: ``pip install av``). x264's ``preset`` sets how hard it
@@ -175,17 +265,21 @@ def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafas
 
 def write_dataset(root, per_class: int, *, seed: int = 0, task: str = "direction", **clip_kwargs) -> List[str]:
     """A folder tree ``root/<class>/<i>.mp4`` of synthetic clips (classes:
-    :data:`DIRECTIONS` or :data:`COLOURS`, per ``task``), the layout
+    :data:`CLASSES` of ``task``), the layout
     :class:`lookwhen.data.datasets.VideoDataset` reads. Returns the paths."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     generator = np.random.default_rng(seed)
-    names = DIRECTIONS if task == "direction" else COLOURS
     paths = []
-    for label, name in enumerate(names):
+    for label, name in enumerate(CLASSES[task]):
         folder = os.path.join(os.fspath(root), name)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            sample = synthetic_clip(generator, **{"label" if task == "direction" else "colour": label},
-                                    **clip_kwargs)
+            if task == "pattern":
+                sample = pattern_clip(generator, pattern=label, **clip_kwargs)
+            else:
+                sample = synthetic_clip(generator, **{"label" if task == "direction" else "colour": label},
+                                        **clip_kwargs)
             paths.append(write_video(os.path.join(folder, f"{i:04d}.mp4"), sample.clip))
     return paths
 
@@ -202,11 +296,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise ValueError(f"n must be at least 1, got {n}")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "pattern" and n_objects != 1:
+            raise ValueError("the pattern task has one labelled object (and plain distractors): no n_objects")
         self.n, self.seed, self.task, self.n_objects, self.clip_kwargs = n, seed, task, n_objects, clip_kwargs
 
     @property
     def classes(self) -> Sequence[str]:
-        return DIRECTIONS if self.task == "direction" else COLOURS
+        return CLASSES[self.task]
 
     def __len__(self) -> int:
         return self.n
@@ -216,6 +312,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def sample(self, index: int) -> SyntheticClip:
         generator = np.random.default_rng((self.seed, index))
+        if self.task == "pattern":
+            return pattern_clip(generator, **self.clip_kwargs)
         count = self.n_objects
         if isinstance(count, tuple):
             count = int(generator.integers(count[0], count[1] + 1))
