@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -178,3 +179,30 @@ def test_console_script():
     assert result.stderr.strip().splitlines() == [
         "lookwhen info: error: argument --keep-ratio: must lie in (0, 1], got 7.0"
     ]
+
+
+_HEAVY = ("timm", "lookwhen_kernels", "torch._inductor")
+
+
+def _modules_after(code: str) -> list:
+    probe = code + f"\nimport sys\nprint([m for m in {_HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return eval(out.strip().splitlines()[-1])
+
+
+def test_import_lookwhen_is_lazy():
+    # The public names are imported on first use (PEP 562); they still work.
+    assert _modules_after("import lookwhen, lookwhen.models") == []
+    import lookwhen
+    import lookwhen.models
+    assert set(lookwhen.__all__) <= set(dir(lookwhen))
+    assert "build_model" in dir(lookwhen.models) and lookwhen.build_model is lookwhen.models.build_model
+
+
+@pytest.mark.xfail(strict=True, reason="lookwhen/cli/train.py imports the training stack (teachers -> timm) at "
+                                       "module level and lookwhen/models/config.py imports lookwhen_kernels at "
+                                       "module level; both outside this change")
+def test_help_imports_no_heavy_modules():
+    code = ("import sys, runpy\nsys.argv = ['lookwhen', '--help']\n"
+            "try:\n    runpy.run_module('lookwhen', run_name='__main__')\nexcept SystemExit:\n    pass")
+    assert _modules_after(code) == []

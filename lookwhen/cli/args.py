@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-from typing import Callable, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from lookwhen.data.decoders import DECODERS
-from lookwhen.models.config import coerce_field
 
 EXIT_USAGE = 2
 
@@ -85,11 +85,15 @@ def parse_key_values(items: Optional[Iterable[str]],
 
 def parse_overrides(items: Optional[Iterable[str]]) -> Dict[str, object]:
     """``["depth=2", "frames=4"]`` -> config overrides, typed as the fields."""
+    from lookwhen.models.config import coerce_field
+
     return parse_key_values(items, coerce_field)
 
 
-def checked_device(name: str) -> torch.device:
+def checked_device(name: str) -> "torch.device":
     """``--device``: cpu or cuda[:N], refused when this machine lacks it."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import List, Optional
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, List, Optional
 
 from lookwhen.cli import train as cli_train
 from lookwhen.cli.args import (
@@ -29,25 +26,17 @@ from lookwhen.cli.args import (
     positive_float_arg,
     positive_int_arg,
 )
-from lookwhen.data.datasets import read_manifest
-from lookwhen.data.video import read_clip
-from lookwhen.io.checkpoint import load_checkpoint, read_config
-from lookwhen.models import build_model
 from lookwhen.models.config import DEFAULT_PRESET, PRESETS, ModelConfig, get_config
-from lookwhen.models.costs import cost_table
-from lookwhen.models.cpu_inference import prepack_linears
-from lookwhen.models.picture import selection_picture
-from lookwhen.models.selection import Selection
-from lookwhen.training.distributed import local_device, rank_and_world
-from lookwhen.training.engine import Terminated
-from lookwhen.training.embed import (
-    FILE_SUFFIXES,
-    embed_batch,
-    embed_files,
-    embed_shards,
-    rank_share,
-    write_embeddings,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from lookwhen.models.selection import Selection
+
+# The networks, the video decoding and the training engine are imported by
+# the commands that use them, not here: ``lookwhen --help`` (and a usage
+# error) should not wait for timm, the kernels and torch's compiler
+# (tests/test_cli.py::test_help_imports_no_heavy_modules).
 
 PROG = "lookwhen"
 
@@ -60,6 +49,8 @@ def _option(field: str) -> str:
 def _selection(args, config: ModelConfig) -> Selection:
     """What the options ask the model to select, checked against the model
     (a dense model keeps every token)."""
+    from lookwhen.models.selection import Selection
+
     motion = getattr(args, "selector", "learned") == "motion"
     selection = Selection(keep_ratio=args.keep_ratio, budget_mass=getattr(args, "budget_mass", None),
                           budget_temperature=getattr(args, "budget_temperature", 1.0), motion=motion, spell=_option)
@@ -70,10 +61,18 @@ def _selection(args, config: ModelConfig) -> Selection:
 def _model_config(args) -> ModelConfig:
     """The config of the model the command will run, without building it
     (so bad input is reported before the slow part)."""
-    return read_config(args.checkpoint) if args.checkpoint else get_config(args.preset)
+    if args.checkpoint:
+        from lookwhen.io.checkpoint import read_config
+
+        return read_config(args.checkpoint)
+    return get_config(args.preset)
 
 
-def _load_model(args, device: torch.device) -> torch.nn.Module:
+def _load_model(args, device: "torch.device") -> "torch.nn.Module":
+    from lookwhen.io.checkpoint import load_checkpoint
+    from lookwhen.models import build_model
+    from lookwhen.models.cpu_inference import prepack_linears
+
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, device)
     else:
@@ -98,6 +97,10 @@ def _check_output(path: str, suffixes) -> str:
 
 # embed ----------------------------------------------------------------------
 def cmd_embed(args) -> int:
+    from tqdm import tqdm
+
+    from lookwhen.training.embed import FILE_SUFFIXES, embed_files, write_embeddings
+
     if args.manifest:
         return _embed_manifest(args)
     if not args.out:
@@ -126,6 +129,12 @@ def _embed_manifest(args) -> int:
     """``embed --manifest``: shards under ``--out-dir``
     (:mod:`lookwhen.training.embed`); under torchrun each rank embeds its
     own shards."""
+    from tqdm import tqdm
+
+    from lookwhen.data.datasets import read_manifest
+    from lookwhen.training.distributed import local_device, rank_and_world
+    from lookwhen.training.embed import embed_shards, rank_share
+
     if args.videos or args.out:
         raise CommandError("--manifest: give --out-dir, not VIDEO files or --out")
     if not args.out_dir:
@@ -153,6 +162,10 @@ def cmd_show(args) -> int:
     # PIL (the video extra) only to write the PNG.
     from PIL import Image
 
+    from lookwhen.data.video import read_clip
+    from lookwhen.models.picture import selection_picture
+    from lookwhen.training.embed import embed_batch
+
     _check_output(args.out, (".png",))
     device = checked_device(args.device)
     cfg = _model_config(args)
@@ -171,6 +184,8 @@ def cmd_show(args) -> int:
 
 # info -----------------------------------------------------------------------
 def cmd_info(args) -> int:
+    from lookwhen.models.costs import cost_table
+
     rows = cost_table(args.preset, args.keep_ratio)
     header = ("model", "parameters", "tokens in", "tokens kept", "GFLOPs/clip", "GMACs/clip")
     cells = [(r.name, r.parameters, r.tokens_in, r.tokens_kept, f"{r.gflops:.1f}", f"{r.gmacs:.1f}") for r in rows]
@@ -251,9 +266,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        # The engine has logged where it saved.
-        return 128 + signal.SIGTERM
+    except Exception as error:
+        # The engine's Terminated (imported only by the commands that train:
+        # if the engine is not loaded, it was not raised). The engine has
+        # logged where it saved.
+        engine = sys.modules.get("lookwhen.training.engine")
+        if engine is not None and isinstance(error, engine.Terminated):
+            return 128 + signal.SIGTERM
+        raise
 
 
 if __name__ == "__main__":
