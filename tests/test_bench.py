@@ -167,6 +167,27 @@ def test_seeds_cli(tmp_path):
     assert run_cli("seeds", "--sigma-decay", "0").returncode == 2
 
 
+def test_pareto_cli_separates_the_controls(tmp_path):
+    """``--quick``: the dense model learns the pattern; random tokens at keep
+    ratio 0.1 (which miss the square in about 43 % of clips) and the
+    half-resolution model (which cannot see it) fall clearly below."""
+    json_path, plot = tmp_path / "rows.json", tmp_path / "frontier.png"
+    proc = run_cli("pareto", "--quick", "--json", str(json_path), "--plot", str(plot), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    document = json.load(open(json_path))
+    rows = document["pareto"]
+    assert {k for row in rows for k in row} >= {"method", "keep_ratio", "accuracy", "gflops", "clips_per_s", "seed"}
+    accuracy = {row["method"]: row["accuracy"] for row in rows}
+    assert set(accuracy) == {"dense", "dense-half", "random"}
+    assert accuracy["dense"] >= 0.5, accuracy
+    assert accuracy["dense"] - accuracy["random"] >= 0.15, accuracy
+    assert accuracy["dense"] - accuracy["dense-half"] >= 0.25, accuracy
+    assert accuracy["dense-half"] < 0.4, accuracy
+    gflops = {row["method"]: row["gflops"] for row in rows}
+    assert gflops["dense-half"] < gflops["random"] < gflops["dense"]
+    assert plot.stat().st_size > 0 and "frontier" in proc.stdout
+
+
 def test_pipeline_cli(tmp_path):
     """File to embedding on the quick sample videos: every installed decoder
     and the previous read_clip in the decode table, both models serial and
