@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import lookwhen
+from .. import BenchError
 from ..report import Record, Result, format_table
 from ..timing import Stats, sample
 from . import train as bench_train
@@ -254,8 +255,6 @@ def summarise(runs: Sequence[Dict], costs: Dict) -> List[Dict]:
 
 
 def run(args, device: torch.device) -> Result:
-    from .. import BenchError
-
     if args.dtype != "fp32" and device.type == "cpu":
         raise BenchError("--dtype: training runs in fp32 on CPU")
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)

@@ -45,11 +45,15 @@ def positive_float_arg(text: str) -> float:
     return value
 
 
-def positive_int_arg(text: str) -> int:
+def int_arg(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int_arg(text: str) -> int:
+    value = int_arg(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -16,6 +16,7 @@ from lookwhen.cli.args import (
     CommandError,
     checked_device,
     decoder_arg,
+    int_arg,
     keep_ratio_arg,
     number_arg,
     parse_key_values,
@@ -316,10 +317,7 @@ def _interval(low: float, high: float, brackets: str = "[]"):
 
 
 def _randaugment_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = int_arg(text)
     if not 0 <= value <= 10:
         raise argparse.ArgumentTypeError(f"must lie in 0..10, got {value}")
     return value
