@@ -227,6 +227,21 @@ def test_e2e_plain_cpu_setup(tmp_path):
     assert document["baseline"]["attention"] == "sdpa" and "(attention: sdpa)" in proc.stdout
 
 
+@pytest.mark.parametrize("units, command, expected", [
+    (("amx_bf16", "avx512_bf16"), "e2e", "bf16"), (("avx512_bf16",), "e2e", "bf16"), ((), "e2e", "fp32"),
+    (("amx_bf16",), "pareto", "fp32"), (("amx_bf16",), "ops", "fp32")])
+def test_auto_dtype_on_cpu_follows_the_matrix_units(units, command, expected, monkeypatch, capsys):
+    import lookwhen.models.cpu_inference as cpu_inference
+    from bench.__main__ import _auto_dtype
+
+    monkeypatch.setattr(cpu_inference, "bf16_matrix_units", lambda: units)
+    assert _auto_dtype(command, torch.device("cpu")) == expected
+    said = capsys.readouterr().err
+    if command == "e2e":
+        assert all(unit in said for unit in units) and expected in said
+    assert _auto_dtype(command, torch.device("cuda")) == "bf16"
+
+
 def test_e2e_without_video_libraries(tmp_path):
     """The GPU machine's image has neither PyAV nor decord: the synthetic
     clips are timed as tensors and the motion selector, which needs the

@@ -199,9 +199,6 @@ def test_import_lookwhen_is_lazy():
     assert "build_model" in dir(lookwhen.models) and lookwhen.build_model is lookwhen.models.build_model
 
 
-@pytest.mark.xfail(strict=True, reason="lookwhen/cli/train.py imports the training stack (teachers -> timm) at "
-                                       "module level and lookwhen/models/config.py imports lookwhen_kernels at "
-                                       "module level; both outside this change")
 def test_help_imports_no_heavy_modules():
     code = ("import sys, runpy\nsys.argv = ['lookwhen', '--help']\n"
             "try:\n    runpy.run_module('lookwhen', run_name='__main__')\nexcept SystemExit:\n    pass")

@@ -23,7 +23,20 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torchvision.transforms.v2.functional as TF
+
+
+class _Torchvision:
+    """``torchvision.transforms.v2.functional``, imported on first use:
+    importing torchvision loads dynamo and inductor (about 1 s), which every
+    process reading a data set (and ``lookwhen --help``) would otherwise pay
+    whether or not it augments."""
+
+    def __getattr__(self, name):
+        import torchvision.transforms.v2.functional as functional
+        return getattr(functional, name)
+
+
+TF = _Torchvision()
 
 
 def _signed(generator: torch.Generator) -> float:

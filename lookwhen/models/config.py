@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
-from lookwhen_kernels import keep_ratio_to_k
-
 # timm's ImageNet statistics, on the 0..1 scale (pixels are divided by 255 first).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -224,6 +222,9 @@ class ModelConfig:
             raise ValueError(f"keep_ratio: expected a float in (0, 1], got {ratio!r}")
         if self.keep_rounding == "floor":
             return max(1, int(ratio * self.n_tokens))
+        # The kernels' package is imported here, not at the top: reading a
+        # config (lookwhen --help) does not need it.
+        from lookwhen_kernels import keep_ratio_to_k
         return keep_ratio_to_k(ratio, self.n_tokens)
 
     @property
