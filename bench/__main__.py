@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import BenchError, compile_report, e2e, ops, pipeline, report, roofline
 from .experiments import pareto, seeds, train
@@ -106,21 +106,22 @@ def _device(args):
     return torch.device(args.device)
 
 
-def _auto_dtype(command: str, device) -> str:
+def _auto_dtype(command: str, device) -> Tuple[str, Optional[str]]:
     """``--dtype auto``: bf16 on CUDA, and for e2e on a CPU whose bf16 matrix
     units make it the faster type (there oneDNN runs bf16 products about 8x
     faster than float32 ones; without the units it emulates them, slower).
-    The other commands train or compare ops in float32 on a CPU."""
+    The other commands train or compare ops in float32 on a CPU. Returns the
+    type and, where the CPU decided it, the sentence that says why."""
     if device.type == "cuda":
-        return "bf16"
+        return "bf16", None
     if command != "e2e":
-        return "fp32"
+        return "fp32", None
     from lookwhen.models.cpu_inference import bf16_matrix_units
 
     units = bf16_matrix_units()
-    print(f"--dtype auto: {'bf16, the CPU has ' + ', '.join(units) if units else 'fp32, the CPU has no bf16 matrix units'}",
-          file=sys.stderr)
-    return "bf16" if units else "fp32"
+    if units:
+        return "bf16", f"--dtype auto: bf16, the CPU has {', '.join(units)}"
+    return "fp32", "--dtype auto: fp32, the CPU has no bf16 matrix units"
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -132,8 +133,9 @@ def run(argv: Optional[List[str]] = None) -> int:
 
         torch.set_num_threads(args.threads)
     device = _device(args)
+    dtype_note = None
     if getattr(args, "dtype", None) == "auto":
-        args.dtype = _auto_dtype(args.command, device)
+        args.dtype, dtype_note = _auto_dtype(args.command, device)
     if device.type == "cpu" and args.command != "inspect" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise BenchError("unset TRITON_INTERPRET: under Triton's interpreter the timings mean nothing")
     malloc = None
@@ -141,8 +143,13 @@ def run(argv: Optional[List[str]] = None) -> int:
         malloc = "retain" if args.malloc == "retain" and retain_freed_memory() else "system"
         args.malloc = malloc
     result = args.module.run(args, device)
+    # Said after the run, not before it: a bad option must stay a one-line error.
+    if dtype_note:
+        print(dtype_note, file=sys.stderr)
     print(result.table)
     env = report.environment(device)
+    if dtype_note:
+        env["dtype_auto"] = dtype_note
     if malloc:
         env["malloc"] = malloc
     command = ["python -m bench", *(sys.argv[1:] if argv is None else argv)]

@@ -230,16 +230,18 @@ def test_e2e_plain_cpu_setup(tmp_path):
 @pytest.mark.parametrize("units, command, expected", [
     (("amx_bf16", "avx512_bf16"), "e2e", "bf16"), (("avx512_bf16",), "e2e", "bf16"), ((), "e2e", "fp32"),
     (("amx_bf16",), "pareto", "fp32"), (("amx_bf16",), "ops", "fp32")])
-def test_auto_dtype_on_cpu_follows_the_matrix_units(units, command, expected, monkeypatch, capsys):
+def test_auto_dtype_on_cpu_follows_the_matrix_units(units, command, expected, monkeypatch):
     import lookwhen.models.cpu_inference as cpu_inference
     from bench.__main__ import _auto_dtype
 
     monkeypatch.setattr(cpu_inference, "bf16_matrix_units", lambda: units)
-    assert _auto_dtype(command, torch.device("cpu")) == expected
-    said = capsys.readouterr().err
+    dtype, note = _auto_dtype(command, torch.device("cpu"))
+    assert dtype == expected
     if command == "e2e":
-        assert all(unit in said for unit in units) and expected in said
-    assert _auto_dtype(command, torch.device("cuda")) == "bf16"
+        assert all(unit in note for unit in units) and expected in note
+    else:
+        assert note is None
+    assert _auto_dtype(command, torch.device("cuda")) == ("bf16", None)
 
 
 def test_e2e_without_video_libraries(tmp_path):
