@@ -281,6 +281,21 @@ def _generic(name: str, entries: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _selector_checks(checks: List[Dict[str, Any]]) -> List[str]:
+    if not checks:
+        return []
+    return [
+        "## Where the selector looks", "",
+        "Share of the moving square's windows among as many of the best-ranked windows, on held-out clips: by "
+        "the pre-training target (the image teacher's uniqueness), by the pre-trained selector, by chance.", "",
+        _table(checks, [
+            ("seed", lambda e: e.get("seed")), ("pre-training steps", lambda e: e.get("pretrain_steps")),
+            ("clips", lambda e: e.get("clips")), ("uniqueness target", _percent("teacher_recall")),
+            ("selector", _percent("selector_recall")), ("chance", _percent("chance")),
+        ]), "",
+    ]
+
+
 def _pareto(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[List[str], List[str]]:
     settings = document.get("settings") or {}
     points = sorted(document.get("points") or [], key=lambda p: p.get("gflops", 0))
@@ -294,16 +309,18 @@ def _pareto(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[Li
         _table(points, [
             ("method", lambda e: e.get("method")), ("keep", keep),
             ("accuracy", lambda e: f"{100 * e['accuracy']:.1f}% ± {100 * e.get('spread', 0):.1f}"),
-            ("seeds", lambda e: e.get("seeds")), ("GFLOPs/clip", _fixed("gflops", 3)),
+            ("seeds", lambda e: e.get("seeds")), ("tokens/clip", _fixed("tokens", 0)),
+            ("GFLOPs/clip", _fixed("gflops", 3)),
             ("clips/s", _fixed("clips_per_s", 1)), ("frontier", lambda e: "yes" if e.get("frontier") else ""),
         ]), "",
+        *_selector_checks(document.get("selector_checks") or []),
         "## Every run", "",
         _table(entries, [
             ("method", lambda e: e.get("method")), ("keep", keep), ("seed", lambda e: e.get("seed")),
             ("accuracy", _percent("accuracy")), ("fine-tune s", _fixed("train_seconds", 0)),
             ("pre-train s", lambda e: f"{e['pretrain_seconds']:.0f}" if e.get("pretrain_seconds") else None),
         ]), "",
-    ], ["points"]
+    ], ["points", "selector_checks"]
 
 
 RENDERERS = {"e2e": _e2e, "pipeline": _pipeline, "ops": _ops, "pareto": _pareto}

@@ -27,6 +27,7 @@ from helpers import SMALL as BASE
 SMALL = dict(BASE, depth=2, context_projection=True)
 SET = [f"{k}={v}" for k, v in SMALL.items()]
 DENSE = ["frames=4", "image_size=32", "patch_size=8", "width=32", "depth=1", "heads=2", "pool_heads=2"]
+DENSE_CONFIG = {key: int(value) for key, value in (item.split("=") for item in DENSE)}
 
 
 pytestmark = pytest.mark.usefixtures("pytorch_cpu_path")
@@ -71,6 +72,64 @@ def test_external_selection_reaches_the_extractor():
         model(clips, indices=torch.tensor([[0, 512], [1, 2]], dtype=torch.int32))
     with pytest.raises(ValueError, match="keep_ratio and indices: give one way of choosing tokens, not both"):
         model(clips, keep_ratio=0.1, indices=ids)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(score_outputs=4)])
+def test_window_selection_is_the_best_window_of_each_frame(extra):
+    """``window=(h, w)``: per frame, the window whose (upsampled) scores sum
+    highest, what ``select_windows`` gives on the same scores, and the
+    fine-tuning task and evaluation pass it on."""
+    import lookwhen_kernels as lk
+    from lookwhen.models.lookwhen import _score_map
+    from lookwhen.models.selector import frame_scores
+    from lookwhen.training.evaluate import logits_of
+
+    model = build_model("lookwhen-b16", **SMALL, **extra, num_classes=4).eval()
+    cfg = model.config
+    clips = torch.randint(0, 256, (3, cfg.frames, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(clips, window=(2, 3))
+        score_map, map_grid = _score_map(frame_scores(out.scores, cfg), cfg)
+    expected = lk.select_windows(score_map, (2, 3), grid=map_grid, out_grid=cfg.grid)
+    assert torch.equal(out.indices, expected) and out.indices.shape == (3, cfg.frames * 6)
+    # Each frame's ids: one 2 x 3 block of that frame's grid.
+    _, h, w = cfg.grid
+    frame, row, col = out.indices[0].long() // (h * w), out.indices[0].long() % (h * w) // w, out.indices[0].long() % w
+    for t in range(cfg.frames):
+        mine = frame == t
+        assert mine.sum() == 6 and row[mine].max() - row[mine].min() == 1 and col[mine].max() - col[mine].min() == 2
+    with pytest.raises(ValueError, match="keep_ratio and window"):
+        model(clips, keep_ratio=0.1, window=2)
+    with pytest.raises(ValueError, match="window"):
+        FinetuneTask(model, window=2, selection="random")
+    with pytest.raises(ValueError, match="dense model"):
+        FinetuneTask(build_model("internvideo2-b14", **DENSE_CONFIG, num_classes=4), window=2)
+    task = FinetuneTask(model.train(), window=(2, 3))
+    assert task.keep_ratio is None and task.run_info()["window"] == (2, 3)
+    batch = {"clips": clips, "labels": torch.tensor([0, 1, 2])}
+    loss, _ = task.module(batch, None)
+    loss.backward()
+    assert model.extractor.head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(logits_of(model.eval(), clips, window=(2, 3)), out.logits)
+
+
+def test_rlt_fine_tunes_the_dense_model():
+    """RLT's tokens through the dense model's head: logits of every clip and
+    a gradient on the baseline's weights."""
+    from lookwhen.models.rlt import RLTDense
+    from lookwhen.training.evaluate import logits_of
+
+    dense = build_model("internvideo2-b14", **DENSE_CONFIG, num_classes=3)
+    model = RLTDense(dense)
+    clips = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    clips[1, 1:] = clips[1, 0]
+    logits = logits_of(model, clips)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    task = FinetuneTask(model.train())
+    loss, _ = task.module({"clips": clips, "labels": torch.tensor([0, 2])}, None)
+    loss.backward()
+    assert dense.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_finetune_learns_the_colour_of_the_moving_object(tmp_path):

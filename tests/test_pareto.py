@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.experiments.pareto import TASK, frontier, summarise
+from bench.experiments.pareto import TASK, frontier, summarise, window_for
 from lookwhen.data.synthetic import PATTERNS, SyntheticDataset, pattern_clip, write_dataset
 from lookwhen.data.video import fit_clips
 
@@ -81,3 +81,11 @@ def test_frontier_and_spread():
     summary = {p["method"]: p for p in summarise(runs, costs)}
     assert summary["a"]["accuracy"] == pytest.approx(0.7) and summary["a"]["spread"] == pytest.approx(0.1)
     assert summary["a"]["seeds"] == 2 and summary["a"]["frontier"] and not summary["b"]["frontier"]
+
+
+@pytest.mark.parametrize("keep, grid, window", [
+    (0.05, (8, 8, 8), (1, 3)), (0.1, (8, 8, 8), (2, 3)), (0.3, (8, 8, 8), (4, 5)), (1.0, (2, 4, 6), (4, 6)),
+    (0.01, (8, 8, 8), (1, 1)),
+])
+def test_adafocus_window_is_the_nearest_area(keep, grid, window):
+    assert window_for(keep, grid) == window

@@ -18,13 +18,18 @@ schedule, and is scored on the same held-out clips:
 - ``dense``: the InternVideo2-shaped baseline on every token;
   ``dense-half``: the same at 32 px (the clip resized by half, antialiased);
   ``reskd``: ResKD's half-resolution student, distilled from the trained
-  dense model at full resolution.
+  dense model at full resolution; ``rlt``: the dense model on the tokens
+  RLT keeps (the first frame's and those that changed since the previous
+  frame), as many as each clip's content decides.
 - ``lookwhen``: selector pre-trained on uniqueness (a random image teacher's
   nearest-neighbour distances) while the extractor distils the trained
   dense model (video teacher) and the image teacher, then fine-tuned;
   ``lookwhen-scratch``: fine-tuned from initialisation (the hard top-K
   sends no gradient to its selector); ``random``: random tokens;
-  ``stts``: STTS's perturbed top-K, the selector trained by the task loss.
+  ``stts``: STTS's perturbed top-K, the selector trained by the task loss;
+  ``adafocus``: Uni-AdaFocus's one window per frame, placed where the
+  pre-trained selector's scores sum highest (the window whose area is
+  nearest the keep ratio's share of a frame), then fine-tuned as LookWhen.
 
 GFLOPs per clip are counted (``torch.utils.flop_counter``) and clips/s are
 measured in this process (inference, interleaved passes, medians); the
@@ -50,9 +55,11 @@ from lookwhen.cli.args import keep_ratio_arg, positive_int_arg
 from lookwhen.data.synthetic import PATTERNS, SyntheticDataset
 from lookwhen.data.video import fit_clips
 from lookwhen.models.flops import count_flops
+from lookwhen.models.lookwhen import LookWhen
+from lookwhen.models.rlt import RLTDense
 from lookwhen.training.engine import TrainSettings, Trainer
 from lookwhen.training.finetune import FinetuneTask, logits_of, sigma_decay_steps
-from lookwhen.training.losses import LossWeights
+from lookwhen.training.losses import LossWeights, uniqueness_target
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.training.teachers import Teachers, VideoTeacher
 
@@ -67,15 +74,22 @@ HALF_SIZE = 32
 # extractor's 8 x 8 grid.
 TEACHER_SIZE = 128
 BATCH = 16
+# Held-out clips on which the pre-trained selector is checked.
+CHECK_CLIPS = 128
 KEEP_RATIOS = (0.05, 0.1, 0.3)
-DENSE_METHODS = ("dense", "dense-half", "reskd")
-SELECTING_METHODS = ("lookwhen", "lookwhen-scratch", "random", "stts")
-METHODS = DENSE_METHODS + SELECTING_METHODS
+# Methods without a keep ratio: the dense models, and RLT, whose number of
+# tokens follows each clip's content.
+UNBUDGETED_METHODS = ("dense", "dense-half", "reskd", "rlt")
+SELECTING_METHODS = ("lookwhen", "lookwhen-scratch", "random", "stts", "adafocus")
+# The methods that start from LookWhen's pre-trained model.
+PRETRAINED_METHODS = ("lookwhen", "adafocus")
+METHODS = UNBUDGETED_METHODS + SELECTING_METHODS
 # The rows every seed trains; the others train with the first seed only.
-HEADLINE = {("dense", None), ("dense-half", None), ("lookwhen", 0.1), ("lookwhen-scratch", 0.1), ("random", 0.1)}
+HEADLINE = {("dense", None), ("dense-half", None), ("rlt", None), ("lookwhen", 0.1), ("lookwhen-scratch", 0.1), ("random", 0.1)}
 QUICK_METHODS = ("dense", "dense-half", "random")
-COLOURS = {"dense": "black", "dense-half": "tab:gray", "reskd": "tab:brown", "lookwhen": "tab:blue",
-           "lookwhen-scratch": "tab:cyan", "random": "tab:orange", "stts": "tab:purple"}
+COLOURS = {"dense": "black", "dense-half": "tab:gray", "reskd": "tab:brown", "rlt": "tab:red", "lookwhen": "tab:blue",
+           "lookwhen-scratch": "tab:cyan", "random": "tab:orange", "stts": "tab:purple",
+           "adafocus": "tab:olive"}
 
 
 def add_arguments(parser) -> None:
@@ -113,67 +127,113 @@ def _fit(task, steps: int, lr: float, seed: int, data_seed: int, device) -> floa
         return time.perf_counter() - start
 
 
-def _selection(keep: Optional[float]) -> Dict:
-    return {} if keep is None else {"keep_ratio": keep}
+def window_for(keep: float, grid: Sequence[int]) -> Tuple[int, int]:
+    """AdaFocus's window at a keep ratio: of the windows that fit a frame of
+    ``grid = (T, h, w)``, the one whose area is nearest ``keep`` of the
+    frame's tokens (the squarest of equals)."""
+    _, height, width = grid
+    target = keep * height * width
+    return min(((a, b) for a in range(1, height + 1) for b in range(1, width + 1)),
+               key=lambda hw: (abs(hw[0] * hw[1] - target), abs(hw[0] - hw[1]), hw))
+
+
+def _selection(method: str, keep: Optional[float], config) -> Dict:
+    if keep is None:
+        return {}
+    return {"window": window_for(keep, config.grid)} if method == "adafocus" else {"keep_ratio": keep}
 
 
 @torch.no_grad()
-def _accuracy(model, clips: torch.Tensor, labels: torch.Tensor, keep: Optional[float]) -> float:
+def _accuracy(model, clips: torch.Tensor, labels: torch.Tensor, selection: Dict) -> float:
     model.eval()
     cfg = model.config
     correct = 0
     for start in range(0, len(clips), 64):
         chunk = fit_clips(clips[start: start + 64], cfg.frames, cfg.image_size)
-        predicted = logits_of(model, chunk, **_selection(keep)).argmax(-1).cpu()
+        predicted = logits_of(model, chunk, **selection).argmax(-1).cpu()
         correct += int((predicted == labels[start: start + 64]).sum())
     return correct / len(clips)
 
 
-def _pretrained(dense, args, seed: int, device):
+def object_recall(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean over clips of the share of the object's windows (``truth``, bool
+    ``[B, n]``) among as many of the best-scored ones (``scores [B, n]``)."""
+    recalls = []
+    for clip_scores, wanted in zip(scores.float(), truth):
+        k = int(wanted.sum())
+        if k:
+            recalls.append(float(wanted[clip_scores.topk(k).indices].sum()) / k)
+    return statistics.mean(recalls)
+
+
+@torch.no_grad()
+def _selector_check(model, image, samples, device) -> Dict[str, float]:
+    """Where the selector looks, on held-out clips: the recall of the
+    moving square's windows by the pre-training target (the image teacher's
+    uniqueness) and by the pre-trained selector, and by chance."""
+    cfg = model.config
+    window = cfg.patch_size * cfg.selector_downsample
+    truth = torch.stack([s.object_tokens(window, frame_stride=cfg.selector_frame_stride) for s in samples])
+    clips = torch.stack([s.clip for s in samples]).to(device)
+    target = uniqueness_target(Teachers(image)(clips, cfg.grid[1:]).patches, cfg)
+    scores = model.eval().selector_scores(clips)
+    return {"teacher_recall": object_recall(target.flatten(1).cpu(), truth),
+            "selector_recall": object_recall(scores.flatten(1).cpu(), truth),
+            "chance": float(truth.float().mean()), "clips": len(samples)}
+
+
+def _pretrained(dense, args, seed: int, device, samples):
     """LookWhen pre-trained as the paper does, at this scale: the selector on
     uniqueness, the extractor distilling the trained dense model and the
-    image teacher, budgets drawn from 0.05-0.3 per clip."""
+    image teacher, budgets drawn from 0.05-0.3 per clip. Also the selector's
+    check on ``samples`` (:func:`_selector_check`)."""
     model = _lookwhen(seed).to(device)
     with tempfile.TemporaryDirectory() as folder:
         image = bench_train.random_image_teacher(folder, device, image_size=TEACHER_SIZE)
         task = PretrainTask(model.train(), teachers=Teachers(image, VideoTeacher(copy.deepcopy(dense))),
                             weights=LossWeights())
         seconds = _fit(task, args.pretrain_steps, args.lr, seed, 200 + seed, device)
-    return model, seconds
+        check = _selector_check(model, image, samples, device)
+    return model, seconds, {"seed": seed, "pretrain_steps": args.pretrain_steps, **check}
 
 
 def _task(method: str, model, keep: Optional[float], steps: int, teacher=None) -> FinetuneTask:
     # One optimiser for all: no layer-wise decay (most runs start from scratch).
     common = dict(layer_decay=1.0)
-    if method in DENSE_METHODS:
+    if method in UNBUDGETED_METHODS:
         return FinetuneTask(model.train(), teacher=teacher, **common)
     if method == "stts":
         return FinetuneTask(model.train(), keep_ratio=keep, selection="perturbed", sigma=0.2,
                             sigma_steps=sigma_decay_steps(0.8, steps), n_samples=100, **common)
+    if method == "adafocus":
+        return FinetuneTask(model.train(), window=window_for(keep, model.config.grid), **common)
     return FinetuneTask(model.train(), keep_ratio=keep, selection="random" if method == "random" else "selector",
                         **common)
 
 
 def _plan(methods: Sequence[str], keeps: Sequence[float], seeds: Sequence[int]) -> List[Tuple[str, Optional[float], int]]:
-    points = [(m, None) for m in methods if m in DENSE_METHODS] + \
+    points = [(m, None) for m in methods if m in UNBUDGETED_METHODS] + \
              [(m, k) for m in methods if m in SELECTING_METHODS for k in keeps]
     return [(m, k, s) for m, k in points for s in (seeds if (m, k) in HEADLINE else seeds[:1])]
 
 
-def _train_all(args, device, plan, clips, labels) -> Tuple[List[Dict], Dict]:
+def _train_all(args, device, plan, samples, clips, labels) -> Tuple[List[Dict], Dict, List[Dict]]:
     steps = args.steps
     runs: List[Dict] = []
     timed: Dict[Tuple[str, Optional[float]], object] = {}
     dense_of: Dict[int, object] = {}
     pretrained_of: Dict[int, object] = {}
+    checks: List[Dict] = []
 
     def dense_model(seed):
         if seed not in dense_of:
             model = _dense(seed).to(device)
             seconds = _fit(_task("dense", model, None, steps), steps, args.lr, seed, 100 + seed, device)
             dense_of[seed] = model
+            # Trained as LookWhen's teacher or ResKD's, it is a point too.
+            timed.setdefault(("dense", None), model)
             runs.append({"method": "dense", "keep_ratio": None, "seed": seed, "train_seconds": seconds,
-                         "accuracy": _accuracy(model, clips, labels, None)})
+                         "accuracy": _accuracy(model, clips, labels, {})})
         return dense_of[seed]
 
     for method, keep, seed in plan:
@@ -187,10 +247,15 @@ def _train_all(args, device, plan, clips, labels) -> Tuple[List[Dict], Dict]:
             elif method == "reskd":
                 model = _dense(seed, HALF_SIZE).to(device)
                 task = _task(method, model, None, steps, teacher=copy.deepcopy(dense_model(seed)))
+            elif method == "rlt":
+                model = RLTDense(_dense(seed)).to(device)
+                task = _task(method, model, None, steps)
             else:
-                if method == "lookwhen":
+                if method in PRETRAINED_METHODS:
                     if seed not in pretrained_of:
-                        pretrained_of[seed] = _pretrained(dense_model(seed), args, seed, device)
+                        *pretrained_of[seed], check = _pretrained(dense_model(seed), args, seed, device,
+                                                                  samples[:CHECK_CLIPS])
+                        checks.append(check)
                     base, extra = pretrained_of[seed]
                     model = copy.deepcopy(base)
                 else:
@@ -198,22 +263,41 @@ def _train_all(args, device, plan, clips, labels) -> Tuple[List[Dict], Dict]:
                 task = _task(method, model, keep, steps)
             seconds = _fit(task, steps, args.lr, seed, 100 + seed, device)
             runs.append({"method": method, "keep_ratio": keep, "seed": seed, "train_seconds": seconds,
-                         "pretrain_seconds": extra, "accuracy": _accuracy(model, clips, labels, keep)})
+                         "pretrain_seconds": extra,
+                         "accuracy": _accuracy(model, clips, labels, _selection(method, keep, model.config))})
         timed.setdefault((method, keep), model)
-    return runs, timed
+    return runs, timed, checks
+
+
+@torch.no_grad()
+def _tokens_per_clip(model, selection: Dict, clips: torch.Tensor) -> float:
+    """Patch tokens the deep network runs on, per clip (RLT's: the mean over
+    ``clips``, which decide it)."""
+    cfg = model.config
+    if isinstance(model, RLTDense):
+        cu_seqlens = model.select(fit_clips(clips, cfg.frames, cfg.image_size))[1]
+        return float(cu_seqlens[-1]) / (cu_seqlens.numel() - 1)
+    if "window" in selection:
+        height, width = selection["window"]
+        return float(cfg.grid[0] * height * width)
+    if isinstance(model, LookWhen):
+        return float(cfg.tokens_kept(selection["keep_ratio"]))
+    return float(cfg.n_tokens)
 
 
 def _costs(args, device, timed: Dict, clips: torch.Tensor) -> Dict:
-    """GFLOPs and clips/s (inference, batch BATCH) of each point's model,
-    the points interleaved in every pass."""
+    """Tokens, GFLOPs (the mean of a batch's clips: RLT's vary) and clips/s
+    (inference, batch BATCH) of each point's model, the points interleaved in
+    every pass."""
     batch = clips[:BATCH].to(device)
-    calls, gflops = {}, {}
+    calls, gflops, tokens = {}, {}, {}
     for point, model in timed.items():
         model.eval()
         cfg = model.config
         x = fit_clips(batch, cfg.frames, cfg.image_size)
-        kwargs = _selection(point[1])
-        gflops[point] = count_flops(model, x[:1], **kwargs) / 1e9
+        kwargs = _selection(*point, cfg)
+        gflops[point] = count_flops(model, x, **kwargs) / 1e9 / len(x)
+        tokens[point] = _tokens_per_clip(model, kwargs, clips)
 
         def call(model=model, x=x, kwargs=kwargs):
             with torch.inference_mode():
@@ -225,8 +309,8 @@ def _costs(args, device, timed: Dict, clips: torch.Tensor) -> Dict:
     for _ in range(args.passes):
         for point, call in calls.items():
             seconds[point].append(Stats.from_samples(sample(call, device, min_run_time=0.3, min_samples=1)).median)
-    return {point: {"gflops": gflops[point], "clips_per_s": BATCH / statistics.median(seconds[point])}
-            for point in calls}
+    return {point: {"tokens": tokens[point], "gflops": gflops[point],
+                    "clips_per_s": BATCH / statistics.median(seconds[point])} for point in calls}
 
 
 def frontier(points: Sequence[Dict]) -> List[Dict]:
@@ -266,32 +350,38 @@ def run(args, device: torch.device) -> Result:
     samples = [held_out.sample(i) for i in range(args.val_clips)]
     clips = torch.stack([s.clip for s in samples]).to(device)
     labels = torch.tensor([s.pattern for s in samples])
-    runs, timed = _train_all(args, device, _plan(methods, keeps, seeds), clips, labels)
+    runs, timed, checks = _train_all(args, device, _plan(methods, keeps, seeds), samples, clips, labels)
     points = summarise(runs, _costs(args, device, timed, clips))
     rows = [{"method": r["method"], "keep_ratio": r["keep_ratio"], "accuracy": r["accuracy"], "seed": r["seed"],
              "train_seconds": r["train_seconds"], "pretrain_seconds": r.get("pretrain_seconds", 0.0),
              **costs_of(points, r)} for r in runs]
     table = format_table(
-        ("method", "keep", "accuracy", "seeds", "GFLOPs/clip", "clips/s", "frontier"),
+        ("method", "keep", "accuracy", "seeds", "tokens/clip", "GFLOPs/clip", "clips/s", "frontier"),
         [(p["method"], "-" if p["keep_ratio"] is None else p["keep_ratio"],
-          f"{100 * p['accuracy']:.1f}% ± {100 * p['spread']:.1f}", p["seeds"], f"{p['gflops']:.3f}",
+          f"{100 * p['accuracy']:.1f}% ± {100 * p['spread']:.1f}", p["seeds"], f"{p['tokens']:.0f}",
+          f"{p['gflops']:.3f}",
           f"{p['clips_per_s']:.1f}", "*" if p["frontier"] else "")
          for p in sorted(points, key=lambda p: p["gflops"])],
         title=f"pattern task ({len(PATTERNS)} classes, chance {100 / len(PATTERNS):.0f}%): held-out accuracy "
               f"({args.val_clips} clips) after {args.steps} fine-tuning steps of {BATCH} fresh clips, mean ± half "
               f"the range over seeds {seeds}; LookWhen pre-trained {args.pretrain_steps} steps; "
               f"inference GFLOPs and clips/s (batch {BATCH}, median of {args.passes} interleaved passes)")
+    for check in checks:
+        table += (f"\nseed {check['seed']}: the moving square's windows among the best-ranked ({check['clips']} "
+                  f"held-out clips): by the uniqueness target {100 * check['teacher_recall']:.1f}%, by the "
+                  f"selector after {check['pretrain_steps']} pre-training steps {100 * check['selector_recall']:.1f}%,"
+                  f" by chance {100 * check['chance']:.1f}%")
     records = [Record("pareto", p["method"], "finetune", metric, p["keep_ratio"] or 1.0, p[metric])
                for p in points for metric in ("accuracy", "gflops", "clips_per_s")]
     settings = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "lr": args.lr, "batch": BATCH,
                 "seeds": seeds, "val_clips": args.val_clips, "passes": args.passes, "task": TASK, "model": MODEL}
     return Result("pareto", table, rows, records, plot=lambda figure: _plot(figure, points),
-                  extra={"points": points, "settings": settings})
+                  extra={"points": points, "settings": settings, "selector_checks": checks})
 
 
 def costs_of(points: Sequence[Dict], run: Dict) -> Dict:
     point = next(p for p in points if p["method"] == run["method"] and p["keep_ratio"] == run["keep_ratio"])
-    return {"gflops": point["gflops"], "clips_per_s": point["clips_per_s"]}
+    return {"tokens": point["tokens"], "gflops": point["gflops"], "clips_per_s": point["clips_per_s"]}
 
 
 def _plot(figure, points: Sequence[Dict]) -> None:

@@ -73,6 +73,7 @@ class LookWhen(nn.Module):
         run_selector: bool = True,
         budget_mass: Optional[float] = None,
         budget_temperature: float = 1.0,
+        window=None,
         sigma: Optional[float] = None,
         n_samples: int = 500,
         stage_timer: Optional[Callable[[str], contextlib.AbstractContextManager]] = None,
@@ -89,7 +90,9 @@ class LookWhen(nn.Module):
         selection costs no model, such as decoder motion vectors), or per-clip
         budgets from the scores: the fewest tokens holding ``budget_mass`` of
         their softmax at ``budget_temperature`` (``budgets_from_scores``:
-        concentrated clips get fewer tokens). ``sigma`` (training, with a
+        concentrated clips get fewer tokens), or per frame the ``window = (h,
+        w)`` tokens (an int: square) where the scores sum highest
+        (``select_windows``, Uni-AdaFocus's one patch per frame). ``sigma`` (training, with a
         keep ratio): STTS's differentiable top-K instead of the hard one,
         see :meth:`_soft_tokens`;
         ``indices`` are then the hard top-K of the same scores.
@@ -107,7 +110,8 @@ class LookWhen(nn.Module):
         check_clip(clip, self.config)
         selection = selection_of(selection, keep_ratio=keep_ratio, budgets=budgets, indices=indices,
                                  run_selector=run_selector, budget_mass=budget_mass,
-                                 budget_temperature=budget_temperature, sigma=sigma, n_samples=n_samples)
+                                 budget_temperature=budget_temperature, window=window, sigma=sigma,
+                                 n_samples=n_samples)
         if selection.motion:
             raise ValueError("motion: the decoder's motion vectors choose the tokens outside the model "
                              "(lookwhen.data.motion.motion_forward)")
@@ -145,6 +149,11 @@ class LookWhen(nn.Module):
                 indices = lk.topk_tokens(per_frame, k, validate=False, **grids)
                 tokens_cu = None
             elif indices is not None:
+                tokens_cu = None
+            elif selection.window is not None:
+                score_map, map_grid = _score_map(per_frame, cfg)
+                indices = lk.select_windows(score_map, selection.window, grid=map_grid, out_grid=cfg.grid,
+                                            validate=False)
                 tokens_cu = None
             elif budgets is None:
                 indices = lk.topk_tokens(per_frame, cfg.tokens_kept(keep_ratio), validate=False, **grids)

@@ -3,7 +3,9 @@ once, that the model, the embedding loops and the command all take.
 
 The ways of choosing are exclusive: a keep ratio (the config's by default),
 per-clip ``budgets``, token ``indices`` chosen outside the model, or
-budgets from the scores (``budget_mass``). On top of a keep ratio,
+budgets from the scores (``budget_mass``), or one window of tokens per
+frame where the scores sum highest (``window``, Uni-AdaFocus's one
+informative patch per frame). On top of a keep ratio,
 ``sigma`` makes the top-K differentiable (STTS's perturbed top-K) and
 ``motion`` takes the tokens that move fastest by the decoder's motion
 vectors (:func:`lookwhen.data.motion.motion_forward` turns them into
@@ -16,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 # The ways of choosing how many (or which) tokens, of which one at most is given.
-CHOICES = ("keep_ratio", "budgets", "indices", "budget_mass")
+CHOICES = ("keep_ratio", "budgets", "indices", "budget_mass", "window")
 
 
 def _same(name: str) -> str:
@@ -30,7 +32,9 @@ class Selection:
     tensor). ``indices``: the token ids, int32 ``[B, K]`` ascending per
     clip; with ``run_selector=False`` the selector does not run at all.
     ``budget_mass``: per-clip budgets, the fewest tokens holding that mass
-    of the scores' softmax at ``budget_temperature``. ``sigma`` (training,
+    of the scores' softmax at ``budget_temperature``. ``window``: ``(h, w)``
+    tokens of the extractor's grid (an int: square) per frame, placed where
+    the scores sum highest. ``sigma`` (training,
     with a keep ratio): the perturbed top-K's noise, ``n_samples`` noisy
     samples per clip. ``motion``: the motion selector chooses (at a keep
     ratio). ``spell`` names the fields in error messages (the command
@@ -41,6 +45,7 @@ class Selection:
     indices: Optional[torch.Tensor] = None
     budget_mass: Optional[float] = None
     budget_temperature: float = 1.0
+    window: object = None
     sigma: Optional[float] = None
     n_samples: int = 500
     run_selector: bool = True
@@ -56,14 +61,14 @@ class Selection:
             raise ValueError(f"{name('run_selector')}: False needs a selection made outside the model (indices)")
         if self.budget_temperature != 1.0 and self.budget_mass is None:
             raise ValueError(f"{name('budget_temperature')}: only with {name('budget_mass')}")
-        if self.sigma is not None and (self.budgets is not None or self.indices is not None
-                                       or self.budget_mass is not None):
-            raise ValueError(f"{name('sigma')}: the perturbed top-K keeps a fixed ratio of tokens (no budgets or "
-                             "indices)")
-        if self.motion and (self.budgets is not None or self.indices is not None or self.budget_mass is not None
-                            or self.sigma is not None):
+        if self.sigma is not None and any(getattr(self, c) is not None for c in CHOICES if c != "keep_ratio"):
+            raise ValueError(f"{name('sigma')}: the perturbed top-K keeps a fixed ratio of tokens (no budgets, "
+                             "indices or windows)")
+        if self.motion and (self.sigma is not None
+                            or any(getattr(self, c) is not None for c in CHOICES if c != "keep_ratio")):
             raise ValueError(f"{name('motion')}: the motion selector keeps a fixed ratio of tokens by the decoder's "
-                             "motion vectors (no budgets, indices or budgets from the learned selector's scores)")
+                             "motion vectors (no budgets, indices, windows or budgets from the learned selector's "
+                             "scores)")
 
     @property
     def chooses(self) -> bool:

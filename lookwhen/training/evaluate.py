@@ -30,16 +30,20 @@ from torch import nn
 
 from lookwhen.data.datasets import Entry, collate_list
 from lookwhen.models.lookwhen import LookWhen
+from lookwhen.models.rlt import RLTDense
 from lookwhen.data.decoders import loader_threads
 from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sample_indices
 from lookwhen.models.flops import count_flops
 
 
 def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tensor:
-    """Class logits of either model kind (LookWhen takes ``keep_ratio``,
-    ``budgets`` or ``indices``; a dense model takes none)."""
+    """Class logits of any of the model kinds (LookWhen takes ``keep_ratio``,
+    ``budgets`` or ``indices``; a dense model and RLT, which picks its own
+    tokens, take none)."""
     if isinstance(model, LookWhen):
         return model(clips, **selection).logits
+    if isinstance(model, RLTDense):
+        return model.baseline.head(model(clips).embedding)
     return model.head(model(clips))
 
 
@@ -169,7 +173,7 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
-             keep_ratio: Optional[float] = None, batch_size: int = 4, workers: int = 0,
+             keep_ratio: Optional[float] = None, window=None, batch_size: int = 4, workers: int = 0,
              device: torch.device = torch.device("cpu"), progress=None, multi_label: bool = False,
              decoder: str = "auto", rank: int = 0, world: int = 1) -> Evaluation:
     """Top-1 / top-5 of ``model`` over the entries (``(path, label)`` pairs
@@ -178,14 +182,16 @@ def evaluate(model, items: Sequence[Entry], *, views: Tuple[int, int] = (1, 1),
     in ``workers`` processes while the model runs (``decoder``: see
     :mod:`lookwhen.data.decoders`). Under ``torchrun`` (``world`` > 1, a
     process group started) each rank scores every ``world``-th video from
-    ``rank`` on, and every rank returns the metrics over all of them."""
+    ``rank`` on, and every rank returns the metrics over all of them.
+    ``keep_ratio`` or ``window`` (LookWhen): its selection, see
+    :meth:`~lookwhen.models.lookwhen.LookWhen.forward`."""
     cfg = model.config
     if not cfg.num_classes:
         raise ValueError(f"{cfg.name}: evaluation needs a classifier (num_classes > 0)")
-    if keep_ratio is not None and not isinstance(model, LookWhen):
-        raise ValueError(f"keep_ratio: {cfg.name} is a dense model and keeps every token")
+    selection = {k: v for k, v in (("keep_ratio", keep_ratio), ("window", window)) if v is not None}
+    if selection and not isinstance(model, LookWhen):
+        raise ValueError(f"{', '.join(selection)}: {cfg.name} is a dense model and keeps every token")
     model = model.eval()
-    selection = {"keep_ratio": keep_ratio} if isinstance(model, LookWhen) and keep_ratio is not None else {}
     share = list(range(rank, len(items), world))
     loader = torch.utils.data.DataLoader(ViewDataset([items[i] for i in share], cfg.frames, cfg.image_size, views,
                                                      decoder),

@@ -11,6 +11,8 @@
 - LookWhen keeps a fixed ratio of its tokens or draws a budget per clip from
   a range each step; ``selection="random"`` replaces the selector's choice by
   uniformly random tokens (the control that shows what selection is worth);
+  ``window=(h, w)`` keeps, per frame, the window of tokens where the
+  selector's scores sum highest (Uni-AdaFocus's one patch per frame);
   ``selection="perturbed"`` trains with STTS's differentiable top-K, so the
   selector learns from the task loss alone: sigma decays linearly from
   ``sigma`` (0.05) to 0 over ``sigma_steps`` training forwards (STTS: the
@@ -155,7 +157,7 @@ def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Opti
 class FinetuneModule(nn.Module):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
                  teacher: Optional[nn.Module], temperature: float, alpha: float,
-                 perturbed: Optional[Tuple[float, int, int]] = None, multi_label: bool = False):
+                 perturbed: Optional[Tuple[float, int, int]] = None, multi_label: bool = False, window=None):
         super().__init__()
         self.model = model
         self.multi_label = multi_label
@@ -166,6 +168,7 @@ class FinetuneModule(nn.Module):
         if perturbed is not None:
             self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))
         self.keep_ratio = keep_ratio
+        self.window = window
         self.label_smoothing = label_smoothing
         self.temperature = temperature
         self.alpha = alpha
@@ -178,7 +181,8 @@ class FinetuneModule(nn.Module):
         labels = batch["labels"].to(device)
         draws = {k: v.to(device) for k, v in (draws or {}).items()}
         mix = {k: draws.pop(k) for k in MIX_KEYS if k in draws}
-        selection = draws or ({} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio})
+        selection = draws or ({"window": self.window} if self.window is not None
+                              else {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio})
         if self.perturbed is not None and self.training:
             sigma = self.sigma()
             # Past the decay the hard top-K's own path gives the same tokens
@@ -224,17 +228,22 @@ class FinetuneTask(Task):
                  teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.5,
                  sigma: float = 0.05, sigma_steps: Optional[int] = None, n_samples: int = 500,
                  multi_label: bool = False, classes: Optional[Sequence[str]] = None, mixup: float = 0.0,
-                 cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch: float = 0.5, drop_path: float = 0.0):
+                 cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch: float = 0.5, drop_path: float = 0.0,
+                 window=None):
         config = model.config
         if not config.num_classes:
             raise ValueError(f"{config.name}: fine-tuning needs a classifier (num_classes > 0)")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         lookwhen = isinstance(model, LookWhen)
-        if not lookwhen and (keep_ratio is not None or keep_range is not None or selection != "selector"):
+        if not lookwhen and (keep_ratio is not None or keep_range is not None or window is not None
+                             or selection != "selector"):
             raise ValueError(f"{config.name} is a dense model: it keeps every token")
         if keep_ratio is not None and keep_range is not None:
             raise ValueError("keep_ratio and keep_range: give one or the other")
+        if window is not None and (keep_ratio is not None or keep_range is not None or selection != "selector"):
+            raise ValueError("window: the selector's scores place one window per frame (no keep_ratio, keep_range "
+                             f"or selection={selection!r})")
         if keep_range is not None and not 0 < keep_range[0] <= keep_range[1] <= 1:
             raise ValueError(f"keep_range: expected 0 < low <= high <= 1, got {keep_range}")
         if selection in ("random", "perturbed") and keep_range is not None:
@@ -269,7 +278,9 @@ class FinetuneTask(Task):
         if drop_path:
             add_drop_path(model, drop_path)
         self.lookwhen = lookwhen
-        self.keep_ratio = None if not lookwhen else keep_ratio if keep_ratio is not None else config.keep_ratio
+        self.window = window
+        self.keep_ratio = None if not lookwhen or window is not None else \
+            keep_ratio if keep_ratio is not None else config.keep_ratio
         self.keep_range = keep_range
         self.selection = selection
         self.linear_probe = linear_probe
@@ -277,7 +288,7 @@ class FinetuneTask(Task):
         self.perturbed = (float(sigma), int(sigma_steps), int(n_samples)) if selection == "perturbed" else None
         self.module = FinetuneModule(model, keep_ratio=self.keep_ratio, label_smoothing=label_smoothing,
                                      teacher=teacher, temperature=temperature, alpha=alpha,
-                                     perturbed=self.perturbed, multi_label=multi_label)
+                                     perturbed=self.perturbed, multi_label=multi_label, window=window)
         self._model = model
         self.distilled = teacher is not None
         self.labels = {"classes": None if classes is None else list(classes), "multi_label": multi_label}
@@ -307,7 +318,7 @@ class FinetuneTask(Task):
 
     def run_info(self) -> Dict:
         return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
-                "keep_range": self.keep_range, "selection": self.selection, "perturbed": self.perturbed,
+                "keep_range": self.keep_range, "window": self.window, "selection": self.selection, "perturbed": self.perturbed,
                 "linear_probe": self.linear_probe,
                 "layer_decay": self.layer_decay, "distilled": self.distilled, "labels": self.labels, "mix": self.mix,
                 "drop_path": self.drop_path}
@@ -329,6 +340,6 @@ class FinetuneTask(Task):
     def validate(self, entries, device: torch.device, workers: int) -> Dict[str, float]:
         """Top-1 and top-5 (mAP for multi-label data) of each held-out
         video's centre clip, at the keep ratio the run trains with."""
-        result = evaluate(self._model, entries, keep_ratio=self.keep_ratio, batch_size=8, workers=workers,
+        result = evaluate(self._model, entries, keep_ratio=self.keep_ratio, window=self.window, batch_size=8, workers=workers,
                           device=device, multi_label=self.labels["multi_label"])
         return {"mAP": result.mAP} if result.mAP is not None else {"top1": result.top1, "top5": result.top5}
