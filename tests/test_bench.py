@@ -184,7 +184,9 @@ def test_pareto_cli_separates_the_controls(tmp_path):
     assert accuracy["dense"] - accuracy["dense-half"] >= 0.25, accuracy
     assert accuracy["dense-half"] < 0.4, accuracy
     gflops = {row["method"]: row["gflops"] for row in rows}
-    assert gflops["dense-half"] < gflops["random"] < gflops["dense"]
+    # Random tokens (51 of 512, no selector network) cost less than the
+    # half-resolution model's 128.
+    assert gflops["random"] < gflops["dense-half"] < gflops["dense"]
     assert plot.stat().st_size > 0 and "frontier" in proc.stdout
 
 

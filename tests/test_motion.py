@@ -5,6 +5,9 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+
+import lookwhen_kernels as lk
 
 from lookwhen.data.motion import fill_unmeasured, motion_scores, motion_selection, object_recall
 from lookwhen.data.synthetic import synthetic_clip
@@ -131,3 +134,46 @@ def test_a_selection_from_outside_can_skip_the_selector():
     assert out.scores.shape == (1, 0) and out.tokens.shape == (3, 32) and torch.equal(out.indices, ids)
     with pytest.raises(ValueError, match="run_selector"):
         model(clip, run_selector=False)
+
+
+def test_motion_selection_fine_tunes_on_clips_in_memory():
+    """``WithMotion`` encodes each clip as H.264 and adds its motion scores;
+    they find the moving square of the pattern task, the batch carries them,
+    and ``FinetuneTask(selection="motion")`` trains on their top-K without
+    the selector."""
+    from bench.experiments.pareto import TASK
+    from lookwhen import build_model
+    from lookwhen.data.datasets import collate
+    from lookwhen.data.motion import WithMotion
+    from lookwhen.data.synthetic import SyntheticDataset
+    from lookwhen.training.finetune import FinetuneTask
+
+    grid, keep = (8, 8, 8), 0.1
+    data = WithMotion(SyntheticDataset(4, seed=3, task="pattern", **TASK), grid)
+    assert data.classes == data.dataset.classes and len(data) == 4
+    batch = collate([data[i] for i in range(4)])
+    assert batch["motion"].shape == (4, 512) and batch["motion"].dtype == torch.float32
+    assert data[0]["motion"] is data.cache[0]
+    indices = lk.topk_tokens(batch["motion"], keep_ratio=keep)
+    truth = [data.dataset.sample(i).object_tokens(8) for i in range(4)]
+    recall = object_recall(indices, truth)
+    print(f"motion top-10% recall of the moving square {recall:.2f} (chance 0.10)")
+    assert recall > 0.5
+
+    model = build_model("lookwhen-b16", frames=8, image_size=64, patch_size=8, width=32, depth=1, heads=2,
+                        selector_width=32, selector_depth=1, selector_heads=2, score_hidden=16, num_classes=4)
+    task = FinetuneTask(model.train(), keep_ratio=keep, selection="motion", layer_decay=1.0)
+    loss, _ = task.module(batch, None)
+    loss.backward()
+    assert model.extractor.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.selector.parameters())
+    with torch.no_grad():
+        logits = model(batch["clips"], indices=indices, run_selector=False).logits
+    assert torch.allclose(loss, F.cross_entropy(logits, batch["labels"], label_smoothing=0.1), atol=1e-6)
+    with pytest.raises(ValueError, match="no motion scores"):
+        task.module({k: v for k, v in batch.items() if k != "motion"}, None)
+    with pytest.raises(ValueError, match="fixed number"):
+        FinetuneTask(model, keep_range=(0.1, 0.2), selection="motion")
+    with pytest.raises(ValueError, match="no validation"):
+        task.validate([], torch.device("cpu"), 0)
+

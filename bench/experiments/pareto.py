@@ -29,7 +29,11 @@ schedule, and is scored on the same held-out clips:
   ``stts``: STTS's perturbed top-K, the selector trained by the task loss;
   ``adafocus``: Uni-AdaFocus's one window per frame, placed where the
   pre-trained selector's scores sum highest (the window whose area is
-  nearest the keep ratio's share of a frame), then fine-tuned as LookWhen.
+  nearest the keep ratio's share of a frame), then fine-tuned as LookWhen;
+  ``motion``: the tokens that move fastest by the motion vectors of the
+  clip encoded as H.264 (x264's default search), the extractor fine-tuned
+  from initialisation; its selection costs nothing beyond the decode, so
+  it is timed on the chosen tokens.
 
 GFLOPs per clip are counted (``torch.utils.flop_counter``) and clips/s are
 measured in this process (inference, interleaved passes, medians); the
@@ -47,18 +51,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import lookwhen
+import lookwhen_kernels as lk
 from .. import BenchError
 from ..report import Record, Result, format_table
 from ..timing import Stats, sample
 from . import train as bench_train
 from lookwhen.cli.args import keep_ratio_arg, positive_int_arg
+from lookwhen.data.motion import WithMotion
 from lookwhen.data.synthetic import PATTERNS, SyntheticDataset
 from lookwhen.data.video import fit_clips
 from lookwhen.models.flops import count_flops
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.models.rlt import RLTDense
 from lookwhen.training.engine import TrainSettings, Trainer
-from lookwhen.training.finetune import FinetuneTask, logits_of, sigma_decay_steps
+from lookwhen.training.finetune import FinetuneTask, logits_of, random_selection, sigma_decay_steps
 from lookwhen.training.losses import LossWeights, uniqueness_target
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.training.teachers import Teachers, VideoTeacher
@@ -70,6 +76,7 @@ SELECTOR = dict(selector_width=64, selector_depth=2, selector_heads=2, score_hid
 # for longer than the runs last: the tiny dense models train without it.
 DENSE = dict(pool_heads=2, layer_scale=0.0)
 HALF_SIZE = 32
+GRID = (MODEL["frames"], MODEL["image_size"] // MODEL["patch_size"], MODEL["image_size"] // MODEL["patch_size"])
 # The random image teacher at 128 px gives its 16-px patches on the
 # extractor's 8 x 8 grid.
 TEACHER_SIZE = 128
@@ -80,16 +87,17 @@ KEEP_RATIOS = (0.05, 0.1, 0.3)
 # Methods without a keep ratio: the dense models, and RLT, whose number of
 # tokens follows each clip's content.
 UNBUDGETED_METHODS = ("dense", "dense-half", "reskd", "rlt")
-SELECTING_METHODS = ("lookwhen", "lookwhen-scratch", "random", "stts", "adafocus")
+SELECTING_METHODS = ("lookwhen", "lookwhen-scratch", "random", "stts", "adafocus", "motion")
 # The methods that start from LookWhen's pre-trained model.
 PRETRAINED_METHODS = ("lookwhen", "adafocus")
 METHODS = UNBUDGETED_METHODS + SELECTING_METHODS
 # The rows every seed trains; the others train with the first seed only.
-HEADLINE = {("dense", None), ("dense-half", None), ("rlt", None), ("lookwhen", 0.1), ("lookwhen-scratch", 0.1), ("random", 0.1)}
+HEADLINE = {("dense", None), ("dense-half", None), ("rlt", None), ("lookwhen", 0.1), ("lookwhen-scratch", 0.1),
+            ("random", 0.1)}
 QUICK_METHODS = ("dense", "dense-half", "random")
 COLOURS = {"dense": "black", "dense-half": "tab:gray", "reskd": "tab:brown", "rlt": "tab:red", "lookwhen": "tab:blue",
            "lookwhen-scratch": "tab:cyan", "random": "tab:orange", "stts": "tab:purple",
-           "adafocus": "tab:olive"}
+           "adafocus": "tab:olive", "motion": "tab:pink"}
 
 
 def add_arguments(parser) -> None:
@@ -116,9 +124,13 @@ def _lookwhen(seed: int):
     return lookwhen.build_model("lookwhen-b16-light", **MODEL, **SELECTOR, seed=seed)
 
 
-def _fit(task, steps: int, lr: float, seed: int, data_seed: int, device) -> float:
-    """Train ``task`` on ``steps * BATCH`` fresh clips; the seconds it took."""
+def _fit(task, steps: int, lr: float, seed: int, data_seed: int, device, motion_cache=None) -> float:
+    """Train ``task`` on ``steps * BATCH`` fresh clips (with their motion
+    scores, kept in ``motion_cache``, when it is given); the seconds it
+    took."""
     train = SyntheticDataset(steps * BATCH, seed=data_seed, task="pattern", **TASK)
+    if motion_cache is not None:
+        train = WithMotion(train, task.model().config.grid, motion_cache)
     with tempfile.TemporaryDirectory() as folder:
         settings = TrainSettings(out=folder, steps=steps, batch_size=BATCH, lr=lr, save_every=steps,
                                  device=str(device), progress=None, seed=seed)
@@ -137,10 +149,24 @@ def window_for(keep: float, grid: Sequence[int]) -> Tuple[int, int]:
                key=lambda hw: (abs(hw[0] * hw[1] - target), abs(hw[0] - hw[1]), hw))
 
 
-def _selection(method: str, keep: Optional[float], config) -> Dict:
+def _selection(method: str, keep: Optional[float], config, n_clips: int, motion: Optional[torch.Tensor]) -> Dict:
+    """The forward's selection arguments of a point on ``n_clips`` held-out
+    clips: per-clip ids for random tokens (the same draw for every model)
+    and for the motion selector (each clip's fastest tokens by ``motion
+    [n_clips, N]``), neither running the selector network."""
     if keep is None:
         return {}
+    if method == "random":
+        ids = random_selection(torch.Generator().manual_seed(0), n_clips, config.n_tokens, config.tokens_kept(keep))
+        return {"indices": ids, "run_selector": False}
+    if method == "motion":
+        return {"indices": lk.topk_tokens(motion, keep_ratio=keep), "run_selector": False}
     return {"window": window_for(keep, config.grid)} if method == "adafocus" else {"keep_ratio": keep}
+
+
+def _clips_of(selection: Dict, start: int, stop: int) -> Dict:
+    """``selection`` for the clips ``start:stop`` (per-clip ids sliced)."""
+    return {k: v[start:stop] if k == "indices" else v for k, v in selection.items()}
 
 
 @torch.no_grad()
@@ -150,7 +176,7 @@ def _accuracy(model, clips: torch.Tensor, labels: torch.Tensor, selection: Dict)
     correct = 0
     for start in range(0, len(clips), 64):
         chunk = fit_clips(clips[start: start + 64], cfg.frames, cfg.image_size)
-        predicted = logits_of(model, chunk, **selection).argmax(-1).cpu()
+        predicted = logits_of(model, chunk, **_clips_of(selection, start, start + 64)).argmax(-1).cpu()
         correct += int((predicted == labels[start: start + 64]).sum())
     return correct / len(clips)
 
@@ -207,18 +233,21 @@ def _task(method: str, model, keep: Optional[float], steps: int, teacher=None) -
                             sigma_steps=sigma_decay_steps(0.8, steps), n_samples=100, **common)
     if method == "adafocus":
         return FinetuneTask(model.train(), window=window_for(keep, model.config.grid), **common)
-    return FinetuneTask(model.train(), keep_ratio=keep, selection="random" if method == "random" else "selector",
-                        **common)
+    return FinetuneTask(model.train(), keep_ratio=keep, selection=method if method in ("random", "motion") else
+                        "selector", **common)
 
 
-def _plan(methods: Sequence[str], keeps: Sequence[float], seeds: Sequence[int]) -> List[Tuple[str, Optional[float], int]]:
+def _plan(methods: Sequence[str], keeps: Sequence[float],
+          seeds: Sequence[int]) -> List[Tuple[str, Optional[float], int]]:
     points = [(m, None) for m in methods if m in UNBUDGETED_METHODS] + \
              [(m, k) for m in methods if m in SELECTING_METHODS for k in keeps]
     return [(m, k, s) for m, k in points for s in (seeds if (m, k) in HEADLINE else seeds[:1])]
 
 
-def _train_all(args, device, plan, samples, clips, labels) -> Tuple[List[Dict], Dict, List[Dict]]:
+def _train_all(args, device, plan, samples, clips, labels, motion) -> Tuple[List[Dict], Dict, List[Dict]]:
     steps = args.steps
+    # Every seed's training clips are encoded once for their motion vectors.
+    motion_caches: Dict[int, Dict] = {}
     runs: List[Dict] = []
     timed: Dict[Tuple[str, Optional[float]], object] = {}
     dense_of: Dict[int, object] = {}
@@ -261,10 +290,12 @@ def _train_all(args, device, plan, samples, clips, labels) -> Tuple[List[Dict], 
                 else:
                     model = _lookwhen(seed).to(device)
                 task = _task(method, model, keep, steps)
-            seconds = _fit(task, steps, args.lr, seed, 100 + seed, device)
+            seconds = _fit(task, steps, args.lr, seed, 100 + seed, device,
+                           motion_caches.setdefault(seed, {}) if method == "motion" else None)
             runs.append({"method": method, "keep_ratio": keep, "seed": seed, "train_seconds": seconds,
                          "pretrain_seconds": extra,
-                         "accuracy": _accuracy(model, clips, labels, _selection(method, keep, model.config))})
+                         "accuracy": _accuracy(model, clips, labels,
+                                               _selection(method, keep, model.config, len(clips), motion))})
         timed.setdefault((method, keep), model)
     return runs, timed, checks
 
@@ -277,6 +308,8 @@ def _tokens_per_clip(model, selection: Dict, clips: torch.Tensor) -> float:
     if isinstance(model, RLTDense):
         cu_seqlens = model.select(fit_clips(clips, cfg.frames, cfg.image_size))[1]
         return float(cu_seqlens[-1]) / (cu_seqlens.numel() - 1)
+    if "indices" in selection:
+        return float(selection["indices"].shape[1])
     if "window" in selection:
         height, width = selection["window"]
         return float(cfg.grid[0] * height * width)
@@ -285,7 +318,7 @@ def _tokens_per_clip(model, selection: Dict, clips: torch.Tensor) -> float:
     return float(cfg.n_tokens)
 
 
-def _costs(args, device, timed: Dict, clips: torch.Tensor) -> Dict:
+def _costs(args, device, timed: Dict, clips: torch.Tensor, motion: Optional[torch.Tensor]) -> Dict:
     """Tokens, GFLOPs (the mean of a batch's clips: RLT's vary) and clips/s
     (inference, batch BATCH) of each point's model, the points interleaved in
     every pass."""
@@ -295,7 +328,7 @@ def _costs(args, device, timed: Dict, clips: torch.Tensor) -> Dict:
         model.eval()
         cfg = model.config
         x = fit_clips(batch, cfg.frames, cfg.image_size)
-        kwargs = _selection(*point, cfg)
+        kwargs = _clips_of(_selection(*point, cfg, len(clips), motion), 0, BATCH)
         gflops[point] = count_flops(model, x, **kwargs) / 1e9 / len(x)
         tokens[point] = _tokens_per_clip(model, kwargs, clips)
 
@@ -350,8 +383,11 @@ def run(args, device: torch.device) -> Result:
     samples = [held_out.sample(i) for i in range(args.val_clips)]
     clips = torch.stack([s.clip for s in samples]).to(device)
     labels = torch.tensor([s.pattern for s in samples])
-    runs, timed, checks = _train_all(args, device, _plan(methods, keeps, seeds), samples, clips, labels)
-    points = summarise(runs, _costs(args, device, timed, clips))
+    # The motion selector's scores of the held-out clips, each encoded as H.264.
+    motion = torch.stack([WithMotion(held_out, GRID)[i]["motion"] for i in range(args.val_clips)]) \
+        if "motion" in methods else None
+    runs, timed, checks = _train_all(args, device, _plan(methods, keeps, seeds), samples, clips, labels, motion)
+    points = summarise(runs, _costs(args, device, timed, clips, motion))
     rows = [{"method": r["method"], "keep_ratio": r["keep_ratio"], "accuracy": r["accuracy"], "seed": r["seed"],
              "train_seconds": r["train_seconds"], "pretrain_seconds": r.get("pretrain_seconds", 0.0),
              **costs_of(points, r)} for r in runs]

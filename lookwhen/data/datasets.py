@@ -416,8 +416,11 @@ class VideoDataset(torch.utils.data.Dataset):
 def collate(samples: Sequence[Dict]) -> Dict:
     """Stack samples into ``clips [B, T, S, S, 3]``, ``labels`` (int64
     ``[B]``, or float32 ``[B, C]`` multi-hot), ``indices`` and ``views``
-    (int64 ``[B]``), with every sample's ``skipped`` joined."""
+    (int64 ``[B]``), with every sample's ``skipped`` joined; samples that
+    carry motion scores (:class:`lookwhen.data.motion.WithMotion`) give
+    ``motion`` (float32 ``[B, N]``)."""
     labels = [s["label"] for s in samples]
+    motion = {"motion": torch.stack([s["motion"] for s in samples])} if "motion" in samples[0] else {}
     return {
         "clips": torch.stack([s["clip"] for s in samples]),
         "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels,
@@ -425,6 +428,7 @@ def collate(samples: Sequence[Dict]) -> Dict:
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "views": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
         "skipped": [item for s in samples for item in s["skipped"]],
+        **motion,
     }
 
 

@@ -22,6 +22,7 @@ marked in :attr:`MotionScores.has_vectors`.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import lookwhen_kernels as lk
+from lookwhen.data.synthetic import write_video
 from lookwhen.data.video import VideoError, sample_indices
 
 # FFmpeg's motion vectors sit on a grid of 4-pixel blocks (H.264's smallest
@@ -164,6 +166,48 @@ def fill_unmeasured(scores: torch.Tensor, has_vectors: torch.Tensor) -> torch.Te
                 nearest = min(measured, key=lambda m: (abs(m - t), m))
                 out[b, t] = out[b, nearest]
     return out.view(batch, -1)
+
+
+def clip_motion(clip: torch.Tensor, grid: Sequence[int]) -> MotionScores:
+    """:func:`motion_scores` of a clip held in memory (uint8 ``[T, H, W,
+    3]``): encoded to H.264 as a camera or a web video would be (x264's
+    default motion search, near-lossless), then decoded for its vectors."""
+    import av  # the video extra, as in _open
+
+    encoded = write_video(io.BytesIO(), clip, preset="medium")
+    encoded.seek(0)
+    with av.open(encoded, "r", format="mp4") as container:
+        return motion_scores(container, grid)
+
+
+class WithMotion(torch.utils.data.Dataset):
+    """A data set of ``{"clip": uint8 [T, H, W, 3], ...}`` samples with each
+    sample's motion scores on ``grid`` added as ``"motion"`` (float32
+    ``[T*h*w]``, segments without vectors filled as
+    :func:`fill_unmeasured` does), from the clip encoded and decoded by
+    :func:`clip_motion`: what the ``motion`` selector trains on. The scores
+    are kept per index (``cache``), so epochs and runs over the same clips
+    encode each once."""
+
+    def __init__(self, dataset, grid: Sequence[int], cache: Optional[dict] = None):
+        self.dataset, self.grid = dataset, tuple(grid)
+        self.cache = {} if cache is None else cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        # classes, set_epoch and the rest of the wrapped data set's interface.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        if index not in self.cache:
+            motion = clip_motion(sample["clip"], self.grid)
+            self.cache[index] = fill_unmeasured(motion.scores[None], motion.has_vectors[None])[0]
+        return {**sample, "motion": self.cache[index]}
 
 
 def motion_selection(motions: Sequence[MotionScores], keep_ratio: float) -> Tuple[torch.Tensor, torch.Tensor]:

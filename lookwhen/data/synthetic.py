@@ -241,17 +241,19 @@ def pattern_clip(
     return SyntheticClip(torch.from_numpy(video), label, torch.from_numpy(mask), int(np.argmax(base)), pattern)
 
 
-def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafast") -> str:
+def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafast"):
     """Encode uint8 ``[T, H, W, 3]`` as H.264 at near-lossless quality
-    (needs PyAV: ``pip install av``). x264's ``preset`` sets how hard it
+    (needs PyAV: ``pip install av``) into the file ``path``, or into a
+    writable binary file object as MP4. x264's ``preset`` sets how hard it
     searches for motion: ``ultrafast`` leaves most moving blocks without a
     vector, ``medium`` (x264's default) finds them, for
-    :mod:`lookwhen.data.motion`."""
+    :mod:`lookwhen.data.motion`. Returns ``path`` (as a string for a path)."""
     # PyAV (the video extra) only to encode files; clips as tensors need none.
     import av
 
     frames, height, width, _ = clip.shape
-    with av.open(os.fspath(path), "w") as container:
+    in_memory = hasattr(path, "write")
+    with av.open(path if in_memory else os.fspath(path), "w", format="mp4" if in_memory else None) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
         stream.options = {"crf": "0", "preset": preset}
@@ -260,7 +262,7 @@ def write_video(path, clip: torch.Tensor, fps: int = 10, preset: str = "ultrafas
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return os.fspath(path)
+    return path if in_memory else os.fspath(path)
 
 
 def write_dataset(root, per_class: int, *, seed: int = 0, task: str = "direction", **clip_kwargs) -> List[str]:

@@ -18,7 +18,10 @@
   ``sigma`` (0.05) to 0 over ``sigma_steps`` training forwards (STTS: the
   whole run, steps x accumulation; ``finetune --sigma-decay`` gives a
   fraction of it), the forwards after it train on the hard top-K, and
-  evaluation (the saved model) uses the hard top-K.
+  evaluation (the saved model) uses the hard top-K. ``selection="motion"``
+  keeps the tokens that move fastest by the codec's motion vectors
+  (:mod:`lookwhen.data.motion`), which the data set gives with each clip
+  (:class:`~lookwhen.data.motion.WithMotion`); the selector does not run.
 - **Mixup and CutMix** (``mixup``/``cutmix``: the Beta distributions'
   alpha, 0 off; timm's recipe): with probability ``mix_prob`` a clip is
   mixed with its partner in the micro-batch (the batch reversed), by
@@ -63,7 +66,7 @@ from lookwhen.training.engine import Task
 from lookwhen.training.evaluate import evaluate, logits_of
 from lookwhen.training.losses import draw_budgets
 
-SELECTIONS = ("selector", "random", "perturbed")
+SELECTIONS = ("selector", "random", "perturbed", "motion")
 
 
 def sigma_decay_steps(fraction: float, forwards: int) -> int:
@@ -157,9 +160,11 @@ def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Opti
 class FinetuneModule(nn.Module):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
                  teacher: Optional[nn.Module], temperature: float, alpha: float,
-                 perturbed: Optional[Tuple[float, int, int]] = None, multi_label: bool = False, window=None):
+                 perturbed: Optional[Tuple[float, int, int]] = None, multi_label: bool = False, window=None,
+                 motion: bool = False):
         super().__init__()
         self.model = model
+        self.motion = motion
         self.multi_label = multi_label
         # (sigma at the start, training forwards over which it decays to 0,
         # samples); the forwards seen so far are state, so a resumed run
@@ -183,6 +188,12 @@ class FinetuneModule(nn.Module):
         mix = {k: draws.pop(k) for k in MIX_KEYS if k in draws}
         selection = draws or ({"window": self.window} if self.window is not None
                               else {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio})
+        if self.motion:
+            if "motion" not in batch:
+                raise ValueError("selection='motion': the batches carry no motion scores (give the data set "
+                                 "through lookwhen.data.motion.WithMotion)")
+            scores = batch["motion"].to(device, torch.float32).contiguous()
+            selection = {"indices": lk.topk_tokens(scores, keep_ratio=self.keep_ratio), "run_selector": False}
         if self.perturbed is not None and self.training:
             sigma = self.sigma()
             # Past the decay the hard top-K's own path gives the same tokens
@@ -208,7 +219,8 @@ class FinetuneModule(nn.Module):
         if self.teacher is None:
             return parts["task"], {k: v.detach() for k, v in parts.items()}
         with torch.no_grad():
-            target = logits_of(self.teacher, fit_clips(clips, self.teacher.config.frames, self.teacher.config.image_size)).float()
+            teacher_clips = fit_clips(clips, self.teacher.config.frames, self.teacher.config.image_size)
+            target = logits_of(self.teacher, teacher_clips).float()
         t = self.temperature
         parts["distill"] = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1),
                                     log_target=True, reduction="batchmean") * t * t
@@ -246,7 +258,7 @@ class FinetuneTask(Task):
                              f"or selection={selection!r})")
         if keep_range is not None and not 0 < keep_range[0] <= keep_range[1] <= 1:
             raise ValueError(f"keep_range: expected 0 < low <= high <= 1, got {keep_range}")
-        if selection in ("random", "perturbed") and keep_range is not None:
+        if selection in ("random", "perturbed", "motion") and keep_range is not None:
             raise ValueError(f"selection={selection!r} keeps a fixed number of tokens per clip: use keep_ratio")
         if selection == "perturbed":
             if not sigma >= 0 or sigma_steps is None or sigma_steps < 1 or n_samples < 1:
@@ -288,7 +300,8 @@ class FinetuneTask(Task):
         self.perturbed = (float(sigma), int(sigma_steps), int(n_samples)) if selection == "perturbed" else None
         self.module = FinetuneModule(model, keep_ratio=self.keep_ratio, label_smoothing=label_smoothing,
                                      teacher=teacher, temperature=temperature, alpha=alpha,
-                                     perturbed=self.perturbed, multi_label=multi_label, window=window)
+                                     perturbed=self.perturbed, multi_label=multi_label, window=window,
+                                     motion=selection == "motion")
         self._model = model
         self.distilled = teacher is not None
         self.labels = {"classes": None if classes is None else list(classes), "multi_label": multi_label}
@@ -318,7 +331,8 @@ class FinetuneTask(Task):
 
     def run_info(self) -> Dict:
         return {"task": "finetune", "model_config": self._model.config.to_dict(), "keep_ratio": self.keep_ratio,
-                "keep_range": self.keep_range, "window": self.window, "selection": self.selection, "perturbed": self.perturbed,
+                "keep_range": self.keep_range, "window": self.window, "selection": self.selection,
+                "perturbed": self.perturbed,
                 "linear_probe": self.linear_probe,
                 "layer_decay": self.layer_decay, "distilled": self.distilled, "labels": self.labels, "mix": self.mix,
                 "drop_path": self.drop_path}
@@ -340,6 +354,9 @@ class FinetuneTask(Task):
     def validate(self, entries, device: torch.device, workers: int) -> Dict[str, float]:
         """Top-1 and top-5 (mAP for multi-label data) of each held-out
         video's centre clip, at the keep ratio the run trains with."""
-        result = evaluate(self._model, entries, keep_ratio=self.keep_ratio, window=self.window, batch_size=8, workers=workers,
-                          device=device, multi_label=self.labels["multi_label"])
+        if self.selection == "motion":
+            raise ValueError("selection='motion' has no validation on video files (their clips come without "
+                             "motion scores): train without held-out entries")
+        result = evaluate(self._model, entries, keep_ratio=self.keep_ratio, window=self.window, batch_size=8,
+                          workers=workers, device=device, multi_label=self.labels["multi_label"])
         return {"mAP": result.mAP} if result.mAP is not None else {"top1": result.top1, "top5": result.top5}
