@@ -135,8 +135,11 @@ def test_e2e_methods_on_a_folder_of_videos(tmp_path):
 def test_train_cli(tmp_path):
     stdout, document, rows = run_with_outputs(
         tmp_path, "train", "--quick", "--steps", "2", "--finetune-steps", "2", "--train-clips", "16", "--val-clips",
-        "4", "--batch", "1", "--set", *TINY)
-    learning, tuned, timed = document["train"]
+        "4", "--batch", "1", "--patch-format", "fp16", "int8", "--set", *TINY)
+    learning, compact, tuned, timed = document["train"]
+    assert (learning["patch_format"], compact["patch_format"]) == ("fp16", "int8")
+    # One byte a feature and a float16 scale per token, against two bytes.
+    assert 0.4 < compact["cache_mb"] / learning["cache_mb"] < 0.7
     assert tuned["steps"] == 2 and {"selector_accuracy", "random_accuracy"} <= set(tuned)
     assert all(0 <= tuned[k] <= 1 for k in ("selector_accuracy", "random_accuracy"))
     assert learning["steps"] == 2 and 0 <= learning["recall_before"] <= 1 and 0 <= learning["recall_after"] <= 1

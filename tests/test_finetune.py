@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,7 +17,7 @@ from lookwhen.cli import main
 from lookwhen.training.embed import read_shards
 from lookwhen.training.evaluate import spatial_crops, view_indices
 from lookwhen.training.finetune import FinetuneTask, layer_id, random_selection
-from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, write_dataset
+from lookwhen.data.synthetic import SyntheticDataset, write_dataset
 from lookwhen.training.engine import Trainer, TrainSettings
 from helpers import SMALL as BASE
 

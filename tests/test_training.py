@@ -31,7 +31,16 @@ from lookwhen.training.losses import (
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.data.synthetic import DIRECTIONS, SyntheticDataset, selector_recall, synthetic_clip, write_dataset
 from lookwhen.io.checkpoint import weights_fingerprint
-from lookwhen.training.targets import TargetCache, cache_fingerprint, cached_keys, merge_rank_indexes, write_cache
+from lookwhen.training.targets import (
+    TargetCache,
+    WithTargets,
+    cache_fingerprint,
+    cached_keys,
+    dequantize_rows,
+    merge_rank_indexes,
+    quantize_rows,
+    write_cache,
+)
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers, VideoTeacher
 from lookwhen.training.engine import Terminated, Trainer, TrainSettings, lr_factor, read_log
 from helpers import SMALL
@@ -206,6 +215,66 @@ def test_target_cache_written_by_two_ranks(files, tmp_path):
     got = cache.get([4, 1], [0, 0])
     torch.testing.assert_close(got.frames[0], made[(4, 0)].frames)
     torch.testing.assert_close(got.patches[1], made[(1, 0)].patches.half().float())
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    x = torch.randn(3, 5, 77, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    x[0, 0] = 0  # a zero row
+    x[1, 1, 3] = 1e4  # one outlier sets its row's step
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (3, 5)
+    back = dequantize_rows(q, scale).double()
+    step = scale.double()[..., None]
+    assert ((back - x).abs() <= step / 2 + 1e-3 * step).all()
+    assert torch.equal(back[0, 0], torch.zeros(77, dtype=torch.float64))
+    assert q.abs().max() == 127
+    # Strided input, one element, and an empty batch.
+    torch.testing.assert_close(dequantize_rows(*quantize_rows(x.transpose(0, 1))), back.transpose(0, 1).float())
+    one, one_scale = quantize_rows(torch.tensor([[-2.5]]))
+    assert one.item() == -127 and dequantize_rows(one, one_scale).item() == pytest.approx(-2.5, rel=1e-3)
+    assert quantize_rows(torch.zeros(0, 8))[0].shape == (0, 8)
+    for bad in (float("nan"), float("inf")):
+        x[2, 2, 2] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            quantize_rows(x)
+
+
+def test_int8_target_cache_read_by_the_loader(files, tmp_path):
+    """``patch_format="int8"``: half the bytes, the patch targets back to
+    within half a step per token, the rest exact; the form is pinned; the
+    loader's workers read the targets (``WithTargets``) into the batch."""
+    dataset = VideoDataset(files["data"], sampling=Sampling(frames=4, size=32), views=1)
+    fingerprint = cache_fingerprint(dataset, (4, 4, 4), ["t"])
+    made = {i: TeacherTargets(torch.randn(4, 16, 64), torch.randn(4, 8), torch.randn(5)) for i in range(len(dataset))}
+    entries = [(i, 0, t) for i, t in made.items()]
+    write_cache(tmp_path / "fp16", entries, fingerprint, 1)
+    write_cache(tmp_path / "int8", entries, fingerprint, 1, patch_format="int8")
+    sizes = [sum(f.stat().st_size for f in (tmp_path / form).glob("*.safetensors")) for form in ("fp16", "int8")]
+    assert sizes[1] < 0.7 * sizes[0]
+    cache = TargetCache.for_dataset(tmp_path / "int8", dataset, (4, 4, 4))
+    assert cache.patch_format == "int8" and TargetCache(tmp_path / "fp16", fingerprint).patch_format == "fp16"
+    got = cache.get([1, 0], [0, 0])
+    step = made[1].patches.abs().amax(-1, keepdim=True) / 127
+    assert ((got.patches[0] - made[1].patches).abs() <= step * 0.501).all()
+    torch.testing.assert_close(got.frames[1], made[0].frames)
+    torch.testing.assert_close(got.video[0], made[1].video)
+    with pytest.raises(ValueError, match="holds int8 patch targets, not fp16"):
+        write_cache(tmp_path / "int8", entries, fingerprint, 1)
+    with pytest.raises(ValueError, match="patch_format"):
+        write_cache(tmp_path / "other", entries, fingerprint, 1, patch_format="bf16")
+
+    wrapped = WithTargets(dataset, cache)
+    assert len(wrapped) == len(dataset) and wrapped.views == dataset.views
+    loader = torch.utils.data.DataLoader(wrapped, batch_size=2, num_workers=2, collate_fn=collate)
+    batch = next(iter(loader))
+    expected = cache.get(batch["indices"].tolist(), batch["views"].tolist())
+    assert set(batch["targets"]) == {"patches", "frames", "video"}
+    for name in ("patches", "frames", "video"):
+        assert torch.equal(batch["targets"][name], getattr(expected, name))
+    model = build_model("lookwhen-b16", **{**SMALL, "frames": 4, "image_size": 32})
+    task = PretrainTask(model, cache=cache, train="selector")
+    from_batch = task.module.targets(batch, batch["clips"])
+    assert torch.equal(from_batch.patches, expected.patches)
 
 
 # Losses -----------------------------------------------------------------------------
@@ -426,7 +495,8 @@ def test_two_ranks_with_half_the_batch_equal_one_process_with_ddp_or_fsdp(files,
               "--image-teacher", TEACHER["name"], "--image-teacher-weights", files["weights"],
               "--image-teacher-size", "64", "--image-teacher-arg", "depth=2", "--set", *SET]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
-    for port, (name, extra) in zip((29517, 29518), {"ddp": [], "fsdp": ["--fsdp", "--checkpoint-activations"]}.items()):
+    runs = {"ddp": ["--ema", "0.5"], "fsdp": ["--fsdp", "--checkpoint-activations", "--ema", "0.5"]}
+    for port, (name, extra) in zip((29517, 29518), runs.items()):
         run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                "-m", "lookwhen", *common, "--out", str(tmp_path / name), *extra]
         done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
@@ -434,9 +504,20 @@ def test_two_ranks_with_half_the_batch_equal_one_process_with_ddp_or_fsdp(files,
         # Every parameter of pre-training gets a gradient: DDP need not search.
         assert "find_unused_parameters=True" not in done.stderr
     # Sharded weights, recomputed blocks: the same steps as DDP's.
-    fsdp, ddp = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
-    for key in ddp:
-        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The weight average too, sharded as the weights are.
+    for file in ("model.safetensors", "model-ema.safetensors"):
+        fsdp, ddp = load_file(tmp_path / "fsdp" / file), load_file(tmp_path / "ddp" / file)
+        for key in ddp:
+            torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-6, msg=f"{file}: {key}")
+    # A sharded run resumes its average from the checkpoint's whole tensors.
+    before = load_file(tmp_path / "fsdp" / "model-ema.safetensors")
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "lookwhen", *common, "--steps", "4", "--resume", "--out", str(tmp_path / "fsdp"), *runs["fsdp"]]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = load_file(tmp_path / "fsdp" / "model-ema.safetensors")
+    assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert set(two) == set(one)

@@ -3,7 +3,6 @@ data-wait share and MFU in log.jsonl and TensorBoard, validation every N
 steps, checkpoints that hold the weights once, and DistributedDataParallel's
 unused-parameter search only where a task needs it. The ops take their CPU
 path (``TRITON_INTERPRET=0``)."""
-import json
 
 import pytest
 import timm

@@ -37,7 +37,7 @@ from lookwhen.training.engine import TrainSettings, Trainer, make_optimizer
 from lookwhen.training.finetune import FinetuneTask, logits_of
 from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainModule, PretrainTask
-from lookwhen.training.targets import TargetCache, teacher_targets, write_cache
+from lookwhen.training.targets import PATCH_FORMATS, TargetCache, WithTargets, teacher_targets, write_cache
 from lookwhen.training.teachers import ImageTeacher, TeacherTargets, Teachers
 from lookwhen_kernels import keep_ratio_to_k
 
@@ -55,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the learning run")
     parser.add_argument("--train-clips", type=positive_int_arg, default=256, help="synthetic training clips")
     parser.add_argument("--val-clips", type=positive_int_arg, default=128, help="held-out synthetic clips")
+    parser.add_argument("--patch-format", nargs="+", choices=PATCH_FORMATS, default=["fp16"], dest="patch_formats",
+                        help="forms of the cached patch targets to pre-train from, one run each (cache-targets "
+                             "--patch-format)")
     parser.add_argument("--keep-ratio", type=keep_ratio_arg, default=0.1, help="budget of the timed LookWhen step")
     parser.add_argument("--batch", type=positive_int_arg, default=1, help="clips per timed training step")
     parser.add_argument("--lookwhen", default="lookwhen-b16", metavar="PRESET")
@@ -81,36 +84,47 @@ def random_image_teacher(folder: str, device, image_size: int = TEACHER["image_s
     return ImageTeacher(TEACHER["name"], weights, image_size=image_size, depth=TEACHER["depth"]).to(device)
 
 
-def _learning(args, device) -> Dict:
+def _learning(args, device) -> List[Dict]:
+    """Selector pre-training from the teacher's cached targets, once per
+    patch format of ``args.patch_formats`` (the same model initialisation
+    and clips each time); the first format's selector goes on to the
+    fine-tuning part."""
     steps = args.steps or (60 if args.quick else 300)
-    model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL).to(device)
     train = SyntheticDataset(args.train_clips, seed=1, **LEARNING_CLIPS)
     held_out = [SyntheticDataset(args.val_clips, seed=2, **LEARNING_CLIPS).sample(i) for i in range(args.val_clips)]
-    window = model.config.patch_size * model.config.selector_downsample
-    chance = statistics.mean(float(s.object_tokens(window).float().mean()) for s in held_out)
+    results = []
     with tempfile.TemporaryDirectory() as folder:
         teacher = random_image_teacher(folder, device)
-        start = time.perf_counter()
-
-        entries = teacher_targets(Teachers(teacher), [(index, 0) for index in range(len(train))],
-                                  lambda index, view: train[index]["clip"], model.config.grid[1:], batch_size=1,
-                                  device=device)
-        fingerprint = {"synthetic": [args.train_clips, TEACHER["name"]]}
-        write_cache(os.path.join(folder, "cache"), entries, fingerprint, 1)
-        cache_s = time.perf_counter() - start
-        before = selector_recall(model.eval(), held_out)
-        task = PretrainTask(model.train(), cache=TargetCache(os.path.join(folder, "cache"), fingerprint),
-                            train="selector", weights=LossWeights(selector=1.0))
-        settings = TrainSettings(out=os.path.join(folder, "run"), steps=steps, batch_size=16, lr=args.lr,
-                                 save_every=steps, device=str(device), progress=None)
-        start = time.perf_counter()
-        last = Trainer(task, train, settings, log=lambda line: None).fit()
-        train_s = time.perf_counter() - start
-    after = selector_recall(model.eval(), held_out)
-    args.pretrained_selector = model
-    return {"steps": steps, "batch": 16, "train_clips": args.train_clips, "val_clips": args.val_clips,
-            "recall_before": before, "recall_after": after, "chance": chance, "final_loss": last["loss"],
-            "cache_seconds": cache_s, "train_seconds": train_s}
+        for patch_format in args.patch_formats:
+            model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL, seed=0).to(device)
+            window = model.config.patch_size * model.config.selector_downsample
+            chance = statistics.mean(float(s.object_tokens(window).float().mean()) for s in held_out)
+            start = time.perf_counter()
+            entries = teacher_targets(Teachers(teacher), [(index, 0) for index in range(len(train))],
+                                      lambda index, view: train[index]["clip"], model.config.grid[1:], batch_size=1,
+                                      device=device)
+            fingerprint = {"synthetic": [args.train_clips, TEACHER["name"]]}
+            cache_folder = os.path.join(folder, f"cache-{patch_format}")
+            write_cache(cache_folder, entries, fingerprint, 1, patch_format=patch_format)
+            cache_s = time.perf_counter() - start
+            cache_mb = sum(os.path.getsize(os.path.join(cache_folder, name))
+                           for name in os.listdir(cache_folder)) / 2 ** 20
+            before = selector_recall(model.eval(), held_out)
+            cache = TargetCache(cache_folder, fingerprint)
+            task = PretrainTask(model.train(), cache=cache, train="selector", weights=LossWeights(selector=1.0))
+            settings = TrainSettings(out=os.path.join(folder, f"run-{patch_format}"), steps=steps, batch_size=16,
+                                     lr=args.lr, save_every=steps, device=str(device), progress=None)
+            start = time.perf_counter()
+            last = Trainer(task, WithTargets(train, cache), settings, log=lambda line: None).fit()
+            train_s = time.perf_counter() - start
+            results.append({"patch_format": patch_format, "steps": steps, "batch": 16,
+                            "train_clips": args.train_clips, "val_clips": args.val_clips, "recall_before": before,
+                            "recall_after": selector_recall(model.eval(), held_out), "chance": chance,
+                            "final_loss": last["loss"], "cache_seconds": cache_s, "cache_mb": cache_mb,
+                            "train_seconds": train_s})
+            if len(results) == 1:
+                args.pretrained_selector = model
+    return results
 
 
 @torch.no_grad()
@@ -245,14 +259,17 @@ def run(args, device: torch.device) -> Result:
     payload, records, tables = [], [], []
     if "learning" not in args.skip:
         learned = _learning(args, device)
-        payload.append({"part": "learning", **learned})
+        payload += [{"part": "learning", **run} for run in learned]
         tables.append(format_table(
-            ("steps", "clips/step", "recall before", "recall after", "chance", "final loss", "train s"),
-            [(learned["steps"], learned["batch"], f"{learned['recall_before']:.3f}", f"{learned['recall_after']:.3f}",
-              f"{learned['chance']:.3f}", f"{learned['final_loss']:.4f}", f"{learned['train_seconds']:.0f}")],
-            title="selector pre-training on synthetic clips: top-K recall of the moving objects' tokens (held out)"))
-        records += [Record("train", "selector", "learning", m, learned["steps"], learned[m])
-                    for m in ("recall_before", "recall_after", "chance")]
+            ("targets", "cache MB", "steps", "clips/step", "recall before", "recall after", "chance", "final loss",
+             "train s"),
+            [(run["patch_format"], f"{run['cache_mb']:.1f}", run["steps"], run["batch"],
+              f"{run['recall_before']:.3f}", f"{run['recall_after']:.3f}", f"{run['chance']:.3f}",
+              f"{run['final_loss']:.4f}", f"{run['train_seconds']:.0f}") for run in learned],
+            title="selector pre-training on synthetic clips from cached teacher targets: top-K recall of the "
+                  "moving objects' tokens (held out)"))
+        records += [Record("train", f"selector-{run['patch_format']}", "learning", m, run["steps"], run[m])
+                    for run in learned for m in ("recall_before", "recall_after", "chance")]
     if "finetune" not in args.skip:
         tuned = _finetuning(args, device)
         payload.append({"part": "finetune", **tuned})
@@ -290,9 +307,10 @@ def _plot(figure, payload) -> None:
     axes = list(axes) if len(parts) > 1 else [axes]
     if "learning" in parts:
         ax, learned = axes.pop(0), parts["learning"]
-        values = [learned["chance"], learned["recall_before"], learned["recall_after"]]
-        ax.bar(["chance", "before", f"after {learned['steps']} steps"], values,
-               color=["tab:gray", "tab:orange", "tab:green"])
+        runs = [p for p in payload if p["part"] == "learning"]
+        values = [learned["chance"], learned["recall_before"]] + [run["recall_after"] for run in runs]
+        ax.bar(["chance", "before"] + [f"after {run['steps']} steps\n({run['patch_format']} targets)" for run in runs],
+               values, color=["tab:gray", "tab:orange"] + ["tab:green"] * len(runs))
         for x, value in enumerate(values):
             ax.text(x, value + 0.01, f"{value:.2f}", ha="center", va="bottom")
         ax.set_ylim(0, 1.08)

@@ -199,4 +199,7 @@ def add_parsers(sub) -> None:
                                                                      "view e mod views)")
     cache.add_argument("--batch-size", type=positive_int, default=8)
     cache.add_argument("--shard-size", type=positive_int, default=256, help="clips per safetensors shard")
+    cache.add_argument("--patch-format", choices=("fp16", "int8"), default="fp16",
+                       help="how the patch targets are stored: fp16, or int8 with a scale per token (half the size; "
+                            "docs/training.md gives what it changes)")
     cache.set_defaults(func=_command("cmd_cache_targets"))

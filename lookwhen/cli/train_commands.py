@@ -31,6 +31,7 @@ from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.training.targets import (
     TargetCache,
+    WithTargets,
     cache_fingerprint,
     cached_keys,
     merge_rank_indexes,
@@ -144,6 +145,7 @@ def cmd_pretrain(args) -> int:
         cache = TargetCache.for_dataset(args.targets, dataset, config.grid)
         dataset.views = cache.views
         task = PretrainTask(model, cache=cache, weights=weights, keep_range=tuple(args.keep_range), train=args.train)
+        dataset = WithTargets(dataset, cache)
     else:
         task = PretrainTask(model, teachers=_teachers(args, device), weights=weights,
                             keep_range=tuple(args.keep_range), train=args.train)
@@ -180,7 +182,7 @@ def cmd_cache_targets(args) -> int:
                               device=device, skipped=skipped)
     try:
         count = write_cache(args.out, entries, fingerprint, args.views, shard_size=args.shard_size,
-                            progress=bar.update, rank=ranks.rank, world=ranks.world)
+                            progress=bar.update, rank=ranks.rank, world=ranks.world, patch_format=args.patch_format)
     finally:
         bar.close()
     ranks.barrier()

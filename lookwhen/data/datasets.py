@@ -413,14 +413,25 @@ class VideoDataset(torch.utils.data.Dataset):
         raise DatasetError(f"{self.source}: no video can be read any more ({skipped[0][0]}: {skipped[0][1]})")
 
 
+# The keys every sample has; any other key of a sample (a tensor, or a dict
+# of tensors) is something a wrapper added (:class:`WithExtras`).
+SAMPLE_KEYS = ("clip", "label", "index", "view", "skipped")
+
+
+def _stack(values: Sequence):
+    if isinstance(values[0], dict):
+        return {key: _stack([v[key] for v in values]) for key in values[0]}
+    return torch.stack(values)
+
+
 def collate(samples: Sequence[Dict]) -> Dict:
     """Stack samples into ``clips [B, T, S, S, 3]``, ``labels`` (int64
     ``[B]``, or float32 ``[B, C]`` multi-hot), ``indices`` and ``views``
-    (int64 ``[B]``), with every sample's ``skipped`` joined; samples that
-    carry motion scores (:class:`lookwhen.data.motion.WithMotion`) give
-    ``motion`` (float32 ``[B, N]``)."""
+    (int64 ``[B]``), with every sample's ``skipped`` joined; whatever a
+    :class:`WithExtras` wrapper added (such as ``motion`` or ``targets``) is
+    stacked under its own key."""
     labels = [s["label"] for s in samples]
-    motion = {"motion": torch.stack([s["motion"] for s in samples])} if "motion" in samples[0] else {}
+    extras = {key: _stack([s[key] for s in samples]) for key in samples[0] if key not in SAMPLE_KEYS}
     return {
         "clips": torch.stack([s["clip"] for s in samples]),
         "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels,
@@ -428,8 +439,33 @@ def collate(samples: Sequence[Dict]) -> Dict:
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "views": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
         "skipped": [item for s in samples for item in s["skipped"]],
-        **motion,
+        **extras,
     }
+
+
+class WithExtras(torch.utils.data.Dataset):
+    """A data set's samples with what :meth:`extras` computes from each
+    merged in (tensors, or dicts of tensors: :func:`collate` stacks them),
+    in the loader's worker processes. The wrapped data set's other
+    attributes (``classes``, ``set_epoch``, ...) show through."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def extras(self, index: int, sample: Dict) -> Dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return {**sample, **self.extras(index, sample)}
 
 
 class SkipReport:

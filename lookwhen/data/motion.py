@@ -26,13 +26,14 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import lookwhen_kernels as lk
+from lookwhen.data.datasets import WithExtras
 from lookwhen.data.synthetic import write_video
 from lookwhen.data.video import VideoError, sample_indices
 
@@ -180,7 +181,7 @@ def clip_motion(clip: torch.Tensor, grid: Sequence[int]) -> MotionScores:
         return motion_scores(container, grid)
 
 
-class WithMotion(torch.utils.data.Dataset):
+class WithMotion(WithExtras):
     """A data set of ``{"clip": uint8 [T, H, W, 3], ...}`` samples with each
     sample's motion scores on ``grid`` added as ``"motion"`` (float32
     ``[T*h*w]``, segments without vectors filled as
@@ -190,24 +191,15 @@ class WithMotion(torch.utils.data.Dataset):
     encode each once."""
 
     def __init__(self, dataset, grid: Sequence[int], cache: Optional[dict] = None):
-        self.dataset, self.grid = dataset, tuple(grid)
+        super().__init__(dataset)
+        self.grid = tuple(grid)
         self.cache = {} if cache is None else cache
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        # classes, set_epoch and the rest of the wrapped data set's interface.
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int):
-        sample = self.dataset[index]
+    def extras(self, index: int, sample: Dict) -> Dict:
         if index not in self.cache:
             motion = clip_motion(sample["clip"], self.grid)
             self.cache[index] = fill_unmeasured(motion.scores[None], motion.has_vectors[None])[0]
-        return {**sample, "motion": self.cache[index]}
+        return {"motion": self.cache[index]}
 
 
 def motion_selection(motions: Sequence[MotionScores], keep_ratio: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from lookwhen.io.checkpoint import save_checkpoint, weights_fingerprint
@@ -141,8 +142,6 @@ class TrainSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every is not None and self.val_every < 1:
             raise ValueError(f"val_every must be at least 1, got {self.val_every}")
-        if self.fsdp and self.ema is not None:
-            raise ValueError("ema: not with fsdp (the average would have to be sharded too)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must lie in (0, 1), got {self.ema}")
         if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
@@ -313,7 +312,8 @@ class WeightAverage:
     """An exponential moving average of a model's weights, updated after
     every optimiser step (``average += (1 - decay) * (weights - average)``;
     integer buffers are copied): ``--ema``, validated and saved beside the
-    model."""
+    model. Under FSDP the average is sharded as the weights are (each rank
+    averages its own shard)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.model, self.decay = model, decay
@@ -338,6 +338,12 @@ class WeightAverage:
             yield self.model
         finally:
             self.model.load_state_dict(own)
+
+    def load(self, whole: Dict[str, torch.Tensor], device: torch.device) -> None:
+        """Take the average from whole tensors (a checkpoint's), sharded as
+        the weights are where they are."""
+        self.state = {key: distribute_tensor(whole[key].to(device), mine.device_mesh, mine.placements)
+                      if isinstance(mine, DTensor) else whole[key].to(device) for key, mine in self.state.items()}
 
 
 def _summary_writer():
@@ -467,10 +473,10 @@ class Trainer:
         ``keep_checkpoints``. Returns its folder."""
         name = f"step-{self.position.step:06d}"
         final = os.path.join(self.checkpoints, name)
-        module_state, optimizer_state = self._module_state(), self._optimizer_state()
+        module_state, optimizer_state, ema_state = self._module_state(), self._optimizer_state(), self._ema_state()
         if self.dist.main:
             with atomic_folder(final) as temporary:
-                self._save_models(temporary, module_state)
+                self._save_models(temporary, module_state, ema_state)
                 torch.save(self._state(module_state, optimizer_state), os.path.join(temporary, STATE_FILE))
             write_text(os.path.join(self.checkpoints, "latest"), name)
             kept = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step-"))
@@ -479,14 +485,25 @@ class Trainer:
         self.dist.barrier()
         return final
 
-    def _save_models(self, folder: str, module_state: Dict[str, torch.Tensor]) -> None:
+    def _ema_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The weight average as whole tensors (under FSDP gathered from
+        every rank: all ranks call this), ``None`` without ``ema``."""
+        if self.ema is None:
+            return None
+        if not self.sharded:
+            return self.ema.state
+        with self.ema.swapped_in():
+            return self._model_state(self._module_state())
+
+    def _save_models(self, folder: str, module_state: Dict[str, torch.Tensor],
+                     ema_state: Optional[Dict[str, torch.Tensor]]) -> None:
         """The inference model (its weights in ``module_state``), and its
-        weight average with ``ema``."""
+        weight average (``ema_state``) with ``ema``."""
         save_checkpoint(self.task.model(), os.path.join(folder, MODEL_FILE), labels=self.task.label_space(),
                         state=self._model_state(module_state))
-        if self.ema is not None:
-            with self.ema.swapped_in() as model:
-                save_checkpoint(model, os.path.join(folder, EMA_FILE), labels=self.task.label_space())
+        if ema_state is not None:
+            save_checkpoint(self.task.model(), os.path.join(folder, EMA_FILE), labels=self.task.label_space(),
+                            state=ema_state)
 
     def checkpoint_folders(self) -> List[str]:
         """The run's checkpoints, newest first: the one ``latest`` names,
@@ -547,7 +564,7 @@ class Trainer:
         self.skips.seen.update(state.get("skipped", {}))
         if self.ema is not None:
             if "ema" in state:
-                self.ema.state = {key: value.to(self.device) for key, value in state["ema"].items()}
+                self.ema.load(state["ema"], self.device)
             else:
                 self.ema = WeightAverage(self.task.model(), self.settings.ema)
                 self.log(f"--ema: the checkpoint of step {position.step} has no weight average; it starts from "
@@ -705,9 +722,9 @@ class Trainer:
             self.log(message)
         if self.position.step % settings.save_every:
             self.save()
-        module_state = self._module_state()
+        module_state, ema_state = self._module_state(), self._ema_state()
         if self.dist.main:
-            self._save_models(self.folder, module_state)
+            self._save_models(self.folder, module_state, ema_state)
             if settings.plot:
                 plot_log(self.log_file, settings.plot)
         self.dist.barrier()

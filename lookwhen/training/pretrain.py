@@ -33,7 +33,7 @@ from lookwhen.training.losses import (
     uniqueness_target,
 )
 from lookwhen.models.lookwhen import LookWhen
-from lookwhen.training.targets import TargetCache
+from lookwhen.training.targets import TargetCache, targets_of_batch
 from lookwhen.training.teachers import Teachers
 from lookwhen.training.engine import Task
 from lookwhen.training.evaluate import ViewDataset
@@ -62,6 +62,8 @@ class PretrainModule(nn.Module):
 
     def targets(self, batch: Dict, clips: torch.Tensor):
         cfg = self.model.config
+        if "targets" in batch:  # read by the loader's workers (WithTargets)
+            return targets_of_batch(batch["targets"]).to(clips.device)
         if self.cache is not None:
             return self.cache.get(batch["indices"].tolist(), batch["views"].tolist()).to(clips.device)
         return self.teachers(clips, cfg.grid[1:])

@@ -8,6 +8,15 @@ sampling, grid and teachers they were made for (a cache made for other clips
 is refused, not silently misused). :func:`write_cache` writes them,
 :func:`teacher_targets` computes them.
 
+Patch features, the bulk of a cache (``[T, h*w, D]`` per clip: 4.8 MB in
+float16 for ``lookwhen-b16`` with a 768-wide teacher), are stored in one of
+:data:`PATCH_FORMATS`: ``fp16``, or ``int8`` (half the size) with one float16
+scale per token, ``absmax / 127`` of its feature vector (symmetric rounding:
+an element is off by at most half a step, ``absmax / 254``). The per-frame
+and video features stay float32. :class:`WithTargets` reads the cache in the
+data loader's worker processes, so the training step finds the targets in
+its batch.
+
 Under ``torchrun`` each rank computes its share of the missing keys and
 writes its own shards (``shard-r<rank>-XXXXX``) and partial index
 (``index.rank<rank>.json``); :func:`merge_rank_indexes` folds those into
@@ -25,6 +34,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 from safetensors import safe_open
 
+from lookwhen.data.datasets import WithExtras
 from lookwhen.data.video import VideoError
 from lookwhen.io.atomic import check_pinned, shard_name, write_json, write_tensors
 from lookwhen.training.teachers import TeacherTargets, Teachers
@@ -32,6 +42,28 @@ from lookwhen.training.teachers import TeacherTargets, Teachers
 CACHE_INDEX = "index.json"
 # What check_pinned says a folder made for other inputs holds.
 OTHER_CACHE = "a cache made for other clips or teachers"
+PATCH_FORMATS = ("fp16", "int8")
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` as int8 ``[..., D]`` and float16 ``scale [...]`` with
+    ``x ~ q * scale[..., None]`` (``scale = absmax / 127`` of each row; an
+    all-zero row gets scale 0)."""
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError("patch targets hold NaN or inf: int8 cannot store them (are the teacher's outputs broken?)")
+    if x.numel() == 0:
+        return x.to(torch.int8), x.new_zeros(x.shape[:-1], dtype=torch.float16)
+    scale = (x.abs().amax(-1) / 127).to(torch.float16)
+    # Divide by the scale as stored, so q * scale reconstructs x to within
+    # half a step; a zero row divides by 1 (its q is 0 anyway).
+    step = scale.float().unsqueeze(-1)
+    q = torch.round(x / torch.where(step > 0, step, torch.ones_like(step))).clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().unsqueeze(-1)
 
 
 def _index_path(folder) -> str:
@@ -45,15 +77,22 @@ def _index_path(folder) -> str:
 
 class TargetCache:
     """Teacher outputs per ``(video index, view)`` (see the module
-    docstring). Patch features are stored in float16 (they are regression
-    targets; the loss standardises them first)."""
+    docstring), as float32 whatever form the patch features are stored in
+    (:attr:`patch_format`)."""
 
     def __init__(self, folder, fingerprint: Dict):
         self.folder = os.fspath(folder)
         index = check_pinned(_index_path(self.folder), fingerprint, what=OTHER_CACHE, key="fingerprint")
         self.views = index["views"]
         self.shard_of = index["shards"]
+        # Caches written before the int8 form hold float16.
+        self.patch_format = index.get("patch_format", "fp16")
         self._open: Dict[str, object] = {}
+
+    def __getstate__(self):
+        # Open shards stay with their process: a loader worker started by
+        # spawn opens its own.
+        return {**self.__dict__, "_open": {}}
 
     @classmethod
     def for_dataset(cls, folder, dataset, grid: Sequence[int]) -> "TargetCache":
@@ -72,33 +111,70 @@ class TargetCache:
     def key(index: int, view: int) -> str:
         return f"{int(index)}/{int(view)}"
 
+    def sample(self, index: int, view: int) -> Dict[str, torch.Tensor]:
+        """One clip's targets, float32: ``patches [T, h*w, Di]``, ``frames
+        [T, Di]`` and, with a video teacher, ``video [Dv]``."""
+        key = self.key(index, view)
+        if key not in self.shard_of:
+            raise ValueError(f"{self.folder}: no cached targets for video {index}, view {view}")
+        shard = self.shard_of[key]
+        if shard not in self._open:
+            self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
+        handle = self._open[shard]
+        names = handle.keys()
+        out = {name: handle.get_tensor(f"{key}/{name}").float() for name in ("patches", "frames", "video")
+               if f"{key}/{name}" in names}
+        if f"{key}/patch_scales" in names:
+            out["patches"] = dequantize_rows(handle.get_tensor(f"{key}/patches"),
+                                             handle.get_tensor(f"{key}/patch_scales"))
+        return out
+
     def get(self, indices: Iterable[int], views: Iterable[int]) -> TeacherTargets:
-        parts: Dict[str, List[torch.Tensor]] = {"patches": [], "frames": [], "video": []}
-        for index, view in zip(indices, views):
-            key = self.key(index, view)
-            if key not in self.shard_of:
-                raise ValueError(f"{self.folder}: no cached targets for video {index}, view {view}")
-            shard = self.shard_of[key]
-            if shard not in self._open:
-                self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
-            handle = self._open[shard]
-            for name in parts:
-                if f"{key}/{name}" in handle.keys():
-                    parts[name].append(handle.get_tensor(f"{key}/{name}").float())
-        video = torch.stack(parts["video"]) if parts["video"] else None
-        return TeacherTargets(torch.stack(parts["patches"]), torch.stack(parts["frames"]), video)
+        return targets_of_batch([self.sample(index, view) for index, view in zip(indices, views)])
+
+
+def targets_of_batch(samples) -> TeacherTargets:
+    """:class:`TeacherTargets` of a batch from per-clip ``samples`` (a list
+    of :meth:`TargetCache.sample` dicts), or from their stack (the dict
+    :func:`lookwhen.data.datasets.collate` makes of them)."""
+    if isinstance(samples, dict):
+        return TeacherTargets(samples["patches"], samples["frames"], samples.get("video"))
+    video = torch.stack([s["video"] for s in samples]) if "video" in samples[0] else None
+    return TeacherTargets(torch.stack([s["patches"] for s in samples]), torch.stack([s["frames"] for s in samples]),
+                          video)
+
+
+class WithTargets(WithExtras):
+    """A training data set with each sample's cached teacher targets added
+    as ``targets`` (:meth:`TargetCache.sample` of its index and view), read
+    in the loader's workers."""
+
+    def __init__(self, dataset, cache: TargetCache):
+        super().__init__(dataset)
+        self.cache = cache
+
+    def extras(self, index: int, sample: Dict) -> Dict:
+        return {"targets": self.cache.sample(sample["index"], sample["view"])}
 
 
 def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fingerprint: Dict, views: int,
-                *, shard_size: int = 256, progress=None, rank: int = 0, world: int = 1) -> int:
-    """Write ``(video index, view, single-clip targets)`` entries as shards;
-    finished shards are kept, so an interrupted run restarted with the same
-    fingerprint recomputes only what is missing (``done`` keys are skipped
-    by the caller through :func:`cached_keys`). Rank ``rank`` of ``world > 1``
-    writes shards and an index of its own (see the module docstring).
-    Returns the entry count."""
+                *, shard_size: int = 256, progress=None, rank: int = 0, world: int = 1,
+                patch_format: str = "fp16") -> int:
+    """Write ``(video index, view, single-clip targets)`` entries as shards,
+    the patch features in ``patch_format``; finished shards are kept, so an
+    interrupted run restarted with the same fingerprint and form recomputes
+    only what is missing (``done`` keys are skipped by the caller through
+    :func:`cached_keys`). Rank ``rank`` of ``world > 1`` writes shards and
+    an index of its own (see the module docstring). Returns the entry
+    count."""
+    if patch_format not in PATCH_FORMATS:
+        raise ValueError(f"patch_format must be one of {PATCH_FORMATS}, got {patch_format!r}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
+    held = _held_format(folder)
+    if held is not None and held != patch_format:
+        raise ValueError(f"{folder}: the cache there holds {held} patch targets, not {patch_format} (write the "
+                         "other form to a new folder)")
     shard_of = cached_keys(folder, fingerprint)
     own = {} if world == 1 else _read_shards(_rank_index(folder, rank), fingerprint)
     pending: Dict[str, torch.Tensor] = {}
@@ -116,15 +192,20 @@ def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fing
         shard_of.update({key: name for key in keys})
         own.update({key: name for key in keys})
         if world == 1:
-            _write_index(folder, fingerprint, views, shard_of)
+            _write_index(folder, fingerprint, views, shard_of, patch_format)
         else:
-            write_json(_rank_index(folder, rank), {"fingerprint": fingerprint, "views": views, "shards": own})
+            write_json(_rank_index(folder, rank), {"fingerprint": fingerprint, "views": views, "shards": own,
+                                                   "patch_format": patch_format})
         pending.clear()
         keys.clear()
 
     for index, view, targets in entries:
         key = TargetCache.key(index, view)
-        pending[f"{key}/patches"] = targets.patches.to("cpu", torch.float16).contiguous()
+        if patch_format == "int8":
+            q, scales = quantize_rows(targets.patches.to("cpu"))
+            pending[f"{key}/patches"], pending[f"{key}/patch_scales"] = q.contiguous(), scales.contiguous()
+        else:
+            pending[f"{key}/patches"] = targets.patches.to("cpu", torch.float16).contiguous()
         pending[f"{key}/frames"] = targets.frames.to("cpu", torch.float32).contiguous()
         if targets.video is not None:
             pending[f"{key}/video"] = targets.video.to("cpu", torch.float32).contiguous()
@@ -136,7 +217,7 @@ def write_cache(folder, entries: Iterable[Tuple[int, int, TeacherTargets]], fing
             flush()
     flush()
     if world == 1:
-        _write_index(folder, fingerprint, views, shard_of)
+        _write_index(folder, fingerprint, views, shard_of, patch_format)
     return count
 
 
@@ -170,13 +251,24 @@ def merge_rank_indexes(folder, fingerprint: Dict, views: int) -> None:
     has finished writing), then remove them."""
     folder = os.fspath(folder)
     partial = _rank_indexes(folder)
-    _write_index(folder, fingerprint, views, cached_keys(folder, fingerprint))
+    _write_index(folder, fingerprint, views, cached_keys(folder, fingerprint), _held_format(folder) or "fp16")
     for path in partial:
         os.remove(path)
 
 
-def _write_index(folder: str, fingerprint: Dict, views: int, shard_of: Dict[str, str]) -> None:
-    write_json(os.path.join(folder, CACHE_INDEX), {"fingerprint": fingerprint, "views": views, "shards": shard_of})
+def _write_index(folder: str, fingerprint: Dict, views: int, shard_of: Dict[str, str], patch_format: str) -> None:
+    write_json(os.path.join(folder, CACHE_INDEX), {"fingerprint": fingerprint, "views": views, "shards": shard_of,
+                                                   "patch_format": patch_format})
+
+
+def _held_format(folder: str) -> Optional[str]:
+    """The patch form of what ``folder``'s indexes (the merged one or the
+    ranks') already hold; ``None`` for a new folder."""
+    for path in [os.path.join(folder, CACHE_INDEX), *_rank_indexes(folder)]:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle).get("patch_format", "fp16")
+    return None
 
 
 def teacher_targets(teachers: Teachers, keys: Sequence[Tuple[int, int]], clip: Callable[[int, int], torch.Tensor],
