@@ -93,6 +93,7 @@ MODEL = ["timm>=1.0", "safetensors>=0.4", "numpy>=1.24", "einops>=0.7"]
 VIDEO = ["decord2>=3.0", "av>=12.0", "pillow>=9.0", "numpy>=1.24"]
 TRAIN = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = [*MODEL, "tqdm>=4.60", "matplotlib>=3.7", "pytest-benchmark>=4.0"]
+TENSORBOARD = ["tensorboard>=2.14"]
 
 setup(
     name="lookwhen-kernels",
@@ -117,9 +118,9 @@ setup(
         "model": MODEL,
         "video": VIDEO,
         "train": TRAIN,
-        "tensorboard": ["tensorboard>=2.14"],
+        "tensorboard": TENSORBOARD,
         "bench": BENCH,
-        "test": sorted({*TRAIN, *VIDEO, *BENCH, "pytest>=7.4", "hypothesis>=6.80"}),
+        "test": sorted({*TRAIN, *VIDEO, *BENCH, *TENSORBOARD, "pytest>=7.4", "hypothesis>=6.80"}),
         "xformers": ["xformers>=0.0.28"],
         "flash-attn": ["flash-attn>=2.6"],
     },

@@ -166,6 +166,41 @@ def test_finetune_command_from_a_checkpoint_and_linear_probe(files, tmp_path, ca
     assert "fixed number of tokens" in capsys.readouterr().err
 
 
+def test_linear_probe_trains_on_embeddings_computed_once(files, tmp_path, capsys, monkeypatch):
+    """``--linear-probe`` embeds every training video once into
+    ``<out>/embeddings`` and trains the head on those: no model forward per
+    step, a resumed run embeds nothing again, and the head is what AdamW
+    made of the stored embeddings."""
+    import lookwhen.training.embed as embed
+    import lookwhen.training.finetune as finetune
+    from lookwhen.data.datasets import Entry, collate
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the probe ran the model on clips during training")
+
+    common = ["finetune", "--data", files["data"], "--batch-size", "2", "--init", files["pretrained"],
+              "--linear-probe", "--out", str(tmp_path / "lp"), "--lr", "1e-2", "--warmup-steps", "0"]
+    monkeypatch.setattr(finetune, "logits_of", no_forward)
+    assert main([*common, "--steps", "3"]) == 0
+    stored = read_shards(str(tmp_path / "lp" / "embeddings"))
+    assert len(stored["videos"]) == 8 and stored["embeddings"].shape[0] == 8  # the broken file left out
+    assert "broken" in capsys.readouterr().err
+    # The stored embeddings are the frozen model's.
+    again, _, _ = embed.embed_files(load_checkpoint(files["pretrained"]), stored["videos"][:2])
+    torch.testing.assert_close(again.tensors(False, False)["embeddings"], stored["embeddings"][:2])
+    monkeypatch.setattr(embed, "embed_batch", no_forward)
+    assert main([*common, "--steps", "6", "--resume"]) == 0
+    probe = load_checkpoint(tmp_path / "lp" / "model.safetensors")
+    data = finetune.read_probe_embeddings([Entry(p, 0) for p in stored["videos"]], str(tmp_path / "lp" / "embeddings"),
+                                          num_classes=4)
+    batch = collate([data[i] for i in range(len(data))])
+    assert batch["embeddings"].shape == (8, probe.config.width) and "clips" not in batch
+    with pytest.raises(ValueError, match="time window"):
+        finetune.embed_for_probe(probe, [Entry(stored["videos"][0], 0, 0.5, 1.0)], str(tmp_path / "w"))
+    assert main([*common[:-6], "--out", str(tmp_path / "bad"), "--steps", "1", "--mixup", "0.8"]) == 1
+    assert "not with --mixup" in capsys.readouterr().err
+
+
 def test_finetune_command_perturbed_with_a_hard_phase(files, tmp_path):
     """``--sigma-decay 0.5``: sigma reaches 0 halfway; the run's record says
     so, and the score head trained (only the perturbed top-K reaches it)."""

@@ -170,7 +170,9 @@ def add_parsers(sub) -> None:
     fine.add_argument("--drop-path", type=_interval(0, 1, "[)"), default=0.0, metavar="RATE",
                       help="stochastic depth: a block's residual branches dropped per clip with a probability rising "
                            "linearly to RATE at the last block (extractor; default 0)")
-    fine.add_argument("--linear-probe", action="store_true", help="train the classifier alone")
+    fine.add_argument("--linear-probe", action="store_true",
+                      help="train the classifier alone, on each training video's embedding computed once (its "
+                           "centre clip; kept in OUT/embeddings, so a restart embeds only what is missing)")
     fine.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     fine.add_argument("--label-smoothing", type=float, default=0.1)
     fine.add_argument("--distill-from", metavar="CHECKPOINT",

@@ -26,7 +26,14 @@ from lookwhen.models import build_model
 from lookwhen.training.distributed import Distributed, is_main_process, local_device
 from lookwhen.training.engine import Trainer, TrainSettings
 from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
-from lookwhen.training.finetune import FinetuneTask, finetune_model, sigma_decay_steps
+from lookwhen.training.embed import rank_share
+from lookwhen.training.finetune import (
+    FinetuneTask,
+    embed_for_probe,
+    finetune_model,
+    read_probe_embeddings,
+    sigma_decay_steps,
+)
 from lookwhen.training.losses import LossWeights
 from lookwhen.training.pretrain import PretrainTask
 from lookwhen.training.targets import (
@@ -229,11 +236,38 @@ def cmd_finetune(args) -> int:
     settings = _settings(args, device)
     validation = _validation(args, annotations.classes)
     os.makedirs(args.out, exist_ok=True)
+    if args.linear_probe:
+        dataset = _probe_dataset(args, model, annotations, num_classes, device)
     last = Trainer(task, dataset, settings, validation=validation).fit()
     if is_main_process():
         print(f"fine-tuned {config.name} ({num_classes} classes) for {settings.steps} steps (final loss "
               f"{last.get('loss', float('nan')):.4g}); model in {os.path.join(args.out, 'model.safetensors')}")
     return 0
+
+
+def _probe_dataset(args, model, annotations, num_classes: int, device):
+    """The linear probe's training set: every training video embedded once
+    into ``<out>/embeddings`` (kept, so a restart embeds only what is
+    missing), each rank its share under torchrun."""
+    per_step = [flag for flag, given in (
+        ("--mixup", args.mixup), ("--cutmix", args.cutmix), ("--randaugment", args.randaugment),
+        ("--erase", args.erase), ("--drop-path", args.drop_path), ("--distill-from", args.distill_from),
+        ("--keep-range", args.keep_range), ("--selection " + args.selection, args.selection != "selector")) if given]
+    if per_step:
+        raise CommandError(f"--linear-probe trains on embeddings computed once, not on clips: not with "
+                           f"{', '.join(per_step)}")
+    ranks = Distributed.start(device)
+    folder = os.path.join(args.out, "embeddings")
+    paths = [e.path for e in annotations.entries]
+    with tqdm(total=rank_share(paths, 1000, ranks.rank, ranks.world), unit="video", desc="embedding",
+              file=sys.stderr, disable=None if ranks.main else True) as bar:
+        embed_for_probe(model.to(device), annotations.entries, folder, keep_ratio=args.keep_ratio,
+                        batch_size=args.batch_size, workers=args.workers, device=device, decoder=args.decoder,
+                        rank=ranks.rank, world=ranks.world, progress=bar.update,
+                        log=lambda line: tqdm.write(f"lookwhen finetune: {line}", file=sys.stderr))
+    ranks.barrier()
+    return read_probe_embeddings(annotations.entries, folder, num_classes=num_classes,
+                                 multi_label=annotations.multi_label)
 
 
 def cmd_evaluate(args) -> int:

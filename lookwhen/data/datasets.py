@@ -432,8 +432,11 @@ def collate(samples: Sequence[Dict]) -> Dict:
     stacked under its own key."""
     labels = [s["label"] for s in samples]
     extras = {key: _stack([s[key] for s in samples]) for key in samples[0] if key not in SAMPLE_KEYS}
+    # A data set of something computed from the clips (cached embeddings)
+    # has no clips.
+    clips = {"clips": torch.stack([s["clip"] for s in samples])} if "clip" in samples[0] else {}
     return {
-        "clips": torch.stack([s["clip"] for s in samples]),
+        **clips,
         "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels,
                                                                                            dtype=torch.int64),
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),

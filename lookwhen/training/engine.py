@@ -762,7 +762,7 @@ class Trainer:
                 for name, value in parts.items():
                     parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / accumulate
                 consumed += 1
-                step_clips += len(batch["clips"]) * self.dist.world
+                step_clips += len(batch["labels"]) * self.dist.world
                 if not sync:
                     continue
                 if counter is not None:

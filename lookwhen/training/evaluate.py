@@ -36,6 +36,15 @@ from lookwhen.data.video import VideoError, decode_frames, resize_short_side, sa
 from lookwhen.models.flops import count_flops
 
 
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The classifier on the embedding of any of the model kinds."""
+    if isinstance(model, LookWhen):
+        return model.extractor.head
+    if isinstance(model, RLTDense):
+        return model.baseline.head
+    return model.head
+
+
 def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tensor:
     """Class logits of any of the model kinds (LookWhen takes ``keep_ratio``,
     ``budgets`` or ``indices``; a dense model and RLT, which picks its own
@@ -43,8 +52,8 @@ def logits_of(model: nn.Module, clips: torch.Tensor, **selection) -> torch.Tenso
     if isinstance(model, LookWhen):
         return model(clips, **selection).logits
     if isinstance(model, RLTDense):
-        return model.baseline.head(model(clips).embedding)
-    return model.head(model(clips))
+        return classifier_of(model)(model(clips).embedding)
+    return classifier_of(model)(model(clips))
 
 
 def parse_views(text: str) -> Tuple[int, int]:

@@ -37,7 +37,10 @@
   model's) blocks, at most ``drop_path`` at the last block
   (:mod:`lookwhen.training.droppath`).
 - ``linear_probe``: the selector and the extractor are frozen, the head alone
-  trains (the papers' LP rows).
+  trains (the papers' LP rows). :func:`embed_for_probe` embeds the
+  training videos once (resumable shards, each video's centre clip), and
+  the probe trains on those embeddings (:class:`EmbeddingDataset`), with no
+  decoding or model forward per step.
 - **Cross-resolution distillation** (ResKD): with a teacher model that sees
   the clip at a higher resolution, the loss is ``(1 - alpha) * CE(student,
   labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
@@ -63,7 +66,8 @@ from lookwhen.models.config import get_config
 from lookwhen.models.lookwhen import LookWhen
 from lookwhen.training.droppath import add_drop_path
 from lookwhen.training.engine import Task
-from lookwhen.training.evaluate import evaluate, logits_of
+from lookwhen.training.embed import embed_shards, read_shards
+from lookwhen.training.evaluate import classifier_of, evaluate, logits_of
 from lookwhen.training.losses import draw_budgets
 
 SELECTIONS = ("selector", "random", "perturbed", "motion")
@@ -157,6 +161,62 @@ def finetune_model(num_classes: int, *, preset: str = "lookwhen-b16", init: Opti
     return model
 
 
+class EmbeddingDataset(torch.utils.data.Dataset):
+    """Embeddings computed once, ``float [N, D]``, with their labels (class
+    ids, or multi-hot rows), as training samples (``embeddings`` in place of
+    a clip): what a linear probe trains on."""
+
+    def __init__(self, embeddings: torch.Tensor, labels: Sequence):
+        if len(embeddings) != len(labels):
+            raise ValueError(f"{len(embeddings)} embeddings and {len(labels)} labels")
+        self.embeddings, self.labels = embeddings, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The embeddings do not change between epochs."""
+
+    def __getitem__(self, index: int) -> Dict:
+        return {"embeddings": self.embeddings[index], "label": self.labels[index], "index": index, "view": 0,
+                "skipped": []}
+
+
+def embed_for_probe(model: nn.Module, entries, folder: str, *, keep_ratio: Optional[float] = None,
+                    batch_size: int = 8, workers: int = 2, device: torch.device = torch.device("cpu"),
+                    decoder: str = "auto", rank: int = 0, world: int = 1, progress=None, log=print) -> Dict:
+    """Embed each entry's video once with the frozen ``model`` (its centre
+    clip; LookWhen at ``keep_ratio``) into resumable shards under
+    ``folder`` (:func:`lookwhen.training.embed.embed_shards`, pinned to the
+    weights: a restart embeds only what is missing); unreadable videos are
+    left out and logged. Under ``torchrun`` each rank embeds its share:
+    wait for every rank before :func:`read_probe_embeddings`."""
+    windowed = [e.path for e in entries if e.start is not None or e.end is not None]
+    if windowed:
+        raise ValueError(f"the linear probe embeds whole videos, but {len(windowed)} entries cut a time window "
+                         f"(first: {windowed[0]})")
+    return embed_shards(model, [e.path for e in entries], folder, batch_size=batch_size, workers=workers,
+                        keep_ratio=keep_ratio, device=device, rank=rank, world=world, decoder=decoder,
+                        progress=progress, log=log)
+
+
+def read_probe_embeddings(entries, folder: str, *, num_classes: int, multi_label: bool = False) -> EmbeddingDataset:
+    """The shards :func:`embed_for_probe` wrote, with the entries' labels."""
+    label_of = {e.path: e.label for e in entries}
+    stored = read_shards(folder)
+    if not stored["videos"]:
+        raise ValueError(f"{folder}: no video could be embedded")
+    labels = []
+    for path in stored["videos"]:
+        label = label_of[path]
+        if multi_label:
+            row = torch.zeros(num_classes)
+            row[list(label)] = 1.0
+            label = row
+        labels.append(label)
+    return EmbeddingDataset(stored["embeddings"].float(), labels)
+
+
 class FinetuneModule(nn.Module):
     def __init__(self, model: nn.Module, *, keep_ratio: Optional[float], label_smoothing: float,
                  teacher: Optional[nn.Module], temperature: float, alpha: float,
@@ -182,8 +242,11 @@ class FinetuneModule(nn.Module):
 
     def forward(self, batch: Dict, draws: Optional[Dict]):
         device = next(self.model.parameters()).device
-        clips = batch["clips"].to(device, non_blocking=True)
         labels = batch["labels"].to(device)
+        if "embeddings" in batch:  # a linear probe on cached embeddings (EmbeddingDataset)
+            logits = classifier_of(self.model)(batch["embeddings"].to(device)).float()
+            return self._task_loss(logits, labels)
+        clips = batch["clips"].to(device, non_blocking=True)
         draws = {k: v.to(device) for k, v in (draws or {}).items()}
         mix = {k: draws.pop(k) for k in MIX_KEYS if k in draws}
         selection = draws or ({"window": self.window} if self.window is not None
@@ -211,13 +274,10 @@ class FinetuneModule(nn.Module):
             clips, labels = mix_clips(clips, soft, mix)
         student_clips = fit_clips(clips, self.model.config.frames, self.model.config.image_size)
         logits = logits_of(self.model, student_clips, **selection).float()
-        if self.multi_label:
-            task = F.binary_cross_entropy_with_logits(logits, labels.float())
-        else:
-            task = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        parts = {"task": task}
         if self.teacher is None:
-            return parts["task"], {k: v.detach() for k, v in parts.items()}
+            return self._task_loss(logits, labels)
+        task, _ = self._task_loss(logits, labels)
+        parts = {"task": task}
         with torch.no_grad():
             teacher_clips = fit_clips(clips, self.teacher.config.frames, self.teacher.config.image_size)
             target = logits_of(self.teacher, teacher_clips).float()
@@ -226,6 +286,13 @@ class FinetuneModule(nn.Module):
                                     log_target=True, reduction="batchmean") * t * t
         loss = (1 - self.alpha) * parts["task"] + self.alpha * parts["distill"]
         return loss, {k: v.detach() for k, v in parts.items()}
+
+    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor):
+        if self.multi_label:
+            task = F.binary_cross_entropy_with_logits(logits, labels.float())
+        else:
+            task = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return task, {"task": task.detach()}
 
     def sigma(self) -> float:
         """The perturbed top-K's noise level at this point of the run."""
