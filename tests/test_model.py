@@ -525,6 +525,28 @@ def test_position_table_is_kept_in_inference_and_rebuilt_for_training():
     pos.double()
     with torch.no_grad():
         assert pos.table().dtype == torch.float64 and torch.equal(pos.table(), expected())
+    # In another dtype: the cast is kept too, and redone when asked for another.
+    with torch.inference_mode():
+        half = pos.table(torch.bfloat16)
+        assert pos.table(torch.bfloat16) is half and torch.equal(half, expected().to(torch.bfloat16))
+        assert pos.table().dtype == torch.float64
+
+
+def test_patch_projection_cast_is_kept_in_inference_only():
+    from lookwhen.models.layers import PatchEmbed
+
+    embed = PatchEmbed(4, 8)
+    with torch.inference_mode():
+        weight, bias = embed.weights(torch.bfloat16)
+        assert embed.weights(torch.bfloat16)[0] is weight and torch.equal(weight, embed.proj.weight.bfloat16())
+        assert embed.weights(torch.float32)[0] is embed.proj.weight
+    with torch.no_grad():
+        embed.proj.weight.mul_(2)  # an in-place update invalidates the cast
+        assert torch.equal(embed.weights(torch.bfloat16)[0], embed.proj.weight.bfloat16())
+    # Where autograd records, a fresh cast that gradients flow through.
+    cast, _ = embed.weights(torch.bfloat16)
+    cast.float().sum().backward()
+    assert torch.equal(embed.proj.weight.grad, torch.ones_like(embed.proj.weight))
 
 
 # Checkpoints ------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ class DenseBaseline(nn.Module):
         x = rearrange(patches, "(b t) d h w -> b (t h w) d", b=batch).to(dtype)
         cls = self.cls_token.to(dtype).expand(batch, -1, -1)
         if isinstance(self.pos_embed, SeparablePosEmbed):
-            return torch.cat([cls, x + self.pos_embed.table().to(dtype)], dim=1)
+            return torch.cat([cls, x + self.pos_embed.table(dtype)], dim=1)
         return torch.cat([cls, x], dim=1) + self.pos_embed.to(dtype)
 
     def trunk(self, x: torch.Tensor, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:

@@ -38,9 +38,9 @@ class Extractor(nn.Module):
         """Patch embeddings of the selected tokens, packed ``[total, D]``. The
         selection comes from ``topk_tokens``: no value checks (host reads)."""
         cfg = self.config
-        proj = self.patch_embed.proj
+        weight, bias = self.patch_embed.weights(dtype)
         return lk.gather_patch_embed(
-            clip, indices, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
+            clip, indices, weight, bias, self.pos_embed.table(dtype),
             patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, cu_seqlens=cu_seqlens, validate=False,
         )
 

@@ -14,6 +14,7 @@ A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
 from __future__ import annotations
 
 import functools
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,24 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self._cast = None
+
+    def weights(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The projection's weight and bias in ``dtype``; in inference the
+        cast copies are kept between calls (in bf16 a fresh cast is a
+        full read and write of the weight per forward)."""
+        weight, bias = self.proj.weight, self.proj.bias
+        if weight.dtype == dtype or not untracked_eager(weight, bias):
+            return weight.to(dtype), bias.to(dtype)
+        key = (tensor_state(weight), tensor_state(bias), dtype)
+        if self._cast is None or self._cast[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cast = (key, (weight.to(dtype), bias.to(dtype)))
+        return self._cast[1]
+
+    def _apply(self, fn, recurse=True):
+        self._cast = None
+        return super()._apply(fn, recurse)
 
 
 class SeparablePosEmbed(nn.Module):
@@ -173,15 +192,17 @@ class SeparablePosEmbed(nn.Module):
     def _build(self) -> torch.Tensor:
         return (self.temporal[:, None, :] + self.spatial[None, :, :]).flatten(0, 1)
 
-    def table(self) -> torch.Tensor:
+    def table(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The table, in ``dtype`` when given (the cast kept with it)."""
+        dtype = self.temporal.dtype if dtype is None else dtype
         if not untracked_eager(self.temporal, self.spatial):
-            return self._build()
-        key = tuple(tensor_state(p) for p in (self.temporal, self.spatial))
+            return self._build().to(dtype)
+        key = (*(tensor_state(p) for p in (self.temporal, self.spatial)), dtype)
         if self._table is None or self._table[0] != key:
             # A normal tensor even under inference_mode, so that later
             # autograd-recorded calls may use it.
             with torch.inference_mode(False), torch.no_grad():
-                self._table = (key, self._build())
+                self._table = (key, self._build().to(dtype))
         return self._table[1]
 
     def _apply(self, fn, recurse=True):

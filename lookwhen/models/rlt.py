@@ -78,7 +78,7 @@ class RLTDense(nn.Module):
         which has none) and the patch tokens' table ``[N, D]``."""
         pos = self.baseline.pos_embed
         if isinstance(pos, SeparablePosEmbed):
-            return None, pos.table().to(dtype)
+            return None, pos.table(dtype)
         return pos[0, :1].to(dtype), pos[0, 1:].to(dtype)
 
     def embed(self, clip, indices, cu_seqlens, run_lengths, dtype) -> torch.Tensor:

@@ -108,15 +108,15 @@ class Selector(nn.Module):
     def embed(self, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Every coarse token of every clip, packed ``[B * n, D]``."""
         cfg = self.config
-        proj = self.patch_embed.proj
         if cfg.selector_frame_stride > 1:
             # A uint8 copy of the frames the selector sees (1/stride of the
             # clip): the op reads contiguous clips.
             clip = clip[:, :: cfg.selector_frame_stride].contiguous()
         if cfg.selector_image_size:
             return self._embed_resized(clip, dtype)
+        weight, bias = self.patch_embed.weights(dtype)
         return lk.gather_patch_embed(
-            clip, None, proj.weight.to(dtype), proj.bias.to(dtype), self.pos_embed.table().to(dtype),
+            clip, None, weight, bias, self.pos_embed.table(dtype),
             patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, downsample=cfg.selector_downsample,
         )
 
@@ -127,16 +127,15 @@ class Selector(nn.Module):
         block mean, so this path builds float frames (at the clip's size,
         then the selector's) instead of reading pixels in the op."""
         cfg = self.config
-        proj = self.patch_embed.proj
         batch = clip.shape[0]
         mean = torch.tensor(cfg.mean, device=clip.device, dtype=torch.float32)
         std = torch.tensor(cfg.std, device=clip.device, dtype=torch.float32)
         pixels = rearrange((clip.float() / 255 - mean) / std, "b t h w c -> (b t) c h w")
         size = cfg.selector_image_size
         small = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
-        tokens = F.conv2d(small.to(dtype), proj.weight.to(dtype), proj.bias.to(dtype), stride=cfg.patch_size)
+        tokens = F.conv2d(small.to(dtype), *self.patch_embed.weights(dtype), stride=cfg.patch_size)
         tokens = rearrange(tokens, "(b t) d h w -> b (t h w) d", b=batch)
-        return (tokens + self.pos_embed.table().to(dtype)).flatten(0, 1)
+        return (tokens + self.pos_embed.table(dtype)).flatten(0, 1)
 
     def encode(self, tokens: torch.Tensor):
         """``tokens [B, n, D]`` -> (token features ``[B, n, D]``, context
