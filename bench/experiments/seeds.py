@@ -140,7 +140,7 @@ def _budgets(model, device, n: int) -> List[Dict]:
 
 
 def _windows(args, device) -> Dict:
-    learned = bench_train._learning(args, device)
+    learned, = bench_train._learning(args, device)
     model = args.pretrained_selector.eval()
     held_out = [SyntheticDataset(args.val_clips, seed=2, **WINDOW_CLIPS).sample(i) for i in range(args.val_clips)]
     return {"pretrain_steps": learned["steps"], "selector_recall": learned["recall_after"],

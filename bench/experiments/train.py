@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -84,18 +84,18 @@ def random_image_teacher(folder: str, device, image_size: int = TEACHER["image_s
     return ImageTeacher(TEACHER["name"], weights, image_size=image_size, depth=TEACHER["depth"]).to(device)
 
 
-def _learning(args, device) -> List[Dict]:
+def _learning(args, device, patch_formats: Sequence[str] = ("fp16",)) -> List[Dict]:
     """Selector pre-training from the teacher's cached targets, once per
-    patch format of ``args.patch_formats`` (the same model initialisation
-    and clips each time); the first format's selector goes on to the
-    fine-tuning part."""
+    form of ``patch_formats`` (the same model initialisation and clips each
+    time); the first one's selector goes on to the fine-tuning part
+    (``args.pretrained_selector``)."""
     steps = args.steps or (60 if args.quick else 300)
     train = SyntheticDataset(args.train_clips, seed=1, **LEARNING_CLIPS)
     held_out = [SyntheticDataset(args.val_clips, seed=2, **LEARNING_CLIPS).sample(i) for i in range(args.val_clips)]
     results = []
     with tempfile.TemporaryDirectory() as folder:
         teacher = random_image_teacher(folder, device)
-        for patch_format in args.patch_formats:
+        for patch_format in patch_formats:
             model = lookwhen.build_model("lookwhen-b16-light", **LEARNING_MODEL, seed=0).to(device)
             window = model.config.patch_size * model.config.selector_downsample
             chance = statistics.mean(float(s.object_tokens(window).float().mean()) for s in held_out)
@@ -258,7 +258,7 @@ def run(args, device: torch.device) -> Result:
         raise BenchError("--dtype: training runs in fp32 on CPU (bf16 autocast is the GPU path)")
     payload, records, tables = [], [], []
     if "learning" not in args.skip:
-        learned = _learning(args, device)
+        learned = _learning(args, device, args.patch_formats)
         payload += [{"part": "learning", **run} for run in learned]
         tables.append(format_table(
             ("targets", "cache MB", "steps", "clips/step", "recall before", "recall after", "chance", "final loss",
