@@ -306,18 +306,26 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
   const auto pd = product_dtype(weight.scalar_type());
   const Tensor product = matmul_nt(as_operand(patches.a, pd), as_operand(weight.reshape({dim, patches.a.size(1)}), pd),
                                    as_operand(bias, pd));
-  const Tensor pos_f = as_float(pos_embed);
-  const float* pp = pos_f.data_ptr<float>();
+  // Each row reads its token's position row in the table's own dtype,
+  // converted on the fly: a sparse selection touches a few rows, and a
+  // float32 copy of a bfloat16 table would be a full conversion per call.
+  const Tensor pos = pos_embed.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_patch_embed", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf;
-      for (const auto r : c10::irange(begin, end)) {
-        const float* pos = pp + patches.row_token[r] * dim;
-        const float* src = float_row(product, r, buf);
-        scalar_t* dst = op + r * dim;
-        for (const auto d : c10::irange(dim)) dst[d] = static_cast<scalar_t>(src[d] + pos[d]);
-      }
+    using out_t = scalar_t;
+    out_t* op = out.data_ptr<out_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "gather_patch_embed_pos", [&] {
+      const scalar_t* pp = pos.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf;
+        for (const auto r : c10::irange(begin, end)) {
+          const scalar_t* pos_row = pp + patches.row_token[r] * dim;
+          const float* src = float_row(product, r, buf);
+          out_t* dst = op + r * dim;
+          for (const auto d : c10::irange(dim)) {
+            dst[d] = static_cast<out_t>(src[d] + static_cast<float>(pos_row[d]));
+          }
+        }
+      });
     });
   });
   return out;

@@ -14,7 +14,7 @@ A :class:`Block` runs either on a dense batch ``[B, L, D]`` (attention through
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,30 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+class CastCache:
+    """A module's parameters cast to the compute dtype, kept between
+    inference calls: in bf16 a fresh cast is a full read and write of each
+    weight per forward, work the matrix units make a visible share. Where
+    autograd records (or under compile or a FLOP counter) every call casts
+    afresh, so gradients flow to the parameters."""
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        if all(t.dtype == dtype for t in tensors) or not untracked_eager(*tensors):
+            return tuple(t.to(dtype) for t in tensors)
+        key = (tuple(tensor_state(t) for t in tensors), dtype)
+        if self._entry is None or self._entry[0] != key:
+            # Normal tensors even under inference_mode, as the position table.
+            with torch.inference_mode(False), torch.no_grad():
+                self._entry = (key, tuple(t.to(dtype) for t in tensors))
+        return self._entry[1]
+
+    def clear(self) -> None:
+        self._entry = None
+
+
 class PatchEmbed(nn.Module):
     """Holds the patch projection under timm's name. LookWhen passes its
     weight to ``gather_patch_embed``; the dense baseline runs it as a conv."""
@@ -154,23 +178,14 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
-        self._cast = None
+        self._cast = CastCache()
 
     def weights(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The projection's weight and bias in ``dtype``; in inference the
-        cast copies are kept between calls (in bf16 a fresh cast is a
-        full read and write of the weight per forward)."""
-        weight, bias = self.proj.weight, self.proj.bias
-        if weight.dtype == dtype or not untracked_eager(weight, bias):
-            return weight.to(dtype), bias.to(dtype)
-        key = (tensor_state(weight), tensor_state(bias), dtype)
-        if self._cast is None or self._cast[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._cast = (key, (weight.to(dtype), bias.to(dtype)))
-        return self._cast[1]
+        """The projection's weight and bias in ``dtype`` (:class:`CastCache`)."""
+        return self._cast.get((self.proj.weight, self.proj.bias), dtype)
 
     def _apply(self, fn, recurse=True):
-        self._cast = None
+        self._cast.clear()
         return super()._apply(fn, recurse)
 
 
