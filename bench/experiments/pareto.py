@@ -384,8 +384,10 @@ def run(args, device: torch.device) -> Result:
     clips = torch.stack([s.clip for s in samples]).to(device)
     labels = torch.tensor([s.pattern for s in samples])
     # The motion selector's scores of the held-out clips, each encoded as H.264.
-    motion = torch.stack([WithMotion(held_out, GRID)[i]["motion"] for i in range(args.val_clips)]) \
-        if "motion" in methods else None
+    motion = None
+    if "motion" in methods:
+        with_motion = WithMotion(held_out, GRID)
+        motion = torch.stack([with_motion[i]["motion"] for i in range(args.val_clips)])
     runs, timed, checks = _train_all(args, device, _plan(methods, keeps, seeds), samples, clips, labels, motion)
     points = summarise(runs, _costs(args, device, timed, clips, motion))
     rows = [{"method": r["method"], "keep_ratio": r["keep_ratio"], "accuracy": r["accuracy"], "seed": r["seed"],

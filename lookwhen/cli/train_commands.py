@@ -28,6 +28,7 @@ from lookwhen.training.engine import Trainer, TrainSettings
 from lookwhen.training.evaluate import evaluate, format_evaluation, parse_views
 from lookwhen.training.embed import rank_share
 from lookwhen.training.finetune import (
+    PROBE_SHARD_SIZE,
     FinetuneTask,
     embed_for_probe,
     finetune_model,
@@ -259,7 +260,7 @@ def _probe_dataset(args, model, annotations, num_classes: int, device):
     ranks = Distributed.start(device)
     folder = os.path.join(args.out, "embeddings")
     paths = [e.path for e in annotations.entries]
-    with tqdm(total=rank_share(paths, 1000, ranks.rank, ranks.world), unit="video", desc="embedding",
+    with tqdm(total=rank_share(paths, PROBE_SHARD_SIZE, ranks.rank, ranks.world), unit="video", desc="embedding",
               file=sys.stderr, disable=None if ranks.main else True) as bar:
         embed_for_probe(model.to(device), annotations.entries, folder, keep_ratio=args.keep_ratio,
                         batch_size=args.batch_size, workers=args.workers, device=device, decoder=args.decoder,

@@ -40,6 +40,7 @@ dataset with no readable video fails at construction.
 """
 from __future__ import annotations
 
+import abc
 import csv
 import math
 import os
@@ -446,7 +447,7 @@ def collate(samples: Sequence[Dict]) -> Dict:
     }
 
 
-class WithExtras(torch.utils.data.Dataset):
+class WithExtras(torch.utils.data.Dataset, abc.ABC):
     """A data set's samples with what :meth:`extras` computes from each
     merged in (tensors, or dicts of tensors: :func:`collate` stacks them),
     in the loader's worker processes. The wrapped data set's other
@@ -455,8 +456,9 @@ class WithExtras(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
 
+    @abc.abstractmethod
     def extras(self, index: int, sample: Dict) -> Dict:
-        raise NotImplementedError
+        """What to add to the wrapped data set's sample ``index``."""
 
     def __len__(self) -> int:
         return len(self.dataset)

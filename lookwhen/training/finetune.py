@@ -182,6 +182,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
                 "skipped": []}
 
 
+# Videos per shard of the probe's embeddings (a restart redoes at most one).
+PROBE_SHARD_SIZE = 1000
+
+
 def embed_for_probe(model: nn.Module, entries, folder: str, *, keep_ratio: Optional[float] = None,
                     batch_size: int = 8, workers: int = 2, device: torch.device = torch.device("cpu"),
                     decoder: str = "auto", rank: int = 0, world: int = 1, progress=None, log=print) -> Dict:
@@ -195,9 +199,9 @@ def embed_for_probe(model: nn.Module, entries, folder: str, *, keep_ratio: Optio
     if windowed:
         raise ValueError(f"the linear probe embeds whole videos, but {len(windowed)} entries cut a time window "
                          f"(first: {windowed[0]})")
-    return embed_shards(model, [e.path for e in entries], folder, batch_size=batch_size, workers=workers,
-                        keep_ratio=keep_ratio, device=device, rank=rank, world=world, decoder=decoder,
-                        progress=progress, log=log)
+    return embed_shards(model, [e.path for e in entries], folder, shard_size=PROBE_SHARD_SIZE,
+                        batch_size=batch_size, workers=workers, keep_ratio=keep_ratio, device=device, rank=rank,
+                        world=world, decoder=decoder, progress=progress, log=log)
 
 
 def read_probe_embeddings(entries, folder: str, *, num_classes: int, multi_label: bool = False) -> EmbeddingDataset:
