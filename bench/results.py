@@ -177,13 +177,16 @@ def _e2e(document: Dict[str, Any], entries: List[Dict[str, Any]]) -> Tuple[List[
             ("cosine vs fp32 LW / dense", lambda e: None if "lookwhen_cosine" not in e else
              f"{min(e['lookwhen_cosine']):.5f} / {min(e['baseline_cosine']):.5f}"),
             ("top-K overlap", lambda e: None if "topk_overlap" not in e else f"{min(e['topk_overlap']):.3f}"),
+            ("cosine LW at fp32's top-K", lambda e: None if "lookwhen_cosine_same_topk" not in e else
+             f"{min(e['lookwhen_cosine_same_topk']):.5f}"),
         ]), "",
     ]
     gemm = document.get("calibration_gemm")
     if gemm:
         lines += [f"Of GEMM: each model's FLOP/s as a share of the {gemm['shape']}'s "
                   f"{gemm['gflop_per_s']:.0f} GFLOP/s in the same run; cosine and top-K overlap: the worst clip "
-                  "of the first batch against float32.", ""]
+                  "of the first batch against float32; at fp32's top-K: LookWhen given float32's selection, "
+                  "so only the arithmetic differs.", ""]
     models = [(key, document[key]) for key in ("lookwhen", "baseline") if isinstance(document.get(key), dict)]
     if models:
         lines += ["## Models", "", _key_value([(cfg.get("name", key), _model_line(cfg)) for key, cfg in models]), ""]

@@ -42,34 +42,40 @@ inline std::pair<float, float> row_stats(const float* x, int64_t n, float eps) {
 // one float32 pass per row folds GELU and w2 into the score.
 
 struct Normalised {
-  Tensor xhat, y, mean, rstd;  // [R, D], [R, D], [R], [R]
+  Tensor xhat, y, mean, rstd;  // float32 [R, D], y_dtype [R, D], float32 [R], [R]
 };
 
-Normalised layer_norm_rows(const Tensor& x2d, const Tensor& gamma, const Tensor& beta, float eps, bool keep_xhat) {
+// y in `y_dtype` (float32, or bfloat16 for a bfloat16 product: written
+// directly, not copied into it afterwards). Float32 and bfloat16 rows of x
+// are read as they are, converted a row at a time.
+Normalised layer_norm_rows(const Tensor& x2d, const Tensor& gamma, const Tensor& beta, float eps, bool keep_xhat,
+                           at::ScalarType y_dtype) {
   const int64_t rows = x2d.size(0), dim = x2d.size(1);
-  const Tensor xf = as_float(x2d);
-  Normalised n{keep_xhat ? at::empty({rows, dim}, xf.options()) : Tensor(), at::empty({rows, dim}, xf.options()),
-               at::empty({rows}, xf.options()), at::empty({rows}, xf.options())};
-  const float* xp = xf.data_ptr<float>();
+  const Tensor xin = x2d.scalar_type() == at::kBFloat16 ? x2d.contiguous() : as_float(x2d);
+  const auto floats = xin.options().dtype(at::kFloat);
+  Normalised n{keep_xhat ? at::empty({rows, dim}, floats) : Tensor(), at::empty({rows, dim}, floats.dtype(y_dtype)),
+               at::empty({rows}, floats), at::empty({rows}, floats)};
   const float* gp = gamma.data_ptr<float>();
   const float* bp = beta.data_ptr<float>();
-  float* yp = n.y.data_ptr<float>();
+  const bool reduced_y = y_dtype == at::kBFloat16;
   float* hp = keep_xhat ? n.xhat.data_ptr<float>() : nullptr;
   float* mp = n.mean.data_ptr<float>();
   float* rp = n.rstd.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> in_buf, y_buf(reduced_y ? static_cast<size_t>(dim) : 0);
     for (const auto r : c10::irange(begin, end)) {
-      const float* src = xp + r * dim;
+      const float* src = float_row(xin, r, in_buf);
       const auto [mean, rstd] = row_stats(src, dim, eps);
       mp[r] = mean;
       rp[r] = rstd;
-      float* y = yp + r * dim;
+      float* y = reduced_y ? y_buf.data() : n.y.data_ptr<float>() + r * dim;
       float* xhat = hp ? hp + r * dim : nullptr;
       for (const auto d : c10::irange(dim)) {
         const float h = (src[d] - mean) * rstd;
         if (xhat) xhat[d] = h;
         y[d] = h * gp[d] + bp[d];
       }
+      if (reduced_y) at::vec::convert(y, n.y.data_ptr<at::BFloat16>() + r * dim, dim);
     }
   });
   return n;
@@ -106,10 +112,10 @@ Tensor score_tokens(const Tensor& x, const Tensor& norm_weight, const Tensor& no
   const int64_t rows = batch * n_tok;
   Tensor out = at::empty({batch, n_tok}, x.options().dtype(at::kFloat));
   if (rows == 0) return out;
-  const Normalised n = layer_norm_rows(x.reshape({rows, dim}), as_float(norm_weight), as_float(norm_bias),
-                                       static_cast<float>(eps), false);
   const auto pd = product_dtype(x.scalar_type());
-  const Tensor a = matmul_nt(as_operand(n.y, pd), as_operand(w1, pd), as_operand(b1, pd));
+  const Normalised n = layer_norm_rows(x.reshape({rows, dim}), as_float(norm_weight), as_float(norm_bias),
+                                       static_cast<float>(eps), false, pd);
+  const Tensor a = matmul_nt(n.y, as_operand(w1, pd), as_operand(b1, pd));
   const Tensor w2f = as_float(w2).reshape({hidden});
   const float* wp = w2f.data_ptr<float>();
   const float bias = as_float(b2).data_ptr<float>()[0];
@@ -162,14 +168,15 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
   const int64_t dim = x.size(2), hidden = w1.size(0), rows = x.size(0) * x.size(1);
   const Tensor gamma = as_float(norm_weight), w2f = as_float(w2).reshape({hidden});
   const Tensor g = as_float(grad).reshape({rows});
-  const Normalised n = layer_norm_rows(x.reshape({rows, dim}), gamma, as_float(norm_bias),
-                                       static_cast<float>(eps), true);
   const auto pd = product_dtype(x.scalar_type());
-  const Tensor y = as_operand(n.y, pd), w1p = as_operand(w1, pd);
+  const Normalised n = layer_norm_rows(x.reshape({rows, dim}), gamma, as_float(norm_bias),
+                                       static_cast<float>(eps), true, pd);
+  const Tensor& y = n.y;
+  const Tensor w1p = as_operand(w1, pd);
   // The pre-activation a (product dtype); gelu(a) = a * cdf(a) (float32, for
   // d_w2) and d_a (product dtype, for the two GEMMs) follow from it per row.
   const Tensor a = matmul_nt(y, w1p, as_operand(b1, pd));
-  Tensor act = at::empty({rows, hidden}, n.y.options());
+  Tensor act = at::empty({rows, hidden}, n.xhat.options());
   Tensor d_a = at::empty({rows, hidden}, a.options());
   float* ap = act.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
@@ -202,7 +209,7 @@ std::vector<Tensor> score_tokens_backward(const Tensor& grad, const Tensor& x, c
   const Tensor d_w1 = matmul_nt(d_a.t(), y.t());
   const Tensor d_y = matmul_nt(d_a, w1p.t());
 
-  Tensor dx = at::empty({rows, dim}, n.y.options());
+  Tensor dx = at::empty({rows, dim}, n.xhat.options());
   ColumnSums sums(dim);
   const float* hp = n.xhat.data_ptr<float>();
   const float* rp = n.rstd.data_ptr<float>();

@@ -164,7 +164,7 @@ Tensor topk_tokens_budgets(const Tensor& scores, const Tensor& budgets, const Te
 // grad^T @ A.
 
 struct Patches {
-  Tensor a;                        // float32 [rows, 3*p*p]
+  Tensor a;                        // [rows, 3*p*p] in the product dtype of `rounding`
   std::vector<int64_t> row_token;  // token id of every row
   int64_t n_tokens;
 };
@@ -246,7 +246,10 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
     }
   }
   const int64_t rows = static_cast<int64_t>(out.row_token.size());
-  out.a = at::empty({rows, depth}, clip.options().dtype(at::kFloat));
+  // A bfloat16 product reads A in bfloat16: the rows are written in it
+  // directly, not as float32 rounded in place and copied again.
+  const bool reduced_a = product_dtype(rounding) == at::kBFloat16;
+  out.a = at::empty({rows, depth}, clip.options().dtype(product_dtype(rounding)));
 
   // timm's (x / 255 - mean) / std as ``sum * scale + offset`` over a pooling
   // window's byte sum, with the reference's float32 constants.
@@ -256,23 +259,25 @@ Patches gather_patches(const Tensor& clip, const std::optional<Tensor>& indices,
     scale[c] = 1.0f / (static_cast<float>(255 * ds * ds) * s);
     offset[c] = -static_cast<float>(mean[c]) / s;
   }
-  float* ap = out.a.data_ptr<float>();
   const uint8_t* pixels = clip.data_ptr<uint8_t>();
   const int64_t row_bytes = width * 3;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line(static_cast<size_t>(3 * p * ds));
+    std::vector<float> patch(reduced_a ? static_cast<size_t>(depth) : 0);
     for (const auto r : c10::irange(begin, end)) {
       const int64_t token = out.row_token[r];
       const int64_t t = token / grid_hw, rest = token % grid_hw;
       const uint8_t* origin = pixels + (((row_clip[r] * frames + t) * height + (rest / grid_w) * window) * width +
                                         (rest % grid_w) * window) * 3;
-      float* dst = ap + r * depth;
+      float* dst = reduced_a ? patch.data() : out.a.data_ptr<float>() + r * depth;
       if (ds == 1) {
         patch_row_major<1>(origin, row_bytes, p, scale, offset, line.data(), dst);
       } else {
         patch_row_major<2>(origin, row_bytes, p, scale, offset, line.data(), dst);
       }
-      if (rounding != at::kFloat) {
+      if (reduced_a) {
+        at::vec::convert(dst, out.a.data_ptr<at::BFloat16>() + r * depth, depth);
+      } else if (rounding != at::kFloat) {
         // The reference rounds the patches to the weight's (the gradient's)
         // dtype, as tensor cores read them, before its float32 GEMM.
         AT_DISPATCH_REDUCED_FLOATING_TYPES(rounding, "gather_patches_round", [&] {
@@ -302,7 +307,7 @@ Tensor gather_patch_embed(const Tensor& clip, const std::optional<Tensor>& indic
   const int64_t rows = patches.a.size(0);
   Tensor out = at::empty({rows, dim}, weight.options());
   if (rows == 0) return out;
-  // A holds values already rounded to the weight's dtype: its bfloat16 copy is exact.
+  // A holds values already in (or rounded to) the weight's product dtype.
   const auto pd = product_dtype(weight.scalar_type());
   const Tensor product = matmul_nt(as_operand(patches.a, pd), as_operand(weight.reshape({dim, patches.a.size(1)}), pd),
                                    as_operand(bias, pd));

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 import warnings
 from typing import Optional
@@ -24,6 +25,11 @@ from typing import Optional
 import torch
 
 from .native_build import build, library_name
+
+# ATen's CPU capability -> the library variants that can run on it, best
+# first (an AVX512 machine runs AVX2 code too).
+_VARIANTS_FOR = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}
+_BUILD_NAME = re.compile(r"_native-torch(.+?)(?:-(?:avx2|avx512))?\.so$")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _state = {"loaded": None, "status": None, "warned": False}
@@ -36,11 +42,15 @@ def _load() -> bool:
     if os.environ.get("LOOKWHEN_NATIVE", "1") in ("0", ""):
         status = "disabled (LOOKWHEN_NATIVE=0): CPU ops run their PyTorch reference"
     else:
-        # setup.py names each build for its torch release; a library built by
-        # hand with CMake (``_native.so``) is loaded on trust.
+        # setup.py names each build for its torch release (and vector
+        # instruction set: the one ATen's kernels use here, which
+        # ATEN_CPU_CAPABILITY=default makes the portable one); a library built
+        # by hand with CMake (``_native.so``) is loaded on trust.
         # LOOKWHEN_NATIVE_LIBRARY: a build of another kind (AddressSanitizer).
-        candidates = [os.environ.get("LOOKWHEN_NATIVE_LIBRARY", ""), os.path.join(_HERE, library_name(torch.__version__)),
-                      os.path.join(_HERE, "_native.so")]
+        variants = _VARIANTS_FOR.get(torch.backends.cpu.get_cpu_capability(), ())
+        candidates = [os.environ.get("LOOKWHEN_NATIVE_LIBRARY", ""),
+                      *(os.path.join(_HERE, library_name(torch.__version__, v)) for v in variants),
+                      os.path.join(_HERE, library_name(torch.__version__)), os.path.join(_HERE, "_native.so")]
         found = [path for path in candidates if os.path.exists(path)]
         others = sorted(glob.glob(os.path.join(_HERE, "_native-torch*.so")))
         if found:
@@ -50,7 +60,7 @@ def _load() -> bool:
             except (OSError, RuntimeError) as error:
                 status = f"not loadable ({found[0]}: {error}): CPU ops run their PyTorch reference"
         elif others:
-            releases = ", ".join(os.path.basename(path)[len("_native-torch"):-len(".so")] for path in others)
+            releases = ", ".join(dict.fromkeys(_BUILD_NAME.search(os.path.basename(path)).group(1) for path in others))
             status = (f"built for torch {releases}, not the torch {torch.__version__} running: CPU ops run their "
                       "PyTorch reference (`python -m lookwhen_kernels.native --build` builds it for this torch)")
         else:

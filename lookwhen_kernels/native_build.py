@@ -12,17 +12,25 @@ import subprocess
 from typing import Optional
 
 
-def library_name(torch_version: str) -> str:
+# The vector instruction sets a portable build compiles the kernels for, as
+# ATen's own CPU kernels are (``torch.backends.cpu.get_cpu_capability()``
+# says which of them ATen runs): "" is the portable library every build has.
+VECTOR_VARIANTS = ("", "avx2", "avx512")
+
+
+def library_name(torch_version: str, variant: str = "") -> str:
     """A library compiled against one torch release does not load (or worse,
     misbehaves) under another, so each build is named for its release, and
-    environments with different releases can share one editable checkout."""
-    return f"_native-torch{torch_version}.so"
+    environments with different releases can share one editable checkout.
+    ``variant``: one of :data:`VECTOR_VARIANTS`."""
+    return f"_native-torch{torch_version}{'-' + variant if variant else ''}.so"
 
 
 def build(source_dir: str, torch_prefix: str, torch_version: str, destination: str, arch: str = "") -> str:
     """Configure and build the library against the torch whose CMake package
     is under ``torch_prefix``; copy it into ``destination`` under
-    :func:`library_name`; return its path. Raises ``RuntimeError`` saying why
+    :func:`library_name`, with the vector variants CMake built for this
+    machine's architecture beside it; return the portable library's path. Raises ``RuntimeError`` saying why
     it could not be built."""
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -55,13 +63,19 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
         except (OSError, subprocess.CalledProcessError) as error:
             raise RuntimeError(f"the CMake build failed ({error})") from error
     os.makedirs(destination, exist_ok=True)
-    library = os.path.join(destination, library_name(torch_version))
-    # A new file moved into place: writing over a library that a running
-    # process has mapped would change the code under it.
-    partial = f"{library}.{os.getpid()}.partial"
-    shutil.copyfile(os.path.join(build_dir, "_native.so"), partial)
-    os.replace(partial, library)
-    return library
+    for variant in VECTOR_VARIANTS:
+        built = os.path.join(build_dir, f"_native{'-' + variant if variant else ''}.so")
+        library = os.path.join(destination, library_name(torch_version, variant))
+        if os.path.exists(built):
+            # A new file moved into place: writing over a library that a
+            # running process has mapped would change the code under it.
+            partial = f"{library}.{os.getpid()}.partial"
+            shutil.copyfile(built, partial)
+            os.replace(partial, library)
+        elif os.path.exists(library):
+            # Left from an earlier build with other flags (-march): stale.
+            os.remove(library)
+    return os.path.join(destination, library_name(torch_version))
 
 
 def _read(path: str) -> Optional[str]:

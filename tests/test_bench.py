@@ -85,6 +85,21 @@ def test_e2e_cli(tmp_path):
     assert "motion selector top-K recall of the object" in proof
 
 
+def test_e2e_bf16_reports_agreement_with_float32(tmp_path):
+    # Cosine per clip of the first batch, top-K overlap, and the cosine at
+    # float32's own selection, which only the arithmetic can move.
+    stdout, document, _ = run_with_outputs(
+        tmp_path, "e2e", "--quick", "--dtype", "bf16", "--keep-ratio", "0.5", "--min-run-time", "0.01",
+        "--passes", "2", "--low-res", "--set", *TINY)
+    entry, = document["e2e"]
+    batch = document["batch"]
+    for key in ("lookwhen_cosine", "baseline_cosine", "topk_overlap", "lookwhen_cosine_same_topk"):
+        assert len(entry[key]) == batch and all(-1 <= v <= 1 + 1e-6 for v in entry[key]), key
+    assert all(0 <= v <= 1 for v in entry["topk_overlap"])
+    assert min(entry["lookwhen_cosine_same_topk"]) > 0.99
+    assert "cosine when given the float32 top-K" in stdout
+
+
 def check_methods(document, stdout, motion):
     """The methods table: every method, and numbers consistent with each other."""
     methods = {m["method"]: m for m in document["methods"]}

@@ -210,3 +210,44 @@ def test_native_ops_check_their_own_contracts(case):
     call, message = _hostile_calls()[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+_VARIANT_RUN = """
+import sys, torch
+import lookwhen_kernels as lk
+from lookwhen_kernels import native, set_cpu_backend
+set_cpu_backend("native")
+torch.manual_seed(0)
+x = torch.randn(2, 37, 40).to(torch.bfloat16)
+head = [torch.ones(40), torch.zeros(40), torch.randn(24, 40) / 6, torch.randn(24), torch.randn(1, 24), torch.randn(1)]
+scores = lk.score_tokens(x, *(t.to(torch.bfloat16) for t in head))
+clip = torch.randint(0, 256, (1, 2, 32, 32, 3), dtype=torch.uint8)
+tokens = lk.gather_patch_embed(clip, None, torch.randn(16, 3, 4, 4).to(torch.bfloat16), torch.zeros(16).to(torch.bfloat16),
+                               torch.randn(32, 16).to(torch.bfloat16), patch_size=4, mean=(0.5,) * 3, std=(0.2,) * 3,
+                               downsample=2)
+torch.save({"status": native.status(), "scores": scores, "tokens": tokens}, sys.argv[1])
+"""
+
+
+@needs_native
+def test_library_variant_follows_atens_vector_capability(tmp_path):
+    # The portable library and the one for ATen's own instruction set (AVX2,
+    # AVX512) where the build made it: the same results up to the last bits
+    # of erf and the bfloat16 GEMM's blocking.
+    capability = torch.backends.cpu.get_cpu_capability()
+    variant = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "")
+    library = os.path.join(os.path.dirname(native.__file__), native_build.library_name(torch.__version__, variant))
+    if variant and not os.path.exists(library):
+        pytest.skip(f"no {variant} library in this build")
+    if os.environ.get("LOOKWHEN_NATIVE_LIBRARY"):
+        pytest.skip("LOOKWHEN_NATIVE_LIBRARY chooses the library")
+    results = {}
+    for name, env in (("own", {}), ("portable", {"ATEN_CPU_CAPABILITY": "default"})):
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _VARIANT_RUN, str(out)], check=True, env={**os.environ, **env})
+        results[name] = torch.load(out)
+    assert results["own"]["status"] == f"built: {library}"
+    portable = native_build.library_name(torch.__version__)
+    assert results["portable"]["status"].endswith(portable)
+    for key in ("scores", "tokens"):
+        torch.testing.assert_close(results["own"][key].float(), results["portable"][key].float(), rtol=2e-2, atol=2e-2)
