@@ -9,6 +9,7 @@ environment, where the package's own dependencies are not installed."""
 import os
 import shutil
 import subprocess
+import sys
 from typing import Optional
 
 
@@ -55,13 +56,22 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
                  f"-DCMAKE_PREFIX_PATH={torch_prefix}", f"-DLOOKWHEN_NATIVE_ARCH={arch}"]
     if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
         configure += ["-G", "Ninja"]
-    # Two translation units: more jobs would not help.
-    compile_ = [cmake, "--build", build_dir, "--parallel", "2"]
-    for step in (configure, compile_):
+    # Two translation units per library: more jobs would not help. The
+    # portable library first, and it must build; a vector variant that does
+    # not (a compiler or torch headers without that instruction set) is left
+    # out, and its machines load the next narrower one.
+    build_target = [cmake, "--build", build_dir, "--parallel", "2", "--target"]
+    for step in (configure, [*build_target, "lookwhen_native"]):
         try:
             subprocess.run(step, check=True)
         except (OSError, subprocess.CalledProcessError) as error:
             raise RuntimeError(f"the CMake build failed ({error})") from error
+    for variant in VECTOR_VARIANTS[1:]:
+        if _cache_says(build_dir, f"LOOKWHEN_VARIANT_{variant.upper()}"):
+            result = subprocess.run([*build_target, f"lookwhen_native_{variant}"])
+            if result.returncode != 0:
+                print(f"lookwhen_kernels native CPU backend: the {variant} variant did not build and is left "
+                      "out; machines with it load the next narrower library", file=sys.stderr)
     os.makedirs(destination, exist_ok=True)
     for variant in VECTOR_VARIANTS:
         built = os.path.join(build_dir, f"_native{'-' + variant if variant else ''}.so")
@@ -76,6 +86,11 @@ def build(source_dir: str, torch_prefix: str, torch_version: str, destination: s
             # Left from an earlier build with other flags (-march): stale.
             os.remove(library)
     return os.path.join(destination, library_name(torch_version))
+
+
+def _cache_says(build_dir: str, name: str) -> bool:
+    """Whether CMake's cache in ``build_dir`` holds ``name`` set to ON."""
+    return f"{name}:INTERNAL=ON" in (_read(os.path.join(build_dir, "CMakeCache.txt")) or "")
 
 
 def _read(path: str) -> Optional[str]:
