@@ -177,3 +177,37 @@ def test_motion_selection_fine_tunes_on_clips_in_memory():
     with pytest.raises(ValueError, match="no validation"):
         task.validate([], torch.device("cpu"), 0)
 
+
+
+def test_frame_field_keeps_each_cells_largest_motion():
+    # FFmpeg's vector records, blocks of several sizes overlapping (as the two
+    # vectors of a bi-predicted block do) and reaching past the frame; the
+    # oracle paints block by block.
+    from lookwhen.data.motion import CELL, INTRA_MOTION, _frame_field
+
+    rng = np.random.default_rng(0)
+    dtype = np.dtype([("source", "i4"), ("w", "u1"), ("h", "u1"), ("src_x", "i2"), ("src_y", "i2"),
+                      ("dst_x", "i2"), ("dst_y", "i2"), ("flags", "u8"), ("motion_x", "i4"), ("motion_y", "i4"),
+                      ("motion_scale", "u2")])
+    height, width, n = 37, 53, 60
+    vectors = np.zeros(n, dtype)
+    sizes = rng.choice([4, 8, 16], size=(n, 2))
+    vectors["w"], vectors["h"] = sizes[:, 0], sizes[:, 1]
+    vectors["dst_x"], vectors["dst_y"] = rng.integers(-4, width + 4, n), rng.integers(-4, height + 4, n)
+    vectors["motion_x"], vectors["motion_y"] = rng.integers(-40, 40, n), rng.integers(-40, 40, n)
+    vectors["motion_scale"] = rng.choice([1, 4], n)
+    field = _frame_field(vectors, height, width)
+    rows, cols = -(-height // CELL), -(-width // CELL)
+    expected = np.full((rows, cols), -1.0)
+    for v in vectors:
+        magnitude = np.float32(np.hypot(v["motion_x"], v["motion_y"]) / max(int(v["motion_scale"]), 1))
+        h, w = int(v["h"]), int(v["w"])
+        top, left = (int(v["dst_y"]) - h // 2) // CELL, (int(v["dst_x"]) - w // 2) // CELL
+        for y in range(top, top + max(1, h // CELL)):
+            for x in range(left, left + max(1, w // CELL)):
+                if 0 <= y < rows and 0 <= x < cols:
+                    expected[y, x] = max(expected[y, x], magnitude)
+    largest = np.hypot(vectors["motion_x"], vectors["motion_y"]) / np.maximum(vectors["motion_scale"], 1)
+    expected[expected < 0] = max(largest.max(), INTRA_MOTION)
+    assert (expected < 0).sum() == 0 and field.dtype == np.float32
+    np.testing.assert_array_equal(field, expected.astype(np.float32))
