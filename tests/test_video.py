@@ -172,3 +172,24 @@ def test_batch_reports_bad_files_and_keeps_the_rest(tmp_path):
     assert read_clips([bad["empty"][0]], 4, 32).clips is None
     with pytest.raises(ValueError, match="batch_size"):
         next(iter_clip_batches(paths, 0))
+
+
+@pytest.mark.skipif("pyav" not in DECODERS, reason="PyAV is not installed")
+def test_quick_probe_falls_back_to_a_full_one(tmp_path, monkeypatch):
+    """The PyAV decoder opens without FFmpeg's decoding probe; a container
+    whose frame size that leaves unknown is opened again with it, and the
+    frames come out the same either way."""
+    path = make_video(tmp_path / "probe.mp4", 12, 64, 48)
+    opened, real_open = [], av.open
+
+    def open_without_size(*args, options=None, **kwargs):
+        container = real_open(*args, options=options, **kwargs)
+        opened.append(options)
+        if options:
+            container.streams.video[0].codec_context.width = 0  # as a quick probe of some containers leaves it
+        return container
+
+    expected = read_clip(path, 5, 32, decoder="pyav")
+    monkeypatch.setattr(av, "open", open_without_size)
+    assert torch.equal(read_clip(path, 5, 32, decoder="pyav"), expected)
+    assert opened == [{"skip_frame": "all"}, None]
